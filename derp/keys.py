@@ -149,7 +149,7 @@ def load_or_create_server_key(path: str | os.PathLike[str]) -> PrivateKey:
     """
     p = Path(path)
     try:
-        text = p.read_text()
+        data = p.read_bytes()
     except FileNotFoundError:
         key = PrivateKey.generate()
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -161,7 +161,7 @@ def load_or_create_server_key(path: str | os.PathLike[str]) -> PrivateKey:
         os.replace(tmp, p)
         return key
     try:
-        doc = json.loads(text)
+        doc = json.loads(data.decode("utf-8"))
         value = doc["PrivateKey"]
         if not isinstance(value, str):
             raise TypeError("PrivateKey is not a string")
