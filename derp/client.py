@@ -1,0 +1,1014 @@
+"""DERP client: a sans-I/O connection core plus an asyncio client on top.
+
+Login flow (client side, spec §1.5/§2.1)::
+
+    client                                              server
+      | TCP connect (TLS for https)
+      | GET /derp HTTP/1.1, Host, Upgrade: DERP, Connection: Upgrade
+      |-------------------------------------------------->|
+      |          HTTP/1.1 101 Switching Protocols ...      |   anything else: HandshakeError
+      |          ServerKey   magic ‖ server key            |   must be the first frame
+      |<--------------------------------------------------|
+      | ClientInfo  client key ‖ nonce ‖ box(JSON)         |
+      |-------------------------------------------------->|
+      |          ServerInfo  nonce ‖ box(JSON)             |   must follow ServerKey
+      |<--------------------------------------------------|
+      | steady state: SendPacket / RecvPacket / KeepAlive / Ping / Pong / PeerGone ...
+
+:class:`ClientConnection` is the pure state machine (no sockets, no clock): feed it
+bytes with :meth:`~ClientConnection.receive_data`, then collect
+:meth:`~ClientConnection.events_received` and write
+:meth:`~ClientConnection.data_to_send` to the network. The HTTP response head is
+parsed with h11; bytes that arrive after the head are DERP bytes and go straight
+into the frame decoder.
+
+:class:`DerpClient` is the asyncio adapter. It works on any event loop (it uses
+only ``loop.create_connection`` and an :class:`asyncio.Protocol`), answers server
+Pings, matches Pongs for :meth:`DerpClient.ping`, enforces the 120 s read timeout
+and, with ``reconnect=True``, reconnects with jittered exponential backoff.
+
+Receive rules follow the Go client (``derp_client.go`` ``recvTimeout``): frames
+larger than 1 MiB kill the connection; RecvPacket/PeerGone/PeerPresent shorter
+than 32 bytes, Ping/Pong shorter than 8 bytes and Restarting shorter than 8 bytes
+are dropped; ServerKey/ServerInfo after login and unknown types are skipped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import ipaddress
+import json
+import logging
+import os
+import random
+import ssl
+import urllib.parse
+from collections.abc import Callable
+from typing import Any, Self
+
+import h11
+import nacl.exceptions
+
+from .errors import ConnectionClosed, DerpError, HandshakeError, InvalidKeyError
+from .events import (
+    Connected,
+    Disconnected,
+    Event,
+    HealthReceived,
+    KeepAliveReceived,
+    PacketReceived,
+    PeerGoneReceived,
+    PeerPresentReceived,
+    PingReceived,
+    PongReceived,
+    ServerRestarting,
+)
+from .frames import (
+    KEY_LEN,
+    MAGIC,
+    MAX_CLIENT_FRAME_SIZE,
+    MAX_SERVER_INFO_LEN,
+    PROTOCOL_VERSION,
+    FrameDecoder,
+    FrameType,
+    PeerGoneReason,
+    PeerPresentFlags,
+    encode_client_info,
+    encode_close_peer,
+    encode_forward_packet,
+    encode_note_preferred,
+    encode_ping,
+    encode_pong,
+    encode_send_packet,
+    encode_watch_conns,
+)
+from .keys import PrivateKey, PublicKey, open_sealed, seal
+
+__all__ = [
+    "CLIENT_READ_TIMEOUT",
+    "ClientConnection",
+    "ClientState",
+    "DerpClient",
+    "parse_derp_url",
+]
+
+log = logging.getLogger("derp.client")
+
+#: The Go client kills a connection that delivers no frame for this long (2x keepalive).
+CLIENT_READ_TIMEOUT = 120.0
+
+_MAX_SERVER_KEY_LEN = 1024
+_PUBKEY_CACHE_MAX = 4096
+
+
+def _raw_key(key: PublicKey | bytes, what: str) -> bytes:
+    raw = key.raw if isinstance(key, PublicKey) else bytes(key)
+    if len(raw) != KEY_LEN:
+        raise ValueError(f"{what} must be {KEY_LEN} bytes, got {len(raw)}")
+    return raw
+
+
+def parse_derp_url(url: str) -> tuple[str, str, int, str]:
+    """Split a DERP server URL into ``(scheme, host, port, host_header)``.
+
+    Accepts ``http://host[:port][/derp]`` (default port 80) and ``https://...``
+    (default 443). The path is ignored: DERP always upgrades on ``/derp``.
+    """
+    u = urllib.parse.urlsplit(url)
+    if u.scheme not in ("http", "https"):
+        raise ValueError(f"unsupported DERP URL scheme {u.scheme!r} in {url!r}")
+    if not u.hostname:
+        raise ValueError(f"DERP URL {url!r} has no host")
+    port = u.port if u.port is not None else (443 if u.scheme == "https" else 80)
+    return u.scheme, u.hostname, port, u.netloc.rsplit("@", 1)[-1]
+
+
+# --------------------------------------------------------------------------- sans-I/O core
+
+
+class ClientState(enum.Enum):
+    """Login progress of a :class:`ClientConnection`.
+
+    Transitions: ``HTTP -> SERVER_KEY -> SERVER_INFO -> OPEN``; any error or EOF
+    moves to ``CLOSED``, which is final.
+    """
+
+    HTTP = "awaiting 101 response"
+    SERVER_KEY = "awaiting ServerKey"
+    SERVER_INFO = "awaiting ServerInfo"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class ClientConnection:
+    """Sans-I/O DERP client connection (one TCP/TLS connection's worth of state).
+
+    Caller obligations: right after construction, and after every call to
+    :meth:`receive_data` or a ``send_*`` method, write :meth:`data_to_send` to the
+    network and handle :meth:`events_received`. :meth:`receive_data` raises a
+    :class:`~derp.errors.ProtocolError` (``HandshakeError`` or ``FrameError``)
+    when the server breaks the protocol; the connection is then ``CLOSED`` and
+    the caller closes the socket. Nothing else is raised for remote input.
+
+    ``send_*`` methods may be called in any state but ``CLOSED``; before ``OPEN``
+    the frames are queued behind the handshake like the Go client does (it does
+    not wait for ServerInfo before sending).
+
+    The first event after a successful login is always :class:`Connected`.
+    """
+
+    def __init__(
+        self,
+        private_key: PrivateKey,
+        *,
+        host: str,
+        mesh_key: bytes | None = None,
+        is_prober: bool = False,
+        can_ack_pings: bool = True,
+    ) -> None:
+        if mesh_key is not None and len(mesh_key) != 32:
+            raise ValueError(f"mesh key must be 32 bytes, got {len(mesh_key)}")
+        self._key = private_key
+        self._mesh_key = mesh_key
+        self._is_prober = is_prober
+        self.can_ack_pings = can_ack_pings
+        self.state = ClientState.HTTP
+        self.server_key: PublicKey | None = None
+        #: Parsed ServerInfo JSON (``{"version": 2}`` from derper).
+        self.server_info: dict[str, Any] = {}
+        self._events: list[Event] = []
+        self._out: list[bytes] = []
+        # Frames the user sent before login finished; released after ClientInfo.
+        self._early: list[bytes] = []
+        self._decoder = FrameDecoder(MAX_SERVER_INFO_LEN)
+        self._keys: dict[bytes, PublicKey] = {}
+        self._http = h11.Connection(h11.CLIENT)
+        headers = [("Host", host), ("Upgrade", "DERP"), ("Connection", "Upgrade")]
+        self._out.append(
+            self._http.send(h11.Request(method="GET", target="/derp", headers=headers)) or b""
+        )
+        self._out.append(self._http.send(h11.EndOfMessage()) or b"")
+        self._handlers: dict[int, Callable[[bytes], Event | None]] = {
+            FrameType.RECV_PACKET: self._handle_recv_packet,
+            FrameType.KEEP_ALIVE: self._handle_keep_alive,
+            FrameType.PEER_GONE: self._handle_peer_gone,
+            FrameType.PEER_PRESENT: self._handle_peer_present,
+            FrameType.PING: self._handle_ping,
+            FrameType.PONG: self._handle_pong,
+            FrameType.HEALTH: self._handle_health,
+            FrameType.RESTARTING: self._handle_restarting,
+        }
+
+    # ------------------------------------------------------------------ results
+
+    @property
+    def token_bucket(self) -> tuple[int, int] | None:
+        """``(bytes_per_second, burst)`` if the server asked for send rate limiting."""
+        rate = self.server_info.get("TokenBucketBytesPerSecond") or 0
+        burst = self.server_info.get("TokenBucketBytesBurst") or 0
+        if isinstance(rate, int) and isinstance(burst, int) and rate > 0:
+            return rate, burst
+        return None
+
+    def events_received(self) -> list[Event]:
+        """Return and clear the events produced since the last call."""
+        ev, self._events = self._events, []
+        return ev
+
+    def data_to_send(self) -> list[bytes]:
+        """Return and clear the byte chunks to write, in order."""
+        out, self._out = self._out, []
+        return out
+
+    # ------------------------------------------------------------------ input
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Process bytes from the server. Raises ``ProtocolError`` on bad input."""
+        if self.state is ClientState.CLOSED:
+            return
+        try:
+            if self.state is ClientState.HTTP:
+                data = self._receive_http(bytes(data))
+                if self.state is ClientState.HTTP:
+                    return
+            if data:
+                self._decoder.feed(data)
+            self._process_frames()
+        except DerpError:
+            self.state = ClientState.CLOSED
+            raise
+
+    def receive_eof(self) -> None:
+        """The server closed its side; the connection is over."""
+        self.state = ClientState.CLOSED
+
+    def _receive_http(self, data: bytes) -> bytes:
+        http = self._http
+        try:
+            http.receive_data(data)
+            while True:
+                ev = http.next_event()
+                if ev is h11.NEED_DATA:
+                    return b""
+                if isinstance(ev, h11.InformationalResponse) and ev.status_code == 101:
+                    continue  # h11 now reports PAUSED with the DERP bytes as trailing data
+                if ev is h11.PAUSED:
+                    trailing, _closed = http.trailing_data
+                    self.state = ClientState.SERVER_KEY
+                    return bytes(trailing)
+                if isinstance(ev, (h11.Response, h11.InformationalResponse)):
+                    line = (
+                        f"HTTP/{ev.http_version.decode('ascii', 'replace')} "
+                        f"{ev.status_code} {ev.reason.decode('latin-1')}"
+                    ).rstrip()
+                    raise HandshakeError(f"DERP upgrade failed: server answered {line!r}")
+                if isinstance(ev, h11.ConnectionClosed):
+                    raise HandshakeError("server closed the connection before answering")
+                raise HandshakeError(f"unexpected HTTP event {type(ev).__name__}")
+        except h11.RemoteProtocolError as exc:
+            raise HandshakeError(f"malformed HTTP response: {exc}") from None
+
+    def _process_frames(self) -> None:
+        decoder = self._decoder
+        handlers = self._handlers
+        events = self._events
+        while True:
+            frame = decoder.next_frame()  # raises FrameError on an oversized frame
+            if frame is None:
+                return
+            ftype, payload = frame
+            if self.state is ClientState.OPEN:
+                handler = handlers.get(ftype)
+                if handler is not None:
+                    ev = handler(payload)
+                    if ev is not None:
+                        events.append(ev)
+                # ServerKey, ServerInfo after login, unknown types: skipped.
+            elif self.state is ClientState.SERVER_KEY:
+                self._handle_server_key(ftype, payload)
+            elif self.state is ClientState.SERVER_INFO:
+                self._handle_server_info(ftype, payload)
+            else:  # CLOSED by a handler
+                return
+
+    # ------------------------------------------------------------------ login
+
+    def _handle_server_key(self, ftype: int, payload: bytes) -> None:
+        n = len(payload)
+        if ftype != FrameType.SERVER_KEY:
+            raise HandshakeError(f"first frame is type 0x{ftype:02x}, want ServerKey")
+        if not 40 <= n <= _MAX_SERVER_KEY_LEN:
+            raise HandshakeError(f"ServerKey frame of {n} bytes, want 40..1024")
+        if payload[:8] != MAGIC:
+            raise HandshakeError("ServerKey frame has a bad magic")
+        try:
+            self.server_key = PublicKey(payload[8:40])
+        except InvalidKeyError as exc:
+            raise HandshakeError(f"bad server key: {exc}") from None
+        info: dict[str, Any] = {}
+        if self._mesh_key is not None:
+            info["meshKey"] = self._mesh_key.hex()
+        info["version"] = PROTOCOL_VERSION
+        info["CanAckPings"] = self.can_ack_pings
+        if self._is_prober:
+            info["IsProber"] = True
+        blob = json.dumps(info, separators=(",", ":")).encode()
+        self._out.append(
+            encode_client_info(self._key.public.raw, seal(self._key, self.server_key, blob))
+        )
+        if self._early:
+            self._out.extend(self._early)
+            self._early = []
+        self.state = ClientState.SERVER_INFO
+
+    def _handle_server_info(self, ftype: int, payload: bytes) -> None:
+        assert self.server_key is not None
+        n = len(payload)
+        if ftype != FrameType.SERVER_INFO:
+            raise HandshakeError(f"frame type 0x{ftype:02x} after ServerKey, want ServerInfo")
+        if not 24 <= n <= MAX_SERVER_INFO_LEN:
+            raise HandshakeError(f"ServerInfo frame of {n} bytes, want 24..24+1MiB")
+        try:
+            blob = open_sealed(self._key, self.server_key, payload)
+        except nacl.exceptions.CryptoError:
+            raise HandshakeError("ServerInfo box does not open with the server key") from None
+        try:
+            info = json.loads(blob)
+        except ValueError as exc:
+            raise HandshakeError(f"ServerInfo is not JSON: {exc}") from None
+        if not isinstance(info, dict):
+            raise HandshakeError("ServerInfo JSON is not an object")
+        self.server_info = info
+        self._decoder.max_frame_size = MAX_CLIENT_FRAME_SIZE
+        self.state = ClientState.OPEN
+        self._events.append(Connected(self.server_key))
+
+    # ------------------------------------------------------------------ steady state
+
+    def _pubkey(self, raw: bytes) -> PublicKey | None:
+        key = self._keys.get(raw)
+        if key is None:
+            try:
+                key = PublicKey(raw)
+            except InvalidKeyError:
+                log.debug("dropping frame naming an all-zero key")
+                return None
+            if len(self._keys) >= _PUBKEY_CACHE_MAX:
+                self._keys.clear()
+            self._keys[raw] = key
+        return key
+
+    def _handle_recv_packet(self, payload: bytes) -> Event | None:
+        if len(payload) < KEY_LEN:
+            return None
+        src = self._pubkey(payload[:KEY_LEN])
+        return None if src is None else PacketReceived(src, payload[KEY_LEN:])
+
+    def _handle_keep_alive(self, payload: bytes) -> Event | None:
+        return KeepAliveReceived()
+
+    def _handle_peer_gone(self, payload: bytes) -> Event | None:
+        if len(payload) < KEY_LEN:
+            return None
+        peer = self._pubkey(payload[:KEY_LEN])
+        if peer is None:
+            return None
+        reason: PeerGoneReason | int = PeerGoneReason.DISCONNECTED
+        if len(payload) > KEY_LEN:
+            try:
+                reason = PeerGoneReason(payload[KEY_LEN])
+            except ValueError:
+                reason = payload[KEY_LEN]
+        return PeerGoneReceived(peer, reason)
+
+    def _handle_peer_present(self, payload: bytes) -> Event | None:
+        n = len(payload)
+        if n < KEY_LEN:
+            return None
+        peer = self._pubkey(payload[:KEY_LEN])
+        if peer is None:
+            return None
+        ip: ipaddress.IPv4Address | ipaddress.IPv6Address | None = None
+        port = 0
+        if n >= 50:
+            raw_ip = payload[32:48]
+            port = int.from_bytes(payload[48:50], "big")
+            if raw_ip != bytes(16):
+                v6 = ipaddress.IPv6Address(raw_ip)
+                ip = v6.ipv4_mapped or v6
+        flags = PeerPresentFlags(payload[50]) if n >= 51 else PeerPresentFlags(0)
+        return PeerPresentReceived(peer, ip, port, flags)
+
+    def _handle_ping(self, payload: bytes) -> Event | None:
+        if len(payload) < 8:
+            return None
+        data = payload[:8]
+        if self.can_ack_pings:
+            self._out.append(encode_pong(data))
+        return PingReceived(data)
+
+    def _handle_pong(self, payload: bytes) -> Event | None:
+        if len(payload) < 8:
+            return None
+        return PongReceived(payload[:8])
+
+    def _handle_health(self, payload: bytes) -> Event | None:
+        return HealthReceived(payload.decode("utf-8", "replace"))
+
+    def _handle_restarting(self, payload: bytes) -> Event | None:
+        if len(payload) < 8:
+            return None
+        reconnect_ms = int.from_bytes(payload[0:4], "big")
+        try_ms = int.from_bytes(payload[4:8], "big")
+        return ServerRestarting(reconnect_ms / 1000.0, try_ms / 1000.0)
+
+    # ------------------------------------------------------------------ output
+
+    def _queue(self, frame: bytes) -> None:
+        state = self.state
+        if state is ClientState.OPEN or state is ClientState.SERVER_INFO:
+            self._out.append(frame)
+        elif state is ClientState.CLOSED:
+            raise ConnectionClosed("connection is closed")
+        else:
+            self._early.append(frame)
+
+    def send_packet(self, dst: PublicKey | bytes, packet: bytes) -> None:
+        """Queue a SendPacket (``packet`` at most 64 KiB; ``ValueError`` otherwise)."""
+        self._queue(encode_send_packet(_raw_key(dst, "destination key"), packet))
+
+    def send_note_preferred(self, preferred: bool) -> None:
+        """Queue NotePreferred: whether this server is the client's home."""
+        self._queue(encode_note_preferred(preferred))
+
+    def send_ping(self, data: bytes) -> None:
+        """Queue a Ping carrying 8 opaque bytes."""
+        self._queue(encode_ping(data))
+
+    def send_pong(self, data: bytes) -> None:
+        """Queue a Pong answering a server Ping (done automatically when ``can_ack_pings``)."""
+        self._queue(encode_pong(data))
+
+    def send_watch_conns(self) -> None:
+        """Queue WatchConns (mesh key required; the server closes us otherwise)."""
+        self._queue(encode_watch_conns())
+
+    def send_close_peer(self, peer: PublicKey | bytes) -> None:
+        """Queue ClosePeer for ``peer`` (mesh key required)."""
+        self._queue(encode_close_peer(_raw_key(peer, "peer key")))
+
+    def send_forward_packet(
+        self, src: PublicKey | bytes, dst: PublicKey | bytes, packet: bytes
+    ) -> None:
+        """Queue ForwardPacket ``src -> dst`` (mesh key required)."""
+        self._queue(
+            encode_forward_packet(
+                _raw_key(src, "source key"), _raw_key(dst, "destination key"), packet
+            )
+        )
+
+
+# --------------------------------------------------------------------------- asyncio adapter
+
+
+class _Link(asyncio.Protocol):
+    """One TCP/TLS connection driving a :class:`ClientConnection`.
+
+    Owned by the event loop thread. Reports events and loss to its
+    :class:`DerpClient` through the two callbacks; ``handshake`` resolves with
+    the server key once ServerInfo arrived, or fails with the login error.
+    """
+
+    def __init__(
+        self,
+        core: ClientConnection,
+        on_events: Callable[[_Link, list[Event]], None],
+        on_lost: Callable[[_Link, str], None],
+        read_timeout: float,
+    ) -> None:
+        self.core = core
+        self._on_events = on_events
+        self._on_lost = on_lost
+        self._read_timeout = read_timeout
+        self._loop = asyncio.get_running_loop()
+        self.handshake: asyncio.Future[PublicKey] = self._loop.create_future()
+        self.lost: asyncio.Future[None] = self._loop.create_future()
+        self.transport: asyncio.Transport | None = None
+        self.reason = ""
+        self.reading_paused = False
+        self._write_paused = False
+        self._drain_waiters: list[asyncio.Future[None]] = []
+        self._last_rx = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    # asyncio.Protocol methods
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self._last_rx = self._loop.time()
+        self._timer = self._loop.call_later(self._read_timeout, self._check_idle)
+        self.flush()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self._loop.time()
+        core = self.core
+        try:
+            core.receive_data(data)
+        except DerpError as exc:
+            self.abort(f"protocol error from server: {exc}")
+            if not self.handshake.done():
+                self.handshake.set_exception(exc)
+            return
+        out = core.data_to_send()
+        if out and self.transport is not None:
+            self.transport.writelines(out)
+        events = core.events_received()
+        if events:
+            if not self.handshake.done() and type(events[0]) is Connected:
+                self.handshake.set_result(events[0].server_key)
+            self._on_events(self, events)
+
+    def eof_received(self) -> bool | None:
+        self.core.receive_eof()
+        self.reason = self.reason or "server closed the connection"
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self.reason:
+            self.reason = f"connection lost: {exc}" if exc else "connection closed"
+        self.core.receive_eof()
+        self.transport = None
+        if not self.handshake.done():
+            self.handshake.set_exception(ConnectionClosed(self.reason))
+        self._wake_drainers(ConnectionClosed(self.reason))
+        if not self.lost.done():
+            self.lost.set_result(None)
+        self._on_lost(self, self.reason)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._wake_drainers(None)
+
+    # helpers for DerpClient
+
+    def flush(self) -> None:
+        """Write whatever the core has queued."""
+        out = self.core.data_to_send()
+        if out and self.transport is not None:
+            self.transport.writelines(out)
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        if not self._write_paused:
+            return
+        if self.transport is None:
+            raise ConnectionClosed(self.reason or "connection closed")
+        fut: asyncio.Future[None] = self._loop.create_future()
+        self._drain_waiters.append(fut)
+        await fut
+
+    def abort(self, reason: str) -> None:
+        """Drop the connection now (the reason is logged and reported)."""
+        if not self.reason:
+            self.reason = reason
+        log.debug("closing DERP connection: %s", reason)
+        self.core.receive_eof()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def close(self, reason: str) -> None:
+        """Close after flushing buffered writes."""
+        if not self.reason:
+            self.reason = reason
+        if self.transport is not None:
+            self.transport.close()
+
+    def pause_reading(self) -> None:
+        if not self.reading_paused and self.transport is not None:
+            self.reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.reading_paused and self.transport is not None:
+            self.reading_paused = False
+            self._last_rx = self._loop.time()
+            self.transport.resume_reading()
+
+    def _wake_drainers(self, exc: Exception | None) -> None:
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for fut in waiters:
+            if not fut.done():
+                if exc is None:
+                    fut.set_result(None)
+                else:
+                    fut.set_exception(exc)
+
+    def _check_idle(self) -> None:
+        # One timer per connection, re-armed lazily: the hot path only stores a timestamp.
+        now = self._loop.time()
+        idle = now - self._last_rx
+        if self.reading_paused or idle < self._read_timeout:
+            wait = self._read_timeout if self.reading_paused else self._read_timeout - idle
+            self._timer = self._loop.call_later(wait, self._check_idle)
+            return
+        self._timer = None
+        self.abort(f"no data from server for {self._read_timeout:g} s")
+
+
+_QUEUE_HIGH = 4096  # pause reading the socket when this many events are unconsumed
+_QUEUE_LOW = 1024  # ...and resume below this
+
+
+class DerpClient:
+    """An asyncio DERP client for one server (any event loop).
+
+    Flow: ``await connect()`` dials ``url``, performs the login and returns once
+    ServerInfo arrived. Then ``send``/``ping``/``note_preferred`` and receive
+    events with ``async for ev in client`` or ``await client.recv()``. Finish
+    with ``await close()`` (idempotent; the iterator then ends), or use
+    ``async with DerpClient(...) as c:``, which connects and closes.
+
+    Without ``reconnect`` a lost connection is final: ``recv()`` returns the
+    events already received, then raises :class:`ConnectionClosed` (the iterator
+    too). With ``reconnect=True`` a loss yields :class:`Disconnected`, the client
+    redials with jittered exponential backoff (``backoff_min`` doubling up to
+    ``backoff_max``), re-sends NotePreferred and WatchConns if they were used,
+    and yields :class:`Connected`. After a :class:`ServerRestarting` event the
+    first redial waits ``reconnect_in`` and then retries every ``backoff_min``
+    for ``try_for`` before falling back to the normal backoff. Sends while
+    disconnected raise :class:`ConnectionClosed` (packets are never queued
+    across connections: DERP is lossy like the network under it).
+
+    Backpressure: ``send`` waits while the socket's write buffer is above its
+    high-water mark (``send_nowait`` does not). If the application stops
+    consuming events, reading from the socket pauses after 4096 unconsumed events.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        private_key: PrivateKey,
+        *,
+        mesh_key: bytes | None = None,
+        is_prober: bool = False,
+        can_ack_pings: bool = True,
+        reconnect: bool = False,
+        backoff_min: float = 0.05,
+        backoff_max: float = 10.0,
+        connect_timeout: float = 10.0,
+        read_timeout: float = CLIENT_READ_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.url = url
+        self._scheme, self._host, self._port, self._host_header = parse_derp_url(url)
+        if mesh_key is not None and len(mesh_key) != 32:
+            raise ValueError(f"mesh key must be 32 bytes, got {len(mesh_key)}")
+        self.private_key = private_key
+        self._mesh_key = mesh_key
+        self._is_prober = is_prober
+        self._can_ack_pings = can_ack_pings
+        self._reconnect = reconnect
+        self._backoff_min = backoff_min
+        self._backoff_max = backoff_max
+        self._connect_timeout = connect_timeout
+        self._read_timeout = read_timeout
+        self._ssl_context = ssl_context
+        self._link: _Link | None = None
+        self._events: collections.deque[Event] = collections.deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._pings: dict[bytes, asyncio.Future[None]] = {}
+        self._preferred: bool | None = None
+        self._watching = False
+        self._restart: ServerRestarting | None = None
+        self._reconnect_task: asyncio.Task[None] | None = None
+        self._closed = False
+        self._lost_reason: str | None = None
+        self._started = False
+        #: Key of the server of the current (or last) connection.
+        self.server_key: PublicKey | None = None
+        #: ServerInfo JSON of the current (or last) connection.
+        self.server_info: dict[str, Any] = {}
+        #: ``(bytes_per_second, burst)`` from ServerInfo, if the server set one.
+        self.token_bucket: tuple[int, int] | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def public_key(self) -> PublicKey:
+        """This client's node key (its DERP address)."""
+        return self.private_key.public
+
+    @property
+    def connected(self) -> bool:
+        """True while a logged-in connection is up."""
+        return self._link is not None
+
+    async def connect(self) -> None:
+        """Dial and log in once; raises ``OSError``, ``TimeoutError`` or a
+        :class:`~derp.errors.DerpError` on failure (no retry, even with ``reconnect``)."""
+        if self._closed:
+            raise ConnectionClosed("client is closed")
+        if self._started:
+            raise DerpError("connect() may only be called once")
+        self._started = True
+        await self._dial()
+
+    async def close(self) -> None:
+        """Close the connection and stop reconnecting. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        task, self._reconnect_task = self._reconnect_task, None
+        if task is not None:
+            task.cancel()
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        link, self._link = self._link, None
+        self._fail_pings(ConnectionClosed("client closed"))
+        self._wake()
+        if link is not None:
+            link.close("client closed")
+            try:
+                await asyncio.wait_for(asyncio.shield(link.lost), 5.0)
+            except TimeoutError:
+                link.abort("close timed out")
+
+    async def __aenter__(self) -> Self:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # ------------------------------------------------------------------ sending
+
+    def _require(self) -> _Link:
+        link = self._link
+        if link is None:
+            if self._closed:
+                raise ConnectionClosed("client is closed")
+            raise ConnectionClosed(self._lost_reason or "not connected")
+        return link
+
+    async def send(self, dst: PublicKey | bytes, packet: bytes) -> None:
+        """Send ``packet`` (at most 64 KiB) to the node ``dst`` via the server.
+
+        Waits while the socket write buffer is full. Delivery is not
+        confirmed: the server drops packets for absent peers.
+        """
+        link = self._require()
+        link.core.send_packet(dst, packet)
+        link.flush()
+        await link.drain()
+
+    def send_nowait(self, dst: PublicKey | bytes, packet: bytes) -> None:
+        """Like :meth:`send` without waiting for buffer space (for hot loops;
+        call :meth:`drain` now and then)."""
+        link = self._require()
+        link.core.send_packet(dst, packet)
+        link.flush()
+
+    async def drain(self) -> None:
+        """Wait until the socket write buffer is below its high-water mark."""
+        await self._require().drain()
+
+    async def note_preferred(self, preferred: bool) -> None:
+        """Tell the server whether it is our home region (re-sent after reconnects)."""
+        self._preferred = preferred
+        link = self._require()
+        link.core.send_note_preferred(preferred)
+        link.flush()
+        await link.drain()
+
+    async def ping(self, timeout: float = 5.0) -> float:
+        """Ping the server and return the round-trip time in seconds.
+
+        Raises ``TimeoutError`` if no matching Pong arrives within ``timeout``
+        and :class:`ConnectionClosed` if the connection goes away first.
+        """
+        link = self._require()
+        loop = asyncio.get_running_loop()
+        data = os.urandom(8)
+        fut: asyncio.Future[None] = loop.create_future()
+        self._pings[data] = fut
+        start = loop.time()
+        try:
+            link.core.send_ping(data)
+            link.flush()
+            await asyncio.wait_for(fut, timeout)
+        finally:
+            self._pings.pop(data, None)
+        return loop.time() - start
+
+    async def watch_conns(self) -> None:
+        """Subscribe to PeerPresent/PeerGone for every client (mesh key required)."""
+        self._watching = True
+        link = self._require()
+        link.core.send_watch_conns()
+        link.flush()
+        await link.drain()
+
+    async def close_peer(self, peer: PublicKey | bytes) -> None:
+        """Ask the server to close ``peer``'s connection (mesh key required)."""
+        link = self._require()
+        link.core.send_close_peer(peer)
+        link.flush()
+        await link.drain()
+
+    async def forward_packet(
+        self, src: PublicKey | bytes, dst: PublicKey | bytes, packet: bytes
+    ) -> None:
+        """Forward a packet from ``src`` to ``dst`` (mesh key required)."""
+        link = self._require()
+        link.core.send_forward_packet(src, dst, packet)
+        link.flush()
+        await link.drain()
+
+    # ------------------------------------------------------------------ receiving
+
+    async def recv(self) -> Event:
+        """Return the next event; raises :class:`ConnectionClosed` once the client
+        is closed, or (without ``reconnect``) the connection is lost and every
+        event received before has been returned."""
+        while True:
+            if self._events:
+                ev = self._events.popleft()
+                link = self._link
+                if link is not None and link.reading_paused and len(self._events) < _QUEUE_LOW:
+                    link.resume_reading()
+                return ev
+            if self._closed:
+                raise ConnectionClosed("client closed")
+            if self._lost_reason is not None and not self._reconnect:
+                raise ConnectionClosed(self._lost_reason)
+            if not self._started:
+                raise ConnectionClosed("not connected")
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiter = waiter
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+
+    def __aiter__(self) -> DerpClient:
+        return self
+
+    async def __anext__(self) -> Event:
+        try:
+            return await self.recv()
+        except ConnectionClosed:
+            if self._closed:
+                raise StopAsyncIteration from None
+            raise
+
+    # ------------------------------------------------------------------ internals
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _fail_pings(self, exc: Exception) -> None:
+        pings, self._pings = self._pings, {}
+        for fut in pings.values():
+            if not fut.done():
+                fut.set_exception(exc)
+
+    def _on_events(self, link: _Link, events: list[Event]) -> None:
+        if self._closed:
+            return
+        queue = self._events
+        pings = self._pings
+        for ev in events:
+            kind = type(ev)
+            if kind is PongReceived and pings:
+                assert isinstance(ev, PongReceived)
+                fut = pings.pop(ev.data, None)
+                if fut is not None:
+                    if not fut.done():
+                        fut.set_result(None)
+                    continue
+            elif kind is Connected:
+                if not self._reconnect:
+                    continue
+            elif kind is ServerRestarting:
+                assert isinstance(ev, ServerRestarting)
+                self._restart = ev
+            queue.append(ev)
+        if len(queue) >= _QUEUE_HIGH:
+            link.pause_reading()
+        self._wake()
+
+    def _on_lost(self, link: _Link, reason: str) -> None:
+        if link is not self._link:
+            return  # a connection that never finished logging in, or a replaced one
+        self._link = None
+        self._lost_reason = reason
+        self._fail_pings(ConnectionClosed(reason))
+        if self._closed:
+            return
+        log.info("DERP connection to %s lost: %s", self.url, reason)
+        if self._reconnect:
+            self._events.append(Disconnected(reason))
+            self._reconnect_task = asyncio.get_running_loop().create_task(
+                self._reconnect_loop(), name=f"derp-reconnect {self.url}"
+            )
+        self._wake()
+
+    async def _open(self, link_factory: Callable[[], _Link]) -> _Link:
+        """Dial TCP (+TLS for https) and return the link; the seam for future
+        transports (fast start, WebSocket, proxies)."""
+        loop = asyncio.get_running_loop()
+        ssl_ctx: ssl.SSLContext | None = None
+        if self._scheme == "https":
+            ssl_ctx = self._ssl_context or ssl.create_default_context()
+        _transport, link = await loop.create_connection(
+            link_factory,
+            self._host,
+            self._port,
+            ssl=ssl_ctx,
+            server_hostname=self._host if ssl_ctx is not None else None,
+        )
+        return link
+
+    async def _dial(self) -> None:
+        core = ClientConnection(
+            self.private_key,
+            host=self._host_header,
+            mesh_key=self._mesh_key,
+            is_prober=self._is_prober,
+            can_ack_pings=self._can_ack_pings,
+        )
+        holder: list[_Link] = []
+
+        def factory() -> _Link:
+            link = _Link(core, self._on_events, self._on_lost, self._read_timeout)
+            holder.append(link)
+            return link
+
+        try:
+            async with asyncio.timeout(self._connect_timeout):
+                link = await self._open(factory)
+                server_key = await link.handshake
+        except BaseException:
+            for link in holder:
+                link.abort("login failed")
+            raise
+        if link.transport is None:  # lost right after the handshake completed
+            raise ConnectionClosed(link.reason or "connection closed")
+        if self._closed:
+            link.abort("client closed")
+            raise ConnectionClosed("client closed")
+        self._link = link
+        self._lost_reason = None
+        self._restart = None
+        self.server_key = server_key
+        self.server_info = core.server_info
+        self.token_bucket = core.token_bucket
+        if self._preferred is not None:
+            core.send_note_preferred(self._preferred)
+        if self._watching:
+            core.send_watch_conns()
+        link.flush()
+        log.debug("DERP connection to %s up, server key %s", self.url, server_key.short())
+
+    def _backoff(self, attempt: int) -> float:
+        base = min(self._backoff_max, self._backoff_min * (2.0 ** min(attempt, 30)))
+        return float(min(self._backoff_max, base * random.uniform(0.5, 1.5)))
+
+    async def _reconnect_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        attempt = 0
+        restart, self._restart = self._restart, None
+        fast_until: float | None = None
+        if restart is not None:
+            await asyncio.sleep(restart.reconnect_in)
+            fast_until = loop.time() + restart.try_for
+        else:
+            await asyncio.sleep(self._backoff(0))
+        while not self._closed:
+            try:
+                await self._dial()
+            except (OSError, TimeoutError, DerpError) as exc:
+                log.debug("reconnect to %s failed: %s", self.url, exc)
+                if fast_until is not None and loop.time() < fast_until:
+                    delay = self._backoff_min
+                else:
+                    fast_until = None
+                    delay = self._backoff(attempt)
+                    attempt += 1
+                await asyncio.sleep(delay)
+                continue
+            self._reconnect_task = None
+            return
