@@ -225,8 +225,10 @@ class ClientConnection:
     # ------------------------------------------------------------------ input
 
     def receive_data(self, data: bytes | bytearray | memoryview) -> None:
-        """Process bytes from the server. Raises ``ProtocolError`` on bad input."""
-        if self.state is ClientState.CLOSED:
+        """Process bytes from the server. Raises ``ProtocolError`` on bad input.
+
+        An empty chunk is a no-op (use :meth:`receive_eof` for end of stream)."""
+        if self.state is ClientState.CLOSED or not data:
             return
         try:
             if self.state is ClientState.HTTP:
