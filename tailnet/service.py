@@ -1,0 +1,519 @@
+"""Transport-independent Tailnet service: identity, coordination sessions and the other RPCs.
+
+A transport (gRPC today, WebSocket later) does three things per call:
+
+1. ``call = await service.authenticate(metadata)`` — token → :class:`Principal`
+   (``UNAUTHENTICATED`` if missing/unknown), then the API version check
+   (``INVALID_ARGUMENT`` if malformed, ``FAILED_PRECONDITION`` if unsupported);
+2. invokes one of the RPC methods below with that :class:`CallContext`;
+3. maps a raised :class:`ServiceError` to its status (``ServiceError.status``
+   names mirror gRPC status codes) — in exactly one place.
+
+Coordinate flow (:meth:`TailnetService.coordinate`)::
+
+    ident = await service.resolve_stream(call)      # peer ID + policy (+ resume token)
+    async for resp in service.coordinate(ident, requests):
+        send(resp)                                  # may end by raising ServiceError
+
+* The peer's responses go through a :class:`QueueSink` (bounded, 512 by
+  default). The coordinator writes without blocking; if the queue is full it
+  evicts the peer (slow consumer), which ends only that stream.
+* A reader task runs, for every request: ``validate_request`` →
+  ``await policy.authorize`` → ``coordinator.handle``. A malformed request
+  sends ``CoordinateResponse(error=<text>)`` and ends the stream with
+  ``INVALID_ARGUMENT``; an authorization failure sends ``"authorization: …"``
+  and ends with ``PERMISSION_DENIED``; in both cases the peer is reported LOST
+  to its tunnel peers and nothing else is disturbed.
+* ``Disconnect`` → tunnel peers see DISCONNECTED, the stream ends cleanly.
+  The request stream ending (or the call being cancelled) without Disconnect
+  → LOST, the stream ends.
+* A close initiated by the coordinator (overwrite by a newer connection with
+  the same peer ID, slow-consumer eviction, :meth:`TailnetService.close`) sends
+  the close reason as a final ``error`` response and ends the stream cleanly.
+
+Peer identity (server-assigned, never from messages): agents use their agent
+ID under ``AgentPolicy``; users get a fresh (or resumed) ID under
+``ClientPolicy(agent)`` when they name an agent (``tailnet-agent-id``) or
+``UserPolicy`` otherwise; the control plane gets a fresh (or resumed) ID under
+``UnrestrictedPolicy``. See :mod:`tailnet.identity` for the metadata contract.
+
+Concurrency: everything runs on one event loop; the coordinator core is only
+touched from that loop and never across an ``await``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import enum
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TypeVar
+
+from tailnet.auth import (
+    AgentPolicy,
+    ClientPolicy,
+    CoordinateePolicy,
+    UnrestrictedPolicy,
+    UserPolicy,
+)
+from tailnet.core import Coordinator, validate_request
+from tailnet.derpmap import DERPMapSource, derp_maps_equal, with_home_params
+from tailnet.errors import AuthorizationError, CoordinatorClosed, RequestError
+from tailnet.identity import (
+    MD_AGENT_ID,
+    MD_PEER_ID,
+    MD_RESUME_TOKEN,
+    MD_VERSION,
+    Authenticator,
+    Principal,
+    token_from_metadata,
+)
+from tailnet.resume import InvalidResumeToken, LegacyResumeToken, ResumeTokenProvider
+from tailnet.telemetry import InvalidTelemetry, TelemetryBuffer
+from tailnet.v2 import tailnet_pb2 as pb
+from tailnet.version import CURRENT_VERSION, InvalidVersion, UnsupportedVersion, check_version
+from tailnet.workspaces import (
+    EMPTY_SNAPSHOT,
+    InMemoryWorkspaceProvider,
+    WorkspaceProvider,
+    WorkspaceSnapshot,
+    diff_snapshots,
+    update_is_empty,
+)
+
+__all__ = [
+    "RESPONSE_QUEUE_SIZE",
+    "Status",
+    "ServiceError",
+    "CallContext",
+    "StreamIdentity",
+    "QueueSink",
+    "TunnelAuthorizer",
+    "TailnetService",
+]
+
+log = logging.getLogger(__name__)
+
+#: Responses buffered per peer before the coordinator evicts it (Coder: 512).
+RESPONSE_QUEUE_SIZE = 512
+
+TunnelAuthorizer = Callable[[Principal, uuid.UUID], Awaitable[bool]]
+_T = TypeVar("_T")
+
+_NO_PERMISSION = "workspace agent not found or you do not have permission"
+
+
+class Status(enum.Enum):
+    """Call outcome; names equal ``grpc.StatusCode`` member names."""
+
+    OK = "ok"
+    INVALID_ARGUMENT = "invalid argument"
+    UNAUTHENTICATED = "unauthenticated"
+    PERMISSION_DENIED = "permission denied"
+    FAILED_PRECONDITION = "failed precondition"
+    UNIMPLEMENTED = "unimplemented"
+    UNAVAILABLE = "unavailable"
+    INTERNAL = "internal"
+
+
+class ServiceError(Exception):
+    """Ends a call with ``status``; ``message`` is safe to show the caller."""
+
+    def __init__(self, status: Status, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class CallContext:
+    """An authenticated call: who, at which negotiated API version, with which metadata."""
+
+    principal: Principal
+    version: tuple[int, int]
+    metadata: Mapping[str, str]
+
+
+@dataclass(frozen=True, slots=True)
+class StreamIdentity:
+    """Everything a Coordinate stream needs: the server-assigned peer and its policy."""
+
+    principal: Principal
+    peer_id: uuid.UUID
+    name: str
+    policy: CoordinateePolicy
+    resumed: bool = False
+
+
+class QueueSink:
+    """A bounded per-peer response queue (the coordinator's ``PeerSink``).
+
+    ``send`` never blocks: it returns ``False`` when ``maxsize`` responses are
+    waiting (the coordinator then evicts the peer). After ``close`` further
+    sends are dropped (returning ``True``: the peer is going away anyway).
+    :meth:`drain` yields queued responses, then — once closed — the close
+    error as a final ``CoordinateResponse(error=…)``, then stops.
+
+    ``failure`` (set by :meth:`fail`) records a status other than OK for the
+    transport to end the stream with. Owned by the event loop thread.
+    """
+
+    def __init__(self, maxsize: int = RESPONSE_QUEUE_SIZE) -> None:
+        self._queue: collections.deque[pb.CoordinateResponse] = collections.deque()
+        self._maxsize = maxsize
+        self._wake = asyncio.Event()
+        self.closed = False
+        self.error: str | None = None
+        self.failure: ServiceError | None = None
+
+    def send(self, resp: pb.CoordinateResponse) -> bool:
+        if self.closed:
+            return True
+        if len(self._queue) >= self._maxsize:
+            return False
+        self._queue.append(resp)
+        self._wake.set()
+        return True
+
+    def close(self, error: str | None = None) -> None:
+        """Idempotent; the first close decides the final error text."""
+        if self.closed:
+            return
+        self.closed = True
+        self.error = error
+        self._wake.set()
+
+    def fail(self, status: Status, message: str) -> None:
+        """Record why the stream ends abnormally, then close with ``message``."""
+        if self.failure is None and not self.closed:
+            self.failure = ServiceError(status, message)
+        self.close(message)
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    async def drain(self) -> AsyncIterator[pb.CoordinateResponse]:
+        """Yield responses until closed (see class docstring)."""
+        while True:
+            while self._queue:
+                yield self._queue.popleft()
+            if self.closed:
+                if self.error:
+                    yield pb.CoordinateResponse(error=self.error)
+                return
+            self._wake.clear()
+            await self._wake.wait()
+
+
+@dataclass(slots=True)
+class _LiveStream:
+    principal: Principal
+    sink: QueueSink
+
+
+class TailnetService:
+    """The five Tailnet RPCs on top of a coordinator core (see module docstring).
+
+    ``tunnel_authorizer(principal, agent_id)`` decides which agents a *user*
+    may tunnel to; if omitted and ``workspaces`` is an
+    :class:`InMemoryWorkspaceProvider`, its ``authorize_tunnel`` is used,
+    otherwise users may tunnel nowhere.
+    """
+
+    def __init__(
+        self,
+        *,
+        coordinator: Coordinator,
+        authenticator: Authenticator,
+        derp_maps: DERPMapSource,
+        resume: ResumeTokenProvider | None = None,
+        workspaces: WorkspaceProvider | None = None,
+        tunnel_authorizer: TunnelAuthorizer | None = None,
+        telemetry: TelemetryBuffer | None = None,
+        server_version: tuple[int, int] = CURRENT_VERSION,
+        response_queue_size: int = RESPONSE_QUEUE_SIZE,
+    ) -> None:
+        self.coordinator = coordinator
+        self._auth = authenticator
+        self._derp_maps = derp_maps
+        self._resume = resume
+        self._workspaces = workspaces
+        if tunnel_authorizer is None and isinstance(workspaces, InMemoryWorkspaceProvider):
+            tunnel_authorizer = workspaces.authorize_tunnel
+        self._tunnel_auth = tunnel_authorizer
+        self.telemetry = telemetry if telemetry is not None else TelemetryBuffer()
+        self._server_version = server_version
+        self._queue_size = response_queue_size
+        self._streams: dict[uuid.UUID, _LiveStream] = {}
+        self._closing = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closing.is_set()
+
+    # -- identity -----------------------------------------------------------
+    async def authenticate(self, metadata: Mapping[str, str]) -> CallContext:
+        """Authenticate a call and negotiate its API version."""
+        token = token_from_metadata(metadata)
+        if token is None:
+            raise ServiceError(
+                Status.UNAUTHENTICATED,
+                "missing session token: send metadata 'authorization: Bearer <token>' "
+                "or 'coder-session-token: <token>'",
+            )
+        principal = await self._auth.authenticate(token)
+        if principal is None:
+            raise ServiceError(Status.UNAUTHENTICATED, "invalid or unknown session token")
+        try:
+            version = check_version(metadata.get(MD_VERSION), self._server_version)
+        except InvalidVersion as exc:
+            raise ServiceError(Status.INVALID_ARGUMENT, str(exc)) from None
+        except UnsupportedVersion as exc:
+            raise ServiceError(Status.FAILED_PRECONDITION, str(exc)) from None
+        return CallContext(principal, version, dict(metadata))
+
+    async def _authorize_tunnel(self, principal: Principal, agent_id: uuid.UUID) -> bool:
+        if self._tunnel_auth is None:
+            return False
+        return await self._tunnel_auth(principal, agent_id)
+
+    def _peer_id_for_client(self, call: CallContext) -> tuple[uuid.UUID, bool]:
+        token = call.metadata.get(MD_RESUME_TOKEN, "").strip()
+        if not token or self._resume is None:
+            return uuid.uuid4(), False
+        try:
+            return self._resume.verify(token), True
+        except LegacyResumeToken:
+            return uuid.uuid4(), False
+        except InvalidResumeToken as exc:
+            raise ServiceError(Status.UNAUTHENTICATED, str(exc)) from None
+
+    async def resolve_stream(self, call: CallContext) -> StreamIdentity:
+        """Assign the peer ID and coordination policy of a new Coordinate stream."""
+        p = call.principal
+        if p.kind == "agent":
+            return StreamIdentity(p, p.id, p.name or "agent", AgentPolicy(p.id))
+        peer_id, resumed = self._peer_id_for_client(call)
+        if p.kind == "control_plane":
+            return StreamIdentity(
+                p, peer_id, p.name or "control_plane", UnrestrictedPolicy(), resumed
+            )
+        agent_text = call.metadata.get(MD_AGENT_ID, "").strip()
+        if agent_text:
+            try:
+                agent_id = uuid.UUID(agent_text)
+            except ValueError:
+                raise ServiceError(
+                    Status.INVALID_ARGUMENT, f"invalid {MD_AGENT_ID} {agent_text!r}: not a UUID"
+                ) from None
+            if not await self._authorize_tunnel(p, agent_id):
+                raise ServiceError(Status.PERMISSION_DENIED, _NO_PERMISSION)
+            return StreamIdentity(p, peer_id, "client", ClientPolicy(agent_id), resumed)
+
+        async def authorize(agent_id: uuid.UUID) -> bool:
+            return await self._authorize_tunnel(p, agent_id)
+
+        return StreamIdentity(p, peer_id, "client", UserPolicy(authorize), resumed)
+
+    # -- Coordinate -----------------------------------------------------------
+    async def coordinate(
+        self, ident: StreamIdentity, requests: AsyncIterator[pb.CoordinateRequest]
+    ) -> AsyncIterator[pb.CoordinateResponse]:
+        """Run one Coordinate stream; yields responses, may end with :class:`ServiceError`."""
+        if self.closed:
+            raise ServiceError(Status.UNAVAILABLE, "coordinator is closed")
+        sink = QueueSink(self._queue_size)
+        try:
+            self.coordinator.connect(ident.peer_id, ident.name, sink)
+        except CoordinatorClosed as exc:
+            raise ServiceError(Status.UNAVAILABLE, str(exc)) from None
+        live = _LiveStream(ident.principal, sink)
+        self._streams[ident.peer_id] = live
+        log.debug("coordinate: peer %s (%s) connected", ident.peer_id, ident.name)
+        reader = asyncio.ensure_future(self._read_requests(ident, sink, requests))
+        try:
+            async for resp in sink.drain():
+                yield resp
+            if sink.failure is not None:
+                raise sink.failure
+        finally:
+            reader.cancel()
+            self.coordinator.lost(ident.peer_id, sink)
+            if self._streams.get(ident.peer_id) is live:
+                del self._streams[ident.peer_id]
+            log.debug("coordinate: peer %s stream ended (%s)", ident.peer_id, sink.error)
+
+    def _fail(self, ident: StreamIdentity, sink: QueueSink, status: Status, msg: str) -> None:
+        log.info("coordinate: closing peer %s: %s", ident.peer_id, msg)
+        sink.fail(status, msg)
+        self.coordinator.lost(ident.peer_id, sink, msg)
+
+    async def _read_requests(
+        self,
+        ident: StreamIdentity,
+        sink: QueueSink,
+        requests: AsyncIterator[pb.CoordinateRequest],
+    ) -> None:
+        """Reader loop: validate → authorize → handle, until the stream ends."""
+        try:
+            async for req in requests:
+                if sink.closed:
+                    return
+                try:
+                    validate_request(req)
+                except RequestError as exc:
+                    self._fail(ident, sink, Status.INVALID_ARGUMENT, str(exc))
+                    return
+                try:
+                    await ident.policy.authorize(ident.peer_id, req)
+                except AuthorizationError as exc:
+                    self._fail(ident, sink, Status.PERMISSION_DENIED, exc.wire_message)
+                    return
+                if sink.closed:
+                    return
+                try:
+                    self.coordinator.handle(ident.peer_id, sink, req)
+                except RequestError as exc:
+                    self._fail(ident, sink, Status.INVALID_ARGUMENT, str(exc))
+                    return
+                if req.HasField("disconnect"):
+                    sink.close()
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug or a transport read failure: end only this peer
+            log.exception("coordinate: peer %s request loop failed", ident.peer_id)
+            if not sink.closed:
+                self._fail(ident, sink, Status.INTERNAL, "internal error")
+            return
+        # Request stream ended without Disconnect: the peer is lost.
+        self.coordinator.lost(ident.peer_id, sink)
+        sink.close()
+
+    # -- unary/streaming helpers ----------------------------------------------
+    async def _or_closing(self, aw: Awaitable[_T]) -> tuple[bool, _T | None]:
+        """Await ``aw`` unless the service closes first: (True, result) or (False, None)."""
+        task = asyncio.ensure_future(aw)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({task, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+            if not task.done():
+                task.cancel()
+        if task.done() and not task.cancelled():
+            return True, task.result()
+        return False, None
+
+    # -- StreamDERPMaps -------------------------------------------------------
+    async def stream_derp_maps(self, call: CallContext) -> AsyncIterator[pb.DERPMap]:
+        """Current map at once, then each map that differs from the last one sent."""
+        src = self._derp_maps
+        version = src.version
+        last = with_home_params(src.current())
+        yield last
+        while not self.closed:
+            ok, new_version = await self._or_closing(src.wait_changed(version))
+            if not ok or new_version is None:
+                return
+            version = new_version
+            cur = src.current()
+            if not derp_maps_equal(last, cur):
+                last = with_home_params(cur)
+                yield last
+
+    # -- RefreshResumeToken ---------------------------------------------------
+    async def refresh_resume_token(self, call: CallContext) -> pb.RefreshResumeTokenResponse:
+        """Issue a token for the caller's live Coordinate peer (metadata tailnet-peer-id)."""
+        if self._resume is None or call.principal.kind == "agent":
+            raise ServiceError(
+                Status.UNIMPLEMENTED, "resume tokens not supported on this connection"
+            )
+        text = call.metadata.get(MD_PEER_ID, "").strip()
+        if not text:
+            raise ServiceError(
+                Status.FAILED_PRECONDITION,
+                f"RefreshResumeToken needs metadata {MD_PEER_ID} naming your live "
+                "Coordinate stream's peer ID",
+            )
+        try:
+            peer_id = uuid.UUID(text)
+        except ValueError:
+            raise ServiceError(
+                Status.INVALID_ARGUMENT, f"invalid {MD_PEER_ID} {text!r}: not a UUID"
+            ) from None
+        live = self._streams.get(peer_id)
+        if live is None or live.principal != call.principal or live.sink.closed:
+            raise ServiceError(
+                Status.FAILED_PRECONDITION,
+                f"no live Coordinate stream of yours has peer ID {peer_id}",
+            )
+        return self._resume.issue(peer_id)
+
+    # -- PostTelemetry --------------------------------------------------------
+    async def post_telemetry(
+        self, call: CallContext, req: pb.TelemetryRequest
+    ) -> pb.TelemetryResponse:
+        """Validate and record telemetry events."""
+        try:
+            self.telemetry.record(req)
+        except InvalidTelemetry as exc:
+            raise ServiceError(Status.INVALID_ARGUMENT, str(exc)) from None
+        return pb.TelemetryResponse()
+
+    # -- WorkspaceUpdates -----------------------------------------------------
+    async def workspace_updates(
+        self, call: CallContext, req: pb.WorkspaceUpdatesRequest
+    ) -> AsyncIterator[pb.WorkspaceUpdate]:
+        """First a full snapshot, then non-empty diffs of what the caller may read."""
+        provider = self._workspaces
+        if provider is None or call.principal.kind == "agent":
+            raise ServiceError(
+                Status.UNIMPLEMENTED, "workspace updates not supported on this connection"
+            )
+        if len(req.workspace_owner_id) != 16:
+            raise ServiceError(
+                Status.INVALID_ARGUMENT,
+                f"parse workspace owner ID: expected 16 bytes, got {len(req.workspace_owner_id)}",
+            )
+        owner_id = uuid.UUID(bytes=req.workspace_owner_id)
+        subscription = provider.subscribe(owner_id, call.principal)
+
+        async def next_snapshot() -> WorkspaceSnapshot:
+            return await anext(subscription)
+
+        prev = EMPTY_SNAPSHOT
+        first = True
+        try:
+            while not self.closed:
+                try:
+                    ok, snap = await self._or_closing(next_snapshot())
+                except StopAsyncIteration:
+                    return
+                if not ok or snap is None:
+                    return
+                upd = diff_snapshots(prev, snap)
+                prev = snap
+                if first or not update_is_empty(upd):
+                    first = False
+                    yield upd
+        finally:
+            aclose = getattr(subscription, "aclose", None)
+            if aclose is not None:
+                try:
+                    await aclose()
+                except RuntimeError:  # still running (cancelled mid-step): nothing to do
+                    pass
+
+    # -- shutdown -------------------------------------------------------------
+    def close(self) -> None:
+        """Graceful shutdown: peers see LOST "coordinator close", every stream ends."""
+        if self._closing.is_set():
+            return
+        self._closing.set()
+        self.coordinator.close()
+        for live in list(self._streams.values()):
+            live.sink.close("coordinator closed")
