@@ -1,0 +1,274 @@
+"""``derper``: run a DERP relay server from the command line.
+
+Flags follow Tailscale's ``cmd/derper`` where they apply::
+
+    derper [-a ADDR] [-c KEYFILE] [--dev] [--hostname NAME] [--mesh-psk-file FILE]
+           [--stats-interval SECONDS] [-v] [--log-level LEVEL]
+
+* ``-a/--addr`` listen address, ``host:port``, ``:port`` (all interfaces) or
+  ``[v6]:port``; default ``:443``, or ``127.0.0.1:3340`` with ``--dev``. Port 0
+  picks a free port; the startup line shows the real one.
+* ``-c/--config`` derper's JSON key file ``{"PrivateKey": "privkey:<hex>"}``,
+  created on first start and reused afterwards so the server key is stable.
+  Default ``/var/lib/derper/derper.key`` as root, else
+  ``$XDG_CONFIG_HOME/derper/derper.key`` (``~/.config/derper/derper.key``).
+  ``--dev`` without ``-c`` uses a fresh random key.
+* ``--hostname`` the name clients use for this server (future TLS certificate
+  name); default ``localhost``. Set it to the public DNS name in production.
+* TLS is not implemented yet: the server always speaks plain HTTP and warns
+  unless ``--dev`` (a later release adds ``--certmode``).
+
+Output: one startup line on stdout, ``derper: listening on http://HOST:PORT/derp
+server key nodekey:<hex>``; logs on stderr (per-connection lines at DEBUG, stats
+every ``--stats-interval`` seconds at INFO). SIGINT/SIGTERM close the listener
+and every client, then exit 0. A bad key file or an address in use prints one
+``derper: ...`` line on stderr and exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from .keys import PrivateKey, load_or_create_server_key
+
+__all__ = ["DEFAULT_ADDR", "DEV_ADDR", "build_parser", "default_key_path", "main", "parse_addr"]
+
+log = logging.getLogger("derper")
+
+DEFAULT_ADDR = ":443"
+DEV_ADDR = "127.0.0.1:3340"
+DEFAULT_HOSTNAME = "localhost"
+
+
+class _CliError(Exception):
+    """A user-facing startup failure: print ``derper: <message>`` and exit 1."""
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """Split ``host:port`` / ``:port`` / ``[v6]:port`` into ``(host, port)``.
+
+    An empty host means every interface. Raises ``ValueError`` on bad input.
+    """
+    host, sep, port_text = addr.rpartition(":")
+    if not sep:
+        raise ValueError(f"address {addr!r} needs a port, like :443 or 127.0.0.1:3340")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"IPv6 address {addr!r} must be written as [addr]:port")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"bad port {port_text!r} in address {addr!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"port {port} out of range in address {addr!r}")
+    return host, port
+
+
+def default_key_path() -> Path:
+    """Where the server key lives when ``-c`` is not given (derper's default as root)."""
+    if hasattr(os, "geteuid") and os.geteuid() == 0:
+        return Path("/var/lib/derper/derper.key")
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "derper" / "derper.key"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``derper`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="derper", description="DERP relay server (Tailscale DERP protocol v2)."
+    )
+    p.add_argument(
+        "-a",
+        "--addr",
+        default=None,
+        help=f"listen address (default {DEFAULT_ADDR}; {DEV_ADDR} with --dev; port 0 = any free)",
+    )
+    p.add_argument(
+        "-c",
+        "--config",
+        default=None,
+        help=f"JSON key file, created if missing (default: {default_key_path()})",
+    )
+    p.add_argument(
+        "--dev",
+        action="store_true",
+        help=f"development mode: plain HTTP on {DEV_ADDR}, random key unless -c is given",
+    )
+    p.add_argument(
+        "--hostname",
+        default=DEFAULT_HOSTNAME,
+        help="public name of this server (future TLS certificate name; default %(default)s)",
+    )
+    p.add_argument(
+        "--mesh-psk-file",
+        default=None,
+        help="file holding the 64-hex-digit mesh pre-shared key (enables mesh privileges)",
+    )
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        default=60.0,
+        help="seconds between stats log lines at INFO; 0 disables (default %(default)s)",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument(
+        "--log-level",
+        default=None,
+        choices=["DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"],
+        type=str.upper,
+        help="log level (default INFO; DEBUG with -v)",
+    )
+    return p
+
+
+def _load_key(args: argparse.Namespace) -> PrivateKey:
+    if args.config is None and args.dev:
+        return PrivateKey.generate()
+    path = Path(args.config) if args.config is not None else default_key_path()
+    try:
+        return load_or_create_server_key(path)
+    except ValueError as exc:
+        raise _CliError(str(exc)) from None
+    except OSError as exc:
+        raise _CliError(f"{path}: cannot read or create key file: {exc.strerror or exc}") from None
+
+
+def _load_mesh_key(path: str | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        text = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise _CliError(f"{path}: cannot read mesh key: {exc}") from None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise _CliError(f"{path}: mesh key must be 64 hex digits")
+    return key
+
+
+def _format_stats(stats: Any) -> str:
+    snap = stats.snapshot() if hasattr(stats, "snapshot") else stats
+    if isinstance(snap, dict):
+        items = []
+        for k, v in snap.items():
+            if isinstance(v, dict):
+                v = {kk: vv for kk, vv in v.items() if vv}
+                if not v:
+                    continue
+            items.append(f"{k}={v}")
+        return " ".join(items)
+    return str(snap)
+
+
+async def _log_stats(server: Any, interval: float) -> None:
+    while True:
+        await asyncio.sleep(interval)
+        log.info("stats: %s", _format_stats(server.stats))
+
+
+async def _serve(
+    *,
+    key: PrivateKey,
+    host: str,
+    port: int,
+    hostname: str,
+    mesh_key: bytes | None,
+    stats_interval: float,
+) -> int:
+    from .server import DerpServer, ServerConfig
+
+    server = DerpServer(ServerConfig(private_key=key, mesh_key=mesh_key, hostname=hostname))
+    try:
+        await server.start(host=host, port=port)
+    except OSError as exc:
+        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        raise _CliError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+
+    shown_host = host or "0.0.0.0"
+    if ":" in shown_host:
+        shown_host = f"[{shown_host}]"
+    print(
+        f"derper: listening on http://{shown_host}:{server.port}/derp "
+        f"server key {server.public_key}",
+        flush=True,
+    )
+    stats_task = (
+        loop.create_task(_log_stats(server, stats_interval), name="derper-stats")
+        if stats_interval > 0
+        else None
+    )
+    try:
+        await stop.wait()
+        log.info("signal received, shutting down")
+    finally:
+        if stats_task is not None:
+            stats_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await stats_task
+        await server.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``derper`` / ``python -m derp``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    level = args.log_level or ("DEBUG" if args.verbose else "INFO")
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    addr = args.addr if args.addr is not None else (DEV_ADDR if args.dev else DEFAULT_ADDR)
+    try:
+        try:
+            host, port = parse_addr(addr)
+        except ValueError as exc:
+            raise _CliError(str(exc)) from None
+        key = _load_key(args)
+        mesh_key = _load_mesh_key(args.mesh_psk_file)
+        if not args.dev:
+            log.warning(
+                "TLS is not implemented yet; serving plain HTTP on %s "
+                "(put a TLS terminator in front, or use --dev for local testing)",
+                addr,
+            )
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            return runner.run(
+                _serve(
+                    key=key,
+                    host=host,
+                    port=port,
+                    hostname=args.hostname,
+                    mesh_key=mesh_key,
+                    stats_interval=args.stats_interval,
+                )
+            )
+    except _CliError as exc:
+        print(f"derper: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # SIGINT before the handlers were installed
+        return 0
