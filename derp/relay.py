@@ -1,0 +1,257 @@
+"""Pure DERP routing registry: which connection receives packets for which key.
+
+No sockets, no asyncio, no clocks. The server adapter (:mod:`derp.server`) owns
+one :class:`Relay` and calls it from the event loop thread only; connection
+handles are opaque hashable objects (the adapter uses its protocol objects,
+tests use plain strings).
+
+Model (spec §3.3–§3.5)::
+
+    key ──► _KeySet { conns: registration order, history: activity order }
+    active[key] ──► the one connection that receives traffic for key
+
+Rules, all enforced here:
+
+1. *Registration* adds the connection to its key's set and makes it active
+   (a new connection is the most recent one).
+2. *Duplicates* (2+ connections for one key) are all kept open. Policy
+   "last writer is active": whichever duplicate most recently sent any frame
+   (:meth:`Relay.note_activity`) receives all traffic for the key.
+3. *Removal*: if the active connection leaves, the most recently active
+   remaining connection takes over; with one left the key is a plain single
+   client again; with none left the key disappears and every connection that
+   received a packet *from* that key (a "return-path" subscriber, spec §3.4)
+   is owed ``PeerGone(key, Disconnected)``. PeerGone is only owed on the
+   1 → 0 transition, never for a departing duplicate.
+4. Subscriptions are recorded per receiving *connection* (not key): a client
+   that reconnects must hear from the source again before it is told the
+   source left. A departing receiver's subscriptions are discarded.
+
+Hot path contract: ``relay.active.get(dst)`` is a plain ``dict`` lookup and is
+the only thing a packet needs. :meth:`note_activity` and :meth:`note_delivery`
+are called at most once per read batch / new (src, receiver) pair.
+
+Invariants (checked by ``check_invariants`` in tests):
+
+* ``active.keys() == sets.keys()`` and every set is non-empty;
+* ``active[k]`` is in ``sets[k]`` and is the last entry of its activity history;
+* the activity history of ``k`` is a permutation of ``sets[k]``.
+
+Mesh hooks (a later issue fills them in): ``watchers`` holds connections that
+asked for WatchConns; ``forwarders`` maps keys that live on another region node
+to an opaque forwarder handle. Local presence always wins over a forwarder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Generic, Hashable, Iterator, TypeVar
+
+__all__ = ["Relay", "Departure", "Registration"]
+
+C = TypeVar("C", bound=Hashable)
+
+
+class _KeySet(Generic[C]):
+    """Connections of one key. ``order`` is activity order, most recent last."""
+
+    __slots__ = ("order",)
+
+    def __init__(self) -> None:
+        self.order: list[C] = []
+
+    def touch(self, conn: C) -> None:
+        order = self.order
+        if order[-1] is not conn:
+            order.remove(conn)
+            order.append(conn)
+
+
+@dataclass(frozen=True, slots=True)
+class Registration(Generic[C]):
+    """Result of :meth:`Relay.register`.
+
+    ``duplicate`` is true when the key already had a connection;
+    ``watchers`` are the mesh watchers to send PeerPresent for this connection.
+    """
+
+    duplicate: bool
+    watchers: tuple[C, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Departure(Generic[C]):
+    """Result of :meth:`Relay.unregister`.
+
+    ``last`` is true when the key has no connection left (the 1 → 0
+    transition). ``peer_gone`` lists the connections owed
+    ``PeerGone(key, Disconnected)``; ``watchers`` the mesh watchers owed a
+    PeerGone for the key (both empty unless ``last``). ``new_active`` is the
+    connection now receiving for the key, if any.
+    """
+
+    last: bool
+    new_active: C | None = None
+    peer_gone: tuple[C, ...] = ()
+    watchers: tuple[C, ...] = field(default=())
+
+
+class Relay(Generic[C]):
+    """Key → connection registry with duplicate policy and PeerGone subscriptions."""
+
+    __slots__ = ("active", "_sets", "_subscribers", "_subscriptions", "watchers", "forwarders")
+
+    def __init__(self) -> None:
+        #: key → connection receiving its traffic. Read directly on the hot path.
+        self.active: dict[bytes, C] = {}
+        self._sets: dict[bytes, _KeySet[C]] = {}
+        # src key → {receiving conn: None}: who must hear PeerGone(src).
+        self._subscribers: dict[bytes, dict[C, None]] = {}
+        # receiving conn → set of src keys it is subscribed to (for cleanup).
+        self._subscriptions: dict[C, set[bytes]] = {}
+        #: mesh watchers (WatchConns senders); filled by the mesh issue.
+        self.watchers: dict[C, None] = {}
+        #: key → forwarder handle for keys on other region nodes (mesh issue).
+        self.forwarders: dict[bytes, object] = {}
+
+    # ------------------------------------------------------------------ queries
+
+    def __len__(self) -> int:
+        """Number of distinct keys with at least one local connection."""
+        return len(self._sets)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._sets
+
+    def connections(self, key: bytes) -> tuple[C, ...]:
+        """All connections of ``key`` in activity order (most recent last)."""
+        s = self._sets.get(key)
+        return tuple(s.order) if s is not None else ()
+
+    def is_duplicate(self, key: bytes) -> bool:
+        """True if ``key`` currently has two or more connections."""
+        s = self._sets.get(key)
+        return s is not None and len(s.order) > 1
+
+    def keys(self) -> Iterator[bytes]:
+        """Keys with a local connection."""
+        return iter(self._sets)
+
+    @property
+    def duplicate_keys(self) -> int:
+        """Number of keys with 2+ connections."""
+        return sum(1 for s in self._sets.values() if len(s.order) > 1)
+
+    def subscribers(self, src: bytes) -> tuple[C, ...]:
+        """Connections that received a packet from ``src`` (owed PeerGone on its exit)."""
+        return tuple(self._subscribers.get(src, ()))
+
+    # ------------------------------------------------------------------ mutations
+
+    def register(self, key: bytes, conn: C) -> Registration[C]:
+        """Add ``conn`` for ``key``; it becomes the active (most recent) connection."""
+        s = self._sets.get(key)
+        dup = s is not None
+        if s is None:
+            s = self._sets[key] = _KeySet()
+        elif conn in s.order:
+            raise ValueError("connection already registered")
+        s.order.append(conn)
+        self.active[key] = conn
+        return Registration(dup, tuple(self.watchers))
+
+    def note_activity(self, key: bytes, conn: C) -> bool:
+        """``conn`` (of ``key``) just sent a frame; make it active if it is a duplicate.
+
+        Returns true if the active connection changed. Unknown connections are
+        ignored (a frame may race its own disconnect in adapters).
+        """
+        if self.active.get(key) is conn:
+            return False
+        s = self._sets.get(key)
+        if s is None or conn not in s.order:
+            return False
+        s.touch(conn)
+        self.active[key] = conn
+        return True
+
+    def note_delivery(self, src: bytes, receiver: C) -> None:
+        """``receiver`` got (or will get) a packet from ``src``: subscribe it to PeerGone(src).
+
+        Idempotent. Only the departure of ``src``'s last connection triggers
+        the notice (spec §3.4).
+        """
+        subs = self._subscribers.get(src)
+        if subs is None:
+            subs = self._subscribers[src] = {}
+        elif receiver in subs:
+            return
+        subs[receiver] = None
+        mine = self._subscriptions.get(receiver)
+        if mine is None:
+            mine = self._subscriptions[receiver] = set()
+        mine.add(src)
+
+    def unregister(self, key: bytes, conn: C) -> Departure[C]:
+        """Remove ``conn`` of ``key``; see the module rules for what the result means.
+
+        Unregistering an unknown connection is a no-op returning ``last=False``.
+        """
+        self._drop_subscriptions(conn)
+        self.watchers.pop(conn, None)
+        s = self._sets.get(key)
+        if s is None or conn not in s.order:
+            return Departure(False, self.active.get(key))
+        s.order.remove(conn)
+        if s.order:
+            new_active = s.order[-1]
+            self.active[key] = new_active
+            return Departure(False, new_active)
+        del self._sets[key]
+        del self.active[key]
+        subs = self._subscribers.pop(key, None)
+        owed: tuple[C, ...] = ()
+        if subs:
+            owed = tuple(subs)
+            for r in owed:
+                mine = self._subscriptions.get(r)
+                if mine is not None:
+                    mine.discard(key)
+                    if not mine:
+                        del self._subscriptions[r]
+        watchers = tuple(w for w in self.watchers if w is not conn)
+        return Departure(True, None, owed, watchers)
+
+    def _drop_subscriptions(self, receiver: C) -> None:
+        mine = self._subscriptions.pop(receiver, None)
+        if not mine:
+            return
+        for src in mine:
+            subs = self._subscribers.get(src)
+            if subs is not None:
+                subs.pop(receiver, None)
+                if not subs:
+                    del self._subscribers[src]
+
+    def add_watcher(self, conn: C) -> list[bytes]:
+        """Register a mesh watcher; returns the keys to announce to it (PeerPresent)."""
+        self.watchers[conn] = None
+        return list(self._sets)
+
+    # ------------------------------------------------------------------ testing
+
+    def check_invariants(self) -> None:
+        """Raise ``AssertionError`` if the registry is inconsistent (tests only)."""
+        assert self.active.keys() == self._sets.keys(), "active/sets key mismatch"
+        for k, s in self._sets.items():
+            assert s.order, f"empty set for {k!r}"
+            assert len(set(map(id, s.order))) == len(s.order), "connection listed twice"
+            assert self.active[k] is s.order[-1], "active is not the most recent"
+        for src, subs in self._subscribers.items():
+            assert subs, "empty subscriber map"
+            for r in subs:
+                assert src in self._subscriptions.get(r, ()), "subscription index out of sync"
+        for r, mine in self._subscriptions.items():
+            assert mine, "empty subscription set"
+            for src in mine:
+                assert r in self._subscribers.get(src, {}), "subscriber index out of sync"

@@ -1,0 +1,292 @@
+"""The DERP server: one TCP port, HTTP front door, DERP connections, shared timers.
+
+Composition::
+
+    DerpServer ─ listener ─► HttpConnection (h11)  ── upgrade ──► DerpServer.accept()
+        │                                                         │
+        └─ ConnContext (shared by every DerpConnection) ◄─────────┘
+             relay: derp.relay.Relay     stats: derp.stats.ServerStats
+             keepalive TimerWheel, driven by ONE loop timer (no task per connection)
+
+:meth:`DerpServer.accept` is the single entry point for DERP connections: any
+transport adapter (the built-in HTTP front door, a bigger HTTP application that
+mounts ``/derp``, a WebSocket adapter) calls it with an accepted
+``asyncio.Transport`` and the bytes it already read after the upgrade request.
+The server works on whatever event loop is running; the CLI uses uvloop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Callable
+
+from ..frames import encode_server_key
+from ..keys import PrivateKey, PublicKey
+from ..relay import Relay
+from ..stats import ServerStats
+from .conn import DerpConnection
+from .http import HttpConnection, derp_upgrade_response
+from .wheel import TimerWheel
+
+__all__ = ["ServerConfig", "DerpServer", "ConnContext"]
+
+log = logging.getLogger("derp.server")
+
+ForwardHook = Callable[[bytes, bytes, memoryview], None]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """DERP server settings.
+
+    ``mesh_key`` is the raw 32-byte mesh pre-shared key (``None``: no mesh).
+    ``keepalive_jitter`` is the upper bound of the per-connection random
+    KeepAlive jitter (derper: 5 s). ``queue_depth`` bounds each of a client's
+    two send queues (data and disco). ``write_buffer_high`` is the transport
+    high-water mark above which a client counts as not writable.
+    """
+
+    private_key: PrivateKey
+    mesh_key: bytes | None = None
+    hostname: str = "127.0.0.1"
+    keepalive_interval: float = 60.0
+    handshake_timeout: float = 10.0
+    queue_depth: int = 32
+    keepalive_jitter: float = 5.0
+    write_buffer_high: int = 64 * 1024
+
+    def __post_init__(self) -> None:
+        if self.mesh_key is not None and len(self.mesh_key) != 32:
+            raise ValueError("mesh_key must be 32 raw bytes")
+        if self.keepalive_interval <= 0 or self.handshake_timeout <= 0:
+            raise ValueError("keepalive_interval and handshake_timeout must be positive")
+        if self.queue_depth < 0:
+            raise ValueError("queue_depth must be >= 0")
+
+
+class ConnContext:
+    """State shared by all connections of one server (event loop thread only)."""
+
+    __slots__ = (
+        "loop",
+        "relay",
+        "stats",
+        "private_key",
+        "mesh_key",
+        "server_key_frame",
+        "handshake_timeout",
+        "keepalive_interval",
+        "keepalive_jitter",
+        "queue_depth",
+        "write_buffer_high",
+        "conns",
+        "pending",
+        "touched",
+        "batch_diverted",
+        "forward_hook",
+        "wheel",
+        "_on_lost",
+    )
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        loop: asyncio.AbstractEventLoop,
+        on_lost: Callable[[DerpConnection], None],
+    ) -> None:
+        self.loop = loop
+        self.relay: Relay[DerpConnection] = Relay()
+        self.stats = ServerStats()
+        self.private_key = config.private_key
+        self.mesh_key = config.mesh_key
+        self.server_key_frame = encode_server_key(config.private_key.public.raw)
+        self.handshake_timeout = config.handshake_timeout
+        self.keepalive_interval = config.keepalive_interval
+        self.keepalive_jitter = config.keepalive_jitter
+        self.queue_depth = config.queue_depth
+        self.write_buffer_high = config.write_buffer_high
+        #: admitted connections
+        self.conns: set[DerpConnection] = set()
+        #: connections still in the handshake
+        self.pending: set[DerpConnection] = set()
+        #: destinations with a non-empty batch during one data_received
+        self.touched: list[DerpConnection] = []
+        #: [packets, bytes] of the current batch that were queued or dropped
+        self.batch_diverted = [0, 0]
+        #: mesh forwarding hook (dst not local, but in relay.forwarders)
+        self.forward_hook: ForwardHook | None = None
+        resolution = min(1.0, config.keepalive_interval / 10)
+        self.wheel: TimerWheel[DerpConnection] = TimerWheel(resolution, loop.time())
+        self._on_lost = on_lost
+
+    def schedule_keepalive(self, conn: DerpConnection) -> None:
+        """Put ``conn``'s next KeepAlive into the shared wheel."""
+        self.wheel.schedule(conn, self.loop.time() + conn._ka_period)
+
+    def on_leave(self, conn: DerpConnection) -> None:
+        """Hook: an admitted connection was unregistered (mesh issue extends it)."""
+
+    def on_lost(self, conn: DerpConnection) -> None:
+        self._on_lost(conn)
+
+
+class DerpServer:
+    """A DERP relay server on one TCP port (HTTP + DERP upgrade).
+
+    Usage::
+
+        srv = DerpServer(ServerConfig(private_key=PrivateKey.generate()))
+        await srv.start("127.0.0.1", 0)
+        ... srv.port, srv.public_key, srv.stats, srv.client_count ...
+        await srv.stop()
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._ctx: ConnContext | None = None
+        self._stats = ServerStats()
+        self._listener: asyncio.Server | None = None
+        self._sweep: asyncio.TimerHandle | None = None
+        self._http: set[HttpConnection] = set()
+        self._derp_live: set[DerpConnection] = set()
+        self._idle: asyncio.Event | None = None
+        self._upgrade_response = derp_upgrade_response(config.private_key.public)
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def public_key(self) -> PublicKey:
+        return self.config.private_key.public
+
+    @property
+    def handshake_timeout(self) -> float:
+        return self.config.handshake_timeout
+
+    @property
+    def stats(self) -> ServerStats:
+        """Counters (connections, packets/bytes received & sent, drops by reason/kind)."""
+        return self._ctx.stats if self._ctx is not None else self._stats
+
+    @property
+    def relay(self) -> Relay[DerpConnection]:
+        """The routing registry (read-only use outside the server)."""
+        return self._context().relay
+
+    @property
+    def client_count(self) -> int:
+        """Admitted DERP connections (duplicates for one key counted separately)."""
+        return len(self._ctx.conns) if self._ctx is not None else 0
+
+    @property
+    def port(self) -> int:
+        """The TCP port the server listens on (after :meth:`start`)."""
+        if self._listener is None or not self._listener.sockets:
+            raise RuntimeError("server not started")
+        return int(self._listener.sockets[0].getsockname()[1])
+
+    @property
+    def connections(self) -> frozenset[DerpConnection]:
+        """Snapshot of admitted connections."""
+        return frozenset(self._ctx.conns) if self._ctx is not None else frozenset()
+
+    def _context(self) -> ConnContext:
+        if self._ctx is None:
+            self._ctx = ConnContext(self.config, asyncio.get_running_loop(), self._derp_lost)
+            self._ctx.stats = self._stats
+        return self._ctx
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        """Bind and listen; returns once the socket accepts connections."""
+        if self._listener is not None:
+            raise RuntimeError("server already started")
+        ctx = self._context()
+        loop = ctx.loop
+        self._listener = await loop.create_server(
+            lambda: HttpConnection(self), host, port, backlog=1024, reuse_address=True
+        )
+        self._sweep = loop.call_later(ctx.wheel.resolution, self._keepalive_sweep)
+        log.info("derp: listening on %s:%d key %s", host, self.port, self.public_key.short())
+
+    def accept(
+        self,
+        transport: asyncio.Transport,
+        *,
+        fast_start: bool = False,
+        initial_data: bytes = b"",
+        remote_addr: object = None,
+    ) -> DerpConnection:
+        """Take over an accepted transport after a DERP upgrade request.
+
+        Unless ``fast_start``, the exact 101 response is written first; then
+        the ServerKey frame (same write). ``initial_data`` are the bytes
+        already read after the request head (fast-start clients send
+        ClientInfo in the same segment); they are processed as DERP frames.
+        Adapters that already answered the upgrade themselves (WebSocket)
+        pass ``fast_start=True``.
+        """
+        ctx = self._context()
+        conn = DerpConnection(ctx, remote_addr)
+        self._derp_live.add(conn)
+        transport.set_protocol(conn)
+        preamble = b"" if fast_start else self._upgrade_response
+        conn.start(transport, initial_data, preamble)
+        return conn
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Close the listener and every connection; wait (≤ ``grace`` s) until they are gone."""
+        if self._sweep is not None:
+            self._sweep.cancel()
+            self._sweep = None
+        if self._listener is not None:
+            self._listener.close()
+        self._idle = asyncio.Event()
+        for h in list(self._http):
+            h.close()
+        for c in list(self._derp_live):
+            c.close("server stopping")
+        self._check_idle()
+        try:
+            await asyncio.wait_for(self._idle.wait(), grace)
+        except asyncio.TimeoutError:
+            for c in list(self._derp_live):
+                c.abort()
+            for h in list(self._http):
+                h.close()
+        if self._listener is not None:
+            try:
+                await asyncio.wait_for(self._listener.wait_closed(), grace)
+            except asyncio.TimeoutError:  # pragma: no cover
+                pass
+            self._listener = None
+
+    # ------------------------------------------------------------------ internals
+
+    def _keepalive_sweep(self) -> None:
+        ctx = self._ctx
+        if ctx is None:
+            return
+        now = ctx.loop.time()
+        for conn in ctx.wheel.pop_due(now):
+            if conn.is_open:
+                conn.send_keepalive()
+                ctx.wheel.schedule(conn, now + conn._ka_period)
+        self._sweep = ctx.loop.call_later(ctx.wheel.resolution, self._keepalive_sweep)
+
+    def _http_opened(self, conn: HttpConnection) -> None:
+        self._http.add(conn)
+
+    def _http_closed(self, conn: HttpConnection, upgraded: bool) -> None:
+        self._http.discard(conn)
+        self._check_idle()
+
+    def _derp_lost(self, conn: DerpConnection) -> None:
+        self._derp_live.discard(conn)
+        self._check_idle()
+
+    def _check_idle(self) -> None:
+        if self._idle is not None and not self._http and not self._derp_live:
+            self._idle.set()

@@ -1,0 +1,692 @@
+"""One DERP client connection on the server: an ``asyncio.Protocol`` (no tasks).
+
+Lifecycle (spec §1.5)::
+
+    HANDSHAKE ── ClientInfo ok ──► OPEN ── error / EOF / stop ──► CLOSED
+        │  (deadline: handshake_timeout; first frame must be ClientInfo)
+        └── anything else ──► CLOSED (no error frame, reason logged)
+
+:meth:`DerpConnection.start` is called by the HTTP front door (or any other
+transport adapter, e.g. WebSocket later) after the upgrade: it writes the
+optional HTTP 101 preamble and the ServerKey frame in one write, then feeds the
+bytes already read after the request head. On admission the connection is
+registered in the :class:`derp.relay.Relay`, ServerInfo is written, and only
+then are the frames that followed ClientInfo processed.
+
+Hot path (``data_received`` in OPEN state):
+
+* every complete frame in the received chunk is parsed in one loop, with
+  ``struct.unpack_from`` on the immutable ``bytes`` chunk (no copies);
+* a SendPacket becomes ``RecvPacket`` = precomputed-struct header ‖ source key ‖
+  a ``memoryview`` slice of the chunk, appended to the destination's batch
+  list ``_out``; at the end of the chunk every touched destination gets exactly
+  one ``transport.write(b"".join(_out))`` (the only payload copy);
+* a partial trailing frame is kept in a ``bytearray`` until ``_need`` bytes
+  are present (linear, not quadratic, for big frames split into many reads).
+
+Backpressure (spec §3.2): a sender is never blocked. A destination whose
+transport called ``pause_writing`` gets packets in two bounded deques (data
+and disco, ``queue_depth`` each); when full the oldest is dropped
+(``queue_head``), after three failed attempts the new one (``queue_tail``).
+``resume_writing`` drains the deques in one write. Control frames to a paused
+connection (KeepAlive, PeerGone) are small and written anyway; a Pong to a
+paused connection is held (capacity one, like derper's pong channel).
+
+Ownership: everything here runs on the event loop thread; ``_out`` and the
+shared ``ConnContext.touched`` list are only non-empty during one
+``data_received`` call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import random
+import struct
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Final
+
+from ..errors import HandshakeError
+from ..frames import (
+    DISCO_MAGIC,
+    HEADER_LEN,
+    KEY_LEN,
+    MAX_CLIENT_INFO_LEN,
+    MAX_PACKET_SIZE,
+    FrameType,
+    PeerGoneReason,
+    PeerPresentFlags,
+    encode_peer_gone,
+    encode_peer_present,
+    encode_server_info,
+)
+from ..stats import (
+    DUP_CLIENT,
+    GONE_DISCONNECTED,
+    KIND_DISCO,
+    KIND_OTHER,
+    QUEUE_HEAD,
+    QUEUE_TAIL,
+    UNKNOWN_DEST,
+    UNKNOWN_DEST_ON_FWD,
+    WRITE_ERROR,
+)
+from .handshake import MIN_CLIENT_INFO_LEN, ClientInfoData, open_client_info, seal_server_info
+
+if TYPE_CHECKING:
+    from .app import ConnContext
+
+__all__ = ["DerpConnection", "MAX_FRAME_LEN", "ip16_port"]
+
+log = logging.getLogger("derp.server")
+
+#: Largest payload accepted from a client after the handshake (ForwardPacket bound).
+MAX_FRAME_LEN: Final = MAX_PACKET_SIZE + 2 * KEY_LEN
+_MAX_SEND_LEN: Final = MAX_PACKET_SIZE + KEY_LEN
+_MAX_FWD_LEN: Final = MAX_PACKET_SIZE + 2 * KEY_LEN
+
+_HDR = struct.Struct(">BI")
+_hdr_unpack = _HDR.unpack_from
+_hdr_pack = _HDR.pack
+_RECV = FrameType.RECV_PACKET.value
+_SEND = FrameType.SEND_PACKET.value
+_DISCO_MIN = 62
+
+_KEEPALIVE: Final = b"\x06\x00\x00\x00\x00"
+_PONG_HDR: Final = b"\x13\x00\x00\x00\x08"
+
+_HANDSHAKE, _OPEN, _CLOSED = 0, 1, 2
+
+# Drop keys, prebuilt so counting a drop allocates nothing.
+_D = {
+    (r, disco): (r, KIND_DISCO if disco else KIND_OTHER)
+    for r in (
+        UNKNOWN_DEST,
+        UNKNOWN_DEST_ON_FWD,
+        GONE_DISCONNECTED,
+        QUEUE_HEAD,
+        QUEUE_TAIL,
+        WRITE_ERROR,
+        DUP_CLIENT,
+    )
+    for disco in (False, True)
+}
+
+_NOT_HERE_RATE = 1.0  # tokens per second
+_NOT_HERE_BURST = 3.0
+
+
+def ip16_port(addr: object) -> tuple[bytes, int]:
+    """The 16-byte IP and port of a socket address (zeros if not an IP address)."""
+    if isinstance(addr, tuple) and len(addr) >= 2:
+        try:
+            ip = ipaddress.ip_address(addr[0])
+        except ValueError:
+            return bytes(16), 0
+        if isinstance(ip, ipaddress.IPv4Address):
+            ip = ipaddress.IPv6Address(b"\x00" * 10 + b"\xff\xff" + ip.packed)
+        return ip.packed, int(addr[1]) & 0xFFFF
+    return bytes(16), 0
+
+
+class DerpConnection(asyncio.Protocol):
+    """Server side of one DERP connection; see the module docstring."""
+
+    __slots__ = (
+        "_ctx",
+        "_transport",
+        "_state",
+        "_key",
+        "_hs_buf",
+        "_hs_timer",
+        "_pend",
+        "_need",
+        "_out",
+        "_paused",
+        "_q",
+        "_dq",
+        "_pong",
+        "_nh_tokens",
+        "_nh_last",
+        "_ka_period",
+        "_preferred",
+        "_connected_at",
+        "info",
+        "remote_addr",
+        "close_reason",
+    )
+
+    def __init__(self, ctx: ConnContext, remote_addr: object = None) -> None:
+        self._ctx = ctx
+        self._transport: asyncio.Transport | None = None
+        self._state = _HANDSHAKE
+        self._key = b""
+        self._hs_buf: bytearray | None = bytearray()
+        self._hs_timer: asyncio.TimerHandle | None = None
+        self._pend: bytearray | None = None
+        self._need = 0
+        self._out: list[bytes | memoryview] = []
+        self._paused = False
+        self._q: deque[bytes] | None = None
+        self._dq: deque[bytes] | None = None
+        self._pong: bytes | None = None
+        self._nh_tokens = _NOT_HERE_BURST
+        self._nh_last = 0.0
+        self._ka_period = 0.0
+        self._preferred = False
+        self._connected_at = 0.0
+        #: The client's ClientInfo once admitted.
+        self.info: ClientInfoData | None = None
+        self.remote_addr = remote_addr
+        self.close_reason = ""
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def key(self) -> bytes:
+        """The client's 32-byte public key (empty before admission)."""
+        return self._key
+
+    @property
+    def is_open(self) -> bool:
+        """True once admitted and until closed."""
+        return self._state == _OPEN
+
+    @property
+    def is_closed(self) -> bool:
+        return self._state == _CLOSED
+
+    @property
+    def is_mesh(self) -> bool:
+        """True if the client presented the configured mesh key."""
+        return self.info is not None and self.info.is_mesh
+
+    def _name(self) -> str:
+        k = self._key.hex()[:8] if self._key else "?"
+        return f"[{k}] {self.remote_addr}"
+
+    # ------------------------------------------------------------------ start / stop
+
+    def start(self, transport: asyncio.Transport, initial_data: bytes, preamble: bytes) -> None:
+        """Take over ``transport``: write ``preamble`` + ServerKey, feed ``initial_data``."""
+        self._transport = transport
+        ctx = self._ctx
+        ctx.pending.add(self)
+        self._hs_timer = ctx.loop.call_later(ctx.handshake_timeout, self._handshake_timeout)
+        transport.set_write_buffer_limits(high=ctx.write_buffer_high)
+        self._write(preamble + ctx.server_key_frame)
+        if initial_data:
+            self.data_received(initial_data)
+
+    def _write(self, data: bytes) -> None:
+        t = self._transport
+        if t is not None:
+            t.write(data)
+
+    def close(self, reason: str, *, protocol_error: bool = False) -> None:
+        """Close this connection (idempotent); unregisters it immediately."""
+        if self._state == _CLOSED:
+            return
+        was_open = self._state == _OPEN
+        self._state = _CLOSED
+        self.close_reason = reason
+        ctx = self._ctx
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+            self._hs_timer = None
+        self._hs_buf = None
+        self._pend = None
+        if protocol_error:
+            ctx.stats.protocol_errors += 1
+            if was_open:
+                log.info("derp: closing %s: %s", self._name(), reason)
+        if was_open:
+            self._leave()
+        else:
+            ctx.pending.discard(self)
+            ctx.stats.handshake_failures += 1
+            log.info("derp: rejected %s: %s", self._name(), reason)
+        if self._transport is not None:
+            self._transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection without flushing (used by server stop after a grace period)."""
+        self.close("server stopping")
+        if self._transport is not None:
+            self._transport.abort()
+
+    def _leave(self) -> None:
+        ctx = self._ctx
+        stats = ctx.stats
+        ctx.conns.discard(self)
+        stats.current_connections -= 1
+        if self._preferred:
+            stats.current_home_connections -= 1
+        # Queued packets die with the connection.
+        for q, disco in ((self._q, False), (self._dq, True)):
+            if q:
+                stats.drop(_D[GONE_DISCONNECTED, disco], sum(len(f) for f in q) - 37 * len(q), len(q))
+                q.clear()
+        dep = ctx.relay.unregister(self._key, self)
+        log.debug(
+            "derp: disconnected %s: %s%s",
+            self._name(),
+            self.close_reason,
+            "" if dep.last else " (duplicate remains)",
+        )
+        if dep.last:
+            if dep.peer_gone:
+                frame = encode_peer_gone(self._key, PeerGoneReason.DISCONNECTED)
+                for c in dep.peer_gone:
+                    if c._state == _OPEN:
+                        c._send_ctrl(frame)
+                        stats.peer_gone_disconnected_frames += 1
+            if dep.watchers:
+                frame = encode_peer_gone(self._key, PeerGoneReason.DISCONNECTED)
+                for w in dep.watchers:
+                    if w._state == _OPEN:
+                        w._send_ctrl(frame)
+        ctx.on_leave(self)
+
+    def _handshake_timeout(self) -> None:
+        self._hs_timer = None
+        self.close("handshake timeout: no ClientInfo", protocol_error=True)
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover
+        # Connections are handed over with start(); direct use is supported too.
+        if self._transport is None:
+            assert isinstance(transport, asyncio.Transport)
+            self.start(transport, b"", b"")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._state != _CLOSED:
+            self.close(f"connection lost: {exc}" if exc else "client closed the connection")
+        self._ctx.conns.discard(self)
+        self._ctx.pending.discard(self)
+        self._ctx.on_lost(self)
+
+    def eof_received(self) -> bool | None:
+        return None  # close the transport
+
+    def pause_writing(self) -> None:
+        self._paused = True
+
+    def resume_writing(self) -> None:
+        self._paused = False
+        if self._state != _OPEN:
+            return
+        parts: list[bytes] = []
+        if self._pong is not None:
+            parts.append(self._pong)
+            self._pong = None
+        sent = 0
+        nbytes = 0
+        for q in (self._dq, self._q):
+            if q:
+                sent += len(q)
+                for f in q:
+                    nbytes += len(f) - 37
+                parts.extend(q)
+                q.clear()
+        if parts:
+            st = self._ctx.stats
+            st.packets_sent += sent
+            st.bytes_sent += nbytes
+            self._write(b"".join(parts))
+
+    # ------------------------------------------------------------------ handshake
+
+    def _handshake_data(self, data: bytes) -> None:
+        buf = self._hs_buf
+        assert buf is not None
+        buf += data
+        if len(buf) < HEADER_LEN:
+            return
+        ftype, length = _hdr_unpack(buf, 0)
+        if ftype != FrameType.CLIENT_INFO:
+            self.close(f"first frame is type 0x{ftype:02x}, not ClientInfo", protocol_error=True)
+            return
+        if not MIN_CLIENT_INFO_LEN <= length <= MAX_CLIENT_INFO_LEN:
+            self.close(f"ClientInfo of {length} bytes (must be 56..256 KiB)", protocol_error=True)
+            return
+        end = HEADER_LEN + length
+        if len(buf) < end:
+            return
+        payload = bytes(buf[HEADER_LEN:end])
+        rest = bytes(buf[end:])
+        self._hs_buf = None
+        ctx = self._ctx
+        try:
+            info = open_client_info(ctx.private_key, payload, ctx.mesh_key)
+        except HandshakeError as exc:
+            self._key = payload[:KEY_LEN]
+            self.close(str(exc), protocol_error=True)
+            return
+        self._admit(info)
+        if rest and self._state == _OPEN:
+            self.data_received(rest)
+
+    def _admit(self, info: ClientInfoData) -> None:
+        ctx = self._ctx
+        if self._hs_timer is not None:
+            self._hs_timer.cancel()
+            self._hs_timer = None
+        self.info = info
+        self._key = info.key
+        self._state = _OPEN
+        ctx.pending.discard(self)
+        ctx.conns.add(self)
+        st = ctx.stats
+        st.accepts += 1
+        st.current_connections += 1
+        # ServerInfo first: nothing else may reach this client before it.
+        self._write(encode_server_info(seal_server_info(ctx.private_key, info.key)))
+        reg = ctx.relay.register(info.key, self)
+        if reg.duplicate:
+            st.total_dup_client_conns += 1
+        self._connected_at = time.monotonic()
+        jitter = ctx.keepalive_jitter
+        self._ka_period = ctx.keepalive_interval + (random.random() * jitter if jitter > 0 else 0.0)
+        ctx.schedule_keepalive(self)
+        log.debug(
+            "derp: connected %s%s%s",
+            self._name(),
+            " (mesh)" if info.is_mesh else "",
+            " (duplicate key)" if reg.duplicate else "",
+        )
+        if reg.watchers:
+            frame = self.peer_present_frame()
+            for w in reg.watchers:
+                if w is not self and w._state == _OPEN:
+                    w._send_ctrl(frame)
+
+    def peer_present_frame(self) -> bytes:
+        """PeerPresent (51-byte form) announcing this connection to mesh watchers."""
+        info = self.info
+        flags = 0
+        if info is not None and info.is_mesh:
+            flags |= PeerPresentFlags.IS_MESH_PEER
+        if info is not None and info.is_prober:
+            flags |= PeerPresentFlags.IS_PROBER
+        if not flags:
+            flags = PeerPresentFlags.IS_REGULAR
+        ip, port = ip16_port(self.remote_addr)
+        return encode_peer_present(self._key, ip, port, int(flags))
+
+    # ------------------------------------------------------------------ control writes
+
+    def _send_ctrl(self, frame: bytes) -> None:
+        """Write a small control frame now, or after this batch's pending packets."""
+        if self._state != _OPEN:
+            return
+        if self._out:
+            self._out.append(frame)
+        else:
+            self._write(frame)
+
+    def send_keepalive(self) -> None:
+        """Write a KeepAlive frame (called by the server's shared sweep)."""
+        if self._state == _OPEN:
+            self._send_ctrl(_KEEPALIVE)
+            self._ctx.stats.keepalives_sent += 1
+
+    # ------------------------------------------------------------------ data path
+
+    def data_received(self, data: bytes) -> None:
+        state = self._state
+        if state != _OPEN:
+            if state == _HANDSHAKE:
+                self._handshake_data(data)
+            return
+        pend = self._pend
+        if pend is not None:
+            pend += data
+            if len(pend) < self._need:
+                return
+            data = bytes(pend)
+            self._pend = None
+        ctx = self._ctx
+        key = self._key
+        relay = ctx.relay
+        active_get = relay.active.get
+        if active_get(key) is not self:
+            relay.note_activity(key, self)  # a duplicate spoke: it becomes active
+        touched = ctx.touched
+        n = len(data)
+        mv = memoryview(data)
+        pos = 0
+        npk = 0
+        nbytes = 0
+        last_d: DerpConnection | None = None
+        while n - pos >= HEADER_LEN:
+            ftype, length = _hdr_unpack(data, pos)
+            end = pos + HEADER_LEN + length
+            if ftype == _SEND:
+                if length < KEY_LEN or length > _MAX_SEND_LEN:
+                    self.close(f"SendPacket of {length} bytes", protocol_error=True)
+                    break
+                if end > n:
+                    break
+                dst = data[pos + HEADER_LEN : pos + HEADER_LEN + KEY_LEN]
+                plen = length - KEY_LEN
+                npk += 1
+                nbytes += plen
+                d = active_get(dst)
+                if d is not None and not d._paused:
+                    out = d._out
+                    if not out:
+                        touched.append(d)
+                    out.append(_hdr_pack(_RECV, length) + key)
+                    out.append(mv[pos + HEADER_LEN + KEY_LEN : end])
+                    if d is not last_d:
+                        last_d = d
+                        relay.note_delivery(key, d)
+                else:
+                    disco = plen >= _DISCO_MIN and data.startswith(
+                        DISCO_MAGIC, pos + HEADER_LEN + KEY_LEN
+                    )
+                    self._slow_deliver(key, dst, mv[pos + HEADER_LEN + KEY_LEN : end], disco, d)
+            else:
+                if length > MAX_FRAME_LEN:
+                    self.close(f"frame type 0x{ftype:02x} of {length} bytes", protocol_error=True)
+                    break
+                if end > n:
+                    break
+                self._control(ftype, data, pos + HEADER_LEN, end)
+                if self._state != _OPEN:
+                    break
+            pos = end
+        # Flush: one write per touched destination (including ourselves).
+        st = ctx.stats
+        if touched:
+            for d in touched:
+                out = d._out
+                if d._state == _OPEN:
+                    t = d._transport
+                    if t is not None and not t.is_closing():
+                        t.write(b"".join(out))
+                    else:  # transport died under us; its connection_lost is pending
+                        st.drop(_D[WRITE_ERROR, False], 0, len(out) // 2)
+                out.clear()
+            del touched[:]
+        if npk:
+            # Packets relayed directly count as sent here; queued or dropped
+            # ones (diverted) are accounted in _slow_deliver / resume_writing.
+            div = ctx.batch_diverted
+            st.packets_received += npk
+            st.bytes_received += nbytes
+            st.packets_sent += npk - div[0]
+            st.bytes_sent += nbytes - div[1]
+            div[0] = div[1] = 0
+        if pos < n and self._state == _OPEN:
+            rest = bytearray(mv[pos:])
+            self._pend = rest
+            if len(rest) >= HEADER_LEN:
+                self._need = HEADER_LEN + _hdr_unpack(rest, 0)[1]
+            else:
+                self._need = HEADER_LEN
+
+    def _slow_deliver(
+        self,
+        src: bytes,
+        dst: bytes,
+        packet: memoryview,
+        disco: bool,
+        d: DerpConnection | None,
+        forwarded: bool = False,
+    ) -> None:
+        """Deliver to a paused/unknown destination: queue with drop policy, or drop."""
+        ctx = self._ctx
+        st = ctx.stats
+        plen = len(packet)
+        div = ctx.batch_diverted
+        if not forwarded:
+            div[0] += 1
+            div[1] += plen
+        if d is None:
+            relay = ctx.relay
+            if dst in relay:
+                st.drop(_D[DUP_CLIENT, disco], plen)
+                return
+            fwd = ctx.forward_hook
+            if fwd is not None and not forwarded and dst in relay.forwarders:
+                fwd(src, dst, packet)
+                return
+            st.drop(_D[UNKNOWN_DEST_ON_FWD if forwarded else UNKNOWN_DEST, disco], plen)
+            if disco:
+                self._not_here(dst)
+            return
+        if d._state != _OPEN:
+            st.drop(_D[GONE_DISCONNECTED, disco], plen)
+            return
+        frame = _hdr_pack(_RECV, KEY_LEN + plen) + src + packet.tobytes()
+        ctx.relay.note_delivery(src, d)
+        if not d._paused:
+            # Reached only for forwarded packets to a writable destination.
+            d._send_ctrl(frame)
+            st.packets_sent += 1
+            st.bytes_sent += plen
+            return
+        q = d._dq if disco else d._q
+        if q is None:
+            q = deque()
+            if disco:
+                d._dq = q
+            else:
+                d._q = q
+        depth = ctx.queue_depth
+        for _ in range(3):
+            if len(q) < depth:
+                q.append(frame)
+                return
+            if q:
+                old = q.popleft()
+                st.drop(_D[QUEUE_HEAD, disco], len(old) - 37)
+        st.drop(_D[QUEUE_TAIL, disco], plen)
+
+    def _not_here(self, dst: bytes) -> None:
+        """PeerGone(dst, NotHere) to this sender, token bucket 1/s burst 3."""
+        now = time.monotonic()
+        tokens = min(_NOT_HERE_BURST, self._nh_tokens + (now - self._nh_last) * _NOT_HERE_RATE)
+        self._nh_last = now
+        if tokens < 1.0:
+            self._nh_tokens = tokens
+            return
+        self._nh_tokens = tokens - 1.0
+        self._push(encode_peer_gone(dst, PeerGoneReason.NOT_HERE))
+        self._ctx.stats.peer_gone_not_here_frames += 1
+
+    def _push(self, frame: bytes) -> None:
+        """Append a frame to this connection's batch (only during ``data_received``)."""
+        out = self._out
+        if not out:
+            self._ctx.touched.append(self)
+        out.append(frame)
+
+    def _control(self, ftype: int, data: bytes, start: int, end: int) -> None:
+        """Handle one non-SendPacket frame whose payload is ``data[start:end]``."""
+        length = end - start
+        ctx = self._ctx
+        st = ctx.stats
+        if ftype == FrameType.PING:
+            if not 8 <= length <= 1000:
+                self.close(f"Ping of {length} bytes (must be 8..1000)", protocol_error=True)
+                return
+            st.got_ping += 1
+            pong = _PONG_HDR + data[start : start + 8]
+            if self._paused:
+                if self._pong is None:
+                    self._pong = pong
+                return
+            self._push(pong)
+            st.sent_pong += 1
+        elif ftype == FrameType.NOTE_PREFERRED:
+            if length != 1:
+                self.close(f"NotePreferred of {length} bytes (must be 1)", protocol_error=True)
+                return
+            self._set_preferred(data[start] != 0)
+        elif ftype == FrameType.FORWARD_PACKET or ftype == FrameType.WATCH_CONNS or (
+            ftype == FrameType.CLOSE_PEER
+        ):
+            if not self.is_mesh:
+                self.close(
+                    f"mesh-only frame 0x{ftype:02x} from a client without the mesh key",
+                    protocol_error=True,
+                )
+                return
+            self._mesh_frame(ftype, data, start, end)
+        else:
+            st.unknown_frames += 1  # unknown or unexpected: skip (forward compatible)
+
+    def _set_preferred(self, preferred: bool) -> None:
+        if preferred == self._preferred:
+            return
+        self._preferred = preferred
+        st = self._ctx.stats
+        st.current_home_connections += 1 if preferred else -1
+        if time.monotonic() - self._connected_at > 5.0:
+            if preferred:
+                st.home_moves_in += 1
+            else:
+                st.home_moves_out += 1
+
+    # ------------------------------------------------------------------ mesh hooks
+
+    def _mesh_frame(self, ftype: int, data: bytes, start: int, end: int) -> None:
+        """Mesh-privileged frames (spec §4). Minimal now; the mesh issue extends this."""
+        length = end - start
+        ctx = self._ctx
+        if ftype == FrameType.WATCH_CONNS:
+            if length != 0:
+                self.close(f"WatchConns of {length} bytes (must be 0)", protocol_error=True)
+                return
+            for k in ctx.relay.add_watcher(self):
+                c = ctx.relay.active.get(k)
+                if c is not None:
+                    self._push(c.peer_present_frame())
+        elif ftype == FrameType.CLOSE_PEER:
+            if length != KEY_LEN:
+                self.close(f"ClosePeer of {length} bytes (must be 32)", protocol_error=True)
+                return
+            target = data[start:end]
+            conns = ctx.relay.connections(target)
+            if not conns:
+                log.info("derp: ClosePeer from %s: [%s] not here", self._name(), target.hex()[:8])
+            for c in conns:
+                c.close(f"ClosePeer from mesh peer {self._name()}")
+        else:  # FORWARD_PACKET
+            if not 2 * KEY_LEN <= length <= _MAX_FWD_LEN:
+                self.close(f"ForwardPacket of {length} bytes", protocol_error=True)
+                return
+            src = data[start : start + KEY_LEN]
+            dst = data[start + KEY_LEN : start + 2 * KEY_LEN]
+            pkt = memoryview(data)[start + 2 * KEY_LEN : end]
+            ctx.stats.packets_forwarded_in += 1
+            ctx.stats.packets_received += 1
+            ctx.stats.bytes_received += len(pkt)
+            disco = len(pkt) >= _DISCO_MIN and data.startswith(DISCO_MAGIC, start + 2 * KEY_LEN)
+            self._slow_deliver(src, dst, pkt, disco, ctx.relay.active.get(dst), forwarded=True)

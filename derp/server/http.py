@@ -1,0 +1,326 @@
+"""HTTP front door of the DERP port: request routing with h11, then hand-over.
+
+Every accepted TCP connection starts here. The request head is parsed with
+``h11``; the route decides what happens (spec §2.1, §2.4):
+
+=========================  ==============================================================
+``/derp`` Upgrade DERP     hand the transport to :meth:`DerpAcceptor.accept` with the
+(or websocket, no          bytes already read after the head; that writes the 101 (unless
+``derp`` subprotocol)      ``Derp-Fast-Start: 1``) and the ServerKey frame
+``/derp`` websocket+derp   501 for now (:meth:`HttpConnection._websocket_upgrade` is the hook)
+``/derp`` other            426 ``DERP requires connection upgrade``
+``/derp/probe``,           GET/HEAD → 200 empty, ``Access-Control-Allow-Origin: *``;
+``/derp/latency-check``    other methods → 405 ``bogus probe method``
+``/generate_204``          204 + Cache-Control; echoes a valid ``X-Tailscale-Challenge``
+``/``                      small HTML status page
+``/robots.txt``            ``User-agent: *`` / ``Disallow: /``
+anything else              404
+=========================  ==============================================================
+
+Non-upgrade requests are answered with keep-alive as h11 allows. Malformed
+HTTP gets a 400 (when possible) and the connection is closed. Headers must
+arrive within the server's handshake timeout.
+
+The only coupling to DERP is the :class:`DerpAcceptor` protocol, so a bigger
+HTTP application can mount the same ``accept`` on its own port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import html
+import logging
+import re
+from typing import Protocol
+
+import h11
+
+from ..keys import PublicKey
+
+__all__ = [
+    "DerpAcceptor",
+    "HttpConnection",
+    "derp_upgrade_response",
+    "is_derp_upgrade",
+    "wants_derp_websocket",
+    "GENERATE_204_CACHE_CONTROL",
+]
+
+log = logging.getLogger("derp.server")
+
+GENERATE_204_CACHE_CONTROL = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
+_CHALLENGE_RE = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
+_SERVER_HEADER = ("Server", "tailnet-core-derp")
+
+
+class DerpAcceptor(Protocol):
+    """What the front door needs from the DERP server."""
+
+    @property
+    def public_key(self) -> PublicKey: ...
+
+    @property
+    def client_count(self) -> int: ...
+
+    @property
+    def handshake_timeout(self) -> float: ...
+
+    def accept(
+        self,
+        transport: asyncio.Transport,
+        *,
+        fast_start: bool = False,
+        initial_data: bytes = b"",
+        remote_addr: object = None,
+    ) -> object: ...
+
+    def _http_opened(self, conn: HttpConnection) -> None: ...
+
+    def _http_closed(self, conn: HttpConnection, upgraded: bool) -> None: ...
+
+
+def derp_upgrade_response(public_key: PublicKey) -> bytes:
+    """The exact 101 response derper writes before the ServerKey frame (spec §2.1)."""
+    return (
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        b"Upgrade: DERP\r\n"
+        b"Connection: Upgrade\r\n"
+        b"Derp-Version: 2\r\n"
+        b"Derp-Public-Key: " + public_key.raw.hex().encode("ascii") + b"\r\n\r\n"
+    )
+
+
+def _header(req: h11.Request, name: bytes) -> str:
+    for k, v in req.headers:
+        if k == name:  # h11 lowercases header names
+            return v.decode("latin-1").strip()
+    return ""
+
+
+def wants_derp_websocket(req: h11.Request) -> bool:
+    """``Upgrade: websocket`` with ``derp`` among the offered subprotocols."""
+    if _header(req, b"upgrade").lower() != "websocket":
+        return False
+    for k, v in req.headers:
+        if k == b"sec-websocket-protocol":
+            offered = [p.strip() for p in v.decode("latin-1").split(",")]
+            if "derp" in offered:
+                return True
+    return False
+
+
+def is_derp_upgrade(req: h11.Request) -> bool:
+    """``Upgrade: DERP``, or legacy ``Upgrade: websocket`` speaking raw DERP."""
+    return _header(req, b"upgrade").lower() in ("derp", "websocket")
+
+
+class HttpConnection(asyncio.Protocol):
+    """Serves HTTP on one accepted connection until it is upgraded or closed."""
+
+    __slots__ = ("_server", "_h11", "_transport", "_timer", "_upgraded", "remote_addr")
+
+    def __init__(self, server: DerpAcceptor) -> None:
+        self._server = server
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._upgraded = False
+        self.remote_addr: object = None
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        self.remote_addr = transport.get_extra_info("peername")
+        self._server._http_opened(self)
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._server.handshake_timeout, self._on_timeout)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        if not self._upgraded:
+            self._server._http_closed(self, False)
+
+    def data_received(self, data: bytes) -> None:
+        if self._upgraded:  # pragma: no cover - protocol is swapped before more data
+            return
+        try:
+            self._h11.receive_data(data)
+            self._process()
+        except h11.RemoteProtocolError as exc:
+            log.debug("derp http: bad request from %s: %s", self.remote_addr, exc)
+            self._error_and_close(exc.error_status_hint, "bad request")
+
+    def eof_received(self) -> bool | None:
+        try:
+            self._h11.receive_data(b"")
+        except h11.RemoteProtocolError:
+            pass
+        return None
+
+    # ------------------------------------------------------------------ helpers
+
+    def close(self) -> None:
+        """Close the connection (server stop)."""
+        self._cancel_timer()
+        if self._transport is not None and not self._upgraded:
+            self._transport.close()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        log.debug("derp http: %s sent no complete request in time", self.remote_addr)
+        if self._transport is not None:
+            self._transport.close()
+
+    def _error_and_close(self, status: int, text: str) -> None:
+        if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            try:
+                self._respond(status, text + "\n", head=False, extra=[("Connection", "close")])
+            except h11.LocalProtocolError:
+                pass
+        if self._transport is not None:
+            self._transport.close()
+
+    def _send(self, event: h11.Event) -> None:
+        data = self._h11.send(event)
+        if data and self._transport is not None:
+            self._transport.write(data)
+
+    def _respond(
+        self,
+        status: int,
+        body: str | bytes = b"",
+        *,
+        head: bool,
+        content_type: str = "text/plain; charset=utf-8",
+        extra: list[tuple[str, str]] | None = None,
+    ) -> None:
+        raw = body.encode("utf-8") if isinstance(body, str) else body
+        headers = [_SERVER_HEADER]
+        if status != 204 and status >= 200:
+            headers.append(("Content-Length", str(len(raw))))
+            if raw:
+                headers.append(("Content-Type", content_type))
+        if extra:
+            headers.extend(extra)
+        self._send(h11.Response(status_code=status, headers=headers))
+        if raw and not head and status != 204:
+            self._send(h11.Data(data=raw))
+        self._send(h11.EndOfMessage())
+
+    # ------------------------------------------------------------------ request loop
+
+    def _process(self) -> None:
+        conn = self._h11
+        while True:
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                if self._transport is not None:
+                    self._transport.close()
+                return
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+            event = conn.next_event()
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                if self._transport is not None:
+                    self._transport.close()
+                return
+            if not isinstance(event, h11.Request):
+                continue  # Data / EndOfMessage of a request body we ignore
+            req = event
+            # Wait for the end of the request (GETs have no body) before acting.
+            while True:
+                nxt = conn.next_event()
+                if nxt is h11.NEED_DATA:
+                    # Body still arriving: only plausible for odd requests; answer now.
+                    break
+                if isinstance(nxt, h11.EndOfMessage) or nxt is h11.PAUSED:
+                    break
+            if self._route(req):
+                return  # upgraded: the transport belongs to the DERP server now
+
+    def _route(self, req: h11.Request) -> bool:
+        """Answer ``req``; return True if the transport was handed over."""
+        self._server_stats_request()
+        method = req.method.decode("latin-1").upper()
+        target = req.target.decode("latin-1")
+        path = target.split("?", 1)[0]
+        head = method == "HEAD"
+        if path in ("/derp/probe", "/derp/latency-check"):
+            if method in ("GET", "HEAD"):
+                self._respond(200, b"", head=head, extra=[("Access-Control-Allow-Origin", "*")])
+            else:
+                self._respond(405, "bogus probe method\n", head=False)
+            return False
+        if path == "/derp":
+            if wants_derp_websocket(req):
+                return self._websocket_upgrade(req)
+            if is_derp_upgrade(req):
+                self._take_over(fast_start=_header(req, b"derp-fast-start") == "1")
+                return True
+            self._respond(426, "DERP requires connection upgrade\n", head=head)
+            return False
+        if path == "/generate_204":
+            extra = [("Cache-Control", GENERATE_204_CACHE_CONTROL)]
+            challenge = _header(req, b"x-tailscale-challenge")
+            if challenge and _CHALLENGE_RE.fullmatch(challenge):
+                extra.append(("X-Tailscale-Response", "response " + challenge))
+            self._respond(204, head=head, extra=extra)
+            return False
+        if path == "/robots.txt":
+            self._respond(200, "User-agent: *\nDisallow: /", head=head)
+            return False
+        if path == "/":
+            self._respond(200, self._home_page(), head=head, content_type="text/html; charset=utf-8")
+            return False
+        self._respond(404, "404 page not found\n", head=head)
+        return False
+
+    def _server_stats_request(self) -> None:
+        stats = getattr(self._server, "stats", None)
+        if stats is not None:
+            stats.http_requests += 1
+
+    def _home_page(self) -> str:
+        key = html.escape(self._server.public_key.text())
+        return (
+            "<!DOCTYPE html>\n<html><head><title>DERP</title></head><body>\n"
+            "<h1>DERP</h1>\n"
+            "<p>This is a <a href=\"https://tailscale.com/kb/1232/derp-servers\">DERP</a>"
+            " relay server (tailnet-core).</p>\n"
+            f"<p>Server key: <code>{key}</code></p>\n"
+            f"<p>Connected clients: {self._server.client_count}</p>\n"
+            "</body></html>\n"
+        )
+
+    def _websocket_upgrade(self, req: h11.Request) -> bool:
+        """DERP over WebSocket (subprotocol ``derp``): a later issue. 501 for now.
+
+        To add it: perform the RFC 6455 handshake here (``websockets`` sans-I/O
+        ``ServerProtocol``), wrap the transport in an adapter that turns binary
+        messages into a byte stream, and call ``accept(adapter, fast_start=True,
+        initial_data=...)``.
+        """
+        self._respond(501, "DERP over WebSocket is not implemented yet\n", head=False)
+        return False
+
+    def _take_over(self, *, fast_start: bool) -> None:
+        transport = self._transport
+        assert transport is not None
+        leftover, _closed = self._h11.trailing_data
+        self._upgraded = True
+        self._cancel_timer()
+        self._server._http_closed(self, True)
+        self._server.accept(
+            transport,
+            fast_start=fast_start,
+            initial_data=bytes(leftover),
+            remote_addr=self.remote_addr,
+        )
