@@ -46,7 +46,7 @@ import random
 import ssl
 import urllib.parse
 from collections.abc import Callable
-from typing import Any, Self
+from typing import Any, Self, cast
 
 import h11
 import nacl.exceptions
@@ -508,8 +508,8 @@ class _Link(asyncio.Protocol):
     # asyncio.Protocol methods
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the Transport API without subclassing it.
+        self.transport = cast(asyncio.Transport, transport)
         self._last_rx = self._loop.time()
         self._timer = self._loop.call_later(self._read_timeout, self._check_idle)
         self.flush()

@@ -722,6 +722,27 @@ async def test_reconnect_honours_server_restarting() -> None:
         await client.close()
 
 
+def test_client_runs_on_uvloop() -> None:
+    import uvloop
+
+    async def scenario() -> None:
+        srv = FakeDerp()
+        await srv.start()
+        try:
+            a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
+            async with DerpClient(srv.url, a_key) as a, DerpClient(srv.url, b_key) as b:
+                assert await within(a.ping()) >= 0.0
+                await a.send(b_key.public, b"via uvloop")
+                assert await next_event(b, PacketReceived) == PacketReceived(
+                    a_key.public, b"via uvloop"
+                )
+        finally:
+            await srv.stop()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(scenario())
+
+
 # --------------------------------------------------------------------------- DerpClient vs real server
 
 
