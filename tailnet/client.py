@@ -47,7 +47,7 @@ import random
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -78,6 +78,7 @@ __all__ = [
     "ConnectionLost",
     "CoordinatorError",
     "DERPMapUpdated",
+    "ResumeTokenUpdated",
     "PeerUpdated",
     "PeerLost",
     "PeerDisconnected",
@@ -160,8 +161,21 @@ class DERPMapUpdated:
     derp_map: pb.DERPMap
 
 
+@dataclass(frozen=True, slots=True)
+class ResumeTokenUpdated:
+    """A fresh resume token was obtained; it is valid until ``expires_at`` (Unix time)."""
+
+    expires_at: float
+
+
 Event = (
-    PeerEvent | Connected | Reconnected | ConnectionLost | CoordinatorError | DERPMapUpdated
+    PeerEvent
+    | Connected
+    | Reconnected
+    | ConnectionLost
+    | CoordinatorError
+    | DERPMapUpdated
+    | ResumeTokenUpdated
 )
 """Everything :meth:`TailnetConnection.events` yields."""
 
@@ -320,6 +334,9 @@ class ConnectionOptions:
     """Monotonic clock for the peer table (lost timestamps)."""
     wall_clock: Callable[[], float] = time.time
     """Wall clock for resume-token expiry."""
+    reconnect_gate: Callable[[], Awaitable[None]] | None = None
+    """Awaited before every reconnect attempt, after the backoff delay (e.g. "wait
+    until the network is up"); tests use it to order events deterministically."""
 
 
 # The connection ----------------------------------------------------------------
@@ -386,6 +403,8 @@ class TailnetConnection:
 
         self._peer_id: uuid.UUID | None = None
         self._outbox: _Outbox | None = None
+        self._call: _CoordCall | None = None
+        self._drop_reason: str | None = None
         self._connected = False
         self._closing = False
         self._closed = asyncio.Event()
@@ -470,7 +489,15 @@ class TailnetConnection:
             return
         await asyncio.wait_for(outbox.idle.wait(), timeout)
 
-    async def events(self) -> AsyncIterator[Event]:
+    def reconnect(self, reason: str = "reconnect requested") -> None:
+        """Drop the current session *without* Disconnect (as if the network broke);
+        the usual reconnect logic follows (backoff, gate, resume token)."""
+        call = self._call
+        if call is not None and not self._closing:
+            self._drop_reason = reason
+            call.cancel()
+
+    async def events(self) -> AsyncGenerator[Event, None]:
         """Peer and connection events, in order; ends after :meth:`close`."""
         while True:
             ev = await self._events.get()
@@ -478,7 +505,7 @@ class TailnetConnection:
                 return
             yield ev
 
-    async def derp_maps(self) -> AsyncIterator[pb.DERPMap]:
+    async def derp_maps(self) -> AsyncGenerator[pb.DERPMap, None]:
         """The current DERP map (if any), then each change; ends after :meth:`close`.
         Any number of iterators may run; a slow one only sees the latest map."""
         seen = 0
@@ -560,7 +587,7 @@ class TailnetConnection:
             retry_now = False
             try:
                 await self._session()
-                reason = "stream ended by server"
+                reason = self._drop_reason or "stream ended by server"
             except _SessionEnded as exc:
                 reason = str(exc)
                 if (
@@ -593,10 +620,14 @@ class TailnetConnection:
                 for ev in self.peers.mark_all_lost():
                     self._emit(ev)
             log.info("tailnet client %s: disconnected (%s)", self._target, reason)
+            self._drop_reason = None
             if not retry_now:
                 delay = self._backoff.next()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._closed.wait(), delay)
+            gate = self.options.reconnect_gate
+            if gate is not None and not self._closing:
+                await gate()
 
     async def _session(self) -> None:
         channel = self._new_channel()
@@ -604,6 +635,7 @@ class TailnetConnection:
             await self._session_on(channel)
         finally:
             self._outbox = None
+            self._call = None
             with contextlib.suppress(Exception):
                 await channel.close(None)
 
@@ -642,6 +674,7 @@ class TailnetConnection:
         if not outbox.control and outbox.node is None:
             outbox.idle.set()
         self._outbox = outbox
+        self._call = call
         self._connected = True
         self._backoff.reset()
         self.sessions += 1
@@ -661,18 +694,21 @@ class TailnetConnection:
             aux.append(asyncio.ensure_future(self._refresh_loop(channel, pid)))
         try:
             done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
-            if reader not in done and writer.exception() is None:
-                # We sent Disconnect and half-closed: give the server a bounded
-                # time to end the stream.
+            if reader not in done:
+                # The writer finished: after Disconnect + half-close (clean close),
+                # or because a write failed. Either way the reader learns how the
+                # stream ended; give the server a bounded time to end it.
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(asyncio.shield(reader), self._close_timeout)
-            for t in (reader, writer):
-                if t.done() and not t.cancelled():
-                    err = _rpc_error(t.exception() or Exception())
-                    if err is not None and err[0] != grpc.StatusCode.CANCELLED:
-                        raise _SessionEnded(err[0], err[1], established=True)
-                    if t.exception() is not None and err is None:
-                        raise t.exception()  # type: ignore[misc]
+            failure = reader.exception() if reader.done() and not reader.cancelled() else None
+            if failure is None and writer.done() and not writer.cancelled():
+                failure = writer.exception()
+            if failure is not None:
+                err = _rpc_error(failure)
+                if err is None:
+                    raise failure
+                if err[0] != grpc.StatusCode.CANCELLED:
+                    raise _SessionEnded(err[0], err[1], established=True)
         finally:
             for t in (reader, writer, *aux):
                 t.cancel()
@@ -790,6 +826,7 @@ class TailnetConnection:
                 else float("inf")
             )
             self._resume = _ResumeToken(resp.token, expires)
+            self._emit(ResumeTokenUpdated(expires))
             refresh_in = resp.refresh_in.ToNanoseconds() / 1e9 if resp.HasField("refresh_in") else 0
             await asyncio.sleep(refresh_in if refresh_in > 0 else _DEFAULT_REFRESH)
 
