@@ -645,8 +645,9 @@ class DerpClient:
     redials with jittered exponential backoff (``backoff_min`` doubling up to
     ``backoff_max``), re-sends NotePreferred and WatchConns if they were used,
     and yields :class:`Connected`. After a :class:`ServerRestarting` event the
-    first redial waits ``reconnect_in`` and then retries every ``backoff_min``
-    for ``try_for`` before falling back to the normal backoff. Sends while
+    first redial waits until ``reconnect_in`` after the notice, then retries
+    every ``backoff_min`` for ``try_for`` before falling back to the normal
+    backoff. Sends while
     disconnected raise :class:`ConnectionClosed` (packets are never queued
     across connections: DERP is lossy like the network under it).
 
@@ -690,7 +691,7 @@ class DerpClient:
         self._pings: dict[bytes, asyncio.Future[None]] = {}
         self._preferred: bool | None = None
         self._watching = False
-        self._restart: ServerRestarting | None = None
+        self._restart: tuple[ServerRestarting, float] | None = None  # (event, loop time)
         self._reconnect_task: asyncio.Task[None] | None = None
         self._closed = False
         self._lost_reason: str | None = None
@@ -906,7 +907,7 @@ class DerpClient:
                     continue
             elif kind is ServerRestarting:
                 assert isinstance(ev, ServerRestarting)
-                self._restart = ev
+                self._restart = (ev, asyncio.get_running_loop().time())
             queue.append(ev)
         if len(queue) >= _QUEUE_HIGH:
             link.pause_reading()
@@ -995,15 +996,24 @@ class DerpClient:
         restart, self._restart = self._restart, None
         fast_until: float | None = None
         if restart is not None:
-            await asyncio.sleep(restart.reconnect_in)
-            fast_until = loop.time() + restart.try_for
-        else:
+            # Honour the notice only if this loss falls inside the window it announced.
+            ev, when = restart
+            start = when + ev.reconnect_in
+            if loop.time() <= start + ev.try_for:
+                await asyncio.sleep(max(0.0, start - loop.time()))
+                fast_until = start + ev.try_for
+            else:
+                restart = None
+        if restart is None:
             await asyncio.sleep(self._backoff(0))
         while not self._closed:
             try:
                 await self._dial()
-            except (OSError, TimeoutError, DerpError) as exc:
-                log.debug("reconnect to %s failed: %s", self.url, exc)
+            except Exception as exc:  # keep retrying whatever went wrong with this dial
+                if isinstance(exc, (OSError, TimeoutError, DerpError)):
+                    log.debug("reconnect to %s failed: %s", self.url, exc)
+                else:
+                    log.warning("reconnect to %s failed unexpectedly", self.url, exc_info=True)
                 if fast_until is not None and loop.time() < fast_until:
                     delay = self._backoff_min
                 else:
