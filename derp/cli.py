@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from .keys import PrivateKey, load_or_create_server_key
+from .server import DerpServer, ServerConfig
 
 __all__ = ["DEFAULT_ADDR", "DEV_ADDR", "build_parser", "default_key_path", "main", "parse_addr"]
 
@@ -172,7 +173,7 @@ def _format_stats(stats: Any) -> str:
     return str(snap)
 
 
-async def _log_stats(server: Any, interval: float) -> None:
+async def _log_stats(server: DerpServer, interval: float) -> None:
     while True:
         await asyncio.sleep(interval)
         log.info("stats: %s", _format_stats(server.stats))
@@ -187,8 +188,6 @@ async def _serve(
     mesh_key: bytes | None,
     stats_interval: float,
 ) -> int:
-    from .server import DerpServer, ServerConfig
-
     server = DerpServer(ServerConfig(private_key=key, mesh_key=mesh_key, hostname=hostname))
     try:
         await server.start(host=host, port=port)

@@ -567,6 +567,25 @@ async def test_fake_injected_events(fake: FakeDerp) -> None:
         assert await within(c.recv()) == KeepAliveReceived()
 
 
+async def test_unconsumed_events_pause_reading_without_loss(fake: FakeDerp) -> None:
+    count = 6000  # above the client's 4096-event pause threshold
+    async with DerpClient(fake.url, CLIENT_KEY) as c:
+        blob = b"".join(
+            frames.encode_recv_packet(PEER_KEY.public.raw, i.to_bytes(4, "big"))
+            for i in range(count)
+        )
+        fake.send_to(CLIENT_KEY.public, blob + frames.encode_health("end"))
+        got = []
+        while True:
+            ev = await within(c.recv())
+            if isinstance(ev, HealthReceived):
+                break
+            assert isinstance(ev, PacketReceived)
+            got.append(int.from_bytes(ev.data, "big"))
+        assert got == list(range(count))
+        assert await within(c.ping()) >= 0.0  # reading resumed
+
+
 async def test_non_101_status_is_a_clear_error() -> None:
     srv = FakeDerp(status=426)
     await srv.start()
@@ -780,7 +799,9 @@ async def test_real_handshake_send_recv_ping(real: Any) -> None:
         assert a.server_key == real.public_key
         assert a.server_info.get("version") == 2
         await a.note_preferred(True)
+        # The server handles frames in order: once the Pong is back, NotePreferred was seen.
         assert await within(a.ping()) >= 0.0
+        assert real.stats.current_home_connections == 1
         await a.send(b_key.public, b"to b")
         assert await next_event(b, PacketReceived) == PacketReceived(a_key.public, b"to b")
         await b.send(a_key.public, b"to a")
