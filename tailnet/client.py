@@ -114,6 +114,9 @@ _PERMANENT: Final = frozenset(
 
 Metadata = list[tuple[str, str]]
 _CoordCall = grpc.aio.StreamStreamCall[pb.CoordinateRequest, pb.CoordinateResponse]
+_DerpMulti = grpc.aio.UnaryStreamMultiCallable[pb.StreamDERPMapsRequest, pb.DERPMap]
+_DerpCall = grpc.aio.UnaryStreamCall[pb.StreamDERPMapsRequest, pb.DERPMap]
+_CoordMulti = grpc.aio.StreamStreamMultiCallable[pb.CoordinateRequest, pb.CoordinateResponse]
 _EOF: Final[object] = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
 
 
@@ -571,7 +574,9 @@ class TailnetConnection:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         if self._first is not None and not self._first.done():
-            self._first.set_exception(ConnectionError("connection closed before it was established"))
+            self._first.set_exception(
+                ConnectionError("connection closed before it was established")
+            )
             self._first.exception()  # mark retrieved
         self._connected = False
         self._events.close()
@@ -640,15 +645,13 @@ class TailnetConnection:
                 await channel.close(None)
 
     async def _session_on(self, channel: grpc.aio.Channel) -> None:
-        coordinate: grpc.aio.StreamStreamMultiCallable[pb.CoordinateRequest, pb.CoordinateResponse] = channel.stream_stream(
+        coordinate: _CoordMulti = channel.stream_stream(
             _SERVICE + "Coordinate",
             request_serializer=pb.CoordinateRequest.SerializeToString,
             response_deserializer=pb.CoordinateResponse.FromString,
         )
         presented = self.resume_token
-        call: grpc.aio.StreamStreamCall[pb.CoordinateRequest, pb.CoordinateResponse] = coordinate(
-            None, metadata=self._metadata(resume=True)
-        )
+        call: _CoordCall = coordinate(None, metadata=self._metadata(resume=True))
         try:
             md = await call.initial_metadata()
             raw = md.get(MD_PEER_ID) if md is not None else None
@@ -729,7 +732,8 @@ class TailnetConnection:
                 )
                 continue
             if outbox.disconnect:
-                await call.write(pb.CoordinateRequest(disconnect=pb.CoordinateRequest.Disconnect()))
+                bye = pb.CoordinateRequest(disconnect=pb.CoordinateRequest.Disconnect())
+                await call.write(bye)
                 await call.done_writing()
                 outbox.idle.set()
                 return
@@ -763,14 +767,14 @@ class TailnetConnection:
             self._emit(CoordinatorError(resp.error, fatal))
 
     async def _derp_loop(self, channel: grpc.aio.Channel) -> None:
-        stream: grpc.aio.UnaryStreamMultiCallable[pb.StreamDERPMapsRequest, pb.DERPMap] = channel.unary_stream(
+        stream: _DerpMulti = channel.unary_stream(
             _SERVICE + "StreamDERPMaps",
             request_serializer=pb.StreamDERPMapsRequest.SerializeToString,
             response_deserializer=pb.DERPMap.FromString,
         )
         backoff = Backoff(0.1, 5.0)
         while True:
-            call: grpc.aio.UnaryStreamCall[pb.StreamDERPMapsRequest, pb.DERPMap] = stream(
+            call: _DerpCall = stream(
                 pb.StreamDERPMapsRequest(), metadata=self._metadata(resume=False)
             )
             try:
@@ -827,7 +831,9 @@ class TailnetConnection:
             )
             self._resume = _ResumeToken(resp.token, expires)
             self._emit(ResumeTokenUpdated(expires))
-            refresh_in = resp.refresh_in.ToNanoseconds() / 1e9 if resp.HasField("refresh_in") else 0
+            refresh_in = (
+                resp.refresh_in.ToNanoseconds() / 1e9 if resp.HasField("refresh_in") else 0.0
+            )
             await asyncio.sleep(refresh_in if refresh_in > 0 else _DEFAULT_REFRESH)
 
 

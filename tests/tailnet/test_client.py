@@ -139,7 +139,9 @@ class Env:
         self.conns.append(c)
         return c
 
-    def client(self, rec: Recorder, *, resume_token: str | None = None, **kw: object) -> ClientConnection:
+    def client(
+        self, rec: Recorder, *, resume_token: str | None = None, **kw: object
+    ) -> ClientConnection:
         c = ClientConnection(
             self.target,
             "user-tok",
@@ -272,7 +274,8 @@ async def test_resume_token_keeps_peer_id(env: Env) -> None:
     # The client marked its peers lost while disconnected, then found the agent again.
     lost_at = crec.events.index(PeerLost(AGENT, "coordinator connection lost"))
     assert any(is_node(AGENT)(e) for e in crec.events[lost_at:])
-    assert client.peers.get(AGENT) is not None and not client.peers.get(AGENT).lost  # type: ignore[union-attr]
+    st = client.peers.get(AGENT)
+    assert st is not None and not st.lost
 
 
 async def test_reconnect_after_server_restart(env: Env) -> None:
