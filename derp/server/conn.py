@@ -46,7 +46,7 @@ import random
 import struct
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, cast
 
 from ..errors import HandshakeError
 from ..frames import (
@@ -299,8 +299,7 @@ class DerpConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover
         # Connections are handed over with start(); direct use is supported too.
         if self._transport is None:
-            assert isinstance(transport, asyncio.Transport)
-            self.start(transport, b"", b"")
+            self.start(cast(asyncio.Transport, transport), b"", b"")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._state != _CLOSED:

@@ -31,7 +31,7 @@ import asyncio
 import html
 import logging
 import re
-from typing import Protocol
+from typing import Protocol, cast
 
 import h11
 
@@ -130,8 +130,8 @@ class HttpConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._transport = transport
+        # uvloop transports implement the interface without subclassing it.
+        self._transport = cast(asyncio.Transport, transport)
         self.remote_addr = transport.get_extra_info("peername")
         self._server._http_opened(self)
         loop = asyncio.get_running_loop()
