@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
+import uvloop
 
 from derp.frames import (
     HEADER_LEN,
@@ -164,6 +166,15 @@ async def wait_until(cond: Callable[[], bool], timeout: float = WAIT) -> None:
 def make_config(**kw: Any) -> ServerConfig:
     kw.setdefault("private_key", PrivateKey.generate())
     return ServerConfig(**kw)
+
+
+if os.environ.get("DERP_TEST_UVLOOP") == "1":
+    # Opt-in: run the async tests of this directory on uvloop instead of asyncio.
+
+    def pytest_asyncio_loop_factories(
+        config: pytest.Config, item: pytest.Item
+    ) -> dict[str, Callable[[], asyncio.AbstractEventLoop]]:
+        return {"uvloop": uvloop.new_event_loop}
 
 
 @pytest.fixture

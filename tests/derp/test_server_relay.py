@@ -321,3 +321,9 @@ def test_relay_under_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(main(), WAIT))
+
+
+async def test_opt_in_uvloop_mode_applies() -> None:
+    """``DERP_TEST_UVLOOP=1`` runs this directory's async tests on uvloop."""
+    on_uvloop = isinstance(asyncio.get_running_loop(), uvloop.Loop)
+    assert on_uvloop == (os.environ.get("DERP_TEST_UVLOOP") == "1")
