@@ -264,7 +264,11 @@ class TailnetService:
                 "missing session token: send metadata 'authorization: Bearer <token>' "
                 "or 'coder-session-token: <token>'",
             )
-        principal = await self._auth.authenticate(token)
+        try:
+            principal = await self._auth.authenticate(token)
+        except Exception:
+            log.exception("authenticator failed")
+            raise ServiceError(Status.UNAVAILABLE, "authentication backend unavailable") from None
         if principal is None:
             raise ServiceError(Status.UNAUTHENTICATED, "invalid or unknown session token")
         try:
@@ -278,7 +282,11 @@ class TailnetService:
     async def _authorize_tunnel(self, principal: Principal, agent_id: uuid.UUID) -> bool:
         if self._tunnel_auth is None:
             return False
-        return await self._tunnel_auth(principal, agent_id)
+        try:
+            return await self._tunnel_auth(principal, agent_id)
+        except Exception:  # a failing authorizer denies; details go to the log only
+            log.exception("tunnel authorizer failed for agent %s", agent_id)
+            return False
 
     def _peer_id_for_client(self, call: CallContext) -> tuple[uuid.UUID, bool]:
         token = call.metadata.get(MD_RESUME_TOKEN, "").strip()

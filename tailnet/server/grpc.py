@@ -19,7 +19,9 @@ Works on any asyncio loop, including uvloop.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
+from typing import Any, NoReturn
 
 import grpc
 import grpc.aio
@@ -35,10 +37,23 @@ __all__ = ["MAX_MESSAGE_SIZE", "TailnetServicer", "TailnetGrpcServer"]
 MAX_MESSAGE_SIZE = 4 << 20
 
 _Ctx = grpc.aio.ServicerContext
+log = logging.getLogger(__name__)
 
 
 def _status(err: ServiceError) -> grpc.StatusCode:
     return grpc.StatusCode[err.status.name]
+
+
+async def _abort(context: _Ctx[Any, Any], exc: Exception, method: str) -> NoReturn:
+    """The single place where errors become gRPC statuses.
+
+    :class:`ServiceError` carries its own status and client-safe text; anything
+    else is a bug: logged, and reported as INTERNAL without exception text.
+    """
+    if isinstance(exc, ServiceError):
+        await context.abort(_status(exc), exc.message)
+    log.exception("%s failed", method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 
 
 class TailnetServicer(pb_grpc.TailnetServicer):
@@ -47,76 +62,76 @@ class TailnetServicer(pb_grpc.TailnetServicer):
     def __init__(self, service: TailnetService) -> None:
         self._service = service
 
-    async def _call(self, context: _Ctx[object, object]) -> CallContext:
-        try:
-            return await self._service.authenticate(
-                metadata_dict(context.invocation_metadata())
-            )
-        except ServiceError as exc:
-            await context.abort(_status(exc), exc.message)
+    async def _call(self, context: _Ctx[Any, Any]) -> CallContext:
+        return await self._service.authenticate(metadata_dict(context.invocation_metadata()))
 
     async def Coordinate(  # noqa: N802 (generated name)
         self,
         request_iterator: AsyncIterator[pb.CoordinateRequest],
         context: _Ctx[pb.CoordinateRequest, pb.CoordinateResponse],
     ) -> AsyncIterator[pb.CoordinateResponse]:
-        call = await self._call(context)  # type: ignore[arg-type]
         try:
+            call = await self._call(context)
             ident = await self._service.resolve_stream(call)
-        except ServiceError as exc:
-            await context.abort(_status(exc), exc.message)
-        await context.send_initial_metadata(((MD_PEER_ID, str(ident.peer_id)),))
-        try:
+            await context.send_initial_metadata(((MD_PEER_ID, str(ident.peer_id)),))
             async for resp in self._service.coordinate(ident, request_iterator):
                 yield resp
-        except ServiceError as exc:
-            await context.abort(_status(exc), exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, "Coordinate")
 
     async def StreamDERPMaps(  # noqa: N802
         self,
         request: pb.StreamDERPMapsRequest,
         context: _Ctx[pb.StreamDERPMapsRequest, pb.DERPMap],
     ) -> AsyncIterator[pb.DERPMap]:
-        call = await self._call(context)  # type: ignore[arg-type]
         try:
+            call = await self._call(context)
             async for m in self._service.stream_derp_maps(call):
                 yield m
-        except ServiceError as exc:
-            await context.abort(_status(exc), exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, "StreamDERPMaps")
 
     async def RefreshResumeToken(  # noqa: N802
         self,
         request: pb.RefreshResumeTokenRequest,
         context: _Ctx[pb.RefreshResumeTokenRequest, pb.RefreshResumeTokenResponse],
     ) -> pb.RefreshResumeTokenResponse:
-        call = await self._call(context)  # type: ignore[arg-type]
         try:
-            return await self._service.refresh_resume_token(call)
-        except ServiceError as exc:
-            await context.abort(_status(exc), exc.message)
+            return await self._service.refresh_resume_token(await self._call(context))
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, "RefreshResumeToken")
 
     async def PostTelemetry(  # noqa: N802
         self,
         request: pb.TelemetryRequest,
         context: _Ctx[pb.TelemetryRequest, pb.TelemetryResponse],
     ) -> pb.TelemetryResponse:
-        call = await self._call(context)  # type: ignore[arg-type]
         try:
-            return await self._service.post_telemetry(call, request)
-        except ServiceError as exc:
-            await context.abort(_status(exc), exc.message)
+            return await self._service.post_telemetry(await self._call(context), request)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, "PostTelemetry")
 
     async def WorkspaceUpdates(  # noqa: N802
         self,
         request: pb.WorkspaceUpdatesRequest,
         context: _Ctx[pb.WorkspaceUpdatesRequest, pb.WorkspaceUpdate],
     ) -> AsyncIterator[pb.WorkspaceUpdate]:
-        call = await self._call(context)  # type: ignore[arg-type]
         try:
+            call = await self._call(context)
             async for upd in self._service.workspace_updates(call, request):
                 yield upd
-        except ServiceError as exc:
-            await context.abort(_status(exc), exc.message)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort(context, exc, "WorkspaceUpdates")
 
 
 class TailnetGrpcServer:

@@ -729,3 +729,34 @@ def test_grpc_stack_runs_on_uvloop() -> None:
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(scenario(), 60))
+
+
+# --------------------------------------------------------------------------- failing backends
+
+
+class _BrokenAuthenticator:
+    async def authenticate(self, token: str) -> Principal | None:
+        raise RuntimeError("database down")
+
+
+async def test_failing_backends_fail_closed_without_leaking_details() -> None:
+    async def broken_authorizer(principal: Principal, agent_id: uuid.UUID) -> bool:
+        raise RuntimeError("secret internal detail")
+
+    s = await make_stack(tunnel_authorizer=broken_authorizer)
+    try:
+        call = s.peer("user-token", tailnet_agent_id=str(AGENT)).call
+        code, details = await end_status(call)
+        assert code == SC.PERMISSION_DENIED and "secret" not in details
+        s.service._auth = _BrokenAuthenticator()  # noqa: SLF001 (test-only swap)
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await asyncio.wait_for(
+                s.stub.PostTelemetry(pb.TelemetryRequest(), metadata=md_for("user-token")), T
+            )
+        assert exc.value.code() == SC.UNAVAILABLE
+        assert "database" not in (exc.value.details() or "")
+    finally:
+        for p in s.peers:
+            p.call.cancel()
+        await s.channel.close()
+        await s.server.stop(0)
