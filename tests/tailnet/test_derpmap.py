@@ -7,7 +7,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tailnet.derpmap import (
@@ -182,6 +182,7 @@ def _maps(draw: st.DrawFn) -> pb.DERPMap:
     return m
 
 
+@settings(max_examples=50)
 @given(_maps())
 def test_json_roundtrip_property(m: pb.DERPMap) -> None:
     doc = json.loads(json.dumps(derp_map_to_json(m)))

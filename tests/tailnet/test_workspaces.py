@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tailnet.identity import Principal
@@ -112,6 +112,7 @@ def snapshots(draw: st.DrawFn) -> WorkspaceSnapshot:
     return snap(*out)
 
 
+@settings(max_examples=60)
 @given(st.lists(snapshots(), min_size=1, max_size=5))
 def test_client_applying_diffs_tracks_server_state(seq: list[WorkspaceSnapshot]) -> None:
     client: dict[bytes, tuple[str, int, dict[bytes, str]]] = {}
