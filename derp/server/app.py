@@ -95,10 +95,11 @@ class ConnContext:
         config: ServerConfig,
         loop: asyncio.AbstractEventLoop,
         on_lost: Callable[[DerpConnection], None],
+        stats: ServerStats | None = None,
     ) -> None:
         self.loop = loop
         self.relay: Relay[DerpConnection] = Relay()
-        self.stats = ServerStats()
+        self.stats = stats if stats is not None else ServerStats()
         self.private_key = config.private_key
         self.mesh_key = config.mesh_key
         self.server_key_frame = encode_server_key(config.private_key.public.raw)
@@ -167,7 +168,7 @@ class DerpServer:
     @property
     def stats(self) -> ServerStats:
         """Counters (connections, packets/bytes received & sent, drops by reason/kind)."""
-        return self._ctx.stats if self._ctx is not None else self._stats
+        return self._stats
 
     @property
     def relay(self) -> Relay[DerpConnection]:
@@ -193,8 +194,9 @@ class DerpServer:
 
     def _context(self) -> ConnContext:
         if self._ctx is None:
-            self._ctx = ConnContext(self.config, asyncio.get_running_loop(), self._derp_lost)
-            self._ctx.stats = self._stats
+            self._ctx = ConnContext(
+                self.config, asyncio.get_running_loop(), self._derp_lost, self._stats
+            )
         return self._ctx
 
     # ------------------------------------------------------------------ lifecycle

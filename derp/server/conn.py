@@ -248,8 +248,13 @@ class DerpConnection(asyncio.Protocol):
             ctx.pending.discard(self)
             ctx.stats.handshake_failures += 1
             log.info("derp: rejected %s: %s", self._name(), reason)
-        if self._transport is not None:
-            self._transport.close()
+        t = self._transport
+        if t is not None:
+            # A client that stopped reading would keep a flushing close() open forever.
+            if self._paused:
+                t.abort()
+            else:
+                t.close()
 
     def abort(self) -> None:
         """Drop the connection without flushing (used by server stop after a grace period)."""
@@ -461,6 +466,8 @@ class DerpConnection(asyncio.Protocol):
         npk = 0
         nbytes = 0
         last_d: DerpConnection | None = None
+        hk_len = -1
+        hk = b""
         while n - pos >= HEADER_LEN:
             ftype, length = _hdr_unpack(data, pos)
             end = pos + HEADER_LEN + length
@@ -479,7 +486,10 @@ class DerpConnection(asyncio.Protocol):
                     out = d._out
                     if not out:
                         touched.append(d)
-                    out.append(_hdr_pack(_RECV, length) + key)
+                    if length != hk_len:  # reuse header ‖ src key for equal sizes
+                        hk_len = length
+                        hk = _hdr_pack(_RECV, length) + key
+                    out.append(hk)
                     out.append(mv[pos + HEADER_LEN + KEY_LEN : end])
                     if d is not last_d:
                         last_d = d

@@ -245,7 +245,7 @@ async def test_stalled_receiver_does_not_slow_others(
     s = await connect()
     live = await connect()
     stalled = await connect(rcvbuf=4096)
-    stalled.writer.transport.pause_reading()  # type: ignore[attr-defined]
+    stalled.writer.transport.pause_reading()
     big = bytes(60_000)
     n = 200  # 12 MB to the stalled receiver: far beyond socket buffers + queue
     for i in range(n):
