@@ -1,0 +1,126 @@
+"""DERP connection logic without sockets: ``DerpServer.accept`` on in-memory transports.
+
+Hypothesis checks that relaying is independent of how the client's byte
+stream is split into reads (the hot path parses whole chunks and keeps a
+partial frame between reads).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from derp.frames import (
+    FrameDecoder,
+    FrameType,
+    encode_client_info,
+    encode_ping,
+    encode_send_packet,
+)
+from derp.keys import PrivateKey, seal
+from derp.server import DerpServer
+
+from .conftest import make_config
+
+SERVER_KEY = PrivateKey.generate()
+A = PrivateKey.generate()
+B = PrivateKey.generate()
+
+
+class MemoryTransport(asyncio.Transport):
+    """Collects written bytes; supports the calls the DERP server makes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.closed = False
+        self.protocol: Any = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += data
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self.protocol  # type: ignore[no-any-return]
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            asyncio.get_running_loop().call_soon(self.protocol.connection_lost, None)
+
+    def abort(self) -> None:
+        self.close()
+
+    def frames(self) -> list[tuple[int, bytes]]:
+        d = FrameDecoder()
+        d.feed(bytes(self.out))
+        return [(f.type, f.payload) for f in d]
+
+
+def client_info(key: PrivateKey) -> bytes:
+    body = json.dumps({"version": 2}).encode()
+    return encode_client_info(key.public.raw, seal(key, SERVER_KEY.public, body))
+
+
+def split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
+    return [data[a:b] for a, b in zip(points, points[1:]) if b > a]
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    packets=st.lists(st.binary(max_size=300), min_size=1, max_size=12),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=20),
+)
+def test_relay_independent_of_read_chunking(packets: list[bytes], cuts: list[int]) -> None:
+    async def run() -> None:
+        srv = DerpServer(make_config(private_key=SERVER_KEY))
+        tb = MemoryTransport()
+        cb = srv.accept(tb, fast_start=True, initial_data=client_info(B))
+        ta = MemoryTransport()
+        stream = client_info(A) + b"".join(
+            encode_send_packet(B.public.raw, p) for p in packets
+        ) + encode_ping(b"pingpong")
+        chunks = split(stream, cuts)
+        ca = srv.accept(ta, fast_start=True, initial_data=chunks[0])
+        for ch in chunks[1:]:
+            ca.data_received(ch)
+        got = [(t, p) for t, p in tb.frames() if t == FrameType.RECV_PACKET]
+        assert got == [(FrameType.RECV_PACKET, A.public.raw + p) for p in packets]
+        fa = ta.frames()
+        assert [t for t, _ in fa] == [FrameType.SERVER_KEY, FrameType.SERVER_INFO, FrameType.PONG]
+        assert srv.stats.packets_received == len(packets) == srv.stats.packets_sent
+        assert cb.is_open and ca.is_open
+        await srv.stop()
+
+    asyncio.run(run())
+
+
+async def test_paused_receiver_queue_drop_policy() -> None:
+    srv = DerpServer(make_config(private_key=SERVER_KEY, queue_depth=4))
+    tb = MemoryTransport()
+    cb = srv.accept(tb, fast_start=True, initial_data=client_info(B))
+    ta = MemoryTransport()
+    ca = srv.accept(ta, fast_start=True, initial_data=client_info(A))
+    before = len(tb.out)
+    cb.pause_writing()
+    ca.data_received(b"".join(encode_send_packet(B.public.raw, bytes([i])) for i in range(10)))
+    assert len(tb.out) == before  # nothing written while paused
+    assert srv.stats.packets_dropped["queue_head", "other"] == 6
+    cb.resume_writing()  # queue drained in order: the 4 newest packets
+    got = [p for t, p in tb.frames() if t == FrameType.RECV_PACKET]
+    assert got == [A.public.raw + bytes([i]) for i in range(6, 10)]
+    assert srv.stats.packets_sent == 4
+    await srv.stop()
