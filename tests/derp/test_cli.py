@@ -112,12 +112,26 @@ class Derper:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
         self.stderr = bytearray()
+        self._more = asyncio.Event()
         assert proc.stderr is not None
         self._drain = asyncio.create_task(self._collect(proc.stderr))
 
     async def _collect(self, stream: asyncio.StreamReader) -> None:
         while chunk := await stream.read(65536):
             self.stderr += chunk
+            self._more.set()
+        self._more.set()
+
+    async def wait_stderr(self, needle: bytes) -> None:
+        """Wait (bounded) until ``needle`` shows up on stderr."""
+
+        async def loop() -> None:
+            while needle not in self.stderr:
+                assert not self._drain.done(), f"derper exited: {self.stderr.decode()}"
+                self._more.clear()
+                await self._more.wait()
+
+        await asyncio.wait_for(loop(), WAIT)
 
     async def listening(self) -> tuple[str, PublicKey]:
         assert self.proc.stdout is not None
@@ -194,12 +208,24 @@ async def test_dev_server_relays_and_exits_0_on_sigterm(derpers: list[Derper]) -
 
 
 @needs_server
-async def test_sigint_exits_0(derpers: list[Derper]) -> None:
-    d = await start_derper("--dev", "-a", "127.0.0.1:0")
+async def test_stats_logged_and_sigint_exits_0(derpers: list[Derper]) -> None:
+    d = await start_derper("--dev", "-a", "127.0.0.1:0", "--stats-interval", "0.05")
     derpers.append(d)
     await d.listening()
+    await d.wait_stderr(b"INFO derper: stats: ")
     d.proc.send_signal(signal.SIGINT)
     assert await asyncio.wait_for(d.proc.wait(), WAIT) == 0
+
+
+@needs_server
+async def test_verbose_logs_connections(derpers: list[Derper]) -> None:
+    d = await start_derper("--dev", "-v", "-a", "127.0.0.1:0", "--stats-interval", "0")
+    derpers.append(d)
+    url, _ = await d.listening()
+    async with DerpClient(url, PrivateKey.generate()) as c:
+        await c.ping()
+    await d.wait_stderr(b"DEBUG")
+    assert await d.terminate() == 0
 
 
 @needs_server

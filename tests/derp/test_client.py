@@ -822,6 +822,31 @@ async def test_real_peer_gone_when_sender_leaves(real: Any) -> None:
         )
 
 
+async def test_real_mesh_watch_conns_sees_peers_come_and_go() -> None:
+    make = _real_server_factory()
+    if make is None:
+        pytest.skip("derp.server is not available yet")
+    mesh = bytes(range(32))
+    srv = make(mesh_key=mesh)
+    await srv.start(host="127.0.0.1", port=0)
+    try:
+        url = real_url(srv)
+        async with DerpClient(url, CLIENT_KEY, mesh_key=mesh, can_ack_pings=False) as watcher:
+            await watcher.watch_conns()
+            # The watcher is told about itself (already connected) first.
+            ev = await next_event(watcher, PeerPresentReceived)
+            assert ev.peer == CLIENT_KEY.public
+            assert ev.flags & PeerPresentFlags.IS_MESH_PEER
+            async with DerpClient(url, PEER_KEY):
+                ev = await next_event(watcher, PeerPresentReceived)
+                assert ev.peer == PEER_KEY.public
+                assert ev.ip == ipaddress.IPv4Address("127.0.0.1") and ev.port > 0
+            ev2 = await next_event(watcher, PeerGoneReceived)
+            assert ev2.peer == PEER_KEY.public
+    finally:
+        await srv.stop()
+
+
 async def test_real_reconnect_after_restart_on_same_port(real: Any) -> None:
     make = _real_server_factory()
     assert make is not None
