@@ -932,8 +932,9 @@ class ClientConnection(TailnetConnection):
     def remove_tunnel(self, peer_id: uuid.UUID) -> None:
         """Close the tunnel to ``peer_id``. While connected the coordinator answers
         with DISCONNECTED; while disconnected the peer is forgotten locally."""
-        if self._tunnels.pop(peer_id, None) is None:
+        if peer_id not in self._tunnels:
             return
+        del self._tunnels[peer_id]
         if self._outbox is not None:
             self._outbox.put(_tunnel_req(peer_id, add=False))
         elif self.peers.remove(peer_id):

@@ -355,3 +355,45 @@ def test_backoff_is_jittered_exponential_and_resets() -> None:
     assert max(delays) <= 10.0 and delays[-1] >= 5.0
     b.reset()
     assert b.next() <= 0.05
+
+
+async def test_user_scoped_add_and_remove_tunnel(env: Env) -> None:
+    arec, urec = Recorder(), Recorder()
+    agent = env.agent(arec)
+    await agent.start(WAIT)
+    user = ClientConnection(env.target, "user-tok", node=client_node(), options=opts(urec))
+    env.conns.append(user)
+    uid = await user.start(WAIT)
+    assert user.agent_id is None and user.tunnels == []
+    user.add_tunnel(AGENT)
+    assert user.tunnels == [AGENT]
+    await urec.wait(is_node(AGENT))
+    await arec.wait(is_node(uid))
+    m = urec.mark()
+    user.remove_tunnel(AGENT)
+    await urec.wait(lambda ev: ev == PeerDisconnected(AGENT, "remove tunnel"), since=m)
+    await arec.wait(lambda ev: ev == PeerDisconnected(uid, "remove tunnel"))
+    assert AGENT not in user.peers and user.tunnels == []
+
+
+def test_works_on_uvloop() -> None:
+    """The libraries are loop-agnostic: run an agent/client pair on uvloop."""
+    import uvloop
+
+    async def scenario() -> None:
+        auth = StaticTokenAuthenticator(
+            {
+                "agent-tok": Principal("agent", AGENT, "a"),
+                "user-tok": Principal("user", USER, "u"),
+            }
+        )
+        derp = StaticDERPMapSource(new_derp_map(embedded_region("127.0.0.1", 1, scheme="http")))
+        e = Env(auth, derp, ResumeTokenProvider())
+        await e.start()
+        try:
+            await connect_pair(e)
+        finally:
+            await asyncio.wait_for(asyncio.gather(*(c.close() for c in e.conns)), WAIT)
+            await e.stop()
+
+    uvloop.run(scenario())
