@@ -361,6 +361,59 @@ def test_garbage_after_login_is_events_or_protocol_error(garbage: bytes) -> None
     core.events_received()
 
 
+_peer_raw = st.sampled_from([PEER_KEY.public.raw, CLIENT_KEY.public.raw])
+
+
+def _frame_and_event(draw: st.DrawFn) -> tuple[bytes, Event | None]:
+    kind = draw(st.integers(0, 6))
+    if kind == 0:
+        src, data = draw(_peer_raw), draw(st.binary(max_size=100))
+        return frames.encode_recv_packet(src, data), PacketReceived(PublicKey(src), data)
+    if kind == 1:
+        peer, reason = draw(_peer_raw), draw(st.sampled_from(list(PeerGoneReason)))
+        return frames.encode_peer_gone(peer, reason), PeerGoneReceived(PublicKey(peer), reason)
+    if kind == 2:
+        return frames.encode_keep_alive(), KeepAliveReceived()
+    if kind == 3:
+        data = draw(st.binary(min_size=8, max_size=8))
+        return frames.encode_ping(data), PingReceived(data)
+    if kind == 4:
+        text = draw(st.text(max_size=20))
+        return frames.encode_health(text), HealthReceived(text)
+    if kind == 5:
+        a, b = draw(st.integers(0, 2**32 - 1)), draw(st.integers(0, 2**32 - 1))
+        return frames.encode_restarting(a, b), ServerRestarting(a / 1000, b / 1000)
+    ftype = draw(st.integers(0x16, 0xFF))
+    return frames.encode_frame(ftype, draw(st.binary(max_size=20))), None
+
+
+@st.composite
+def _server_streams(draw: st.DrawFn) -> tuple[list[tuple[bytes, Event | None]], list[int]]:
+    pairs = [_frame_and_event(draw) for _ in range(draw(st.integers(0, 25)))]
+    total = sum(len(f) for f, _ in pairs)
+    cuts = draw(st.lists(st.integers(0, max(total, 0)), max_size=10))
+    return pairs, cuts
+
+
+@given(_server_streams())
+def test_random_frame_sequences_map_to_events(
+    case: tuple[list[tuple[bytes, Event | None]], list[int]],
+) -> None:
+    pairs, cuts = case
+    core = open_core()
+    data = b"".join(f for f, _ in pairs)
+    prev = 0
+    got: list[Event] = []
+    for cut in [*sorted(set(cuts)), len(data)]:
+        core.receive_data(data[prev:cut])
+        prev = cut
+        got += core.events_received()
+    assert got == [ev for _, ev in pairs if ev is not None]
+    pongs = [frames.encode_pong(ev.data) for _, ev in pairs if isinstance(ev, PingReceived)]
+    assert core.data_to_send() == pongs
+    assert core.state is ClientState.OPEN
+
+
 def test_parse_derp_url() -> None:
     assert parse_derp_url("http://127.0.0.1:3340/derp") == (
         "http",
