@@ -97,14 +97,20 @@ class ServerProcess:
 
     def cpu_s(self) -> float:
         """CPU seconds used by all threads of the server (scheduler ns counters)."""
-        total = 0
+        return self.schedstat()[0]
+
+    def schedstat(self) -> tuple[float, float]:
+        """(on-CPU, runnable-but-waiting) seconds summed over the server's threads."""
+        run = wait = 0
         for path in glob.glob(f"/proc/{self.pid}/task/*/schedstat"):
             try:
                 with open(path) as f:
-                    total += int(f.read().split()[0])
+                    fields = f.read().split()
+                run += int(fields[0])
+                wait += int(fields[1])
             except (OSError, ValueError, IndexError):
                 pass
-        return total / 1e9
+        return run / 1e9, wait / 1e9
 
     def rss_bytes(self) -> int:
         with open(f"/proc/{self.pid}/status") as f:
@@ -113,8 +119,15 @@ class ServerProcess:
                     return int(line.split()[1]) * 1024
         return 0
 
-    def sample(self) -> tuple[float, int, tuple[float, float]]:
-        return self.cpu_s(), self.rss_bytes(), host_cpu()
+    def fd_count(self) -> int:
+        """Open file descriptors of the server (sanity check for idle clients)."""
+        try:
+            return len(os.listdir(f"/proc/{self.pid}/fd"))
+        except OSError:
+            return -1
+
+    def sample(self) -> tuple[tuple[float, float], int, tuple[float, float]]:
+        return self.schedstat(), self.rss_bytes(), host_cpu()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -213,7 +226,7 @@ def run_throughput(
     )
     target = Target(kind, "127.0.0.1", srv.port)
     res = run_load(target, spec, workers=args.workers, on_window_start=srv.sample, on_window_end=srv.sample)
-    (c0, _, h0), (c1, rss, h1) = res.pop("start_sample"), res.pop("end_sample")
+    ((c0, w0), _, h0), ((c1, w1), rss, h1) = res.pop("start_sample"), res.pop("end_sample")
     res.update(
         target=kind,
         case=case,
@@ -222,6 +235,7 @@ def run_throughput(
         srv_rss_mb=rss / 1e6,
         gen_cores=res["gen_cpu_s"] / res["window_s"],
         srv_cores=(c1 - c0) / res["window_s"],
+        srv_wait=(w1 - w0) / res["window_s"],
         host_cores=(h1[0] - h0[0]) / res["window_s"],
         steal_cores=(h1[1] - h0[1]) / res["window_s"],
         offered_pps=(res["sent"] + res["gen_skipped"]) / (args.warmup + args.duration),
@@ -252,11 +266,13 @@ def run_idle(counts: list[int], args: argparse.Namespace) -> list[dict[str, Any]
                 setup_s = 0.0
             time.sleep(1.0)  # let the server finish post-handshake work before sampling
             rss = srv.rss_bytes()
+            fds = srv.fd_count()
             rows.append(
                 dict(
                     target="derp",
                     case=f"idle-{n}",
                     clients=idle.count,
+                    server_fds=fds,
                     base_rss_mb=base / 1e6,
                     rss_mb=rss / 1e6,
                     kb_per_client=(rss - base) / idle.count / 1e3,
@@ -282,7 +298,8 @@ def _fmt(v: float, nd: int = 1) -> str:
 def _idle_line(r: dict[str, Any]) -> str:
     return (
         f"  idle {r['clients']:>6} clients: RSS {r['rss_mb']:.1f} MB "
-        f"(base {r['base_rss_mb']:.1f} MB) -> {r['kb_per_client']:.1f} KB/client"
+        f"(base {r['base_rss_mb']:.1f} MB) -> {r['kb_per_client']:.1f} KB/client, "
+        f"server has {r['server_fds']} fds"
     )
 
 
@@ -294,9 +311,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     if tp:
         out.append(
             "| target | case | offered pkt/s | delivered pkt/s | MB/s | loss % | p50 µs | p99 µs "
-            "| srv CPU µs/pkt | srv cores | srv RSS MB | gen cores | host busy cores | vs ceiling |"
+            "| srv CPU µs/pkt | srv cores | srv runq wait | srv RSS MB | gen cores | host busy cores "
+            "| vs ceiling |"
         )
-        out.append("|" + "---|" * 14)
+        out.append("|" + "---|" * 15)
         for r in tp:
             ratio = ""
             if r["target"] == "derp" and ceiling.get(r["case"]):
@@ -305,15 +323,18 @@ def table(rows: list[dict[str, Any]]) -> str:
                 f"| {r['target']} | {r['case']} | {_fmt(r['offered_pps'], 0)} | {_fmt(r['pps'], 0)} "
                 f"| {_fmt(r['mbps'])} | {_fmt(100 * r['loss'], 2)} | {_fmt(r['p50_us'], 0)} "
                 f"| {_fmt(r['p99_us'], 0)} | {_fmt(r['srv_us_per_pkt'], 2)} | {_fmt(r['srv_cores'], 2)} "
+                f"| {_fmt(r['srv_wait'], 2)} "
                 f"| {_fmt(r['srv_rss_mb'])} | {_fmt(r['gen_cores'], 2)} | {_fmt(r['host_cores'], 2)} | {ratio} |"
             )
     if idle:
         out.append("")
-        out.append("| idle clients | server RSS MB | base RSS MB | RSS per client KB | connect s |")
-        out.append("|---|---|---|---|---|")
+        out.append(
+            "| idle clients | server fds | server RSS MB | base RSS MB | RSS per client KB | connect s |"
+        )
+        out.append("|---|---|---|---|---|---|")
         for r in idle:
             out.append(
-                f"| {r['clients']:,} | {_fmt(r['rss_mb'])} | {_fmt(r['base_rss_mb'])} "
+                f"| {r['clients']:,} | {r['server_fds']:,} | {_fmt(r['rss_mb'])} | {_fmt(r['base_rss_mb'])} "
                 f"| {_fmt(r['kb_per_client'])} | {_fmt(r['setup_s'])} |"
             )
     return "\n".join(out)
@@ -371,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"  {kind:8} {case:14} {r['pps']:>10,.0f} pkt/s  loss {100 * r['loss']:.2f}%"
                         f"  p50 {r['p50_us']:,.0f} µs  p99 {r['p99_us']:,.0f} µs"
                         f"  srv {r['srv_us_per_pkt']:.2f} µs/pkt  gen {r['gen_cores']:.2f} cores"
-                        f"  host {r['host_cores']:.2f} busy, {r['steal_cores']:.2f} steal",
+                        f"  srv waited {r['srv_wait']:.2f} s/s  host {r['host_cores']:.2f} busy",
                         flush=True,
                     )
     finally:

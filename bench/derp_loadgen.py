@@ -153,9 +153,9 @@ class GenConn(asyncio.Protocol):
 
     # -- handshake
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.transport = tr = cast(asyncio.Transport, transport)  # uvloop's: no subclass
         if self.target.kind == "ceiling":
-            transport.write(self.raw_key + self.dst_key)
+            tr.write(self.raw_key + self.dst_key)
             self.fast = True
             self.ready.set_result(None)
             return
@@ -166,7 +166,7 @@ class GenConn(asyncio.Protocol):
             target="/derp",
             headers=[("Host", host), ("Upgrade", "DERP"), ("Connection", "Upgrade")],
         )
-        transport.write(self.h11.send(req) + (self.h11.send(h11.EndOfMessage()) or b""))
+        tr.write((self.h11.send(req) or b"") + (self.h11.send(h11.EndOfMessage()) or b""))
 
     def _fail(self, why: str) -> None:
         if not self.ready.done():
@@ -672,7 +672,7 @@ class IdleClients:
         for k in split:
             if k:
                 pool.start(_idle_worker, target, k)
-        got = sum(pool.recv_all("ready", timeout))
+        got = sum(int(n) for n in pool.recv_all("ready", timeout))
         self.count += got
         return got
 
