@@ -475,6 +475,11 @@ class ClientConnection:
 # --------------------------------------------------------------------------- asyncio adapter
 
 
+def _retrieve(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
 class _Link(asyncio.Protocol):
     """One TCP/TLS connection driving a :class:`ClientConnection`.
 
@@ -496,6 +501,9 @@ class _Link(asyncio.Protocol):
         self._read_timeout = read_timeout
         self._loop = asyncio.get_running_loop()
         self.handshake: asyncio.Future[PublicKey] = self._loop.create_future()
+        # The dialer may have given up (timeout, cancel) before login fails: mark
+        # the failure as retrieved so asyncio does not log it as lost.
+        self.handshake.add_done_callback(_retrieve)
         self.lost: asyncio.Future[None] = self._loop.create_future()
         self.transport: asyncio.Transport | None = None
         self.reason = ""
