@@ -741,10 +741,7 @@ class DerpClient:
         task, self._reconnect_task = self._reconnect_task, None
         if task is not None:
             task.cancel()
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
+            await asyncio.wait([task])  # the task's CancelledError is not re-raised here
         link, self._link = self._link, None
         self._fail_pings(ConnectionClosed("client closed"))
         self._wake()
