@@ -224,7 +224,9 @@ async def test_verbose_logs_connections(derpers: list[Derper]) -> None:
     url, _ = await d.listening()
     async with DerpClient(url, PrivateKey.generate()) as c:
         await c.ping()
-    await d.wait_stderr(b"DEBUG")
+    # The server logs one DEBUG line per connect and per disconnect.
+    await d.wait_stderr(b"DEBUG derp.server")
+    await d.wait_stderr(b"disconnected")
     assert await d.terminate() == 0
 
 
