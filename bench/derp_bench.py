@@ -153,9 +153,7 @@ def host_cpu() -> tuple[float, float]:
 
 
 def start_derp(profile: str | None = None) -> ServerProcess:
-    # -O: derp/server asserts ``isinstance(transport, asyncio.Transport)``, which is
-    # false for uvloop transports; drop it with -O until the server is fixed.
-    argv = [sys.executable, "-O", str(Path(__file__).resolve()), "--serve-derp"]
+    argv = [sys.executable, str(Path(__file__).resolve()), "--serve-derp"]
     if profile:
         argv += ["--profile", profile]
     return ServerProcess("derp-server", argv)
