@@ -725,13 +725,18 @@ class DerpClient:
 
     async def connect(self) -> None:
         """Dial and log in once; raises ``OSError``, ``TimeoutError`` or a
-        :class:`~derp.errors.DerpError` on failure (no retry, even with ``reconnect``)."""
+        :class:`~derp.errors.DerpError` on failure (no retry, even with ``reconnect``;
+        the caller may call ``connect()`` again after a failure)."""
         if self._closed:
             raise ConnectionClosed("client is closed")
         if self._started:
-            raise DerpError("connect() may only be called once")
+            raise DerpError("connect() may only be called once per client")
         self._started = True
-        await self._dial()
+        try:
+            await self._dial()
+        except BaseException:
+            self._started = False  # a failed first connect may be retried
+            raise
 
     async def close(self) -> None:
         """Close the connection and stop reconnecting. Idempotent."""
