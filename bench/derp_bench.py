@@ -36,6 +36,7 @@ import logging
 import os
 import select
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -332,50 +333,18 @@ def table(rows: list[dict[str, Any]]) -> str:
         out.append("|---|---|---|---|---|---|")
         for r in idle:
             out.append(
-                f"| {r['clients']:,} | {r['server_fds']:,} | {_fmt(r['rss_mb'])} | {_fmt(r['base_rss_mb'])} "
+                f"| {r['clients']:,.0f} | {r['server_fds']:,.0f} | {_fmt(r['rss_mb'])} | {_fmt(r['base_rss_mb'])} "
                 f"| {_fmt(r['kb_per_client'])} | {_fmt(r['setup_s'])} |"
             )
     return "\n".join(out)
 
 
-# --------------------------------------------------------------------------- main
-
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="DERP relay benchmark (see bench/README.md)")
-    p.add_argument("--quick", action="store_true", help=f"run {' '.join(QUICK_CASES)}")
-    p.add_argument("--cases", nargs="+", help="cases, e.g. closed-8x1400 open-1x64 idle-10000")
-    p.add_argument("--targets", default="derp,ceiling", help="comma list of derp,ceiling")
-    p.add_argument("--duration", type=float, help="measured seconds per case (3; quick 2)")
-    p.add_argument("--warmup", type=float, help="unmeasured seconds before the window (1; quick 0.5)")
-    p.add_argument("--workers", type=int, default=2, help="load generator processes")
-    p.add_argument("--idle-procs", type=int, default=2, help="processes holding idle clients")
-    p.add_argument("--open-rate", type=float, default=100_000, help="open loop: total offered pkt/s")
-    p.add_argument("--json", help="write all rows to this JSON file")
-    p.add_argument("--profile", help="run the DERP server under cProfile, dump stats here")
-    p.add_argument("--serve-derp", action="store_true", help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-
-    if args.serve_derp:
-        serve_derp(args.profile)
-        return 0
-
-    cases = args.cases or (QUICK_CASES if args.quick else FULL_CASES)
-    cases = [c for arg in cases for c in arg.split(",") if c]
-    for c in cases:
-        parse_case(c)
-    if args.duration is None:
-        args.duration = 2.0 if args.quick else 3.0
-    if args.warmup is None:
-        args.warmup = 0.5 if args.quick else 1.0
-    targets = [t for t in args.targets.split(",") if t]
-    raise_nofile_limit()
-
+def run_once(
+    tp_cases: list[str], idle_counts: list[int], targets: list[str], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    """Run every case once (fresh server processes) and return the rows."""
     rows: list[dict[str, Any]] = []
-    tp_cases = [c for c in cases if not c.startswith("idle")]
-    idle_counts = [parse_case(c)[1] for c in cases if c.startswith("idle")]
     servers: dict[str, ServerProcess] = {}
-    t_begin = time.monotonic()
     try:
         if tp_cases:
             if "derp" in targets:
@@ -398,13 +367,84 @@ def main(argv: list[str] | None = None) -> int:
             srv.stop()
     if idle_counts and "derp" in targets:
         rows.extend(run_idle(idle_counts, args))
+    return rows
 
+
+def median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per (target, case), the median of every numeric field over the runs."""
+    out: list[dict[str, Any]] = []
+    for i, first in enumerate(runs[0]):
+        same = [run[i] for run in runs if i < len(run)]
+        row: dict[str, Any] = {}
+        for k, v in first.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                vals = [r[k] for r in same if isinstance(r.get(k), (int, float))]
+                vals = [x for x in vals if x == x]  # drop NaN
+                row[k] = statistics.median(vals) if vals else float("nan")
+            else:
+                row[k] = v
+        out.append(row)
+    return out
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="DERP relay benchmark (see bench/README.md)")
+    p.add_argument("--quick", action="store_true", help=f"run {' '.join(QUICK_CASES)}")
+    p.add_argument("--cases", nargs="+", help="cases, e.g. closed-8x1400 open-1x64 idle-10000")
+    p.add_argument("--targets", default="derp,ceiling", help="comma list of derp,ceiling")
+    p.add_argument("--duration", type=float, help="measured seconds per case (3; quick 2)")
+    p.add_argument("--warmup", type=float, help="unmeasured seconds before the window (1; quick 0.5)")
+    p.add_argument("--workers", type=int, default=2, help="load generator processes")
+    p.add_argument("--idle-procs", type=int, default=2, help="processes holding idle clients")
+    p.add_argument("--open-rate", type=float, default=100_000, help="open loop: total offered pkt/s")
+    p.add_argument("--repeat", type=int, default=1, help="run everything N times, print medians")
+    p.add_argument("--json", help="write all rows to this JSON file")
+    p.add_argument("--profile", help="run the DERP server under cProfile, dump stats here")
+    p.add_argument("--serve-derp", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+
+    if args.serve_derp:
+        serve_derp(args.profile)
+        return 0
+
+    cases = args.cases or (QUICK_CASES if args.quick else FULL_CASES)
+    cases = [c for arg in cases for c in arg.split(",") if c]
+    for c in cases:
+        parse_case(c)
+    if args.duration is None:
+        args.duration = 2.0 if args.quick else 3.0
+    if args.warmup is None:
+        args.warmup = 0.5 if args.quick else 1.0
+    targets = [t for t in args.targets.split(",") if t]
+    raise_nofile_limit()
+
+    tp_cases = [c for c in cases if not c.startswith("idle")]
+    idle_counts = [parse_case(c)[1] for c in cases if c.startswith("idle")]
+    t_begin = time.monotonic()
+    runs: list[list[dict[str, Any]]] = []
+    for rep in range(args.repeat):
+        if args.repeat > 1:
+            print(f"run {rep + 1}/{args.repeat}", flush=True)
+        rows = run_once(tp_cases, idle_counts, targets, args)
+        runs.append(rows)
+        if args.repeat > 1:
+            print()
+            print(table(rows))
+            print()
+    rows = runs[0] if len(runs) == 1 else median_rows(runs)
     print()
+    if len(runs) > 1:
+        print(f"Median of {len(runs)} runs:\n")
     print(table(rows))
-    print(f"\n({len(rows)} rows in {time.monotonic() - t_begin:.0f} s; duration {args.duration} s, "
-          f"warmup {args.warmup} s, {args.workers} generator processes, open loop "
-          f"{args.open_rate:,.0f} pkt/s offered in total)")
-    if args.profile and "derp" in servers:
+    print(
+        f"\n({len(rows)} rows, {len(runs)} run(s) in {time.monotonic() - t_begin:.0f} s; "
+        f"duration {args.duration} s, warmup {args.warmup} s, {args.workers} generator "
+        f"processes, open loop {args.open_rate:,.0f} pkt/s offered in total)"
+    )
+    if args.profile and tp_cases and "derp" in targets:
         import pstats
 
         print(f"\nDERP server profile ({args.profile}), top functions by own time:")
@@ -412,7 +452,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1, default=str)
+            json.dump({"median" if len(runs) > 1 else "rows": rows, "runs": runs}, f, indent=1)
     return 0
 
 
