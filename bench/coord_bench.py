@@ -42,12 +42,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
 import subprocess
 import sys
 import time
+import tracemalloc
 import uuid
 from pathlib import Path
 from typing import IO, Any
@@ -94,6 +96,9 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     srv = TailnetGrpcServer(svc)
     await srv.start("127.0.0.1", 0)
+    gc_stats = _GcStats()
+    if args.tracemalloc:
+        tracemalloc.start(1)
     print(json.dumps({"port": srv.port, "pid": os.getpid()}), flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
@@ -103,9 +108,58 @@ async def _serve(args: argparse.Namespace) -> None:
         if not line or line.strip() == b"stop":
             break
         if line.strip() == b"stats":
-            st = svc.coordinator.stats()
-            print(json.dumps({"stats": repr(st)}), flush=True)
+            print(json.dumps({"gc": gc_stats.snapshot()}), flush=True)
+        elif line.strip() == b"freeze":
+            # Experiment (--coord-gc-freeze): move every live object to the permanent
+            # generation so full collections stop scanning the connected peers.
+            gc.collect()
+            gc.freeze()
+            print(json.dumps({"frozen": gc.get_freeze_count()}), flush=True)
+    if tracemalloc.is_tracing():
+        snap = tracemalloc.take_snapshot()
+        print("top Python allocation sites (live, by line):", file=sys.stderr)
+        for stat in snap.statistics("lineno")[:20]:
+            print(f"  {stat}", file=sys.stderr)
     await srv.stop(1.0)
+
+
+class _GcStats:
+    """Counts garbage-collector passes and their pause times (per generation)."""
+
+    def __init__(self) -> None:
+        self.count = [0, 0, 0]
+        self.total_s = [0.0, 0.0, 0.0]
+        self.max_s = [0.0, 0.0, 0.0]
+        self.window_max_s = 0.0  # longest pause since the last snapshot
+        self.long = 0  # pauses >= 50 ms
+        self._t0 = 0.0
+        gc.callbacks.append(self._cb)
+
+    def _cb(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._t0 = time.perf_counter()
+            return
+        g = info["generation"]
+        dt = time.perf_counter() - self._t0
+        self.count[g] += 1
+        self.total_s[g] += dt
+        self.max_s[g] = max(self.max_s[g], dt)
+        self.window_max_s = max(self.window_max_s, dt)
+        if dt >= 0.05:
+            self.long += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "count": list(self.count),
+            "total_s": self.total_s[:],
+            "max_s": self.max_s[:],
+            "window_max_s": self.window_max_s,
+            "long": self.long,
+        }
+        self.window_max_s = 0.0
+        if tracemalloc.is_tracing():
+            out["py_traced_mb"] = tracemalloc.get_traced_memory()[0] / 2**20
+        return out
 
 
 def serve_main(args: argparse.Namespace) -> None:
@@ -178,16 +232,28 @@ def _all(gens: list[Gen], msg: dict[str, Any]) -> list[dict[str, Any]]:
     return [g.recv() for g in gens]
 
 
+def _coord_gc(server: subprocess.Popen[str]) -> dict[str, Any]:
+    assert server.stdin is not None and server.stdout is not None
+    server.stdin.write("stats\n")
+    server.stdin.flush()
+    out: dict[str, Any] = json.loads(server.stdout.readline())["gc"]
+    return out
+
+
 def _run_step(
-    gens: list[Gen], pid: int, rate: float, duration: float
+    gens: list[Gen], pid: int, rate: float, duration: float, server: subprocess.Popen[str]
 ) -> dict[str, Any]:
+    gc0 = _coord_gc(server)
     cpu0 = _cpu_s(pid)
+    gcpu0 = sum(_cpu_s(g.proc.pid) for g in gens)
     t0 = time.perf_counter()
     replies = _all(
         gens, {"cmd": "run", "rate": rate / len(gens), "duration": duration, "drain": 3.0}
     )
     wall = time.perf_counter() - t0
     cpu = _cpu_s(pid) - cpu0
+    gen_cpu = sum(_cpu_s(g.proc.pid) for g in gens) - gcpu0
+    gc1 = _coord_gc(server)
     lat = [x for r in replies for x in r["lat_ms"]]
     sent = sum(r["sent"] for r in replies)
     received = sum(r["received"] for r in replies)
@@ -207,6 +273,10 @@ def _run_step(
         "send_errors": sum(r["send_errors"] for r in replies),
         "coord_cpu_s": cpu,
         "coord_cpu_util": cpu / wall,
+        "gens_cpu_util": gen_cpu / wall,
+        "coord_gc2_passes": gc1["count"][2] - gc0["count"][2],
+        "coord_gc_max_ms": gc1["window_max_s"] * 1000,
+        "coord_gc_long": gc1["long"] - gc0["long"],
         "cpu_us_per_update": cpu / received * 1e6 if received else float("nan"),
     }
 
@@ -227,6 +297,8 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     serve_cmd = [py, str(here), "--serve", "--agents", str(args.agents), "--clients", str(args.clients)]
     if args.profile:
         serve_cmd += ["--profile", args.profile]
+    if args.tracemalloc:
+        serve_cmd.append("--tracemalloc")
     server = subprocess.Popen(
         serve_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
     )
@@ -245,39 +317,57 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             ]
             if not args.acks:
                 cmd.append("--no-acks")
+            if args.gen_loop == "asyncio":
+                cmd.append("--no-uvloop")
             gens.append(
                 Gen(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
             )
         peers = args.agents + args.clients
         t0 = time.perf_counter()
+        ccpu0 = _cpu_s(pid)
         conn = _all(gens, {"cmd": "connect"})
         connect_s = time.perf_counter() - t0
+        connect_cpu = _cpu_s(pid) - ccpu0
         streams_s = max(r["streams_s"] for r in conn)
         rss1 = _rss_kb(pid)
+        py_mb = _coord_gc(server).get("py_traced_mb")
+        if args.coord_gc_freeze:
+            assert server.stdin is not None and server.stdout is not None
+            server.stdin.write("freeze\n")
+            server.stdin.flush()
+            server.stdout.readline()
         result: dict[str, Any] = {
             "agents": args.agents,
             "clients": args.clients,
             "peers": peers,
             "gens": args.gens,
             "acks": args.acks,
+            "coord_gc_freeze": args.coord_gc_freeze,
             "connect_s": connect_s,
             "streams_open_s": streams_s,
+            "connect_coord_cpu_util": connect_cpu / connect_s,
             "rss_base_mb": rss0 / 1024,
             "rss_connected_mb": rss1 / 1024,
             "rss_per_peer_kb": (rss1 - rss0) / peers,
         }
+        if py_mb is not None:
+            result["py_traced_per_peer_kb"] = py_mb * 1024 / peers
+            print(f"  Python-traced heap: {py_mb:.1f} MB = "
+                  f"{result['py_traced_per_peer_kb']:.1f} KB/peer", file=sys.stderr)
         # Warm-up (not reported), then the fixed-rate measurement.
-        _run_step(gens, pid, min(args.rate, 200.0), 1.0)
-        result["fixed"] = _run_step(gens, pid, args.rate, args.duration)
+        _run_step(gens, pid, args.rate / 2, 3.0, server)
+        result["fixed"] = _run_step(gens, pid, args.rate, args.duration, server)
         steps: list[dict[str, Any]] = []
         best = 0.0
         for rate in args.steps:
-            step = _run_step(gens, pid, rate, args.step_duration)
+            step = _run_step(gens, pid, rate, args.step_duration, server)
             steps.append(step)
             print(
                 f"  step {rate:>6.0f}/s: p50 {step['p50_ms']:.1f} ms  p99 {step['p99_ms']:.1f} ms"
                 f"  delivered {step['delivery']:.1%}  achieved {step['achieved_rate']:.0f}/s"
-                f"  coord cpu {step['coord_cpu_util']:.0%}",
+                f"  coord cpu {step['coord_cpu_util']:.0%}  gens cpu {step['gens_cpu_util']:.0%}"
+                f"  coord gc2 {step['coord_gc2_passes']}"
+                f" (longest GC pause {step['coord_gc_max_ms']:.0f} ms)",
                 file=sys.stderr,
             )
             if not _passes(step):
@@ -334,18 +424,23 @@ def report(runs: list[dict[str, Any]], out: IO[str]) -> dict[str, Any]:
         "achieved_rate": _median(runs, "fixed", "achieved_rate"),
         "cpu_us_per_update": _median(runs, "fixed", "cpu_us_per_update"),
         "coord_cpu_util": _median(runs, "fixed", "coord_cpu_util"),
+        "gens_cpu_util": _median(runs, "fixed", "gens_cpu_util"),
+        "coord_gc_max_ms": _median(runs, "fixed", "coord_gc_max_ms"),
+        "connect_coord_cpu_util": _median(runs, "connect_coord_cpu_util"),
         "max_sustained_rate": _median(runs, "max_sustained_rate"),
     }
     rate = r0["fixed"]["rate"]
     print(
         f"\n### Coordinator benchmark: {r0['agents']} agents + {r0['clients']} clients, "
         f"{r0['gens']} load generators, acks {'on' if r0['acks'] else 'off'}, "
+        f"{'coordinator gc.freeze() after connect, ' if r0['coord_gc_freeze'] else ''}"
         f"median of {len(runs)} run(s)\n",
         file=out,
     )
     rows = [
         ("time to connect all peers (streams + node exchange)", f"{m['connect_s']:.2f} s"),
         ("  of which all streams open", f"{m['streams_open_s']:.2f} s"),
+        ("  coordinator CPU while connecting", f"{m['connect_coord_cpu_util']:.0%}"),
         ("coordinator RSS when connected", f"{m['rss_connected_mb']:.0f} MB"),
         ("RSS per connected peer", f"{m['rss_per_peer_kb']:.1f} KB"),
         (f"fan-out latency p50 @ {rate:.0f} upd/s", f"{m['p50_ms']:.2f} ms"),
@@ -353,19 +448,26 @@ def report(runs: list[dict[str, Any]], out: IO[str]) -> dict[str, Any]:
         ("  offered rate achieved / delivered", f"{m['achieved_rate']:.0f}/s / {m['delivery']:.1%}"),
         ("coordinator CPU per delivered update", f"{m['cpu_us_per_update']:.0f} µs"),
         ("coordinator CPU utilisation at that rate", f"{m['coord_cpu_util']:.0%}"),
+        ("load generators' CPU at that rate (sum)", f"{m['gens_cpu_util']:.0%}"),
+        ("longest coordinator GC pause in that window", f"{m['coord_gc_max_ms']:.0f} ms"),
         ("max sustained rate (p99 ≤ 100 ms)", f"{m['max_sustained_rate']:.0f} upd/s"),
     ]
     print("| metric | value |\n| --- | --- |", file=out)
     for k, v in rows:
         print(f"| {k} | {v} |", file=out)
     print("\nSteps (run 1):\n", file=out)
-    print("| offered/s | achieved/s | delivered | p50 ms | p99 ms | coord CPU | µs/update |", file=out)
-    print("| --- | --- | --- | --- | --- | --- | --- |", file=out)
+    print(
+        "| offered/s | achieved/s | delivered | p50 ms | p99 ms | coord CPU | gens CPU"
+        " | µs/update | coord gen-2 GCs | longest coord GC pause |",
+        file=out,
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |", file=out)
     for s in r0["steps"]:
         print(
             f"| {s['rate']:.0f} | {s['achieved_rate']:.0f} | {s['delivery']:.1%} | "
             f"{s['p50_ms']:.1f} | {s['p99_ms']:.1f} | {s['coord_cpu_util']:.0%} | "
-            f"{s['cpu_us_per_update']:.0f} |",
+            f"{s['gens_cpu_util']:.0%} | {s['cpu_us_per_update']:.0f} | {s['coord_gc2_passes']} | "
+            f"{s['coord_gc_max_ms']:.0f} ms |",
             file=out,
         )
     return m
@@ -375,6 +477,10 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Tailnet coordinator benchmark")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--profile", help="cProfile the coordinator; write stats to this file")
+    ap.add_argument(
+        "--tracemalloc", action="store_true",
+        help="trace the coordinator's Python allocations (slow; for the RSS breakdown)",
+    )
     ap.add_argument("--quick", action="store_true", help="500 + 500 peers, short steps (< 1 min)")
     ap.add_argument("--agents", type=int)
     ap.add_argument("--clients", type=int)
@@ -384,6 +490,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--step-duration", type=float)
     ap.add_argument("--gens", type=int, default=2, help="load generator processes")
     ap.add_argument("--no-acks", dest="acks", action="store_false")
+    ap.add_argument(
+        "--gen-loop", choices=("uvloop", "asyncio"), default="uvloop",
+        help="event loop of the load generators (the coordinator always runs uvloop)",
+    )
+    ap.add_argument(
+        "--coord-gc-freeze", action="store_true",
+        help="experiment: gc.freeze() in the coordinator once all peers are connected",
+    )
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--json", help="write all results to this file")
     args = ap.parse_args(argv)
