@@ -9,6 +9,7 @@ import asyncio
 import ipaddress
 import logging
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -397,3 +398,15 @@ def test_works_on_uvloop() -> None:
             await e.stop()
 
     uvloop.run(scenario())
+
+
+async def test_expired_resume_token_is_not_used(env: Env) -> None:
+    now = [time.time()]
+    rec = Recorder()
+    client = env.client(rec, wall_clock=lambda: now[0])
+    await client.start(WAIT)
+    ev = await rec.wait(lambda e: isinstance(e, ResumeTokenUpdated))
+    assert isinstance(ev, ResumeTokenUpdated) and ev.expires_at > now[0]
+    assert client.resume_token is not None
+    now[0] = ev.expires_at + 1  # the token expired
+    assert client.resume_token is None
