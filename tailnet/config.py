@@ -1,0 +1,230 @@
+"""Configuration of the embedded stack: flags > ``TAILNET_*`` environment > TOML file > defaults.
+
+Every option is declared once in :data:`OPTIONS` (name, type, default, help);
+from that table come the ``tailnet serve`` flags (``--http-addr``), the
+environment variables (``TAILNET_HTTP_ADDR``) and the TOML keys (``http_addr``,
+top level of the file given by ``--config`` / ``TAILNET_CONFIG``). Booleans
+accept ``1/true/yes/on`` and ``0/false/no/off`` in the environment.
+
+Defaults: HTTP API and embedded DERP on ``127.0.0.1:3000``, gRPC coordinator
+on ``127.0.0.1:3001``, data in ``$XDG_STATE_HOME/tailnet-core`` (or
+``~/.local/state/tailnet-core``), access URL derived from the HTTP address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, Final
+
+__all__ = [
+    "Option",
+    "OPTIONS",
+    "StackConfig",
+    "ConfigError",
+    "default_data_dir",
+    "parse_addr",
+    "add_arguments",
+    "load_config",
+    "ENV_PREFIX",
+]
+
+ENV_PREFIX: Final = "TAILNET_"
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; ``str()`` names the source and the option."""
+
+
+def default_data_dir() -> Path:
+    """``$XDG_STATE_HOME/tailnet-core``, else ``~/.local/state/tailnet-core``."""
+    base = os.environ.get("XDG_STATE_HOME")
+    root = Path(base) if base else Path.home() / ".local" / "state"
+    return root / "tailnet-core"
+
+
+def parse_addr(text: str) -> tuple[str, int]:
+    """``host:port`` / ``[v6]:port`` / ``:port`` → ``(host, port)`` (empty host = all)."""
+    t = text.strip()
+    if t.startswith("["):
+        host, sep, rest = t[1:].partition("]")
+        if not sep or not rest.startswith(":"):
+            raise ValueError(f"invalid address {text!r}: expected [host]:port")
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = t.rpartition(":")
+        if not sep:
+            raise ValueError(f"invalid address {text!r}: expected host:port")
+    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
+        raise ValueError(f"invalid port in address {text!r}")
+    return host, int(port_text)
+
+
+@dataclass(frozen=True, slots=True)
+class Option:
+    name: str
+    kind: type
+    default: Any
+    help: str
+
+
+OPTIONS: Final[tuple[Option, ...]] = (
+    Option("http_addr", str, "127.0.0.1:3000",
+           "Address of the HTTP API; the embedded DERP relay is served on the same port "
+           "under /derp. Port 0 picks a free port."),
+    Option("grpc_addr", str, "127.0.0.1:3001",
+           "Address of the gRPC coordinator (coder.tailnet.v2.Tailnet). 'off' disables it."),
+    Option("access_url", str, "",
+           "External URL clients use to reach the HTTP API (and the embedded relay); "
+           "default http://<http-addr with the bound port>."),
+    Option("data_dir", str, "",
+           "Directory for persistent state: DERP server key, resume-token keys, tokens "
+           "(default $XDG_STATE_HOME/tailnet-core or ~/.local/state/tailnet-core)."),
+    Option("derp_region_id", int, 999, "Region ID of the embedded DERP relay."),
+    Option("derp_region_code", str, "coder", "Region code of the embedded DERP relay."),
+    Option("derp_region_name", str, "Coder Embedded Relay", "Region name of the embedded relay."),
+    Option("derp_config_path", str, "",
+           "Optional JSON file (Go tailcfg.DERPMap) with extra DERP regions to advertise."),
+    Option("derp_force_websockets", bool, False,
+           "Tell clients to reach DERP over WebSocket (reported in /connection)."),
+    Option("block_direct_connections", bool, False,
+           "Tell clients not to attempt direct (P2P) connections."),
+    Option("hostname_suffix", str, "coder", "DNS suffix reported to clients."),
+    Option("derp_map_poll", float, 5.0,
+           "Seconds between re-reads of --derp-config-path (changes are pushed to clients)."),
+    Option("health_cache", float, 10.0, "Seconds a health report is cached (?force=true re-runs)."),
+    Option("health_timeout", float, 5.0, "Timeout of each health check."),
+    Option("postgres_url", str, "",
+           "PostgreSQL DSN for the HA coordinator (requires the tailnet.pg module)."),
+    Option("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING, ERROR."),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class StackConfig:
+    """Resolved settings of a :class:`~tailnet.stack.TailnetStack`.
+
+    ``data_dir=None`` keeps everything in memory (fresh keys on every start);
+    ``grpc_addr=None`` disables the gRPC listener.
+    """
+
+    http_addr: str = "127.0.0.1:3000"
+    grpc_addr: str | None = "127.0.0.1:3001"
+    access_url: str = ""
+    data_dir: Path | None = None
+    derp_region_id: int = 999
+    derp_region_code: str = "coder"
+    derp_region_name: str = "Coder Embedded Relay"
+    derp_config_path: str = ""
+    derp_force_websockets: bool = False
+    block_direct_connections: bool = False
+    hostname_suffix: str = "coder"
+    derp_map_poll: float = 5.0
+    health_cache: float = 10.0
+    health_timeout: float = 5.0
+    postgres_url: str = ""
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        try:
+            parse_addr(self.http_addr)
+            if self.grpc_addr is not None:
+                parse_addr(self.grpc_addr)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if not 0 < self.derp_region_id < 2**31:
+            raise ConfigError(f"derp_region_id must be positive, got {self.derp_region_id}")
+        if self.access_url and not self.access_url.startswith(("http://", "https://")):
+            raise ConfigError(f"access_url must start with http:// or https://: {self.access_url!r}")
+
+
+def _convert(opt: Option, value: Any, source: str) -> Any:
+    if opt.kind is bool:
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off", ""):
+            return False
+        raise ConfigError(f"{source}: {opt.name} expects a boolean, got {value!r}")
+    if isinstance(value, bool):
+        raise ConfigError(f"{source}: {opt.name} expects {opt.kind.__name__}, got {value!r}")
+    try:
+        return opt.kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{source}: {opt.name} expects {opt.kind.__name__}, got {value!r}") from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add ``--config`` and one flag per option (defaults resolved later, see module doc)."""
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help="TOML file with any of the options below as top-level keys "
+        f"(env {ENV_PREFIX}CONFIG).",
+    )
+    for opt in OPTIONS:
+        flag = "--" + opt.name.replace("_", "-")
+        env = ENV_PREFIX + opt.name.upper()
+        text = f"{opt.help} [env {env}; default {opt.default!r}]"
+        if opt.kind is bool:
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=text
+            )
+        else:
+            parser.add_argument(flag, type=str, default=None, metavar=opt.name.upper(), help=text)
+
+
+def load_config(
+    args: argparse.Namespace | None = None,
+    env: Mapping[str, str] | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+) -> StackConfig:
+    """Merge flags (``args``), environment, TOML and defaults into a :class:`StackConfig`."""
+    environ = os.environ if env is None else env
+    values: dict[str, Any] = {opt.name: opt.default for opt in OPTIONS}
+    cfg_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
+    known = {opt.name: opt for opt in OPTIONS}
+    if cfg_path:
+        try:
+            doc = tomllib.loads(Path(cfg_path).read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {cfg_path}: {exc.strerror or exc}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"config file {cfg_path}: {exc}") from None
+        for key, value in doc.items():
+            name = key.replace("-", "_")
+            if name not in known:
+                raise ConfigError(f"config file {cfg_path}: unknown option {key!r}")
+            values[name] = _convert(known[name], value, f"config file {cfg_path}")
+    for opt in OPTIONS:
+        env_name = ENV_PREFIX + opt.name.upper()
+        if env_name in environ:
+            values[opt.name] = _convert(opt, environ[env_name], f"environment {env_name}")
+    if args is not None:
+        for opt in OPTIONS:
+            value = getattr(args, opt.name, None)
+            if value is not None:
+                values[opt.name] = _convert(opt, value, "--" + opt.name.replace("_", "-"))
+    for name, value in (overrides or {}).items():
+        values[name] = value
+    data_dir = values.pop("data_dir")
+    grpc = values.pop("grpc_addr")
+    allowed = {f.name for f in fields(StackConfig)}
+    kwargs = {k: v for k, v in values.items() if k in allowed}
+    return StackConfig(
+        data_dir=Path(data_dir).expanduser() if data_dir else default_data_dir(),
+        grpc_addr=None if str(grpc).strip().lower() in ("", "off", "none") else str(grpc),
+        **kwargs,
+    )
+
+
+def option_names() -> Sequence[str]:
+    """Names of all options (for docs/tests)."""
+    return [opt.name for opt in OPTIONS]

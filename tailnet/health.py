@@ -1,0 +1,545 @@
+"""Deployment health report (Coder's ``/api/v2/debug/health``): DERP, access URL, WebSocket.
+
+Structure: pure report builders (:func:`node_report`, :func:`region_report`,
+:func:`derp_report`, :func:`health_report`) turn check results into the JSON
+Coder's ``healthsdk`` uses; the async checks (:func:`check_node`,
+:func:`check_access_url`, :func:`check_websocket`) do the I/O;
+:class:`HealthChecker` runs them all concurrently and caches the result.
+
+DERP node check (per node of every region of the current DERP map):
+
+1. unless STUN-only: two fresh :class:`~derp.client.DerpClient` log in to the
+   node (``http`` when ``ForceHTTP`` is set, else ``https``; port ``DERPPort``
+   or the scheme default); A sends a probe packet to B, B echoes it to A. The
+   node ``can_exchange_messages`` iff the echo arrives; ``round_trip_ping`` is
+   A's send → echo time (Go duration text) and ``round_trip_ping_ms`` the same
+   in whole milliseconds;
+2. STUN (``STUNPort`` ≥ 0; 0 means 3478): one RFC 5389 Binding request over
+   UDP; ``stun.canSTUN`` iff a Binding success with our transaction id returns.
+
+Severity rules (``ok`` < ``warning`` < ``error``):
+
+* node: error if it cannot exchange messages (or, STUN-only, cannot STUN);
+  warning ``ESTUN01`` if STUN is enabled but fails on a relay node;
+  warning ``EDERP01`` if it only works over WebSocket (never set here: we dial
+  plain DERP);
+* region: error if every node is unhealthy; warning ``EDERP02`` if some are;
+  otherwise the worst node severity;
+* derp section: error if every region is in error; if only some are, warning
+  ``EDERP02`` naming them (clients use the other regions); otherwise the worst
+  region severity;
+* report: the worst section severity. ``healthy`` everywhere means
+  ``severity != "error"`` (Coder keeps it for backward compatibility).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import struct
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Final
+
+import h11
+
+from derp.client import DerpClient
+from derp.events import PacketReceived
+from derp.keys import PrivateKey
+from tailnet.derpmap import DERPMapSource, derp_map_to_json
+from tailnet.v2 import tailnet_pb2 as pb
+
+__all__ = [
+    "SEVERITY_OK",
+    "SEVERITY_WARNING",
+    "SEVERITY_ERROR",
+    "CODE_DERP_WEBSOCKET",
+    "CODE_DERP_NODE_UNHEALTHY",
+    "CODE_STUN_FAILED",
+    "NodeCheck",
+    "node_url",
+    "node_report",
+    "region_report",
+    "derp_report",
+    "health_report",
+    "check_node",
+    "check_stun",
+    "check_access_url",
+    "check_websocket",
+    "HealthChecker",
+    "report_json",
+]
+
+SEVERITY_OK: Final = "ok"
+SEVERITY_WARNING: Final = "warning"
+SEVERITY_ERROR: Final = "error"
+_RANK: Final = {SEVERITY_OK: 0, SEVERITY_WARNING: 1, SEVERITY_ERROR: 2}
+
+CODE_DERP_WEBSOCKET: Final = "EDERP01"
+CODE_DERP_NODE_UNHEALTHY: Final = "EDERP02"
+CODE_STUN_FAILED: Final = "ESTUN01"
+
+
+def _worst(severities: Iterable[str]) -> str:
+    out = SEVERITY_OK
+    for s in severities:
+        if _RANK[s] > _RANK[out]:
+            out = s
+    return out
+
+
+def _warning(code: str, message: str) -> dict[str, str]:
+    return {"code": code, "message": message}
+
+
+def _go_duration(seconds: float) -> str:
+    """Go ``time.Duration.String()``-like text (``1.234ms``, ``2.5s``)."""
+    if seconds >= 1:
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    ms = seconds * 1000
+    if ms >= 1:
+        return f"{ms:.3f}".rstrip("0").rstrip(".") + "ms"
+    return f"{seconds * 1e6:.0f}µs"
+
+
+# ----------------------------------------------------------------------------- pure
+
+
+@dataclass(frozen=True, slots=True)
+class NodeCheck:
+    """Raw results of checking one DERP node."""
+
+    node: pb.DERPMap.Region.Node
+    can_exchange_messages: bool = False
+    round_trip_ping: float | None = None
+    error: str | None = None
+    stun_enabled: bool = False
+    can_stun: bool = False
+    stun_error: str | None = None
+    uses_websocket: bool = False
+
+
+def _node_json(node: pb.DERPMap.Region.Node) -> dict[str, Any]:
+    m = pb.DERPMap()
+    m.regions[node.region_id or 1].nodes.append(node)
+    region = derp_map_to_json(m)["Regions"][str(node.region_id or 1)]
+    nodes: list[dict[str, Any]] = region["Nodes"]
+    return nodes[0]
+
+
+def node_report(check: NodeCheck) -> dict[str, Any]:
+    """JSON of one node (Coder ``derphealth.NodeReport``)."""
+    warnings: list[dict[str, str]] = []
+    node = check.node
+    if node.stun_only:
+        ok = check.can_stun
+        severity = SEVERITY_OK if ok else SEVERITY_ERROR
+    else:
+        ok = check.can_exchange_messages
+        severity = SEVERITY_OK if ok else SEVERITY_ERROR
+        if ok and check.stun_enabled and not check.can_stun:
+            severity = SEVERITY_WARNING
+            warnings.append(
+                _warning(CODE_STUN_FAILED, f"STUN on node {node.name} failed: {check.stun_error}")
+            )
+        if ok and check.uses_websocket:
+            severity = _worst([severity, SEVERITY_WARNING])
+            warnings.append(
+                _warning(CODE_DERP_WEBSOCKET, f"Node {node.name} uses WebSocket instead of DERP")
+            )
+    rtt = check.round_trip_ping
+    return {
+        "healthy": severity != SEVERITY_ERROR,
+        "severity": severity,
+        "warnings": warnings,
+        "error": check.error,
+        "node": _node_json(node),
+        "node_info": {},
+        "can_exchange_messages": check.can_exchange_messages,
+        "round_trip_ping": _go_duration(rtt) if rtt is not None else "",
+        "round_trip_ping_ms": round(rtt * 1000) if rtt is not None else 0,
+        "uses_websocket": check.uses_websocket,
+        "client_logs": [],
+        "client_errs": [[check.error]] if check.error else [],
+        "stun": {
+            "Enabled": check.stun_enabled,
+            "CanSTUN": check.can_stun,
+            "Error": check.stun_error,
+        },
+    }
+
+
+def region_report(region: pb.DERPMap.Region, nodes: list[dict[str, Any]]) -> dict[str, Any]:
+    """JSON of one region from its node reports (Coder ``derphealth.RegionReport``)."""
+    unhealthy = [n for n in nodes if n["severity"] == SEVERITY_ERROR]
+    warnings: list[dict[str, str]] = [w for n in nodes for w in n["warnings"]]
+    error: str | None = None
+    if not nodes:
+        severity, error = SEVERITY_ERROR, "region has no nodes"
+    elif len(unhealthy) == len(nodes):
+        severity = SEVERITY_ERROR
+        error = "; ".join(f"{n['node']['Name']}: {n['error']}" for n in unhealthy)
+    elif unhealthy:
+        severity = SEVERITY_WARNING
+        warnings.append(
+            _warning(
+                CODE_DERP_NODE_UNHEALTHY,
+                "Region is operational, but performance might be degraded as "
+                f"{len(unhealthy)} node(s) are unhealthy.",
+            )
+        )
+    else:
+        severity = _worst(n["severity"] for n in nodes)
+    m = pb.DERPMap()
+    m.regions[region.region_id].CopyFrom(region)
+    return {
+        "healthy": severity != SEVERITY_ERROR,
+        "severity": severity,
+        "warnings": warnings,
+        "error": error,
+        "region": derp_map_to_json(m)["Regions"][str(region.region_id)],
+        "node_reports": nodes,
+    }
+
+
+def derp_report(regions: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
+    """The ``derp`` section from region reports (keys: region id)."""
+    failing = sorted(rid for rid, r in regions.items() if r["severity"] == SEVERITY_ERROR)
+    warnings: list[dict[str, str]] = [w for r in regions.values() for w in r["warnings"]]
+    error: str | None = None
+    if not regions:
+        severity, error = SEVERITY_ERROR, "the DERP map has no regions"
+    elif len(failing) == len(regions):
+        severity, error = SEVERITY_ERROR, "no DERP region is reachable"
+    elif failing:
+        severity = SEVERITY_WARNING
+        warnings.append(
+            _warning(
+                CODE_DERP_NODE_UNHEALTHY,
+                "Some DERP regions are unhealthy: " + ", ".join(str(r) for r in failing),
+            )
+        )
+    else:
+        severity = _worst(r["severity"] for r in regions.values())
+    return {
+        "healthy": severity != SEVERITY_ERROR,
+        "severity": severity,
+        "warnings": warnings,
+        "dismissed": False,
+        "error": error,
+        "regions": {str(rid): regions[rid] for rid in sorted(regions)},
+        "netcheck": None,
+        "netcheck_err": None,
+        "netcheck_logs": [],
+    }
+
+
+def health_report(
+    *, derp: dict[str, Any], access_url: dict[str, Any], websocket: dict[str, Any], now: float
+) -> dict[str, Any]:
+    """The whole report; top-level severity is the worst section's."""
+    severity = _worst([derp["severity"], access_url["severity"], websocket["severity"]])
+    return {
+        "time": datetime.fromtimestamp(now, timezone.utc).isoformat().replace("+00:00", "Z"),
+        "healthy": severity != SEVERITY_ERROR,
+        "severity": severity,
+        "derp": derp,
+        "access_url": access_url,
+        "websocket": websocket,
+        "coder_version": "tailnet-core",
+    }
+
+
+# ----------------------------------------------------------------------------- I/O
+
+
+def node_url(node: pb.DERPMap.Region.Node) -> str:
+    """The DERP URL a client would dial for ``node``."""
+    scheme = "http" if node.force_http else "https"
+    host = node.host_name or node.ipv4 or node.ipv6
+    if ":" in host:
+        host = f"[{host}]"
+    port = node.derp_port or (80 if scheme == "http" else 443)
+    return f"{scheme}://{host}:{port}/derp"
+
+
+async def check_stun(host: str, port: int, timeout: float) -> tuple[bool, str | None]:
+    """One RFC 5389 Binding request; ``(ok, error)``."""
+    txid = os.urandom(12)
+    request = struct.pack(">HHI", 0x0001, 0, 0x2112A442) + txid
+    loop = asyncio.get_running_loop()
+    got: asyncio.Future[bytes] = loop.create_future()
+
+    class _Proto(asyncio.DatagramProtocol):
+        def datagram_received(self, data: bytes, addr: Any) -> None:
+            if len(data) >= 20 and data[8:20] == txid and not got.done():
+                got.set_result(data)
+
+        def error_received(self, exc: Exception) -> None:
+            if not got.done():
+                got.set_exception(exc)
+
+    try:
+        transport, _ = await loop.create_datagram_endpoint(_Proto, remote_addr=(host, port))
+    except OSError as exc:
+        return False, f"cannot open UDP socket: {exc.strerror or exc}"
+    try:
+        transport.sendto(request)
+        data = await asyncio.wait_for(got, timeout)
+    except TimeoutError:
+        return False, f"no STUN response within {timeout:g}s"
+    except OSError as exc:
+        return False, f"STUN failed: {exc.strerror or exc}"
+    finally:
+        transport.close()
+    (msg_type,) = struct.unpack_from(">H", data)
+    if msg_type != 0x0101:
+        return False, f"unexpected STUN response type 0x{msg_type:04x}"
+    return True, None
+
+
+async def check_node(node: pb.DERPMap.Region.Node, *, timeout: float = 5.0) -> NodeCheck:
+    """Check one node (see module docstring); never raises for network problems."""
+    stun_enabled = node.stun_port >= 0
+    can_stun, stun_error = False, None
+    if stun_enabled:
+        host = node.stun_test_ip or node.ipv4 or node.host_name
+        can_stun, stun_error = await check_stun(host, node.stun_port or 3478, timeout)
+    if node.stun_only:
+        return NodeCheck(
+            node, stun_enabled=stun_enabled, can_stun=can_stun, stun_error=stun_error,
+            error=None if can_stun else stun_error,
+        )
+    url = node_url(node)
+    a = DerpClient(url, PrivateKey.generate(), is_prober=True, connect_timeout=timeout)
+    b = DerpClient(url, PrivateKey.generate(), is_prober=True, connect_timeout=timeout)
+    rtt: float | None = None
+    error: str | None = None
+    try:
+        await asyncio.wait_for(asyncio.gather(a.connect(), b.connect()), timeout)
+        probe = os.urandom(16)
+        loop = asyncio.get_running_loop()
+
+        async def echo() -> None:
+            while True:
+                ev = await b.recv()
+                if isinstance(ev, PacketReceived) and ev.data == probe:
+                    await b.send(ev.src, ev.data)
+                    return
+
+        async def roundtrip() -> float:
+            start = loop.time()
+            await a.send(b.public_key, probe)
+            while True:
+                ev = await a.recv()
+                if isinstance(ev, PacketReceived) and ev.data == probe:
+                    return loop.time() - start
+
+        echo_task = asyncio.ensure_future(echo())
+        try:
+            rtt = await asyncio.wait_for(roundtrip(), timeout)
+        finally:
+            echo_task.cancel()
+    except TimeoutError:
+        error = f"{url}: no answer within {timeout:g}s"
+    except OSError as exc:
+        error = f"{url}: {exc.strerror or exc}"
+    except Exception as exc:  # DERP protocol/handshake errors
+        error = f"{url}: {type(exc).__name__}: {exc}"
+    finally:
+        await asyncio.gather(a.close(), b.close(), return_exceptions=True)
+    return NodeCheck(
+        node,
+        can_exchange_messages=rtt is not None,
+        round_trip_ping=rtt,
+        error=error,
+        stun_enabled=stun_enabled,
+        can_stun=can_stun,
+        stun_error=stun_error,
+    )
+
+
+def _section(ok: bool, error: str | None, **extra: Any) -> dict[str, Any]:
+    severity = SEVERITY_OK if ok else SEVERITY_ERROR
+    return {
+        "healthy": ok,
+        "severity": severity,
+        "warnings": [],
+        "dismissed": False,
+        "error": error,
+        **extra,
+    }
+
+
+async def check_access_url(access_url: str, *, timeout: float = 5.0) -> dict[str, Any]:
+    """GET ``<access_url>/healthz`` with an h11 client; the ``access_url`` section."""
+    split = urllib.parse.urlsplit(access_url)
+    host = split.hostname or "127.0.0.1"
+    port = split.port or (443 if split.scheme == "https" else 80)
+    status = 0
+    body = b""
+    error: str | None = None
+    try:
+        reader, writer = await asyncio.wait_for(
+            asyncio.open_connection(host, port, ssl=split.scheme == "https"), timeout
+        )
+        try:
+            conn = h11.Connection(h11.CLIENT)
+            writer.write(
+                conn.send(
+                    h11.Request(
+                        method="GET",
+                        target="/healthz",
+                        headers=[("Host", split.netloc), ("Connection", "close")],
+                    )
+                )
+                + conn.send(h11.EndOfMessage())
+            )
+            while True:
+                ev = conn.next_event()
+                if ev is h11.NEED_DATA:
+                    conn.receive_data(await asyncio.wait_for(reader.read(65536), timeout))
+                    continue
+                if isinstance(ev, h11.Response):
+                    status = ev.status_code
+                elif isinstance(ev, h11.Data):
+                    body += ev.data
+                elif isinstance(ev, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    break
+        finally:
+            writer.close()
+    except TimeoutError:
+        error = f"GET {access_url}/healthz: no answer within {timeout:g}s"
+    except (OSError, h11.ProtocolError) as exc:
+        error = f"GET {access_url}/healthz: {exc}"
+    ok = error is None and status == 200
+    if error is None and not ok:
+        error = f"GET {access_url}/healthz: status {status}"
+    return _section(
+        ok,
+        error,
+        access_url=access_url,
+        reachable=status != 0,
+        status_code=status,
+        healthz_response=body.decode("utf-8", "replace"),
+    )
+
+
+async def check_websocket(url: str, token: str | None, *, timeout: float = 5.0) -> dict[str, Any]:
+    """Open a WebSocket to the echo endpoint ``url``, echo one message; the ``websocket`` section."""
+    from websockets.asyncio.client import connect
+
+    error: str | None = None
+    body = ""
+    code = 0
+    headers = {"Coder-Session-Token": token} if token else {}
+    try:
+        async with asyncio.timeout(timeout):
+            async with connect(url, additional_headers=headers, compression=None) as ws:
+                code = 101
+                await ws.send("ping")
+                reply = await ws.recv()
+                body = reply if isinstance(reply, str) else reply.decode("utf-8", "replace")
+                if body != "ping":
+                    error = f"echo mismatch: {body!r}"
+    except TimeoutError:
+        error = f"{url}: no answer within {timeout:g}s"
+    except Exception as exc:  # InvalidStatus, OSError, protocol errors
+        error = f"{url}: {exc}"
+        status = getattr(getattr(exc, "response", None), "status_code", None)
+        if isinstance(status, int):
+            code = status
+    return _section(error is None, error, body=body, code=code)
+
+
+@dataclass(slots=True)
+class _Cached:
+    at: float
+    report: dict[str, Any]
+
+
+class HealthChecker:
+    """Runs all checks concurrently, caching the report for ``cache_ttl`` seconds.
+
+    ``access_url`` and ``websocket_url`` are optional: without them those
+    sections report ``ok`` with ``error`` null and nothing checked. Concurrent
+    callers share one run.
+    """
+
+    def __init__(
+        self,
+        derp_maps: DERPMapSource,
+        *,
+        access_url: str | None = None,
+        websocket_url: str | None = None,
+        token: Callable[[], str | None] | None = None,
+        timeout: float = 5.0,
+        cache_ttl: float = 10.0,
+        clock: Callable[[], float] = time.time,
+        node_checker: Callable[..., Awaitable[NodeCheck]] = check_node,
+    ) -> None:
+        self._derp_maps = derp_maps
+        self.access_url = access_url
+        self.websocket_url = websocket_url
+        self._token = token
+        self._timeout = timeout
+        self._ttl = cache_ttl
+        self._clock = clock
+        self._check_node = node_checker
+        self._cached: _Cached | None = None
+        self._running: asyncio.Future[dict[str, Any]] | None = None
+
+    async def report(self, *, force: bool = False) -> dict[str, Any]:
+        """The cached report, or a fresh one if forced/expired."""
+        now = self._clock()
+        cached = self._cached
+        if not force and cached is not None and now - cached.at < self._ttl:
+            return cached.report
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(self._run())
+        return await asyncio.shield(self._running)
+
+    async def _run(self) -> dict[str, Any]:
+        m = self._derp_maps.current()
+        regions = sorted(m.regions.items())
+
+        async def one_region(region: pb.DERPMap.Region) -> dict[str, Any]:
+            checks = await asyncio.gather(
+                *(self._check_node(n, timeout=self._timeout) for n in region.nodes)
+            )
+            return region_report(region, [node_report(c) for c in checks])
+
+        async def skipped(section: str) -> dict[str, Any]:
+            return _section(True, None, skipped=f"{section} check not configured")
+
+        access = (
+            check_access_url(self.access_url, timeout=self._timeout)
+            if self.access_url
+            else skipped("access URL")
+        )
+        token = self._token() if self._token is not None else None
+        ws = (
+            check_websocket(self.websocket_url, token, timeout=self._timeout)
+            if self.websocket_url
+            else skipped("websocket")
+        )
+        results = await asyncio.gather(access, ws, *(one_region(r) for _, r in regions))
+        access_section, ws_section = results[0], results[1]
+        region_reports = {rid: rep for (rid, _), rep in zip(regions, results[2:])}
+        report = health_report(
+            derp=derp_report(region_reports),
+            access_url=access_section,
+            websocket=ws_section,
+            now=self._clock(),
+        )
+        self._cached = _Cached(self._clock(), report)
+        return report
+
+
+def report_json(report: Mapping[str, Any]) -> bytes:
+    """Serialize a report (stable key order for humans)."""
+    return json.dumps(report, indent=2).encode("utf-8")

@@ -1,0 +1,399 @@
+"""The Coder-compatible HTTP API (routes, auth, endpoint handlers).
+
+Endpoints (all ``GET``; JSON errors per :mod:`tailnet.http.errors`):
+
+======================================================  ===============================================
+``/healthz``                                            ``OK`` (no auth)
+``/api/v2/derp-map``                                    WS: DERP map JSON (Go names) as one binary
+                                                        message at once and on every change
+``/api/v2/workspaceagents/{id}/connection``             ``AgentConnectionInfo`` JSON
+``/api/v2/workspaceagents/connection``                  the same, not bound to an agent
+``/api/v2/workspaceagents/{id}/coordinate``             WS: Tailnet RPC, client bound to agent ``{id}``
+``/api/v2/tailnet``                                     WS: user-scoped Tailnet RPC
+``/api/v2/workspaceagents/me/rpc``                      WS: Tailnet RPC for an agent (agent token)
+``/api/v2/debug/health``                                health report (``?force=true`` re-runs)
+``/api/v2/debug/coordinator``                           peers and tunnels (HTML; JSON on
+                                                        ``Accept: application/json``)
+``/api/v2/debug/ws``                                    WS echo (used by the health check)
+======================================================  ===============================================
+
+Checks, in order, for every endpoint but ``/healthz``:
+
+1. credentials (:func:`~tailnet.http.request.extract_token`): none or unknown → 401;
+2. for RPC endpoints ``?version=`` (default ``2.0``): malformed/unsupported →
+   400 with ``validations[0].field == "version"``;
+3. role: debug endpoints need a ``control_plane`` principal (403); the agent
+   endpoint needs an agent token (403); agents may not use client endpoints (403);
+4. ``{id}``: not a UUID → 400 (field ``workspaceagent``); unknown agent or no
+   access (the tunnel authorizer says no) → 404;
+5. ``?resume_token=``: invalid → 401 with ``validations[0].field == "resume_token"``;
+6. non-WebSocket request to a WS endpoint → 426.
+
+RPC WebSockets carry :mod:`tailnet.wsrpc` frames; the 101 response includes
+``Tailnet-Peer-Id`` and ``Tailnet-Version``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import html
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from tailnet.auth import ClientPolicy
+from tailnet.derpmap import DERPMapSource, derp_map_to_json, derp_maps_equal, with_home_params
+from tailnet.health import HealthChecker
+from tailnet.identity import (
+    MD_AGENT_ID,
+    MD_RESUME_TOKEN,
+    MD_SESSION_TOKEN,
+    MD_VERSION,
+    Principal,
+)
+from tailnet.service import CallContext, ServiceError, Status, StreamIdentity, TailnetService
+from tailnet.version import format_version
+from tailnet.wsrpc import HEADER_PEER_ID, HEADER_VERSION
+
+from .errors import HttpError, Validation
+from .request import Request, extract_token
+from .rpc import RpcSession
+from .server import Response, Upgrade
+from .websocket import CLOSE_GOING_AWAY, ServerWebSocket
+
+__all__ = ["ApiOptions", "TailnetApi", "AgentLookup"]
+
+log = logging.getLogger(__name__)
+
+#: ``(principal, agent_id) -> may this principal reach this (existing) agent?``
+AgentLookup = Callable[[Principal, uuid.UUID], Awaitable[bool]]
+
+_AGENTS: Final = "/api/v2/workspaceagents/"
+
+
+@dataclass(slots=True)
+class ApiOptions:
+    """Values reported by ``/connection`` and WebSocket keepalive settings."""
+
+    derp_force_websockets: bool = False
+    disable_direct_connections: bool = False
+    hostname_suffix: str = "coder"
+    ping_interval: float = 15.0
+
+
+def _json(status: int, doc: Any) -> Response:
+    return Response(status, json.dumps(doc).encode("utf-8"))
+
+
+class TailnetApi:
+    """Routes requests to handlers; see the module docstring for the contract."""
+
+    def __init__(
+        self,
+        service: TailnetService,
+        derp_maps: DERPMapSource,
+        *,
+        agent_lookup: AgentLookup,
+        health: HealthChecker | None = None,
+        options: ApiOptions | None = None,
+    ) -> None:
+        self.service = service
+        self.derp_maps = derp_maps
+        self._agent_lookup = agent_lookup
+        self.health = health
+        self.options = options or ApiOptions()
+        self._closing = asyncio.Event()
+
+    def close(self) -> None:
+        """Stop DERP-map streams (called at shutdown, before the server closes sockets)."""
+        self._closing.set()
+
+    # ------------------------------------------------------------------ routing
+
+    async def handle(self, req: Request) -> Response | Upgrade:
+        path = req.path.rstrip("/") or "/"
+        if req.method not in ("GET", "HEAD"):
+            raise HttpError(405, f"Method {req.method} not allowed.")
+        if path == "/healthz":
+            return Response(200, b"OK", "text/plain; charset=utf-8")
+        if path == "/api/v2/derp-map":
+            await self._authenticate(req)
+            return Upgrade(self._derp_map_ws, ping_interval=self.options.ping_interval)
+        if path == "/api/v2/tailnet":
+            return await self._tailnet(req)
+        if path == "/api/v2/debug/health":
+            await self._require_owner(req)
+            return await self._health(req)
+        if path == "/api/v2/debug/coordinator":
+            await self._require_owner(req)
+            return self._coordinator_debug(req)
+        if path == "/api/v2/debug/ws":
+            await self._authenticate(req)
+            return Upgrade(self._echo_ws, ping_interval=None)
+        if path == "/api/v2/workspaceagents/connection":
+            await self._authenticate(req)
+            return self._connection_info()
+        if path.startswith(_AGENTS):
+            rest = path[len(_AGENTS) :].split("/")
+            if rest == ["me", "rpc"]:
+                return await self._agent_rpc(req)
+            if len(rest) == 2 and rest[1] in ("connection", "coordinate"):
+                agent_id = _parse_agent_id(rest[0])
+                if rest[1] == "connection":
+                    principal = await self._authenticate(req)
+                    await self._require_agent_access(principal, agent_id)
+                    return self._connection_info()
+                return await self._client_coordinate(req, agent_id)
+        raise HttpError(404, "Route not found.", f"No route for {req.method} {req.path}.")
+
+    # ------------------------------------------------------------------ auth
+
+    def _metadata(self, req: Request, *, rpc: bool) -> dict[str, str]:
+        md: dict[str, str] = {}
+        token = extract_token(req)
+        if token is not None:
+            md[MD_SESSION_TOKEN] = token
+        if rpc:
+            if "version" in req.query:
+                md[MD_VERSION] = req.query["version"]
+            resume = req.query.get("resume_token", "").strip()
+            if resume:
+                md[MD_RESUME_TOKEN] = resume
+        return md
+
+    async def _call(self, req: Request, *, rpc: bool) -> CallContext:
+        md = self._metadata(req, rpc=rpc)
+        if MD_SESSION_TOKEN not in md:
+            raise HttpError(
+                401,
+                "You must be authenticated to use this endpoint.",
+                "Send the Coder-Session-Token header, Authorization: Bearer <token>, "
+                "or the coder_session_token cookie.",
+            )
+        try:
+            return await self.service.authenticate(md)
+        except ServiceError as exc:
+            if exc.status is Status.UNAUTHENTICATED:
+                raise HttpError(401, "Invalid or unknown session token.") from None
+            if exc.status in (Status.INVALID_ARGUMENT, Status.FAILED_PRECONDITION):
+                raise HttpError(
+                    400,
+                    "Unknown or unsupported API version",
+                    validations=[Validation("version", exc.message)],
+                ) from None
+            raise HttpError(503, "Authentication backend unavailable.") from None
+
+    async def _authenticate(self, req: Request) -> Principal:
+        return (await self._call(req, rpc=False)).principal
+
+    async def _require_owner(self, req: Request) -> Principal:
+        p = await self._authenticate(req)
+        if p.kind != "control_plane":
+            raise HttpError(403, "Forbidden.", "Debug endpoints require an owner (admin) token.")
+        return p
+
+    async def _require_agent_access(self, principal: Principal, agent_id: uuid.UUID) -> None:
+        try:
+            ok = await self._agent_lookup(principal, agent_id)
+        except Exception:
+            log.exception("agent lookup failed for %s", agent_id)
+            ok = False
+        if not ok:
+            raise HttpError(404, "Workspace agent not found.", f"No agent {agent_id} you may access.")
+
+    async def _resolve(self, call: CallContext) -> StreamIdentity:
+        try:
+            return await self.service.resolve_stream(call)
+        except ServiceError as exc:
+            if exc.status is Status.UNAUTHENTICATED:
+                raise HttpError(
+                    401,
+                    "Invalid resume token",
+                    exc.message,
+                    [Validation("resume_token", exc.message)],
+                ) from None
+            if exc.status is Status.PERMISSION_DENIED:
+                raise HttpError(404, "Workspace agent not found.", exc.message) from None
+            if exc.status is Status.INVALID_ARGUMENT:
+                raise HttpError(400, exc.message) from None
+            raise HttpError(503, exc.message) from None
+
+    def _rpc_upgrade(self, call: CallContext, ident: StreamIdentity | None) -> Upgrade:
+        headers = [(HEADER_VERSION, format_version(call.version))]
+        if ident is not None:
+            headers.append((HEADER_PEER_ID, str(ident.peer_id)))
+        async def run(ws: ServerWebSocket) -> None:
+            await RpcSession(ws, self.service, call, ident).run()
+
+        async def shutdown(ws: ServerWebSocket) -> None:
+            await ws.close(CLOSE_GOING_AWAY, "server shutting down")
+
+        return Upgrade(run, headers, self.options.ping_interval, shutdown)
+
+    # ------------------------------------------------------------------ RPC endpoints
+
+    async def _client_coordinate(self, req: Request, agent_id: uuid.UUID) -> Upgrade:
+        md = self._metadata(req, rpc=True)
+        call = await self._call(req, rpc=True)
+        p = call.principal
+        if p.kind == "agent":
+            raise HttpError(403, "Agents cannot coordinate as clients.")
+        await self._require_agent_access(p, agent_id)
+        md.update(call.metadata)
+        md[MD_AGENT_ID] = str(agent_id)
+        call = CallContext(p, call.version, md)
+        ident = await self._resolve(call)
+        if not isinstance(ident.policy, ClientPolicy):
+            ident = dataclasses.replace(ident, name="client", policy=ClientPolicy(agent_id))
+        return self._rpc_upgrade(call, ident)
+
+    async def _tailnet(self, req: Request) -> Upgrade:
+        call = await self._call(req, rpc=True)
+        if call.principal.kind == "agent":
+            raise HttpError(
+                403, "Agents cannot use the user-scoped tailnet API.",
+                "Agents coordinate on /api/v2/workspaceagents/me/rpc.",
+            )
+        ident = await self._resolve(call)
+        return self._rpc_upgrade(call, ident)
+
+    async def _agent_rpc(self, req: Request) -> Upgrade:
+        call = await self._call(req, rpc=True)
+        if call.principal.kind != "agent":
+            raise HttpError(403, "This endpoint requires a workspace agent token.")
+        ident = await self._resolve(call)
+        return self._rpc_upgrade(call, ident)
+
+    # ------------------------------------------------------------------ DERP map
+
+    def _connection_info(self) -> Response:
+        o = self.options
+        doc: dict[str, Any] = {
+            "derp_map": derp_map_to_json(self.derp_maps.current()),
+            "derp_force_websockets": o.derp_force_websockets,
+            "disable_direct_connections": o.disable_direct_connections,
+        }
+        if o.hostname_suffix:
+            doc["hostname_suffix"] = o.hostname_suffix
+        return _json(200, doc)
+
+    async def _derp_map_ws(self, ws: ServerWebSocket) -> None:
+        """Send the map now and on every change; a reader drains (and ignores) input."""
+        src = self.derp_maps
+
+        async def drain_input() -> None:
+            while await ws.recv() is not None:
+                pass
+
+        reader = asyncio.ensure_future(drain_input())
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            version = src.version
+            last = with_home_params(src.current())
+            await ws.send(json.dumps(derp_map_to_json(last)).encode("utf-8"))
+            while ws.open:
+                changed = asyncio.ensure_future(src.wait_changed(version))
+                done, _ = await asyncio.wait(
+                    {changed, reader, closing}, return_when=asyncio.FIRST_COMPLETED
+                )
+                if changed not in done:
+                    changed.cancel()
+                    if closing in done:
+                        await ws.close(CLOSE_GOING_AWAY, "server shutting down")
+                    return
+                version = changed.result()
+                cur = src.current()
+                if not derp_maps_equal(last, cur):
+                    last = with_home_params(cur)
+                    await ws.send(json.dumps(derp_map_to_json(last)).encode("utf-8"))
+        except ConnectionError:
+            return
+        finally:
+            reader.cancel()
+            closing.cancel()
+
+    async def _echo_ws(self, ws: ServerWebSocket) -> None:
+        while True:
+            msg = await ws.recv()
+            if msg is None:
+                return
+            # replies are binary; text is echoed as its UTF-8 bytes
+            await ws.send(msg.encode("utf-8") if isinstance(msg, str) else msg)
+
+    # ------------------------------------------------------------------ debug
+
+    async def _health(self, req: Request) -> Response:
+        if self.health is None:
+            raise HttpError(404, "Health checks are not configured.")
+        force = req.query.get("force", "").lower() in ("1", "true", "yes")
+        report = await self.health.report(force=force)
+        return _json(200, report)
+
+    def _coordinator_debug(self, req: Request) -> Response:
+        coord = self.service.coordinator
+        now = time.time()
+        peers = sorted(coord.peers(), key=lambda p: (p.name, str(p.id)))
+        tunnels = sorted(coord.tunnels(), key=lambda t: (str(t[0]), str(t[1])))
+        if req.accepts_json():
+            from google.protobuf.json_format import MessageToDict
+
+            return _json(
+                200,
+                {
+                    "peers": [
+                        {
+                            "id": str(p.id),
+                            "name": p.name,
+                            "created_at": p.created,
+                            "last_write_at": p.last_write,
+                            "overwrites": p.overwrites,
+                            "node": MessageToDict(p.node) if p.node is not None else None,
+                        }
+                        for p in peers
+                    ],
+                    "tunnels": [{"src": str(s), "dst": str(d)} for s, d in tunnels],
+                },
+            )
+        rows = "".join(
+            f"<tr><td>{html.escape(p.name)}</td><td><code>{p.id}</code></td>"
+            f"<td>{now - p.created:.0f}s ago</td><td>{now - p.last_write:.0f}s ago</td>"
+            f"<td>{p.overwrites}</td><td><code>{html.escape(_node_text(p.node))}</code></td></tr>"
+            for p in peers
+        )
+        trows = "".join(f"<tr><td><code>{s}</code></td><td><code>{d}</code></td></tr>" for s, d in tunnels)
+        page = (
+            "<!DOCTYPE html>\n<html><head><title>coordinator</title></head><body>\n"
+            f"<h2 id=peers>peers: total {len(peers)}</h2>\n"
+            "<table><tr><th>Name</th><th>ID</th><th>Created</th><th>Last write</th>"
+            f"<th>Overwrites</th><th>Node</th></tr>{rows}</table>\n"
+            f"<h2 id=tunnels>tunnels: total {len(tunnels)}</h2>\n"
+            f"<table><tr><th>Source</th><th>Destination</th></tr>{trows}</table>\n"
+            "</body></html>\n"
+        )
+        return Response(200, page.encode("utf-8"), "text/html; charset=utf-8")
+
+
+def _node_text(node: object) -> str:
+    if node is None:
+        return "(no node)"
+    from google.protobuf.json_format import MessageToJson
+    from google.protobuf.message import Message
+
+    assert isinstance(node, Message)
+    return MessageToJson(node, indent=None)
+
+
+def _parse_agent_id(text: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise HttpError(
+            400,
+            f"Invalid UUID {text!r}.",
+            validations=[Validation("workspaceagent", "must be a UUID")],
+        ) from None

@@ -1,0 +1,376 @@
+"""The HTTP listener: h11 per connection, DERP hand-over, WebSocket upgrades.
+
+Connection flow::
+
+    TCP accept → ApiConnection (h11 server)
+      request head + end of message
+        path /derp, /derp/*, /generate_204 → DERP front door: the transport's
+            protocol becomes derp.server.http.HttpConnection(derp_server); the
+            request head (re-serialized by h11) and any bytes read after it are
+            replayed into it, so every DERP behaviour (fast start, probes,
+            WebSocket DERP, …) is the relay's own. After the upgrade the relay's
+            connection owns the socket: no extra layer on the data path.
+        anything else → await app.handle(Request) in a task (reading paused):
+            Response → written with h11 (keep-alive as h11 allows)
+            Upgrade  → websockets handshake (ServerWebSocket.upgrade), then the
+                       upgrade's handler runs until the socket closes
+            HttpError → Coder-style JSON error; other exceptions → 500 JSON
+                        "Internal error" (logged, no exception text)
+
+Malformed HTTP → 400 and close (only that connection). Request heads must
+arrive within ``header_timeout``; bodies are read and ignored (≤ 1 MiB).
+
+Shutdown (:meth:`HttpApiServer.stop`): stop accepting, close idle HTTP
+connections, run every live upgrade's ``on_shutdown`` (WebSockets: close 1001)
+and wait up to ``grace`` seconds before cancelling their handlers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Protocol, cast
+
+import h11
+
+from derp.server import DerpServer
+from derp.server.http import HttpConnection as DerpFrontDoor
+
+from .errors import HttpError, error_body
+from .request import Request, request_from_h11
+from .websocket import CLOSE_GOING_AWAY, ServerWebSocket
+
+__all__ = ["Response", "Upgrade", "App", "HttpApiServer", "is_derp_path", "MAX_BODY"]
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 1 << 20
+_SERVER = ("Server", "tailnet-core")
+
+
+def is_derp_path(path: str) -> bool:
+    """Paths served by the embedded DERP relay's own front door."""
+    return path == "/derp" or path.startswith("/derp/") or path == "/generate_204"
+
+
+@dataclass(slots=True)
+class Response:
+    """A complete HTTP response."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Upgrade:
+    """Accept the request as a WebSocket and run ``handler`` on it."""
+
+    handler: Callable[[ServerWebSocket], Awaitable[None]]
+    headers: list[tuple[str, str]] = field(default_factory=list)
+    ping_interval: float | None = 15.0
+    on_shutdown: Callable[[ServerWebSocket], Awaitable[None]] | None = None
+
+
+class App(Protocol):
+    async def handle(self, req: Request) -> Response | Upgrade: ...
+
+
+class _ApiConnection(asyncio.Protocol):
+    def __init__(self, server: HttpApiServer) -> None:
+        self._server = server
+        self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
+        self._transport: asyncio.Transport | None = None
+        self._req: h11.Request | None = None
+        self._body = 0
+        self._task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._handed_off = False
+        self.remote: object = None
+
+    # asyncio callbacks -------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        self.remote = transport.get_extra_info("peername")
+        self._server._conns.add(self)
+        self._arm_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._server._conns.discard(self)
+        self._cancel_timer()
+        if self._task is not None and not self._handed_off:
+            self._task.cancel()
+
+    def data_received(self, data: bytes) -> None:
+        if self._handed_off:  # pragma: no cover - protocol swapped before more data
+            return
+        try:
+            self._h11.receive_data(data)
+        except h11.RemoteProtocolError:
+            self._bad_request()
+            return
+        if self._task is None:
+            self._process()
+
+    def eof_received(self) -> bool | None:
+        try:
+            self._h11.receive_data(b"")
+        except h11.RemoteProtocolError:
+            pass
+        if self._task is None:
+            self._process()
+        return None
+
+    # helpers -----------------------------------------------------------------
+
+    def _arm_timer(self) -> None:
+        self._cancel_timer()
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(self._server.header_timeout, self._on_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timeout(self) -> None:
+        self._timer = None
+        if self._transport is not None and self._task is None:
+            self._transport.close()
+
+    @property
+    def idle(self) -> bool:
+        return self._task is None and not self._handed_off
+
+    def close(self) -> None:
+        if self._transport is not None and not self._handed_off:
+            self._transport.close()
+
+    def _bad_request(self) -> None:
+        if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+            try:
+                self._write(
+                    Response(400, error_body("Malformed HTTP request.")), close=True
+                )
+            except h11.LocalProtocolError:
+                pass
+        if self._transport is not None:
+            self._transport.close()
+
+    def _write(self, resp: Response, *, close: bool = False, head: bool = False) -> None:
+        headers = [_SERVER, ("Content-Length", str(len(resp.body)))]
+        if resp.body:
+            headers.append(("Content-Type", resp.content_type))
+        headers.extend(resp.headers)
+        if close:
+            headers.append(("Connection", "close"))
+        out = self._h11.send(h11.Response(status_code=resp.status, headers=headers)) or b""
+        if resp.body and not head:
+            out += self._h11.send(h11.Data(data=resp.body)) or b""
+        out += self._h11.send(h11.EndOfMessage()) or b""
+        if self._transport is not None:
+            self._transport.write(out)
+
+    # request loop --------------------------------------------------------------
+
+    def _process(self) -> None:
+        conn = self._h11
+        while True:
+            if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
+                if self._transport is not None:
+                    self._transport.close()
+                return
+            if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                conn.start_next_cycle()
+                self._arm_timer()
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError:
+                self._bad_request()
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.ConnectionClosed):
+                if self._transport is not None:
+                    self._transport.close()
+                return
+            if isinstance(event, h11.Request):
+                self._req, self._body = event, 0
+                continue
+            if isinstance(event, h11.Data):
+                self._body += len(event.data)
+                if self._body > MAX_BODY:
+                    self._write(Response(413, error_body("Request body too large.")), close=True)
+                    if self._transport is not None:
+                        self._transport.close()
+                    return
+                continue
+            if isinstance(event, h11.EndOfMessage) and self._req is not None:
+                req, self._req = self._req, None
+                self._cancel_timer()
+                path = req.target.split(b"?", 1)[0].decode("latin-1")
+                if self._server.derp is not None and is_derp_path(path):
+                    self._hand_to_derp(req)
+                    return
+                assert self._transport is not None
+                self._transport.pause_reading()
+                self._task = asyncio.get_running_loop().create_task(self._handle(req))
+                return
+
+    def _hand_to_derp(self, req: h11.Request) -> None:
+        transport = self._transport
+        derp = self._server.derp
+        assert transport is not None and derp is not None
+        try:
+            client = h11.Connection(h11.CLIENT)
+            head = (client.send(req) or b"") + (client.send(h11.EndOfMessage()) or b"")
+        except h11.LocalProtocolError:
+            self._write(Response(400, error_body("Malformed DERP request.")), close=True)
+            transport.close()
+            return
+        trailing = bytes(self._h11.trailing_data[0])
+        self._handed_off = True
+        self._server._conns.discard(self)
+        front = DerpFrontDoor(derp)
+        transport.set_protocol(front)
+        front.connection_made(transport)
+        front.data_received(head + trailing)
+
+    async def _handle(self, ev: h11.Request) -> None:
+        req = request_from_h11(ev, self.remote)
+        head = req.method == "HEAD"
+        try:
+            try:
+                result = await self._server.app.handle(req)
+            except HttpError as exc:
+                result = Response(exc.status, exc.body())
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("http: %s %s failed", req.method, req.path)
+                result = Response(500, error_body("Internal error."))
+            if isinstance(result, Upgrade):
+                if not req.is_websocket:
+                    result = Response(
+                        426,
+                        error_body(
+                            "This endpoint requires a WebSocket upgrade.",
+                            "Send Upgrade: websocket.",
+                        ),
+                        headers=[("Upgrade", "websocket")],
+                    )
+                else:
+                    await self._upgrade(ev, result)
+                    return
+            self._write(result, head=head)
+        finally:
+            self._task = None
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.resume_reading()
+            self._process()
+
+    async def _upgrade(self, ev: h11.Request, up: Upgrade) -> None:
+        transport = self._transport
+        assert transport is not None
+        trailing = bytes(self._h11.trailing_data[0])
+        self._handed_off = True
+        self._server._conns.discard(self)
+        ws = ServerWebSocket.upgrade(
+            transport,
+            ev,
+            extra_headers=up.headers,
+            trailing=trailing,
+            ping_interval=up.ping_interval,
+        )
+        transport.resume_reading()
+        if ws is None:
+            return
+        await self._server._run_upgrade(ws, up)
+
+
+class HttpApiServer:
+    """Listens on one TCP port; serves ``app`` and (optionally) the DERP relay's paths."""
+
+    def __init__(
+        self,
+        app: App,
+        *,
+        derp: DerpServer | None = None,
+        header_timeout: float = 10.0,
+    ) -> None:
+        self.app = app
+        self.derp = derp
+        self.header_timeout = header_timeout
+        self._listener: asyncio.Server | None = None
+        self._conns: set[_ApiConnection] = set()
+        self._upgrades: dict[asyncio.Task[None], tuple[ServerWebSocket, Upgrade]] = {}
+        self.host = ""
+
+    @property
+    def port(self) -> int:
+        if self._listener is None or not self._listener.sockets:
+            raise RuntimeError("server not started")
+        return int(self._listener.sockets[0].getsockname()[1])
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
+        if self._listener is not None:
+            raise RuntimeError("server already started")
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            lambda: _ApiConnection(self), host, port, backlog=1024, reuse_address=True
+        )
+        self.host = host
+
+    async def _run_upgrade(self, ws: ServerWebSocket, up: Upgrade) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._upgrades[task] = (ws, up)
+        try:
+            await up.handler(ws)
+        except asyncio.CancelledError:
+            ws.abort()
+            raise
+        except Exception:
+            log.exception("websocket handler failed")
+            await ws.close(1011, "internal error")
+        else:
+            if ws.open:
+                await ws.close(1000, "")
+        finally:
+            self._upgrades.pop(task, None)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop listening, close WebSockets with 1001, close idle connections."""
+        if self._listener is not None:
+            self._listener.close()
+        for c in list(self._conns):
+            if c.idle:
+                c.close()
+
+        async def shut(ws: ServerWebSocket, up: Upgrade) -> None:
+            if up.on_shutdown is not None:
+                await up.on_shutdown(ws)
+            else:
+                await ws.close(CLOSE_GOING_AWAY, "server shutting down", timeout=grace)
+
+        live = list(self._upgrades.items())
+        if live:
+            await asyncio.gather(*(shut(ws, up) for _, (ws, up) in live), return_exceptions=True)
+            tasks = [t for t, _ in live]
+            _done, pending = await asyncio.wait(tasks, timeout=grace)
+            for t in pending:
+                t.cancel()
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)
+        for c in list(self._conns):
+            c.close()
+        if self._listener is not None:
+            try:
+                await asyncio.wait_for(self._listener.wait_closed(), grace)
+            except TimeoutError:  # pragma: no cover
+                pass
+            self._listener = None

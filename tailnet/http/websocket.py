@@ -1,0 +1,275 @@
+"""Server-side WebSocket over a raw asyncio transport, using ``websockets``' sans-I/O core.
+
+Hand-over flow (the HTTP front door has already parsed and authorized the
+request with h11)::
+
+    ws = ServerWebSocket.upgrade(transport, h11_request, extra_headers, trailing_bytes)
+      1. the request head is re-serialized and fed to websockets.ServerProtocol,
+         which validates the RFC 6455 handshake (``accept``) and builds the 101
+      2. the 101 (plus our extra headers) is written; the transport's protocol
+         becomes this object; bytes already read after the head are replayed
+    await ws.recv()        -> bytes | str | None  (None once closed)
+    await ws.send(data)    -> waits while the transport is above its write high-water mark
+    await ws.close(code, reason)
+
+Pings: with ``ping_interval`` the server pings; a pong must arrive within
+``ping_timeout`` or the connection is closed with 1011. Pings from the client
+are answered by websockets automatically. Incoming messages are queued; when
+more than ``max_queue`` wait, reading pauses (backpressure to the client).
+
+Invariants: every write goes through :meth:`_flush`, which writes whatever the
+sans-I/O core produced, and closes the transport when the core signals EOF.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import os
+from collections.abc import Sequence
+from typing import cast
+
+import h11
+from websockets.datastructures import Headers
+from websockets.exceptions import InvalidState
+from websockets.frames import Frame, Opcode
+from websockets.http11 import Request as WsRequest
+from websockets.protocol import State
+from websockets.server import ServerProtocol
+
+__all__ = ["ServerWebSocket", "CLOSE_GOING_AWAY", "CLOSE_PROTOCOL_ERROR", "CLOSE_INTERNAL"]
+
+log = logging.getLogger(__name__)
+
+CLOSE_NORMAL = 1000
+CLOSE_GOING_AWAY = 1001
+CLOSE_PROTOCOL_ERROR = 1002
+CLOSE_INTERNAL = 1011
+
+
+class ServerWebSocket(asyncio.Protocol):
+    """One accepted WebSocket (see module docstring)."""
+
+    def __init__(
+        self,
+        proto: ServerProtocol,
+        transport: asyncio.Transport,
+        *,
+        ping_interval: float | None = 15.0,
+        ping_timeout: float = 30.0,
+        max_queue: int = 64,
+    ) -> None:
+        self._proto = proto
+        self._transport = transport
+        self._messages: collections.deque[bytes | str] = collections.deque()
+        self._wake = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._max_queue = max_queue
+        self._paused = False
+        self._lost = asyncio.Event()
+        self._ping_interval = ping_interval
+        self._ping_timeout = ping_timeout
+        self._ping_task: asyncio.Task[None] | None = None
+        self._pong: asyncio.Future[None] | None = None
+        self._ping_data = b""
+        self._close_timer: asyncio.TimerHandle | None = None
+
+    # ------------------------------------------------------------------ handshake
+
+    @classmethod
+    def upgrade(
+        cls,
+        transport: asyncio.Transport,
+        request: h11.Request,
+        *,
+        extra_headers: Sequence[tuple[str, str]] = (),
+        trailing: bytes = b"",
+        max_size: int = 4 << 20,
+        ping_interval: float | None = 15.0,
+        ping_timeout: float = 30.0,
+    ) -> ServerWebSocket | None:
+        """Perform the handshake on ``transport``; ``None`` if it was not a valid
+        WebSocket request (an HTTP error was written and the transport closed)."""
+        proto = ServerProtocol(max_size=max_size, logger=log)
+        headers = Headers()
+        for raw_name, raw_value in request.headers.raw_items():
+            headers[raw_name.decode("latin-1")] = raw_value.decode("latin-1")
+        ws_req = WsRequest(request.target.decode("latin-1"), headers)
+        proto.receive_data(ws_req.serialize())
+        events = proto.events_received()
+        parsed = events[0] if events and isinstance(events[0], WsRequest) else None
+        if parsed is None:
+            response = proto.reject(400, "Invalid WebSocket request.\n")
+        else:
+            response = proto.accept(parsed)
+        if response.status_code == 101:
+            for name, value in extra_headers:
+                response.headers[name] = value
+        proto.send_response(response)
+        if response.status_code != 101:
+            for chunk in proto.data_to_send():
+                if chunk:
+                    transport.write(chunk)
+            transport.close()
+            return None
+        ws = cls(
+            proto, transport, ping_interval=ping_interval, ping_timeout=ping_timeout
+        )
+        transport.set_protocol(ws)
+        ws._flush()
+        if ping_interval:
+            ws._ping_task = asyncio.get_running_loop().create_task(ws._ping_loop())
+        if trailing:
+            ws.data_received(trailing)
+        return ws
+
+    # ------------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:  # pragma: no cover
+        self._transport = cast(asyncio.Transport, transport)
+
+    def data_received(self, data: bytes) -> None:
+        self._proto.receive_data(data)
+        self._process()
+
+    def eof_received(self) -> bool | None:
+        self._proto.receive_eof()
+        self._process()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._proto.state is not State.CLOSED:
+            try:
+                self._proto.receive_eof()
+            except Exception:  # pragma: no cover - already failing
+                pass
+        self._lost.set()
+        self._wake.set()
+        self._writable.set()
+        if self._ping_task is not None:
+            self._ping_task.cancel()
+        if self._close_timer is not None:
+            self._close_timer.cancel()
+
+    def pause_writing(self) -> None:
+        self._writable.clear()
+
+    def resume_writing(self) -> None:
+        self._writable.set()
+
+    # ------------------------------------------------------------------ internals
+
+    def _process(self) -> None:
+        for event in self._proto.events_received():
+            if not isinstance(event, Frame):
+                continue
+            if event.opcode is Opcode.BINARY:
+                self._messages.append(bytes(event.data))
+            elif event.opcode is Opcode.TEXT:
+                self._messages.append(bytes(event.data).decode("utf-8", errors="replace"))
+            elif event.opcode is Opcode.PONG:
+                if self._pong is not None and bytes(event.data) == self._ping_data:
+                    if not self._pong.done():
+                        self._pong.set_result(None)
+            # CONT frames never surface: websockets reassembles fragmented messages
+        if self._messages:
+            self._wake.set()
+            if len(self._messages) >= self._max_queue and not self._paused:
+                self._paused = True
+                self._transport.pause_reading()
+        if self._proto.state is State.CLOSED:
+            self._wake.set()
+        self._flush()
+
+    def _flush(self) -> None:
+        for chunk in self._proto.data_to_send():
+            if chunk:
+                self._transport.write(chunk)
+            else:  # EOF marker: the closing handshake is over on our side
+                self._transport.close()
+        if self._proto.close_expected() and self._close_timer is None:
+            loop = asyncio.get_running_loop()
+            self._close_timer = loop.call_later(5.0, self._transport.abort)
+
+    async def _ping_loop(self) -> None:
+        assert self._ping_interval
+        loop = asyncio.get_running_loop()
+        while self.open:
+            await asyncio.sleep(self._ping_interval)
+            if not self.open:
+                return
+            self._ping_data = os.urandom(4)
+            self._pong = loop.create_future()
+            try:
+                self._proto.send_ping(self._ping_data)
+            except InvalidState:
+                return
+            self._flush()
+            try:
+                await asyncio.wait_for(self._pong, self._ping_timeout)
+            except TimeoutError:
+                log.info("websocket: no pong within %.0f s, closing", self._ping_timeout)
+                await self.close(CLOSE_INTERNAL, "keepalive ping timeout")
+                return
+
+    # ------------------------------------------------------------------ public API
+
+    @property
+    def open(self) -> bool:
+        return self._proto.state is State.OPEN and not self._lost.is_set()
+
+    @property
+    def close_code(self) -> int | None:
+        return self._proto.close_code
+
+    @property
+    def remote(self) -> object:
+        return self._transport.get_extra_info("peername")
+
+    async def recv(self) -> bytes | str | None:
+        """The next message, or ``None`` once the connection is closing/closed."""
+        while True:
+            if self._messages:
+                msg = self._messages.popleft()
+                if self._paused and len(self._messages) < self._max_queue // 2:
+                    self._paused = False
+                    self._transport.resume_reading()
+                return msg
+            if self._proto.state is not State.OPEN or self._lost.is_set():
+                return None
+            self._wake.clear()
+            await self._wake.wait()
+
+    async def send(self, data: bytes) -> None:
+        """Send one binary message; waits while the write buffer is full.
+
+        Raises ``ConnectionError`` if the connection is no longer open.
+        """
+        if not self.open:
+            raise ConnectionError("websocket is closed")
+        self._proto.send_binary(data)
+        self._flush()
+        if not self._writable.is_set():
+            await self._writable.wait()
+
+    async def close(self, code: int = CLOSE_NORMAL, reason: str = "", timeout: float = 5.0) -> None:
+        """Start the closing handshake and wait (≤ ``timeout``) until the TCP connection is gone."""
+        if self._proto.state is State.OPEN:
+            try:
+                self._proto.send_close(code, reason)
+            except InvalidState:  # pragma: no cover
+                pass
+            self._flush()
+        self._wake.set()
+        try:
+            await asyncio.wait_for(self._lost.wait(), timeout)
+        except TimeoutError:
+            self._transport.abort()
+
+    def abort(self) -> None:
+        self._transport.abort()
+
+    async def wait_closed(self) -> None:
+        await self._lost.wait()
