@@ -7,7 +7,7 @@ top level of the file given by ``--config`` / ``TAILNET_CONFIG``). Booleans
 accept ``1/true/yes/on`` and ``0/false/no/off`` in the environment.
 
 Defaults: HTTP API and embedded DERP on ``127.0.0.1:3000``, gRPC coordinator
-on ``127.0.0.1:3001``, data in ``$XDG_STATE_HOME/tailnet-core`` (or
+on ``127.0.0.1:3001``, STUN on UDP ``127.0.0.1:3478``, data in ``$XDG_STATE_HOME/tailnet-core`` (or
 ``~/.local/state/tailnet-core``), access URL derived from the HTTP address.
 """
 
@@ -78,6 +78,9 @@ OPTIONS: Final[tuple[Option, ...]] = (
            "under /derp. Port 0 picks a free port."),
     Option("grpc_addr", str, "127.0.0.1:3001",
            "Address of the gRPC coordinator (coder.tailnet.v2.Tailnet). 'off' disables it."),
+    Option("stun_addr", str, "127.0.0.1:3478",
+           "UDP address of the embedded STUN responder (advertised as the embedded "
+           "node's STUNPort). 'off' disables STUN (STUNPort -1)."),
     Option("access_url", str, "",
            "External URL clients use to reach the HTTP API (and the embedded relay); "
            "default http://<http-addr with the bound port>."),
@@ -114,6 +117,7 @@ class StackConfig:
 
     http_addr: str = "127.0.0.1:3000"
     grpc_addr: str | None = "127.0.0.1:3001"
+    stun_addr: str | None = "127.0.0.1:3478"
     access_url: str = ""
     data_dir: Path | None = None
     derp_region_id: int = 999
@@ -132,8 +136,9 @@ class StackConfig:
     def __post_init__(self) -> None:
         try:
             parse_addr(self.http_addr)
-            if self.grpc_addr is not None:
-                parse_addr(self.grpc_addr)
+            for addr in (self.grpc_addr, self.stun_addr):
+                if addr is not None:
+                    parse_addr(addr)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if not 0 < self.derp_region_id < 2**31:
@@ -216,13 +221,22 @@ def load_config(
         values[name] = value
     data_dir = values.pop("data_dir")
     grpc = values.pop("grpc_addr")
+    stun = values.pop("stun_addr")
     allowed = {f.name for f in fields(StackConfig)}
     kwargs = {k: v for k, v in values.items() if k in allowed}
     return StackConfig(
         data_dir=Path(data_dir).expanduser() if data_dir else default_data_dir(),
-        grpc_addr=None if str(grpc).strip().lower() in ("", "off", "none") else str(grpc),
+        grpc_addr=_addr_or_off(grpc),
+        stun_addr=_addr_or_off(stun),
         **kwargs,
     )
+
+
+def _addr_or_off(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = str(value).strip()
+    return None if text.lower() in ("", "off", "none") else text
 
 
 def option_names() -> Sequence[str]:

@@ -14,8 +14,8 @@ DERP node check (per node of every region of the current DERP map):
    node ``can_exchange_messages`` iff the echo arrives; ``round_trip_ping`` is
    A's send → echo time (Go duration text) and ``round_trip_ping_ms`` the same
    in whole milliseconds;
-2. STUN (``STUNPort`` ≥ 0; 0 means 3478): one RFC 5389 Binding request over
-   UDP; ``stun.canSTUN`` iff a Binding success with our transaction id returns.
+2. STUN (``STUNPort`` ≥ 0; 0 means 3478): one Binding request over UDP
+   (:func:`derp.stunserver.stun_request`); ``stun.CanSTUN`` iff it is answered.
 
 Severity rules (``ok`` < ``warning`` < ``error``):
 
@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import struct
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -50,6 +49,7 @@ import h11
 from derp.client import DerpClient
 from derp.events import PacketReceived
 from derp.keys import PrivateKey
+from derp.stunserver import stun_request
 from tailnet.derpmap import DERPMapSource, derp_map_to_json
 from tailnet.v2 import tailnet_pb2 as pb
 
@@ -268,37 +268,13 @@ def node_url(node: pb.DERPMap.Region.Node) -> str:
 
 
 async def check_stun(host: str, port: int, timeout: float) -> tuple[bool, str | None]:
-    """One RFC 5389 Binding request; ``(ok, error)``."""
-    txid = os.urandom(12)
-    request = struct.pack(">HHI", 0x0001, 0, 0x2112A442) + txid
-    loop = asyncio.get_running_loop()
-    got: asyncio.Future[bytes] = loop.create_future()
-
-    class _Proto(asyncio.DatagramProtocol):
-        def datagram_received(self, data: bytes, addr: Any) -> None:
-            if len(data) >= 20 and data[8:20] == txid and not got.done():
-                got.set_result(data)
-
-        def error_received(self, exc: Exception) -> None:
-            if not got.done():
-                got.set_exception(exc)
-
+    """One STUN Binding exchange (:func:`derp.stunserver.stun_request`); ``(ok, error)``."""
     try:
-        transport, _ = await loop.create_datagram_endpoint(_Proto, remote_addr=(host, port))
-    except OSError as exc:
-        return False, f"cannot open UDP socket: {exc.strerror or exc}"
-    try:
-        transport.sendto(request)
-        data = await asyncio.wait_for(got, timeout)
+        await stun_request(host, port, timeout)
     except TimeoutError:
-        return False, f"no STUN response within {timeout:g}s"
+        return False, f"no STUN answer from {host}:{port} within {timeout:g}s"
     except OSError as exc:
-        return False, f"STUN failed: {exc.strerror or exc}"
-    finally:
-        transport.close()
-    (msg_type,) = struct.unpack_from(">H", data)
-    if msg_type != 0x0101:
-        return False, f"unexpected STUN response type 0x{msg_type:04x}"
+        return False, f"STUN {host}:{port}: {exc.strerror or exc}"
     return True, None
 
 
