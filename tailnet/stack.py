@@ -373,7 +373,8 @@ class TailnetStack:
         d = self.config.data_dir
         return None if d is None else d / name
 
-    def _prepare_data_dir(self) -> tuple[PrivateKey, ResumeKeyStore]:
+    def prepare_data_dir(self) -> tuple[PrivateKey, ResumeKeyStore]:
+        """Create/load the data dir: DERP key, resume keys, tokens (+ admin token)."""
         d = self.config.data_dir
         if d is not None:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -451,7 +452,7 @@ class TailnetStack:
                 "postgres_url is set but the embedded stack does not wire the HA "
                 "coordinator yet; pass coordinator=... (see the report/README)"
             )
-        key, resume_keys = self._prepare_data_dir()
+        key, resume_keys = self.prepare_data_dir()
         try:
             await self._start_listeners(key, resume_keys)
         except BaseException:

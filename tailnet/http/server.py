@@ -28,6 +28,7 @@ and wait up to ``grace`` seconds before cancelling their handlers.
 from __future__ import annotations
 
 import asyncio
+import http
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -168,7 +169,14 @@ class _ApiConnection(asyncio.Protocol):
         headers.extend(resp.headers)
         if close:
             headers.append(("Connection", "close"))
-        out = self._h11.send(h11.Response(status_code=resp.status, headers=headers)) or b""
+        try:
+            reason = http.HTTPStatus(resp.status).phrase.encode("ascii")
+        except ValueError:
+            reason = b""
+        out = (
+            self._h11.send(h11.Response(status_code=resp.status, headers=headers, reason=reason))
+            or b""
+        )
         if resp.body and not head:
             out += self._h11.send(h11.Data(data=resp.body)) or b""
         out += self._h11.send(h11.EndOfMessage()) or b""

@@ -1,0 +1,215 @@
+"""``tailnet`` command line: ``serve``, ``demo``, ``token create``.
+
+``tailnet serve`` runs :class:`~tailnet.stack.TailnetStack` on uvloop until
+SIGINT/SIGTERM (clean shutdown, exit 0). It prints, on stdout::
+
+    tailnet-core is running
+      API:        http://127.0.0.1:3000
+      DERP relay: http://127.0.0.1:3000/derp  (region 999)
+      gRPC:       127.0.0.1:3001
+      STUN:       udp 127.0.0.1:3478
+      data dir:   /home/me/.local/state/tailnet-core
+      admin token: <token>        (first start only; afterwards "in <data dir>/tokens.json")
+
+``tailnet demo`` starts an in-memory stack on ephemeral ports (or uses
+``--grpc-target`` + tokens of a running one) and runs :func:`tailnet.demo.run_demo`.
+
+``tailnet token create --agent [UUID] | --user [UUID]`` mints a token into the
+data dir's ``tokens.json``; a running server picks it up at once.
+
+Exit codes: 0 ok, 1 runtime/config error, 2 usage error (argparse).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+import uuid
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
+
+from tailnet.config import ConfigError, StackConfig, add_arguments, default_data_dir, load_config
+from tailnet.stack import TOKENS_FILE, TailnetStack
+
+__all__ = ["main", "build_parser"]
+
+log = logging.getLogger("tailnet.cli")
+_T = TypeVar("_T")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tailnet",
+        description="tailnet-core: Coder-compatible tailnet coordinator with an embedded DERP relay.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve = sub.add_parser(
+        "serve",
+        help="run the coordinator, HTTP API, embedded DERP relay and STUN in one process",
+        description="Run the whole stack in one uvloop process. Options come from flags, "
+        "then TAILNET_* environment variables, then the TOML file of --config, then defaults. "
+        "Stop with SIGINT/SIGTERM.",
+    )
+    add_arguments(serve)
+    demo = sub.add_parser(
+        "demo",
+        help="show an agent and a client talking through DERP, sealed end to end",
+        description="Without --grpc-target: start an in-memory stack on ephemeral ports, "
+        "mint a user and an agent, coordinate them and exchange NaCl-sealed packets "
+        "through the DERP relay, printing round-trip times. With --grpc-target, use a "
+        "running stack (pass --agent-id, --agent-token and --client-token).",
+    )
+    demo.add_argument("--packets", type=int, default=5, help="packets to exchange (default 5)")
+    demo.add_argument("--timeout", type=float, default=10.0, help="per-step timeout in seconds")
+    demo.add_argument("--grpc-target", help="host:port of a running stack's gRPC coordinator")
+    demo.add_argument("--agent-id", help="agent UUID (with --grpc-target)")
+    demo.add_argument("--agent-token", help="agent token (with --grpc-target)")
+    demo.add_argument("--client-token", help="user token with access to the agent")
+    token = sub.add_parser("token", help="manage tokens in the data dir")
+    tsub = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = tsub.add_parser(
+        "create",
+        help="mint a token (agent or user) into <data-dir>/tokens.json",
+        description="Mint a token. A running 'tailnet serve' with the same data dir accepts it "
+        "at once. Prints the token (and IDs) on stdout.",
+    )
+    kind = create.add_mutually_exclusive_group(required=True)
+    kind.add_argument("--agent", nargs="?", const="", metavar="UUID",
+                      help="mint an agent token (new agent ID unless given)")
+    kind.add_argument("--user", nargs="?", const="", metavar="UUID",
+                      help="mint a user token (new user ID unless given)")
+    create.add_argument("--owner", metavar="UUID",
+                        help="owner (user ID) of the agent's workspace (default: the admin)")
+    create.add_argument("--name", default="", help="display name")
+    create.add_argument("--data-dir", help="data directory (default: as 'serve')")
+    return parser
+
+
+def _run(coro_fn: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
+    import uvloop
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro_fn())
+
+
+def _print_banner(stack: TailnetStack, config: StackConfig, first_admin: str | None) -> None:
+    lines = [
+        "tailnet-core is running",
+        f"  API:         {stack.access_url}",
+        f"  DERP relay:  {stack.derp_url}  (region {config.derp_region_id})",
+        f"  gRPC:        {stack.grpc_target or 'off'}",
+        f"  STUN:        {'udp port %d' % stack.stun_port if stack.stun_port is not None else 'off'}",
+        f"  data dir:    {config.data_dir if config.data_dir is not None else '(in memory)'}",
+    ]
+    if first_admin is not None:
+        lines.append(f"  admin token: {first_admin}")
+        lines.append("  (created on first start; keep it secret)")
+    elif config.data_dir is not None:
+        lines.append(f"  admin token: in {config.data_dir / TOKENS_FILE}")
+    lines.append(
+        f"  try:        curl -H 'Coder-Session-Token: <admin token>' {stack.access_url}/api/v2/debug/health"
+    )
+    print("\n".join(lines), flush=True)
+
+
+async def _serve(config: StackConfig) -> int:
+    tokens_path = config.data_dir / TOKENS_FILE if config.data_dir is not None else None
+    first_start = tokens_path is None or not tokens_path.exists()
+    stack = TailnetStack(config)
+    try:
+        await stack.start()
+    except OSError as exc:
+        print(f"tailnet: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    _print_banner(stack, config, stack.admin_token if first_start else None)
+    try:
+        await stop.wait()
+        log.info("signal received, shutting down")
+    finally:
+        await stack.stop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
+    print("tailnet-core stopped", flush=True)
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    return _run(lambda: _serve(config))
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from tailnet.demo import run_demo, run_embedded_demo
+
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    if args.grpc_target:
+        missing = [n for n in ("agent_id", "agent_token", "client_token") if not getattr(args, n)]
+        if missing:
+            raise ConfigError("with --grpc-target also pass " + ", ".join(
+                "--" + m.replace("_", "-") for m in missing))
+        agent_id = uuid.UUID(args.agent_id)
+        _run(lambda: run_demo(
+            grpc_target=args.grpc_target, agent_id=agent_id, agent_token=args.agent_token,
+            client_token=args.client_token, packets=args.packets, timeout=args.timeout,
+        ))
+    else:
+        _run(lambda: run_embedded_demo(packets=args.packets, timeout=args.timeout))
+    print("demo OK: coordinated, exchanged sealed packets through DERP, tampering detected")
+    return 0
+
+
+def _cmd_token(args: argparse.Namespace) -> int:
+    data_dir = Path(args.data_dir).expanduser() if args.data_dir else None
+    if data_dir is None:
+        data_dir = load_config(None).data_dir or default_data_dir()
+    stack = TailnetStack(StackConfig(data_dir=data_dir))
+    stack.prepare_data_dir()
+    if args.agent is not None:
+        agent_id = uuid.UUID(args.agent) if args.agent else None
+        owner = uuid.UUID(args.owner) if args.owner else None
+        creds = stack.create_agent(owner, agent_id=agent_id, name=args.name or "main")
+        print(f"agent_id={creds.agent_id}")
+        print(f"workspace_id={creds.workspace_id}")
+        print(f"owner_id={creds.owner_id}")
+        print(f"token={creds.token}")
+    else:
+        user_id = uuid.UUID(args.user) if args.user else None
+        uid, tok = stack.create_user(user_id, name=args.name or "user")
+        print(f"user_id={uid}")
+        print(f"token={tok}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tailnet`` / ``python -m tailnet``; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _cmd_serve(args)
+        if args.command == "demo":
+            return _cmd_demo(args)
+        return _cmd_token(args)
+    except (ConfigError, ValueError) as exc:
+        print(f"tailnet: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    except Exception as exc:  # demo failures etc.: one line, no traceback
+        print(f"tailnet: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
