@@ -87,6 +87,8 @@ class ServerStats:
         "home_moves_in",
         "home_moves_out",
         "total_dup_client_conns",
+        "admission_rejected",
+        "packets_forwarded_out",
     )
 
     def __init__(self) -> None:
@@ -117,6 +119,10 @@ class ServerStats:
         self.home_moves_in = 0
         self.home_moves_out = 0
         self.total_dup_client_conns = 0
+        #: clients closed because admission control said no (derp.admission)
+        self.admission_rejected = 0
+        #: packets sent to a mesh peer as ForwardPacket (derp.mesh)
+        self.packets_forwarded_out = 0
 
     def drop(self, key: DropKey, nbytes: int, count: int = 1) -> None:
         """Count ``count`` dropped packets totalling ``nbytes`` under ``key``."""

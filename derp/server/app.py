@@ -22,6 +22,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
+from ..admission import Admission, AdmissionGate
 from ..frames import encode_server_key
 from ..keys import PrivateKey, PublicKey
 from ..relay import Relay
@@ -56,6 +57,8 @@ class ServerConfig:
     queue_depth: int = 32
     keepalive_jitter: float = 5.0
     write_buffer_high: int = 64 * 1024
+    #: admission hook for non-mesh clients (derp.admission); None admits everyone
+    admission: Admission | None = None
 
     def __post_init__(self) -> None:
         if self.mesh_key is not None and len(self.mesh_key) != 32:
@@ -86,6 +89,7 @@ class ConnContext:
         "touched",
         "batch_diverted",
         "forward_hook",
+        "admission",
         "wheel",
         "_on_lost",
     )
@@ -118,6 +122,10 @@ class ConnContext:
         self.batch_diverted = [0, 0]
         #: mesh forwarding hook (dst not local, but in relay.forwarders)
         self.forward_hook: ForwardHook | None = None
+        #: runs admission checks (None: admit everyone)
+        self.admission: AdmissionGate | None = None
+        if config.admission is not None:
+            self.admission = AdmissionGate(config.admission)
         resolution = min(1.0, config.keepalive_interval / 10)
         self.wheel: TimerWheel[DerpConnection] = TimerWheel(resolution, loop.time())
         self._on_lost = on_lost
@@ -246,6 +254,8 @@ class DerpServer:
         if self._listener is not None:
             self._listener.close()
         self._idle = asyncio.Event()
+        if self._ctx is not None and self._ctx.admission is not None:
+            await self._ctx.admission.close()
         for h in list(self._http):
             h.close()
         for c in list(self._derp_live):

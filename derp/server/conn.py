@@ -76,6 +76,7 @@ from ..stats import (
 from .handshake import MIN_CLIENT_INFO_LEN, ClientInfoData, open_client_info, seal_server_info
 
 if TYPE_CHECKING:
+    from ..admission import AdmissionGate
     from .app import ConnContext
 
 __all__ = ["DerpConnection", "MAX_FRAME_LEN", "ip16_port"]
@@ -348,6 +349,8 @@ class DerpConnection(asyncio.Protocol):
         buf = self._hs_buf
         assert buf is not None
         buf += data
+        if self.info is not None:  # awaiting admission: keep the bytes for later
+            return
         if len(buf) < HEADER_LEN:
             return
         ftype, length = _hdr_unpack(buf, 0)
@@ -370,6 +373,40 @@ class DerpConnection(asyncio.Protocol):
             self._key = payload[:KEY_LEN]
             self.close(str(exc), protocol_error=True)
             return
+        gate = ctx.admission
+        if gate is not None and not info.is_mesh:  # mesh peers skip admission
+            self._await_admission(gate, info, rest)
+            return
+        self._admit(info)
+        if rest and self._state == _OPEN:
+            self.data_received(rest)
+
+    def _await_admission(self, gate: AdmissionGate, info: ClientInfoData, rest: bytes) -> None:
+        """Pause reading and ask the admission hook (derp.admission); see admission_done."""
+        self.info = info
+        self._key = info.key
+        self._hs_buf = bytearray(rest)
+        t = self._transport
+        if t is not None:
+            t.pause_reading()
+        addr = self.remote_addr
+        ip = str(addr[0]) if isinstance(addr, tuple) and addr else ""
+        gate.start(info.key, ip, self.admission_done)
+
+    def admission_done(self, allowed: bool, reason: str) -> None:
+        """Admission result: admit and replay buffered frames, or close (nothing relayed)."""
+        info = self.info
+        if self._state != _HANDSHAKE or info is None:
+            return
+        if not allowed:
+            self._ctx.stats.admission_rejected += 1
+            self.close(f"admission denied: {reason}")
+            return
+        rest = bytes(self._hs_buf or b"")
+        self._hs_buf = None
+        t = self._transport
+        if t is not None:
+            t.resume_reading()
         self._admit(info)
         if rest and self._state == _OPEN:
             self.data_received(rest)
