@@ -89,6 +89,13 @@ class ServerStats:
         "total_dup_client_conns",
         "admission_rejected",
         "packets_forwarded_out",
+        "websocket_accepts",
+        "write_timeouts",
+        "rate_limit_waits",
+        "accepts_rejected",
+        "health_frames_sent",
+        "restarting_frames_sent",
+        "average_queue_duration_ms",
     )
 
     def __init__(self) -> None:
@@ -123,6 +130,20 @@ class ServerStats:
         self.admission_rejected = 0
         #: packets sent to a mesh peer as ForwardPacket (derp.mesh)
         self.packets_forwarded_out = 0
+        #: DERP-over-WebSocket upgrades accepted (derp.websocket)
+        self.websocket_accepts = 0
+        #: clients dropped because their socket stayed blocked for the write timeout
+        self.write_timeouts = 0
+        #: times a client's reading was paused by the per-client rate limit
+        self.rate_limit_waits = 0
+        #: connections closed at accept (accept-rate limit or max connections)
+        self.accepts_rejected = 0
+        #: Health frames sent (problem announcements and clears)
+        self.health_frames_sent = 0
+        #: Restarting frames sent on graceful shutdown
+        self.restarting_frames_sent = 0
+        #: moving average (alpha 0.1) of how long queued packets waited, in ms
+        self.average_queue_duration_ms = 0.0
 
     def drop(self, key: DropKey, nbytes: int, count: int = 1) -> None:
         """Count ``count`` dropped packets totalling ``nbytes`` under ``key``."""

@@ -18,17 +18,24 @@ The server works on whatever event loop is running; the CLI uses uvloop.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
-from dataclasses import dataclass
+import math
+import ssl
+from dataclasses import dataclass, field
 from typing import Callable
 
 from ..admission import Admission, AdmissionGate
-from ..frames import encode_server_key
+from ..frames import encode_restarting, encode_server_key
 from ..keys import PrivateKey, PublicKey
+from ..limits import AcceptLimiter, RateConfig
+from ..metrics import DebugAccess, DerpMetrics
 from ..relay import Relay
 from ..stats import ServerStats
 from .conn import DerpConnection
+from .handshake import SERVER_INFO_JSON
 from .http import HttpConnection, derp_upgrade_response
+from .listener import AcceptGate
 from .wheel import TimerWheel
 
 __all__ = ["ServerConfig", "DerpServer", "ConnContext"]
@@ -57,6 +64,26 @@ class ServerConfig:
     queue_depth: int = 32
     keepalive_jitter: float = 5.0
     write_buffer_high: int = 64 * 1024
+    # --- production limits, TLS, metrics, restart (derp.limits/tls/metrics) ---
+    #: TLS for the listener (derp.tls.server_ssl_context); None = plain HTTP
+    ssl_context: ssl.SSLContext | None = None
+    #: accepted connections per second (inf = unlimited) and burst
+    accept_limit: float = math.inf
+    accept_burst: int = 2**31 - 1
+    #: open sockets above which new ones are closed at accept (0 = unlimited)
+    max_connections: int = 0
+    #: per-client receive rate limit (advertised in ServerInfo; mesh peers exempt)
+    rate_config: RateConfig = field(default_factory=RateConfig)
+    #: drop a client whose socket stays blocked this long (0 disables); mesh peers get 30 s
+    write_timeout: float = 2.0
+    mesh_write_timeout: float = 30.0
+    #: networks allowed to read /debug/* and /metrics (None: loopback only)
+    debug_allow: tuple[str, ...] | None = None
+    #: Restarting frame sent to every client on stop(restarting=True)
+    restart_reconnect_in: float = 1.0
+    restart_try_for: float = 30.0
+    #: tell duplicate connections of a key about each other with Health frames
+    health_on_duplicate: bool = True
     #: admission hook for non-mesh clients (derp.admission); None admits everyone
     admission: Admission | None = None
 
@@ -67,6 +94,10 @@ class ServerConfig:
             raise ValueError("keepalive_interval and handshake_timeout must be positive")
         if self.queue_depth < 0:
             raise ValueError("queue_depth must be >= 0")
+        if self.write_timeout < 0 or self.mesh_write_timeout < 0 or self.max_connections < 0:
+            raise ValueError("write timeouts and max_connections must be >= 0")
+        if self.restart_reconnect_in < 0 or self.restart_try_for < 0:
+            raise ValueError("restart times must be >= 0")
 
 
 class ConnContext:
@@ -90,6 +121,11 @@ class ConnContext:
         "batch_diverted",
         "forward_hook",
         "admission",
+        "rate_config",
+        "write_timeout",
+        "mesh_write_timeout",
+        "server_info_json",
+        "health_on_duplicate",
         "wheel",
         "_on_lost",
     )
@@ -126,6 +162,17 @@ class ConnContext:
         self.admission: AdmissionGate | None = None
         if config.admission is not None:
             self.admission = AdmissionGate(config.admission)
+        self.rate_config = config.rate_config
+        self.write_timeout = config.write_timeout
+        self.mesh_write_timeout = config.mesh_write_timeout
+        self.health_on_duplicate = config.health_on_duplicate
+        #: ServerInfo JSON (token bucket fields when a receive limit is set)
+        self.server_info_json = SERVER_INFO_JSON
+        rl = config.rate_config.server_info_fields()
+        if rl:
+            info = dict(json.loads(SERVER_INFO_JSON))
+            info.update(rl)
+            self.server_info_json = json.dumps(info, separators=(",", ":")).encode()
         resolution = min(1.0, config.keepalive_interval / 10)
         self.wheel: TimerWheel[DerpConnection] = TimerWheel(resolution, loop.time())
         self._on_lost = on_lost
@@ -162,6 +209,14 @@ class DerpServer:
         self._derp_live: set[DerpConnection] = set()
         self._idle: asyncio.Event | None = None
         self._upgrade_response = derp_upgrade_response(config.private_key.public)
+        self._metrics: DerpMetrics | None = None
+        self._debug_access = DebugAccess(config.debug_allow)
+        self._gate = AcceptGate(
+            self,
+            AcceptLimiter(config.accept_limit, config.accept_burst),
+            max_connections=config.max_connections,
+            ssl_context=config.ssl_context,
+        )
 
     # ------------------------------------------------------------------ properties
 
@@ -200,6 +255,22 @@ class DerpServer:
         """Snapshot of admitted connections."""
         return frozenset(self._ctx.conns) if self._ctx is not None else frozenset()
 
+    @property
+    def open_connections(self) -> int:
+        """Open sockets: HTTP, in the TLS handshake, and DERP (admitted or not)."""
+        return len(self._http) + len(self._derp_live) + len(self._gate._pending)
+
+    @property
+    def metrics(self) -> DerpMetrics:
+        """Prometheus registry over :attr:`stats` (``metrics.stun``, ``metrics.gauges``)."""
+        if self._metrics is None:
+            self._metrics = DerpMetrics(self._stats)
+        return self._metrics
+
+    def debug_response(self, path: str, remote_addr: object) -> tuple[int, bytes, str]:
+        """HTTP front-door hook for ``/debug/*`` and ``/metrics`` (derp.metrics)."""
+        return self._debug_access.respond(self.metrics, path, remote_addr)
+
     def _context(self) -> ConnContext:
         if self._ctx is None:
             self._ctx = ConnContext(
@@ -216,7 +287,7 @@ class DerpServer:
         ctx = self._context()
         loop = ctx.loop
         self._listener = await loop.create_server(
-            lambda: HttpConnection(self), host, port, backlog=1024, reuse_address=True
+            self._gate.factory, host, port, backlog=1024, reuse_address=True
         )
         self._sweep = loop.call_later(ctx.wheel.resolution, self._keepalive_sweep)
         log.info("derp: listening on %s:%d key %s", host, self.port, self.public_key.short())
@@ -246,8 +317,36 @@ class DerpServer:
         conn.start(transport, initial_data, preamble)
         return conn
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Close the listener and every connection; wait (≤ ``grace`` s) until they are gone."""
+    def announce_restart(
+        self, reconnect_in: float | None = None, try_for: float | None = None
+    ) -> int:
+        """Send Restarting(reconnect_in, try_for) to every admitted client; return the count.
+
+        Defaults come from the config (``restart_reconnect_in``/``restart_try_for``).
+        Clients of this library wait ``reconnect_in``, then retry quickly for
+        ``try_for`` (Go clients ignore the frame and just reconnect with backoff).
+        """
+        cfg = self.config
+        rin = cfg.restart_reconnect_in if reconnect_in is None else reconnect_in
+        tfor = cfg.restart_try_for if try_for is None else try_for
+        frame = encode_restarting(int(rin * 1000), int(tfor * 1000))
+        n = 0
+        for c in list(self._ctx.conns if self._ctx is not None else ()):
+            if c.is_open:
+                c.send_control(frame)
+                n += 1
+        self._stats.restarting_frames_sent += n
+        return n
+
+    async def stop(self, grace: float = 5.0, *, restarting: bool = False) -> None:
+        """Close the listener and every connection; wait (≤ ``grace`` s) until they are gone.
+
+        With ``restarting`` every client first gets a Restarting frame
+        (:meth:`announce_restart`), written before its connection is closed.
+        """
+        self._gate.close()
+        if restarting:
+            self.announce_restart()
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None

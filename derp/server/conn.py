@@ -58,10 +58,13 @@ from ..frames import (
     FrameType,
     PeerGoneReason,
     PeerPresentFlags,
+    encode_health,
     encode_peer_gone,
     encode_peer_present,
     encode_server_info,
 )
+from ..keys import seal
+from ..limits import TokenBucket
 from ..stats import (
     DUP_CLIENT,
     GONE_DISCONNECTED,
@@ -73,13 +76,13 @@ from ..stats import (
     UNKNOWN_DEST_ON_FWD,
     WRITE_ERROR,
 )
-from .handshake import MIN_CLIENT_INFO_LEN, ClientInfoData, open_client_info, seal_server_info
+from .handshake import MIN_CLIENT_INFO_LEN, ClientInfoData, open_client_info
 
 if TYPE_CHECKING:
     from ..admission import AdmissionGate
     from .app import ConnContext
 
-__all__ = ["DerpConnection", "MAX_FRAME_LEN", "ip16_port"]
+__all__ = ["DerpConnection", "DUPLICATE_KEY_HEALTH", "MAX_FRAME_LEN", "ip16_port"]
 
 log = logging.getLogger("derp.server")
 
@@ -114,6 +117,9 @@ _D = {
     )
     for disco in (False, True)
 }
+
+#: Health text sent to every connection of a key that has duplicates.
+DUPLICATE_KEY_HEALTH: Final = "duplicate key in use elsewhere: another connection uses this node key"
 
 _NOT_HERE_RATE = 1.0  # tokens per second
 _NOT_HERE_BURST = 3.0
@@ -157,6 +163,11 @@ class DerpConnection(asyncio.Protocol):
         "info",
         "remote_addr",
         "close_reason",
+        "_bucket",
+        "_rl_timer",
+        "_wt_timer",
+        "_q_since",
+        "_health",
     )
 
     def __init__(self, ctx: ConnContext, remote_addr: object = None) -> None:
@@ -182,6 +193,15 @@ class DerpConnection(asyncio.Protocol):
         self.info: ClientInfoData | None = None
         self.remote_addr = remote_addr
         self.close_reason = ""
+        #: per-client receive limiter (None: unlimited or mesh peer)
+        self._bucket: TokenBucket | None = None
+        self._rl_timer: asyncio.TimerHandle | None = None
+        #: armed while the transport is paused (write timeout)
+        self._wt_timer: asyncio.TimerHandle | None = None
+        #: monotonic time the oldest queued packet was queued (0: queues empty)
+        self._q_since = 0.0
+        #: Health problem last sent to this client ("" = healthy)
+        self._health = ""
 
     # ------------------------------------------------------------------ properties
 
@@ -237,6 +257,10 @@ class DerpConnection(asyncio.Protocol):
         if self._hs_timer is not None:
             self._hs_timer.cancel()
             self._hs_timer = None
+        for h in (self._rl_timer, self._wt_timer):
+            if h is not None:
+                h.cancel()
+        self._rl_timer = self._wt_timer = None
         self._hs_buf = None
         self._pend = None
         if protocol_error:
@@ -276,6 +300,10 @@ class DerpConnection(asyncio.Protocol):
                 stats.drop(_D[GONE_DISCONNECTED, disco], sum(len(f) for f in q) - 37 * len(q), len(q))
                 q.clear()
         dep = ctx.relay.unregister(self._key, self)
+        if not dep.last and self._health:
+            left = ctx.relay.connections(self._key)
+            if len(left) == 1:
+                left[0].set_health("")
         log.debug(
             "derp: disconnected %s: %s%s",
             self._name(),
@@ -319,9 +347,24 @@ class DerpConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._paused = True
+        ctx = self._ctx
+        timeout = ctx.mesh_write_timeout if self.is_mesh else ctx.write_timeout
+        if timeout > 0 and self._wt_timer is None and self._state != _CLOSED:
+            self._wt_timer = ctx.loop.call_later(timeout, self._write_timed_out)
+
+    def _write_timed_out(self) -> None:
+        """The socket stayed blocked for the whole write timeout: drop the client."""
+        self._wt_timer = None
+        if self._state == _CLOSED or not self._paused:
+            return
+        self._ctx.stats.write_timeouts += 1
+        self.close("write timeout: client socket blocked")
 
     def resume_writing(self) -> None:
         self._paused = False
+        if self._wt_timer is not None:
+            self._wt_timer.cancel()
+            self._wt_timer = None
         if self._state != _OPEN:
             return
         parts: list[bytes] = []
@@ -341,6 +384,10 @@ class DerpConnection(asyncio.Protocol):
             st = self._ctx.stats
             st.packets_sent += sent
             st.bytes_sent += nbytes
+            if sent and self._q_since:
+                waited_ms = (time.monotonic() - self._q_since) * 1000.0
+                st.average_queue_duration_ms += 0.1 * (waited_ms - st.average_queue_duration_ms)
+            self._q_since = 0.0
             self._write(b"".join(parts))
 
     # ------------------------------------------------------------------ handshake
@@ -425,10 +472,15 @@ class DerpConnection(asyncio.Protocol):
         st.accepts += 1
         st.current_connections += 1
         # ServerInfo first: nothing else may reach this client before it.
-        self._write(encode_server_info(seal_server_info(ctx.private_key, info.key)))
+        self._write(encode_server_info(seal(ctx.private_key, info.key, ctx.server_info_json)))
+        if not info.is_mesh:
+            self._bucket = ctx.rate_config.bucket(ctx.loop.time())
         reg = ctx.relay.register(info.key, self)
         if reg.duplicate:
             st.total_dup_client_conns += 1
+            if ctx.health_on_duplicate:
+                for c in ctx.relay.connections(info.key):
+                    c.set_health(DUPLICATE_KEY_HEALTH)
         self._connected_at = time.monotonic()
         jitter = ctx.keepalive_jitter
         self._ka_period = ctx.keepalive_interval + (random.random() * jitter if jitter > 0 else 0.0)
@@ -469,6 +521,18 @@ class DerpConnection(asyncio.Protocol):
         else:
             self._write(frame)
 
+    def send_control(self, frame: bytes) -> None:
+        """Write an encoded control frame (Restarting, Health, ...) if admitted."""
+        self._send_ctrl(frame)
+
+    def set_health(self, problem: str) -> None:
+        """Send a Health frame if ``problem`` differs from what the client last heard."""
+        if self._state != _OPEN or problem == self._health:
+            return
+        self._health = problem
+        self._send_ctrl(encode_health(problem))
+        self._ctx.stats.health_frames_sent += 1
+
     def send_keepalive(self) -> None:
         """Write a KeepAlive frame (called by the server's shared sweep)."""
         if self._state == _OPEN:
@@ -484,9 +548,12 @@ class DerpConnection(asyncio.Protocol):
                 self._handshake_data(data)
             return
         pend = self._pend
+        fresh = len(data)
         if pend is not None:
             pend += data
             if len(pend) < self._need:
+                if self._bucket is not None:
+                    self._rate_limit(fresh)
                 return
             data = bytes(pend)
             self._pend = None
@@ -575,6 +642,29 @@ class DerpConnection(asyncio.Protocol):
                 self._need = HEADER_LEN + _hdr_unpack(rest, 0)[1]
             else:
                 self._need = HEADER_LEN
+        if self._bucket is not None and self._state == _OPEN:
+            self._rate_limit(fresh)
+
+    def _rate_limit(self, nbytes: int) -> None:
+        """Charge ``nbytes`` read; if over the limit, stop reading until paid (spec §3.9).
+
+        The cost is the bytes read (frame headers included, a few bytes more
+        than derper's payload-only count). Reading pauses instead of dropping:
+        the kernel buffers fill and TCP slows the sender down.
+        """
+        bucket = self._bucket
+        assert bucket is not None
+        loop = self._ctx.loop
+        wait = bucket.take(nbytes, loop.time())
+        if wait > 0 and self._rl_timer is None and self._transport is not None:
+            self._ctx.stats.rate_limit_waits += 1
+            self._transport.pause_reading()
+            self._rl_timer = loop.call_later(wait, self._rate_resume)
+
+    def _rate_resume(self) -> None:
+        self._rl_timer = None
+        if self._state == _OPEN and self._transport is not None:
+            self._transport.resume_reading()
 
     def _slow_deliver(
         self,
@@ -625,6 +715,8 @@ class DerpConnection(asyncio.Protocol):
             else:
                 d._q = q
         depth = ctx.queue_depth
+        if not d._q_since:
+            d._q_since = time.monotonic()
         for _ in range(3):
             if len(q) < depth:
                 q.append(frame)

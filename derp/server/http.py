@@ -7,13 +7,17 @@ Every accepted TCP connection starts here. The request head is parsed with
 ``/derp`` Upgrade DERP     hand the transport to :meth:`DerpAcceptor.accept` with the
 (or websocket, no          bytes already read after the head; that writes the 101 (unless
 ``derp`` subprotocol)      ``Derp-Fast-Start: 1``) and the ServerKey frame
-``/derp`` websocket+derp   501 for now (:meth:`HttpConnection._websocket_upgrade` is the hook)
+``/derp`` websocket+derp   RFC 6455 handshake, then DERP over binary messages
+                           (:func:`derp.websocket.accept_websocket`)
 ``/derp`` other            426 ``DERP requires connection upgrade``
 ``/derp/probe``,           GET/HEAD → 200 empty, ``Access-Control-Allow-Origin: *``;
 ``/derp/latency-check``    other methods → 405 ``bogus probe method``
 ``/generate_204``          204 + Cache-Control; echoes a valid ``X-Tailscale-Challenge``
 ``/``                      small HTML status page
 ``/robots.txt``            ``User-agent: *`` / ``Disallow: /``
+``/metrics``,              the server's ``debug_response(path, remote_addr)`` hook
+``/debug/*``               (Prometheus text, loopback/allow-listed clients only); 404
+                           if the acceptor has none
 anything else              404
 =========================  ==============================================================
 
@@ -274,6 +278,9 @@ class HttpConnection(asyncio.Protocol):
                 extra.append(("X-Tailscale-Response", "response " + challenge))
             self._respond(204, head=head, extra=extra)
             return False
+        if path == "/metrics" or path == "/debug" or path.startswith("/debug/"):
+            self._debug(path, head)
+            return False
         if path == "/robots.txt":
             self._respond(200, "User-agent: *\nDisallow: /", head=head)
             return False
@@ -301,15 +308,32 @@ class HttpConnection(asyncio.Protocol):
         )
 
     def _websocket_upgrade(self, req: h11.Request) -> bool:
-        """DERP over WebSocket (subprotocol ``derp``): a later issue. 501 for now.
+        """DERP over WebSocket (subprotocol ``derp``): handed to :mod:`derp.websocket`."""
+        from ..websocket import accept_websocket
 
-        To add it: perform the RFC 6455 handshake here (``websockets`` sans-I/O
-        ``ServerProtocol``), wrap the transport in an adapter that turns binary
-        messages into a byte stream, and call ``accept(adapter, fast_start=True,
-        initial_data=...)``.
-        """
-        self._respond(501, "DERP over WebSocket is not implemented yet\n", head=False)
-        return False
+        transport = self._transport
+        assert transport is not None
+        leftover, _closed = self._h11.trailing_data
+        self._upgraded = True
+        self._cancel_timer()
+        self._server._http_closed(self, True)
+        return accept_websocket(
+            self._server,
+            transport,
+            req,
+            bytes(leftover),
+            self.remote_addr,
+            getattr(self._server, "stats", None),
+        )
+
+    def _debug(self, path: str, head: bool) -> None:
+        """``/debug/*`` and ``/metrics`` via the server's ``debug_response`` hook (if any)."""
+        hook = getattr(self._server, "debug_response", None)
+        if hook is None:
+            self._respond(404, "404 page not found\n", head=head)
+            return
+        status, body, ctype = hook(path, self.remote_addr)
+        self._respond(status, body, head=head, content_type=ctype)
 
     def _take_over(self, *, fast_start: bool) -> None:
         transport = self._transport

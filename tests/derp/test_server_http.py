@@ -111,13 +111,21 @@ async def test_derp_without_upgrade_is_426(server: DerpServer, extra: str) -> No
     assert body.rstrip(b"\n") == b"DERP requires connection upgrade"
 
 
-async def test_websocket_with_derp_subprotocol_is_501_for_now(server: DerpServer) -> None:
+async def test_websocket_with_derp_subprotocol_is_upgraded(server: DerpServer) -> None:
+    # Full coverage of DERP over WebSocket is in test_websocket.py.
     extra = (
-        "Upgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
         "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: derp\r\n"
     )
-    head, _ = await _request(server.port, _get("/derp", extra=extra))
-    assert head.startswith(b"HTTP/1.1 501 ")
+    r, w = await asyncio.open_connection("127.0.0.1", server.port)
+    try:
+        w.write(f"GET /derp HTTP/1.1\r\nHost: 127.0.0.1\r\n{extra}\r\n".encode())
+        head = await asyncio.wait_for(r.readuntil(b"\r\n\r\n"), WAIT)
+    finally:
+        w.close()
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert b"sec-websocket-protocol: derp" in head.lower()
 
 
 @pytest.mark.parametrize("path", ["/derp/probe", "/derp/latency-check"])

@@ -1,0 +1,394 @@
+"""DERP over WebSocket (spec §2.3): both sides, on top of ``websockets``' sans-I/O core.
+
+After an RFC 6455 handshake with subprotocol ``derp`` the WebSocket is just a
+byte stream carrying the usual DERP frames (ServerKey first, no 101 DERP
+headers, no fast start). Each write becomes one binary message; received
+binary messages (and their continuation frames) are concatenated, so a
+message may hold several DERP frames or part of one. The DERP code above
+never sees WebSocket framing: it talks to a :class:`WsTransport`, a thin
+``asyncio.Transport`` look-alike, exactly as it would to a TCP transport.
+
+Wiring (server)::
+
+    TCP transport ──► WsPipe (asyncio.Protocol; websockets.ServerProtocol inside)
+                        │ binary payloads        ▲ send_binary(write data)
+                        ▼                        │
+                      DerpConnection  ◄──────  WsTransport
+
+Rules, both sides:
+
+* permessage-deflate is never negotiated (WireGuard data is incompressible);
+* a text message closes the connection with 1003 (unsupported data);
+* close codes 1000/1001 (or any close frame) are end of stream for DERP;
+* a message larger than :data:`MAX_MESSAGE_SIZE` (256 KiB + 64: a ClientInfo
+  of the maximal size, or several 64 KiB packets in one flush) closes with
+  1009; malformed framing closes with 1002; the reason is logged at INFO;
+* flow control is the TCP transport's: ``pause_writing``/``resume_writing``
+  pass through to the DERP protocol, ``pause_reading`` etc. pass down.
+
+:func:`accept_websocket` is the server entry point (called by the HTTP front
+door with the parsed h11 request), :func:`websocket_client` the client one
+(called by :class:`derp.client.DerpClient` on a freshly dialed transport).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any, Final, Protocol, TypeVar, cast
+
+import h11
+from websockets.client import ClientProtocol
+from websockets.datastructures import Headers
+from websockets.frames import CloseCode, Opcode
+from websockets.http11 import Request
+from websockets.protocol import OPEN, Protocol as WsProtocol
+from websockets.server import ServerProtocol
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
+
+from .errors import HandshakeError
+from .frames import HEADER_LEN, MAX_CLIENT_INFO_LEN
+
+__all__ = [
+    "MAX_MESSAGE_SIZE",
+    "SUBPROTOCOL",
+    "WsPipe",
+    "WsTransport",
+    "accept_websocket",
+    "websocket_client",
+]
+
+log = logging.getLogger("derp.websocket")
+# websockets logs every open/close at INFO on the logger we pass; keep that quiet.
+_ws_log = logging.getLogger("derp.websocket.protocol")
+_ws_log.setLevel(logging.WARNING)
+
+SUBPROTOCOL: Final = Subprotocol("derp")
+#: Largest WebSocket message accepted (either side).
+MAX_MESSAGE_SIZE: Final = MAX_CLIENT_INFO_LEN + HEADER_LEN + 59
+
+_BINARY, _CONT, _TEXT, _CLOSE = Opcode.BINARY, Opcode.CONT, Opcode.TEXT, Opcode.CLOSE
+
+
+class _Stats(Protocol):
+    websocket_accepts: int
+
+
+class _Acceptor(Protocol):
+    def accept(
+        self,
+        transport: asyncio.Transport,
+        *,
+        fast_start: bool = False,
+        initial_data: bytes = b"",
+        remote_addr: object = None,
+    ) -> object: ...
+
+
+class WsTransport(asyncio.Transport):
+    """What the DERP protocol above writes to: every write is one binary message."""
+
+    __slots__ = ("_pipe",)
+
+    def __init__(self, pipe: WsPipe) -> None:
+        super().__init__()
+        self._pipe = pipe
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if data:
+            self._pipe.send_binary(data)
+
+    def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
+        self.write(b"".join(list_of_data))
+
+    def close(self) -> None:
+        self._pipe.close(CloseCode.NORMAL_CLOSURE)
+
+    def abort(self) -> None:
+        self._pipe.transport.abort()
+
+    def is_closing(self) -> bool:
+        return self._pipe.closing or self._pipe.transport.is_closing()
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._pipe.inner = cast(asyncio.Protocol, protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        inner = self._pipe.inner
+        assert inner is not None
+        return inner
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._pipe.transport.get_extra_info(name, default)
+
+    def pause_reading(self) -> None:
+        self._pipe.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._pipe.transport.resume_reading()
+
+    def is_reading(self) -> bool:
+        return bool(self._pipe.transport.is_reading())
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._pipe.transport.set_write_buffer_limits(high, low)
+
+    def get_write_buffer_size(self) -> int:
+        return int(self._pipe.transport.get_write_buffer_size())
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        limits = self._pipe.transport.get_write_buffer_limits()
+        return (int(limits[0]), int(limits[1]))
+
+
+class WsPipe(asyncio.Protocol):
+    """The real transport's protocol: WebSocket frames in, DERP byte stream out.
+
+    ``inner`` is the DERP protocol (server :class:`~derp.server.conn.DerpConnection`
+    or the client's link); it is ``None`` until the handshake is done, and
+    bytes received before that are buffered in the websockets parser.
+    """
+
+    def __init__(self, transport: asyncio.Transport, ws: WsProtocol) -> None:
+        self.transport = transport
+        self.ws = ws
+        self.inner: asyncio.Protocol | None = None
+        self.closing = False
+        self.close_reason = ""
+        self.wst = WsTransport(self)
+
+    # ---------------------------------------------------------------- outgoing
+
+    def send_binary(self, data: bytes | bytearray | memoryview) -> None:
+        if self.closing:
+            return
+        ws = self.ws
+        ws.send_binary(data)
+        self._flush()
+
+    def close(self, code: int, reason: str = "") -> None:
+        """Send a close frame (if open) and close the TCP connection after it."""
+        if self.closing:
+            return
+        self.closing = True
+        if self.ws.state is OPEN:
+            self.ws.send_close(code, reason)
+            self._flush()
+        self.transport.close()
+
+    def _flush(self) -> None:
+        writes = self.ws.data_to_send()
+        if not writes:
+            return
+        eof = False
+        if writes[-1] == b"":  # websockets' SEND_EOF marker: half-close after these bytes
+            writes.pop()
+            eof = True
+        if writes:
+            self.transport.write(writes[0] if len(writes) == 1 else b"".join(writes))
+        if eof:
+            self.closing = True
+            self.transport.close()
+
+    # ---------------------------------------------------------------- incoming
+
+    def data_received(self, data: bytes) -> None:
+        self.ws.receive_data(data)
+        self._process()
+
+    def _process(self) -> None:
+        self._handle(self.ws.events_received())
+
+    def _handle(self, events: list[Any]) -> None:
+        ws = self.ws
+        chunks: list[bytes] = []
+        reason = ""
+        for ev in events:
+            op = getattr(ev, "opcode", None)
+            if op is _BINARY or op is _CONT:
+                if not reason:
+                    chunks.append(bytes(ev.data))
+            elif op is _TEXT:
+                if not reason:
+                    reason = "text message on a DERP WebSocket"
+                    ws.fail(CloseCode.UNSUPPORTED_DATA, "DERP needs binary messages")
+            elif op is _CLOSE:
+                reason = reason or f"closed by peer (code {ws.close_code})"
+        exc = getattr(ws, "parser_exc", None)
+        if exc is not None and not reason:
+            reason = f"WebSocket error: {exc}"
+        self._flush()  # pongs, close replies, EOF
+        inner = self.inner
+        if chunks and inner is not None:
+            inner.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if reason and not self.close_reason:
+            self.close_reason = reason
+            log.info("derp websocket: closing %s: %s", self.peer(), reason)
+            self.closing = True
+            self.transport.close()
+
+    def peer(self) -> object:
+        return self.transport.get_extra_info("peername")
+
+    def eof_received(self) -> bool | None:
+        self.ws.receive_eof()
+        self._flush()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closing = True
+        inner = self.inner
+        if inner is not None:
+            inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self.inner is not None:
+            self.inner.resume_writing()
+
+
+# --------------------------------------------------------------------------- server
+
+
+def _ws_request(req: h11.Request) -> Request:
+    headers = Headers()
+    for k, v in req.headers:
+        headers[k.decode("latin-1")] = v.decode("latin-1")
+    return Request(req.target.decode("latin-1"), headers)
+
+
+def accept_websocket(
+    server: _Acceptor,
+    transport: asyncio.Transport,
+    req: h11.Request,
+    leftover: bytes,
+    remote_addr: object = None,
+    stats: _Stats | None = None,
+) -> bool:
+    """Answer a ``/derp`` WebSocket upgrade on ``transport`` and start DERP over it.
+
+    Returns False if the handshake was refused (the HTTP error response is
+    written and the transport closed), True if the DERP connection started.
+    """
+    ws = ServerProtocol(
+        subprotocols=[SUBPROTOCOL],
+        extensions=None,  # no permessage-deflate
+        max_size=MAX_MESSAGE_SIZE,
+        logger=_ws_log,
+    )
+    response = ws.accept(_ws_request(req))
+    if response.status_code != 101 or ws.subprotocol != SUBPROTOCOL:
+        if response.status_code == 101:
+            # Negotiated something else: refuse like derper, with 1008.
+            ws.send_response(response)
+            ws.send_close(CloseCode.POLICY_VIOLATION, "subprotocol derp required")
+        else:
+            ws.send_response(response)
+        for chunk in ws.data_to_send():
+            if chunk:
+                transport.write(chunk)
+        transport.close()
+        log.info("derp websocket: refused %s: %s", remote_addr, ws.handshake_exc or "subprotocol")
+        return False
+    ws.send_response(response)
+    pipe = WsPipe(transport, ws)
+    transport.set_protocol(pipe)
+    pipe._flush()
+    if stats is not None:
+        stats.websocket_accepts += 1
+    server.accept(pipe.wst, fast_start=True, remote_addr=remote_addr)
+    if leftover:
+        pipe.data_received(leftover)
+    return True
+
+
+# --------------------------------------------------------------------------- client
+
+P = TypeVar("P", bound=asyncio.Protocol)
+
+
+class _ClientHandshake(WsPipe):
+    """Client pipe that completes the WebSocket handshake before attaching ``inner``."""
+
+    def __init__(self, transport: asyncio.Transport, ws: ClientProtocol) -> None:
+        super().__init__(transport, ws)
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        #: frames that arrived together with the 101 response
+        self.early: list[Any] = []
+
+    def _process(self) -> None:
+        if self.inner is None and self.opened.done():
+            # Upgraded, inner not attached yet: keep frames for websocket_client().
+            self.early.extend(e for e in self.ws.events_received() if hasattr(e, "opcode"))
+            return
+        if self.inner is None:
+            ws = self.ws
+            if ws.state is OPEN:
+                # The Response event is first; frames may follow in the same read.
+                events = ws.events_received()
+                if ws.subprotocol != SUBPROTOCOL:
+                    self.opened.set_exception(
+                        HandshakeError(f"server chose WebSocket subprotocol {ws.subprotocol!r}")
+                    )
+                    return
+                self.early = [e for e in events if hasattr(e, "opcode")]
+                self.opened.set_result(None)
+                return  # frames are processed once inner is attached
+            handshake_exc = getattr(ws, "handshake_exc", None)
+            if handshake_exc is not None:
+                self.opened.set_exception(
+                    HandshakeError(f"WebSocket upgrade failed: {handshake_exc}")
+                )
+                self._flush()
+                return
+            return
+        super()._process()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(HandshakeError("connection closed during WebSocket upgrade"))
+        super().connection_lost(exc)
+
+
+async def websocket_client(
+    transport: asyncio.Transport,
+    protocol_factory: Callable[[], P],
+    *,
+    host_header: str,
+    secure: bool,
+    path: str = "/derp",
+) -> P:
+    """Upgrade a connected ``transport`` to a DERP WebSocket; return the inner protocol.
+
+    The inner protocol gets ``connection_made(WsTransport)`` and then the
+    binary byte stream. On any failure (or cancellation) the transport is
+    aborted and the error raised (:class:`~derp.errors.HandshakeError` for
+    refusals).
+    """
+    uri = parse_uri(f"{'wss' if secure else 'ws'}://{host_header}{path}")
+    ws = ClientProtocol(
+        uri, subprotocols=[SUBPROTOCOL], extensions=None, max_size=MAX_MESSAGE_SIZE, logger=_ws_log
+    )
+    pipe = _ClientHandshake(transport, ws)
+    transport.set_protocol(pipe)
+    try:
+        ws.send_request(ws.connect())
+        pipe._flush()
+        await pipe.opened
+    except BaseException:
+        transport.abort()
+        raise
+    inner = protocol_factory()
+    pipe.inner = inner
+    inner.connection_made(pipe.wst)
+    early, pipe.early = pipe.early, []
+    pipe._handle(early + ws.events_received())  # frames that came with the 101 response
+    return inner
