@@ -227,11 +227,21 @@ class TailnetApi:
         headers = [(HEADER_VERSION, format_version(call.version))]
         if ident is not None:
             headers.append((HEADER_PEER_ID, str(ident.peer_id)))
+        sessions: dict[ServerWebSocket, RpcSession] = {}
+
         async def run(ws: ServerWebSocket) -> None:
-            await RpcSession(ws, self.service, call, ident).run()
+            sessions[ws] = RpcSession(ws, self.service, call, ident)
+            try:
+                await sessions[ws].run()
+            finally:
+                sessions.pop(ws, None)
 
         async def shutdown(ws: ServerWebSocket) -> None:
-            await ws.close(CLOSE_GOING_AWAY, "server shutting down")
+            session = sessions.get(ws)
+            if session is not None:
+                await session.shutdown()
+            else:
+                await ws.close(CLOSE_GOING_AWAY, "server shutting down")
 
         return Upgrade(run, headers, self.options.ping_interval, shutdown)
 

@@ -68,7 +68,7 @@ _UNARY_REQUEST: Final[dict[str, type[Message]]] = {
 class _Stream:
     sid: int
     method: str
-    inbox: asyncio.Queue[bytes | object] = field(
+    inbox: asyncio.Queue[object] = field(
         default_factory=lambda: asyncio.Queue(REQUEST_QUEUE_SIZE)
     )
     task: asyncio.Task[None] | None = None
@@ -118,8 +118,13 @@ class RpcSession:
                 await asyncio.gather(*tasks, return_exceptions=True)
             self._streams.clear()
 
-    async def shutdown(self) -> None:
-        """Server going away: close with 1001."""
+    async def shutdown(self, grace: float = 2.0) -> None:
+        """Server going away: let streams finish (≤ ``grace`` s; the service is
+        closed first, so Coordinate streams end after their final ``error``
+        response), then close with 1001."""
+        tasks = [st.task for st in self._streams.values() if st.task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace)
         await self._ws.close(CLOSE_GOING_AWAY, "server shutting down")
 
     async def _protocol_error(self, reason: str) -> None:
@@ -158,7 +163,16 @@ class RpcSession:
                     st.task.cancel()
                 self._streams.pop(sid, None)
                 return True
-            item: bytes | object = frame.payload if frame.kind is FrameKind.MESSAGE else _CLOSE_SEND
+            item: bytes | object = _CLOSE_SEND
+            if frame.kind is FrameKind.MESSAGE:
+                item = frame.payload
+                if st.method == METHOD_COORDINATE:
+                    # parse here so a bad message ends this stream with INVALID_ARGUMENT
+                    try:
+                        item = parse_message(pb.CoordinateRequest, frame.payload)
+                    except ValueError as exc:
+                        await self._abort_stream(st, StatusCode.INVALID_ARGUMENT, str(exc))
+                        return True
             await st.inbox.put(item)
             return True
         await self._protocol_error(f"clients may not send {frame.kind.name} frames")
@@ -174,6 +188,14 @@ class RpcSession:
         if method in _UNARY_REQUEST:
             return self._unary_request
         return None
+
+    async def _abort_stream(self, st: _Stream, code: int, message: str) -> None:
+        st.ended = True
+        self._streams.pop(st.sid, None)
+        if st.task is not None:
+            st.task.cancel()
+            await asyncio.gather(st.task, return_exceptions=True)
+        await self._send_end(st.sid, code, message)
 
     async def _send_end(self, sid: int, code: int, message: str = "") -> None:
         if self._ws.open:
@@ -212,11 +234,8 @@ class RpcSession:
             item = await st.inbox.get()
             if item is _CLOSE_SEND:
                 return
-            assert isinstance(item, bytes)
-            try:
-                yield parse_message(pb.CoordinateRequest, item)
-            except ValueError as exc:
-                raise ServiceError(Status.INVALID_ARGUMENT, str(exc)) from None
+            assert isinstance(item, pb.CoordinateRequest)
+            yield item
 
     async def _coordinate(self, st: _Stream) -> None:
         if self._ident is None:
