@@ -33,18 +33,18 @@ from tailnet.errors import AuthorizationError
 from tailnet.v2 import tailnet_pb2 as pb
 
 __all__ = [
-    "AuthorizationError",
-    "CoordinateePolicy",
-    "AgentPolicy",
-    "ClientPolicy",
-    "UserPolicy",
-    "UnrestrictedPolicy",
-    "TunnelAuthorizer",
-    "addr_from_uuid",
-    "TAILSCALE_SERVICE_PREFIX",
     "CODER_SERVICE_PREFIX",
     "LEGACY_AGENT_IP",
+    "TAILSCALE_SERVICE_PREFIX",
     "TUNNEL_DENIED",
+    "AgentPolicy",
+    "AuthorizationError",
+    "ClientPolicy",
+    "CoordinateePolicy",
+    "TunnelAuthorizer",
+    "UnrestrictedPolicy",
+    "UserPolicy",
+    "addr_from_uuid",
 ]
 
 #: Tailscale's CGNAT-like ULA range; clients pick random addresses here.
@@ -120,7 +120,7 @@ def _refuse_rfh(req: pb.CoordinateRequest) -> None:
 class AgentPolicy:
     """A workspace agent (peer ID = its agent ID): no tunnels, own addresses only, RFH ok."""
 
-    __slots__ = ("agent_id", "_allowed")
+    __slots__ = ("_allowed", "agent_id")
 
     def __init__(self, agent_id: uuid.UUID) -> None:
         self.agent_id = agent_id

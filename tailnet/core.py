@@ -15,7 +15,7 @@ Flow
 
     transport                         Coordinator                    PeerSink(s)
     ---------                         -----------                    -----------
-    connect(id, name, sink)  ───────► register, replace dup id ────► old.close("peer ID overwritten…")
+    connect(id, name, sink)  ───────► register, replace dup id ────► old.close(overwritten)
                                       "init" batch               ────► sink.send(resp)
     validate_request(req)             (module function, raises RequestError)
     await policy.authorize(id, req)   (tailnet.auth, raises AuthorizationError)
@@ -93,28 +93,28 @@ from tailnet.errors import CoordinatorClosed, RequestError
 from tailnet.v2 import tailnet_pb2 as pb
 
 __all__ = [
-    "PeerSink",
-    "PeerInfo",
-    "Coordinator",
-    "CoordinatorStats",
-    "RequestError",
-    "CoordinatorClosed",
-    "validate_request",
-    "RESPONSE_BUFFER_SIZE",
-    "REQUEST_BUFFER_SIZE",
-    "MAX_UPDATES_PER_RESPONSE",
-    "CLOSE_ERR_OVERWRITTEN",
     "CLOSE_ERR_COORDINATOR_CLOSE",
     "CLOSE_ERR_FAILED_UPDATE",
+    "CLOSE_ERR_OVERWRITTEN",
+    "MAX_UPDATES_PER_RESPONSE",
     "READY_FOR_HANDSHAKE_ERROR",
-    "REASON_INIT",
-    "REASON_NODE_UPDATE",
     "REASON_ADD_TUNNEL",
-    "REASON_REMOVE_TUNNEL",
-    "REASON_GRACEFUL_DISCONNECT",
-    "REASON_LOST",
     "REASON_COORDINATOR_CLOSE",
     "REASON_FAILED_UPDATE",
+    "REASON_GRACEFUL_DISCONNECT",
+    "REASON_INIT",
+    "REASON_LOST",
+    "REASON_NODE_UPDATE",
+    "REASON_REMOVE_TUNNEL",
+    "REQUEST_BUFFER_SIZE",
+    "RESPONSE_BUFFER_SIZE",
+    "Coordinator",
+    "CoordinatorClosed",
+    "CoordinatorStats",
+    "PeerInfo",
+    "PeerSink",
+    "RequestError",
+    "validate_request",
 ]
 
 _log = logging.getLogger(__name__)
@@ -230,17 +230,17 @@ class _Peer:
     """One live connection. ``sent`` maps other peer id → node bytes last told."""
 
     __slots__ = (
+        "created",
+        "doomed",
         "id",
         "id_bytes",
+        "last_write",
         "name",
-        "sink",
         "node",
         "node_bytes",
-        "sent",
-        "created",
-        "last_write",
         "overwrites",
-        "doomed",
+        "sent",
+        "sink",
     )
 
     def __init__(self, peer_id: uuid.UUID, name: str, sink: PeerSink, now: float) -> None:
@@ -262,19 +262,19 @@ class Coordinator:
     """The coordinator state machine. Owned by one thread/event loop; no locks."""
 
     __slots__ = (
-        "_clock",
-        "_peers",
-        "_by_src",
-        "_by_dst",
-        "_closed",
         "_busy",
+        "_by_dst",
+        "_by_src",
+        "_clock",
+        "_closed",
+        "_evicted",
         "_evictions",
-        "_teardowns",
+        "_overwrites",
+        "_peers",
         "_pending_closes",
+        "_teardowns",
         "_updates_sent",
         "_updates_suppressed",
-        "_evicted",
-        "_overwrites",
     )
 
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
@@ -383,7 +383,9 @@ class Coordinator:
                 self._closed = True
                 for p in list(self._peers.values()):
                     if self._peers.get(p.id) is p:
-                        self._remove(p, _LOST, REASON_COORDINATOR_CLOSE, CLOSE_ERR_COORDINATOR_CLOSE)
+                        self._remove(
+                            p, _LOST, REASON_COORDINATOR_CLOSE, CLOSE_ERR_COORDINATOR_CLOSE
+                        )
                 # Everyone is gone already; a full buffer during close changes nothing.
                 self._evictions.clear()
                 self._teardowns.clear()
@@ -460,7 +462,7 @@ class Coordinator:
             sink, error = self._pending_closes.pop(0)
             try:
                 sink.close(error)
-            except Exception:
+            except Exception:  # noqa: BLE001 - a buggy sink must not break the coordinator
                 _log.exception("PeerSink.close raised; ignored")
 
     def _current(self, peer_id: uuid.UUID, sink: PeerSink) -> _Peer | None:
@@ -492,7 +494,7 @@ class Coordinator:
             return False
         try:
             ok = p.sink.send(resp)
-        except Exception:
+        except Exception:  # noqa: BLE001 - contain a buggy sink to its own peer
             _log.exception("PeerSink.send raised for peer %s; evicting", p.id)
             ok = False
         if ok:
@@ -515,9 +517,7 @@ class Coordinator:
         to.sent[about.id] = node_bytes
         self._send(to, resp)
 
-    def _send_gone(
-        self, to: _Peer, about_id: uuid.UUID, resp: pb.CoordinateResponse
-    ) -> None:
+    def _send_gone(self, to: _Peer, about_id: uuid.UUID, resp: pb.CoordinateResponse) -> None:
         """Send a prebuilt LOST/DISCONNECTED response if ``about_id`` was announced to ``to``."""
         if to.doomed:
             return
@@ -627,7 +627,9 @@ class Coordinator:
                 del self._by_dst[dst_id]
         if self.has_tunnel(dst_id, p.id):
             return  # rule 6: still share the reverse tunnel
-        self._send_gone(p, dst_id, self._gone_resp(dst_id.bytes, _DISCONNECTED, REASON_REMOVE_TUNNEL))
+        self._send_gone(
+            p, dst_id, self._gone_resp(dst_id.bytes, _DISCONNECTED, REASON_REMOVE_TUNNEL)
+        )
         dst = self._peers.get(dst_id)
         if dst is not None:
             self._send_gone(
@@ -663,7 +665,8 @@ class Coordinator:
             target_id = uuid.UUID(bytes=entry.id)
             if target_id == p.id or not self.shares_tunnel(p.id, target_id):
                 err = pb.CoordinateResponse(
-                    error=f'{READY_FOR_HANDSHAKE_ERROR}: you do not share a tunnel with "{target_id}"'
+                    error=f"{READY_FOR_HANDSHAKE_ERROR}: "
+                    f'you do not share a tunnel with "{target_id}"'
                 )
                 if not self._send(p, err):
                     return
@@ -686,7 +689,7 @@ class Coordinator:
         """Send RFH to ``target``; a full target is NOT evicted (the sender is, spec §2.5)."""
         try:
             ok = target.sink.send(resp)
-        except Exception:
+        except Exception:  # noqa: BLE001 - contain a buggy sink to its own peer
             _log.exception("PeerSink.send raised for peer %s; evicting", target.id)
             target.doomed = True
             self._evictions.append(target)

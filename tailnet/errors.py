@@ -23,10 +23,10 @@ exception text from lower layers (a wrapped cause is kept in ``__cause__`` for l
 from __future__ import annotations
 
 __all__ = [
-    "TailnetError",
+    "AuthorizationError",
     "CoordinatorClosed",
     "RequestError",
-    "AuthorizationError",
+    "TailnetError",
 ]
 
 

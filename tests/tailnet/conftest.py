@@ -50,9 +50,7 @@ class CoreFakeSink:
 
     def summary(self) -> list[tuple[uuid.UUID, str, str]]:
         """(about, kind name, reason) for every update received, in order."""
-        return [
-            (uuid.UUID(bytes=u.id), Kind.Kind.Name(u.kind), u.reason) for u in self.updates()
-        ]
+        return [(uuid.UUID(bytes=u.id), Kind.Kind.Name(u.kind), u.reason) for u in self.updates()]
 
     def clear(self) -> None:
         self.responses.clear()

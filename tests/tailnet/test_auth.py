@@ -104,8 +104,14 @@ async def test_agent_all_three_addresses_and_rfh_allowed() -> None:
     ("req", "detail"),
     [
         (add(OTHER), "agents cannot open tunnels"),
-        (with_addrs(f"{addr_from_uuid(TAILSCALE_SERVICE_PREFIX, OTHER)}/128"), "invalid node address"),
-        (with_addrs(f"{addr_from_uuid(TAILSCALE_SERVICE_PREFIX, AGENT)}/64"), "expected 128, got 64"),
+        (
+            with_addrs(f"{addr_from_uuid(TAILSCALE_SERVICE_PREFIX, OTHER)}/128"),
+            "invalid node address",
+        ),
+        (
+            with_addrs(f"{addr_from_uuid(TAILSCALE_SERVICE_PREFIX, AGENT)}/64"),
+            "expected 128, got 64",
+        ),
         (with_addrs(str(addr_from_uuid(TAILSCALE_SERVICE_PREFIX, AGENT))), "parse node address"),
         (with_addrs("10.0.0.1/32"), "expected 128, got 32"),
         (with_addrs("not-an-ip/128"), "parse node address"),

@@ -288,7 +288,10 @@ def test_disconnect_stops_processing_rest_of_request(net: Net) -> None:
     net.join("client", node(2))
     net.req("client", add(net.ids["agent"]))
     net.clear()
-    r = Req(disconnect=Req.Disconnect(), ready_for_handshake=[Req.ReadyForHandshake(id=net.ids["agent"].bytes)])
+    r = Req(
+        disconnect=Req.Disconnect(),
+        ready_for_handshake=[Req.ReadyForHandshake(id=net.ids["agent"].bytes)],
+    )
     net.req("client", r)
     assert [k for _, k, _ in net.sinks["agent"].summary()] == ["DISCONNECTED"]
 

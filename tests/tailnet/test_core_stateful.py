@@ -56,7 +56,7 @@ def make_node(k: int) -> pb.Node:
 
 @dataclass
 class RecSink:
-    machine: "CoordinatorMachine"
+    machine: CoordinatorMachine
     pid: uuid.UUID
     capacity: int | None = None
     count: int = 0
@@ -222,9 +222,7 @@ class CoordinatorMachine(RuleBasedStateMachine):
         if old is not None:
             assert old.closed and old.close_error == CLOSE_ERR_OVERWRITTEN
             self.retired.append(old)
-        if full and any(
-            self.shares(pid, o) and o in self.nodes for o in self.current if o != pid
-        ):
+        if full and any(self.shares(pid, o) and o in self.nodes for o in self.current if o != pid):
             assert sink.closed and sink.close_error == CLOSE_ERR_FAILED_UPDATE
         self.sync()
 
