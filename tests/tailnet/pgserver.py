@@ -33,7 +33,15 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["PgServer", "find_pg_bin", "shared_server", "pg_server", "pg_dsn"]
+__all__ = [
+    "PgServer",
+    "find_pg_bin",
+    "shared_server",
+    "create_database",
+    "drop_database",
+    "pg_server",
+    "pg_dsn",
+]
 
 _PG_DIRS = ("/usr/lib/postgresql/17/bin", "/usr/lib/postgresql/16/bin", "/usr/lib/postgresql/15/bin")
 
@@ -221,21 +229,34 @@ def pg_server() -> Iterator[PgServer]:
     yield shared_server()
 
 
-@pytest.fixture
-async def pg_dsn(pg_server: PgServer) -> AsyncIterator[str]:
-    """DSN of a fresh, empty database on the shared server (dropped afterwards)."""
+async def create_database(server: PgServer) -> str:
+    """Create a fresh, empty database on ``server``; return its DSN."""
     import asyncpg  # type: ignore[import-untyped]
 
     name = "t_" + uuid.uuid4().hex[:16]
-    conn = await asyncpg.connect(pg_server.dsn())
+    conn = await asyncpg.connect(server.dsn())
     try:
         await conn.execute(f'CREATE DATABASE "{name}"')
     finally:
         await conn.close()
-    yield pg_server.dsn(name)
-    pg_server.start()
-    conn = await asyncpg.connect(pg_server.dsn())
+    return server.dsn(name)
+
+
+async def drop_database(server: PgServer, dsn: str) -> None:
+    import asyncpg
+
+    server.start()
+    name = dsn.rsplit("/", 1)[-1]
+    conn = await asyncpg.connect(server.dsn())
     try:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     finally:
         await conn.close()
+
+
+@pytest.fixture
+async def pg_dsn(pg_server: PgServer) -> AsyncIterator[str]:
+    """DSN of a fresh, empty database on the shared server (dropped afterwards)."""
+    dsn = await create_database(pg_server)
+    yield dsn
+    await drop_database(pg_server, dsn)
