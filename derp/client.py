@@ -85,6 +85,8 @@ from .frames import (
     encode_watch_conns,
 )
 from .keys import PrivateKey, PublicKey, open_sealed, seal
+from .tls import ClientTLS, client_tls, peer_meta_key
+from .websocket import websocket_client
 
 __all__ = [
     "CLIENT_READ_TIMEOUT",
@@ -114,14 +116,15 @@ def parse_derp_url(url: str) -> tuple[str, str, int, str]:
     """Split a DERP server URL into ``(scheme, host, port, host_header)``.
 
     Accepts ``http://host[:port][/derp]`` (default port 80) and ``https://...``
-    (default 443). The path is ignored: DERP always upgrades on ``/derp``.
+    (default 443), and ``ws://``/``wss://`` for DERP over WebSocket (same
+    ports). The path is ignored: DERP always upgrades on ``/derp``.
     """
     u = urllib.parse.urlsplit(url)
-    if u.scheme not in ("http", "https"):
+    if u.scheme not in ("http", "https", "ws", "wss"):
         raise ValueError(f"unsupported DERP URL scheme {u.scheme!r} in {url!r}")
     if not u.hostname:
         raise ValueError(f"DERP URL {url!r} has no host")
-    port = u.port if u.port is not None else (443 if u.scheme == "https" else 80)
+    port = u.port if u.port is not None else (443 if u.scheme in ("https", "wss") else 80)
     return u.scheme, u.hostname, port, u.netloc.rsplit("@", 1)[-1]
 
 
@@ -190,6 +193,9 @@ class ClientConnection:
             self._http.send(h11.Request(method="GET", target="/derp", headers=headers)) or b""
         )
         self._out.append(self._http.send(h11.EndOfMessage()) or b"")
+        self._host = host
+        #: fast start: ServerKey frames in SERVER_INFO state are skipped
+        self._fast = False
         self._handlers: dict[int, Callable[[bytes], Event | None]] = {
             FrameType.RECV_PACKET: self._handle_recv_packet,
             FrameType.KEEP_ALIVE: self._handle_keep_alive,
@@ -200,6 +206,43 @@ class ClientConnection:
             FrameType.HEALTH: self._handle_health,
             FrameType.RESTARTING: self._handle_restarting,
         }
+
+    # ------------------------------------------------------------------ transport modes
+
+    def start_upgraded(self) -> None:
+        """The transport is already upgraded (DERP over WebSocket, spec §2.3).
+
+        Call before the first :meth:`data_to_send`: the HTTP request is
+        dropped and the first thing expected is the ServerKey frame.
+        """
+        if self.state is not ClientState.HTTP:
+            raise DerpError("start_upgraded() must be called before any I/O")
+        self._out = []
+        self.state = ClientState.SERVER_KEY
+
+    def start_fast(self, server_key: PublicKey) -> None:
+        """Fast start (spec §2.2): the server key came from the TLS meta-certificate.
+
+        Call before the first :meth:`data_to_send`. The request carries
+        ``Derp-Fast-Start: 1`` and goes out together with ClientInfo; no HTTP
+        response is expected and the ServerKey frame the server still sends
+        is skipped.
+        """
+        if self.state is not ClientState.HTTP:
+            raise DerpError("start_fast() must be called before any I/O")
+        http = h11.Connection(h11.CLIENT)
+        headers = [
+            ("Host", self._host),
+            ("Upgrade", "DERP"),
+            ("Connection", "Upgrade"),
+            ("Derp-Fast-Start", "1"),
+        ]
+        self._out = [
+            http.send(h11.Request(method="GET", target="/derp", headers=headers)) or b"",
+            http.send(h11.EndOfMessage()) or b"",
+        ]
+        self._fast = True
+        self._send_client_info(server_key)
 
     # ------------------------------------------------------------------ results
 
@@ -306,9 +349,13 @@ class ClientConnection:
         if payload[:8] != MAGIC:
             raise HandshakeError("ServerKey frame has a bad magic")
         try:
-            self.server_key = PublicKey(payload[8:40])
+            server_key = PublicKey(payload[8:40])
         except InvalidKeyError as exc:
             raise HandshakeError(f"bad server key: {exc}") from None
+        self._send_client_info(server_key)
+
+    def _send_client_info(self, server_key: PublicKey) -> None:
+        self.server_key = server_key
         info: dict[str, Any] = {}
         if self._mesh_key is not None:
             info["meshKey"] = self._mesh_key.hex()
@@ -328,6 +375,8 @@ class ClientConnection:
     def _handle_server_info(self, ftype: int, payload: bytes) -> None:
         assert self.server_key is not None
         n = len(payload)
+        if ftype == FrameType.SERVER_KEY and self._fast:
+            return  # fast start: the key came from the TLS meta-certificate
         if ftype != FrameType.SERVER_INFO:
             raise HandshakeError(f"frame type 0x{ftype:02x} after ServerKey, want ServerInfo")
         if not 24 <= n <= MAX_SERVER_INFO_LEN:
@@ -678,6 +727,9 @@ class DerpClient:
         connect_timeout: float = 10.0,
         read_timeout: float = CLIENT_READ_TIMEOUT,
         ssl_context: ssl.SSLContext | None = None,
+        websocket: bool = False,
+        cert_name: str | None = None,
+        fast_start: bool = True,
     ) -> None:
         self.url = url
         self._scheme, self._host, self._port, self._host_header = parse_derp_url(url)
@@ -693,6 +745,15 @@ class DerpClient:
         self._connect_timeout = connect_timeout
         self._read_timeout = read_timeout
         self._ssl_context = ssl_context
+        # Transport options (derp.websocket, derp.tls): DERP over WebSocket for
+        # ws(s):// URLs or websocket=True (a DERP map's derp_force_websockets);
+        # TLS verification against cert_name (a name or a sha256-raw: pin);
+        # fast start when the server's TLS chain carries the meta-certificate.
+        self._websocket = websocket or self._scheme in ("ws", "wss")
+        self._tls: ClientTLS | None = None
+        if self._scheme in ("https", "wss"):
+            self._tls = client_tls(self._host, cert_name, context=ssl_context)
+        self._fast_start = fast_start
         self._link: _Link | None = None
         self._events: collections.deque[Event] = collections.deque()
         self._waiter: asyncio.Future[None] | None = None
@@ -940,20 +1001,49 @@ class DerpClient:
         self._wake()
 
     async def _open(self, link_factory: Callable[[], _Link]) -> _Link:
-        """Dial TCP (+TLS for https) and return the link; the seam for future
-        transports (fast start, WebSocket, proxies)."""
+        """Dial TCP (+TLS for https/wss) and return the link.
+
+        TLS: the certificate is verified (or pinned, :func:`derp.tls.client_tls`)
+        before any DERP byte is written; with fast start and a meta-certificate
+        in the server's chain the login skips the 101 round trip. WebSocket:
+        the RFC 6455 upgrade runs first (:func:`derp.websocket.websocket_client`).
+        """
         loop = asyncio.get_running_loop()
-        ssl_ctx: ssl.SSLContext | None = None
-        if self._scheme == "https":
-            ssl_ctx = self._ssl_context or ssl.create_default_context()
-        _transport, link = await loop.create_connection(
-            link_factory,
+        tls = self._tls
+        if tls is None and not self._websocket:
+            _transport, link = await loop.create_connection(link_factory, self._host, self._port)
+            return link
+        transport, _pending = await loop.create_connection(
+            asyncio.Protocol,
             self._host,
             self._port,
-            ssl=ssl_ctx,
-            server_hostname=self._host if ssl_ctx is not None else None,
+            ssl=tls.context if tls is not None else None,
+            server_hostname=tls.server_hostname if tls is not None else None,
         )
-        return link
+        try:
+            if tls is not None:
+                tls.check(transport.get_extra_info("ssl_object"))
+            if self._websocket:
+
+                def upgraded() -> _Link:
+                    link = link_factory()
+                    link.core.start_upgraded()
+                    return link
+
+                return await websocket_client(
+                    transport, upgraded, host_header=self._host_header, secure=tls is not None
+                )
+            link = link_factory()
+            if self._fast_start:
+                key = peer_meta_key(transport.get_extra_info("ssl_object"))
+                if key is not None:
+                    link.core.start_fast(key)
+            transport.set_protocol(link)
+            link.connection_made(transport)
+            return link
+        except BaseException:
+            transport.abort()
+            raise
 
     async def _dial(self) -> None:
         core = ClientConnection(

@@ -43,7 +43,7 @@ from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
 from websockets.frames import CloseCode, Opcode
 from websockets.http11 import Request
-from websockets.protocol import OPEN, Protocol as WsProtocol
+from websockets.protocol import OPEN, SERVER, Protocol as WsProtocol
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
@@ -298,10 +298,14 @@ def accept_websocket(
         transport.close()
         log.info("derp websocket: refused %s: %s", remote_addr, ws.handshake_exc or "subprotocol")
         return False
+    # h11 already parsed the request, so ``ws`` only served to build the
+    # response; a fresh OPEN protocol does the framing from here on.
     ws.send_response(response)
-    pipe = WsPipe(transport, ws)
+    for chunk in ws.data_to_send():
+        transport.write(chunk)
+    framing = WsProtocol(SERVER, state=OPEN, max_size=MAX_MESSAGE_SIZE, logger=_ws_log)
+    pipe = WsPipe(transport, framing)
     transport.set_protocol(pipe)
-    pipe._flush()
     if stats is not None:
         stats.websocket_accepts += 1
     server.accept(pipe.wst, fast_start=True, remote_addr=remote_addr)

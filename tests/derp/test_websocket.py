@@ -1,0 +1,227 @@
+"""DERP over WebSocket (spec §2.3) against the real server on 127.0.0.1.
+
+Two kinds of client: our :class:`DerpClient` (``ws://`` URLs or
+``websocket=True``) and an independent one, the ``websockets`` asyncio client,
+driven with raw DERP frames, so message boundaries and bad inputs (text
+messages, oversize messages) are under the test's control.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed
+from websockets.typing import Subprotocol
+
+from derp.client import DerpClient
+from derp.events import PacketReceived
+from derp.frames import (
+    HEADER_LEN,
+    MAGIC,
+    FrameType,
+    encode_client_info,
+    encode_ping,
+    encode_send_packet,
+)
+from derp.keys import PrivateKey, open_sealed, seal
+from derp.server import DerpServer
+from derp.websocket import MAX_MESSAGE_SIZE
+
+from .conftest import WAIT, make_config, wait_until
+
+
+class WsRaw:
+    """DERP frames over a ``websockets`` client connection (byte-stream reassembly)."""
+
+    def __init__(self, ws: ClientConnection, key: PrivateKey) -> None:
+        self.ws = ws
+        self.key = key
+        self.buf = bytearray()
+        self.server_key = b""
+
+    @classmethod
+    async def open(cls, port: int, key: PrivateKey | None = None, **kw: Any) -> WsRaw:
+        ws = await asyncio.wait_for(
+            connect(f"ws://127.0.0.1:{port}/derp", subprotocols=[Subprotocol("derp")], max_size=None, **kw),
+            WAIT,
+        )
+        return cls(ws, key or PrivateKey.generate())
+
+    async def recv_frame(self) -> tuple[int, bytes]:
+        while True:
+            if len(self.buf) >= HEADER_LEN:
+                n = int.from_bytes(self.buf[1:5], "big")
+                if len(self.buf) >= HEADER_LEN + n:
+                    t = self.buf[0]
+                    payload = bytes(self.buf[HEADER_LEN : HEADER_LEN + n])
+                    del self.buf[: HEADER_LEN + n]
+                    return t, payload
+            msg = await asyncio.wait_for(self.ws.recv(), WAIT)
+            assert isinstance(msg, bytes), "server sent a text message"
+            self.buf += msg
+
+    async def recv_type(self, ftype: int) -> bytes:
+        while True:
+            t, p = await self.recv_frame()
+            if t == ftype:
+                return p
+
+    def client_info(self) -> bytes:
+        body = json.dumps({"version": 2, "CanAckPings": True}).encode()
+        return encode_client_info(self.key.public.raw, seal(self.key, self.server_key, body))
+
+    async def login(self) -> dict[str, Any]:
+        t, p = await self.recv_frame()
+        assert t == FrameType.SERVER_KEY and p[:8] == MAGIC
+        self.server_key = p[8:40]
+        await self.ws.send(self.client_info())
+        p = await self.recv_type(FrameType.SERVER_INFO)
+        info = json.loads(open_sealed(self.key, self.server_key, p))
+        assert isinstance(info, dict)
+        return info
+
+    async def close_code(self) -> int | None:
+        """Read until the server closes; return the close code it sent."""
+        try:
+            while True:
+                await asyncio.wait_for(self.ws.recv(), WAIT)
+        except ConnectionClosed as exc:
+            return exc.rcvd.code if exc.rcvd is not None else None
+
+
+@pytest.fixture
+async def wss() -> AsyncIterator[list[WsRaw]]:
+    made: list[WsRaw] = []
+    yield made
+    for w in made:
+        await w.ws.close()
+
+
+async def test_ws_handshake_no_compression_no_101_derp_headers(
+    server: DerpServer, wss: list[WsRaw]
+) -> None:
+    w = await WsRaw.open(server.port)  # the websockets client offers permessage-deflate
+    wss.append(w)
+    assert w.ws.subprotocol == "derp"
+    assert w.ws.response is not None
+    assert "Sec-WebSocket-Extensions" not in w.ws.response.headers
+    assert "Derp-Public-Key" not in w.ws.response.headers
+    assert await w.login() == {"version": 2}
+    assert server.stats.websocket_accepts == 1
+    await wait_until(lambda: server.client_count == 1)
+
+
+async def test_ws_frames_split_and_packed_across_messages(
+    server: DerpServer, wss: list[WsRaw]
+) -> None:
+    a = await WsRaw.open(server.port)
+    b = await WsRaw.open(server.port)
+    wss += [a, b]
+    await a.login()
+    await b.login()
+    # Three SendPackets in one message, then one frame split over three messages.
+    pkts = [os.urandom(n) for n in (1, 100, 1400)]
+    await a.ws.send(b"".join(encode_send_packet(b.key.public.raw, p) for p in pkts))
+    big = os.urandom(5000)
+    frame = encode_send_packet(b.key.public.raw, big)
+    for part in (frame[:3], frame[3:2000], frame[2000:]):
+        await a.ws.send(part)
+    for want in pkts + [big]:
+        p = await b.recv_type(FrameType.RECV_PACKET)
+        assert p[:32] == a.key.public.raw and p[32:] == want
+
+
+async def test_ws_and_tcp_clients_talk_64k_both_ways(server: DerpServer) -> None:
+    ws_client = DerpClient(f"ws://127.0.0.1:{server.port}", PrivateKey.generate())
+    tcp_client = DerpClient(f"http://127.0.0.1:{server.port}", PrivateKey.generate())
+    big = os.urandom(64 * 1024)
+    async with ws_client, tcp_client:
+        for src, dst in ((ws_client, tcp_client), (tcp_client, ws_client)):
+            for pkt in (b"hello", big):
+                await src.send(dst.public_key, pkt)
+                ev = await asyncio.wait_for(dst.recv(), WAIT)
+                assert isinstance(ev, PacketReceived)
+                assert ev.src == src.public_key and ev.data == pkt
+    assert server.stats.websocket_accepts == 1
+
+
+async def test_websocket_option_with_http_url(server: DerpServer) -> None:
+    c = DerpClient(f"http://127.0.0.1:{server.port}", PrivateKey.generate(), websocket=True)
+    async with c:
+        assert c.server_key == server.public_key
+        assert await c.ping() >= 0
+    assert server.stats.websocket_accepts == 1
+
+
+async def test_text_message_closes_with_1003(server: DerpServer, wss: list[WsRaw]) -> None:
+    w = await WsRaw.open(server.port)
+    wss.append(w)
+    await w.login()
+    await wait_until(lambda: server.client_count == 1)
+    await w.ws.send("not binary")
+    assert await w.close_code() == 1003
+    await wait_until(lambda: server.client_count == 0)
+
+
+async def test_oversize_message_closes_with_1009_others_unaffected(
+    server: DerpServer, wss: list[WsRaw]
+) -> None:
+    bad = await WsRaw.open(server.port)
+    a = await WsRaw.open(server.port)
+    b = await WsRaw.open(server.port)
+    wss += [bad, a, b]
+    for w in (bad, a, b):
+        await w.login()
+    await bad.ws.send(b"\x00" * (MAX_MESSAGE_SIZE + 1))
+    assert await bad.close_code() == 1009
+    await a.ws.send(encode_send_packet(b.key.public.raw, b"still fine"))
+    p = await b.recv_type(FrameType.RECV_PACKET)
+    assert p[32:] == b"still fine"
+    await wait_until(lambda: server.client_count == 2)
+
+
+async def test_close_1000_is_eof(server: DerpServer, wss: list[WsRaw]) -> None:
+    w = await WsRaw.open(server.port)
+    await w.login()
+    await wait_until(lambda: server.client_count == 1)
+    await asyncio.wait_for(w.ws.close(1000), WAIT)
+    await wait_until(lambda: server.client_count == 0)
+
+
+async def test_ping_pong_and_malformed_derp_frame_over_ws(
+    server: DerpServer, wss: list[WsRaw]
+) -> None:
+    w = await WsRaw.open(server.port)
+    wss.append(w)
+    await w.login()
+    await w.ws.send(encode_ping(b"12345678"))
+    assert await w.recv_type(FrameType.PONG) == b"12345678"
+    # A SendPacket too short for its key is a DERP protocol error: connection closed.
+    await w.ws.send(b"\x04\x00\x00\x00\x05hello")
+    await w.close_code()
+    await wait_until(lambda: server.client_count == 0)
+    assert server.stats.protocol_errors == 1
+
+
+async def test_ws_backpressure_small_write_buffer() -> None:
+    """Write backpressure passes through the WebSocket adapter (small buffer limit)."""
+    srv = DerpServer(make_config(write_buffer_high=1024))
+    await srv.start("127.0.0.1", 0)
+    try:
+        c = DerpClient(f"ws://127.0.0.1:{srv.port}", PrivateKey.generate())
+        async with c:
+            for _ in range(20):
+                await c.send(c.public_key, os.urandom(1400))  # to ourselves
+            got = 0
+            while got < 20:
+                ev = await asyncio.wait_for(c.recv(), WAIT)
+                if isinstance(ev, PacketReceived):
+                    got += 1
+    finally:
+        await srv.stop()
