@@ -571,6 +571,7 @@ def parse_frame(frame_type: int, payload: bytes) -> TypedFrame:
 def encode(frame: TypedFrame) -> bytes:
     """Encode a typed frame (inverse of :func:`parse_frame` for canonical frames)."""
     if isinstance(frame, ServerKey):
+        _check_key(frame.key, "server key")
         return encode_frame(FrameType.SERVER_KEY, MAGIC + frame.key + frame.extra)
     if isinstance(frame, ClientInfo):
         return encode_client_info(frame.key, frame.sealed)

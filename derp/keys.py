@@ -70,7 +70,8 @@ class PublicKey:
     raw: bytes
 
     def __post_init__(self) -> None:
-        _check_raw(self.raw)
+        # store immutable bytes even when given a bytearray/memoryview (hashable key)
+        object.__setattr__(self, "raw", _check_raw(self.raw))
 
     @classmethod
     def from_text(cls, text: str) -> PublicKey:

@@ -305,6 +305,8 @@ def test_every_constrained_type_has_a_violation_case() -> None:
         (lambda: F.encode_close_peer(bytes(33)), ValueError),
         (lambda: F.encode_ping(bytes(7)), ValueError),
         (lambda: F.encode_pong(bytes(9)), ValueError),
+        (lambda: F.encode(F.ServerKey(bytes(31))), ValueError),
+        (lambda: F.encode(F.SendPacket(bytes(33), b"")), ValueError),
     ],
 )
 def test_encoders_reject_bad_arguments(call: object, exc: type[Exception]) -> None:

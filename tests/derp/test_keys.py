@@ -224,3 +224,9 @@ def test_invalid_key_file_names_the_path(tmp_path: Path, content: bytes) -> None
         load_or_create_server_key(path)
     assert str(path) in str(info.value)
     assert path.read_bytes() == content  # never overwritten
+
+
+def test_public_key_from_bytearray_is_stored_as_bytes() -> None:
+    pub = PublicKey(bytearray(ALICE_PK))  # type: ignore[arg-type]
+    assert type(pub.raw) is bytes
+    assert {pub: 1}[PublicKey(ALICE_PK)] == 1  # hashable, equal to the bytes form
