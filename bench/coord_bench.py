@@ -115,6 +115,9 @@ async def _serve(args: argparse.Namespace) -> None:
             gc.collect()
             gc.freeze()
             print(json.dumps({"frozen": gc.get_freeze_count()}), flush=True)
+    if gc_stats.long_passes:
+        print("long GC passes (gen, wall ms, thread CPU ms, collected):", file=sys.stderr)
+        print(f"  {gc_stats.long_passes}", file=sys.stderr)
     if tracemalloc.is_tracing():
         snap = tracemalloc.take_snapshot()
         print("top Python allocation sites (live, by line):", file=sys.stderr)
@@ -133,14 +136,23 @@ class _GcStats:
         self.window_max_s = 0.0  # longest pause since the last snapshot
         self.long = 0  # pauses >= 50 ms
         self._t0 = 0.0
+        self._c0 = 0.0
+        # (generation, wall ms, CPU ms of this thread, objects collected) of long passes
+        self.long_passes: list[tuple[int, float, float, int]] = []
         gc.callbacks.append(self._cb)
 
     def _cb(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._t0 = time.perf_counter()
+            self._c0 = time.thread_time()
             return
         g = info["generation"]
         dt = time.perf_counter() - self._t0
+        if dt >= 0.05 and len(self.long_passes) < 50:
+            self.long_passes.append(
+                (g, round(dt * 1000, 1), round((time.thread_time() - self._c0) * 1000, 1),
+                 info.get("collected", 0))
+            )
         self.count[g] += 1
         self.total_s[g] += dt
         self.max_s[g] = max(self.max_s[g], dt)
