@@ -37,9 +37,12 @@ Invariants (checked by ``check_invariants`` in tests):
 * ``active[k]`` is in ``sets[k]`` and is the last entry of its activity history;
 * the activity history of ``k`` is a permutation of ``sets[k]``.
 
-Mesh hooks (a later issue fills them in): ``watchers`` holds connections that
+Mesh hooks (filled by :mod:`derp.mesh`): ``watchers`` holds connections that
 asked for WatchConns; ``forwarders`` maps keys that live on another region node
 to an opaque forwarder handle. Local presence always wins over a forwarder.
+When the last local connection of a key leaves while a forwarder for it exists,
+the key has not left the region: no PeerGone is owed yet, and the subscribers
+are kept until the mesh removes the last route (:meth:`Relay.take_subscribers`).
 """
 
 from __future__ import annotations
@@ -209,18 +212,29 @@ class Relay(Generic[C]):
             return Departure(False, new_active)
         del self._sets[key]
         del self.active[key]
-        subs = self._subscribers.pop(key, None)
-        owed: tuple[C, ...] = ()
-        if subs:
-            owed = tuple(subs)
-            for r in owed:
-                mine = self._subscriptions.get(r)
-                if mine is not None:
-                    mine.discard(key)
-                    if not mine:
-                        del self._subscriptions[r]
+        # A key still reachable through a mesh forwarder has not left the region:
+        # its subscribers keep waiting (take_subscribers when the route goes).
+        owed = () if key in self.forwarders else self.take_subscribers(key)
         watchers = tuple(w for w in self.watchers if w is not conn)
         return Departure(True, None, owed, watchers)
+
+    def take_subscribers(self, src: bytes) -> tuple[C, ...]:
+        """Remove and return every connection subscribed to PeerGone(``src``).
+
+        Called by :meth:`unregister` on the 1 → 0 transition, and by the mesh
+        when the last route to a remote ``src`` without local connections goes.
+        """
+        subs = self._subscribers.pop(src, None)
+        if not subs:
+            return ()
+        owed = tuple(subs)
+        for r in owed:
+            mine = self._subscriptions.get(r)
+            if mine is not None:
+                mine.discard(src)
+                if not mine:
+                    del self._subscriptions[r]
+        return owed
 
     def _drop_subscriptions(self, receiver: C) -> None:
         mine = self._subscriptions.pop(receiver, None)

@@ -28,6 +28,7 @@ from typing import Callable
 from ..admission import Admission, AdmissionGate
 from ..frames import encode_restarting, encode_server_key
 from ..keys import PrivateKey, PublicKey
+from ..mesh import Mesh, MeshPeer
 from ..limits import AcceptLimiter, RateConfig
 from ..metrics import DebugAccess, DerpMetrics
 from ..relay import Relay
@@ -86,6 +87,10 @@ class ServerConfig:
     health_on_duplicate: bool = True
     #: admission hook for non-mesh clients (derp.admission); None admits everyone
     admission: Admission | None = None
+    #: mesh peers to dial (derp.mesh.parse_mesh_with); needs mesh_key
+    mesh_with: tuple[MeshPeer, ...] = ()
+    #: seconds between mesh reconnect attempts (derper: 5)
+    mesh_retry_interval: float = 5.0
 
     def __post_init__(self) -> None:
         if self.mesh_key is not None and len(self.mesh_key) != 32:
@@ -94,6 +99,8 @@ class ServerConfig:
             raise ValueError("keepalive_interval and handshake_timeout must be positive")
         if self.queue_depth < 0:
             raise ValueError("queue_depth must be >= 0")
+        if self.mesh_with and self.mesh_key is None:
+            raise ValueError("mesh_with needs a mesh_key")
         if self.write_timeout < 0 or self.mesh_write_timeout < 0 or self.max_connections < 0:
             raise ValueError("write timeouts and max_connections must be >= 0")
         if self.restart_reconnect_in < 0 or self.restart_try_for < 0:
@@ -209,6 +216,7 @@ class DerpServer:
         self._derp_live: set[DerpConnection] = set()
         self._idle: asyncio.Event | None = None
         self._upgrade_response = derp_upgrade_response(config.private_key.public)
+        self._mesh: Mesh | None = None
         self._metrics: DerpMetrics | None = None
         self._debug_access = DebugAccess(config.debug_allow)
         self._gate = AcceptGate(
@@ -237,6 +245,16 @@ class DerpServer:
     def relay(self) -> Relay[DerpConnection]:
         """The routing registry (read-only use outside the server)."""
         return self._context().relay
+
+    @property
+    def context(self) -> ConnContext:
+        """State shared by this server's connections (for in-process extensions: derp.mesh)."""
+        return self._context()
+
+    @property
+    def mesh(self) -> Mesh | None:
+        """The mesh started from ``config.mesh_with`` (None without one)."""
+        return self._mesh
 
     @property
     def client_count(self) -> int:
@@ -291,6 +309,11 @@ class DerpServer:
         )
         self._sweep = loop.call_later(ctx.wheel.resolution, self._keepalive_sweep)
         log.info("derp: listening on %s:%d key %s", host, self.port, self.public_key.short())
+        if self.config.mesh_with:
+            self._mesh = Mesh(
+                self, self.config.mesh_with, retry_interval=self.config.mesh_retry_interval
+            )
+            self._mesh.start()
 
     def accept(
         self,
@@ -352,6 +375,9 @@ class DerpServer:
             self._sweep = None
         if self._listener is not None:
             self._listener.close()
+        if self._mesh is not None:
+            await self._mesh.stop()
+            self._mesh = None
         self._idle = asyncio.Event()
         if self._ctx is not None and self._ctx.admission is not None:
             await self._ctx.admission.close()

@@ -7,6 +7,7 @@ import ipaddress
 import socket
 import struct
 import zlib
+from collections.abc import AsyncIterator
 
 import pytest
 from hypothesis import given
@@ -209,10 +210,10 @@ def test_any_corruption_of_tailscale_request_is_rejected_or_plain(
 
 
 @pytest.fixture
-async def stun() -> StunServer:
+async def stun() -> AsyncIterator[StunServer]:
     srv = StunServer()
     await srv.start("127.0.0.1", 0)
-    yield srv  # type: ignore[misc]
+    yield srv
     await srv.stop()
 
 

@@ -1,0 +1,564 @@
+"""Regional mesh (spec §4): route table (pure) and the outbound watch links.
+
+Model: every relay of a region dials every other one (``--mesh-with``), so a
+region of n relays has n·(n−1) mesh connections, one per ordered pair::
+
+    relay A ── link A→B (A's own server key as client key, meshKey, WatchConns) ──► relay B
+      ▲                                                                             │
+      └──── PeerPresent(K) / PeerGone(K) for every client K of B ───────────────────┘
+
+    X on A sends to Y (local on B):  A: Y not local → routes[Y] = link A→B
+        → ForwardPacket(src=X, dst=Y, pkt) on A→B → B delivers RecvPacket(X, pkt) to Y
+    Y replies on B: X not local on B → routes[X] = link B→A → ForwardPacket → A → X
+
+Rules (each mirrors derper; see :class:`RouteTable` and :class:`Mesh`):
+
+* A link logs in with the **server's own private key** and the mesh key; the
+  peer's ServerKey equal to our own key means we dialled ourselves (the node's
+  own name may be in ``--mesh-with``): that link stops for good.
+* After login the link sends WatchConns; the peer floods PeerPresent for every
+  local client, then streams PeerPresent/PeerGone as they come and go.
+* Routes: PeerPresent(K) on link L adds L for K; PeerGone(K) (any reason,
+  including NotHere after a failed forward) removes it. PeerPresent is sent
+  per *connection* but PeerGone only when a key's *last* connection leaves
+  (#13566), so routes are a **set** of links per key (re-adding is a no-op) —
+  counting PeerPresents would leak routes for keys that had duplicates.
+  With several links for a key the oldest one is used.
+* A dropped link forgets every route it announced (derper synthesises
+  PeerGone(MeshConnBroke) for each key), waits ``retry_interval`` (5 s like
+  derper) and reconnects; the peer's flood re-announces everything.
+* Forwarding is one hop: the server calls the ``forward_hook`` only for
+  packets from its own clients to keys with no local connection (local always
+  wins; ForwardPackets received from a peer are never re-forwarded).
+* When a key loses its last route and has no local connection, local clients
+  that received packets from it get PeerGone(K, Disconnected) (spec §3.4).
+
+The route table is pure (no sockets) and tested on its own; :class:`Mesh`
+and :class:`MeshLink` are the asyncio adapter. ClosePeer and the mesh-key check
+(constant time) live in the server (``derp.server``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import struct
+import urllib.parse
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Generic, Hashable, TypeVar, cast
+
+from .client import CLIENT_READ_TIMEOUT, ClientConnection
+from .errors import DerpError
+from .events import Connected, PeerGoneReceived, PeerPresentReceived
+from .frames import FrameType, PeerGoneReason, encode_peer_gone, looks_like_disco
+from .stats import KIND_DISCO, KIND_OTHER, WRITE_ERROR
+
+if TYPE_CHECKING:
+    from .server.app import ConnContext, DerpServer
+
+__all__ = [
+    "DEFAULT_RETRY_INTERVAL",
+    "Mesh",
+    "MeshLink",
+    "MeshPeer",
+    "RouteTable",
+    "parse_mesh_peer",
+    "parse_mesh_with",
+]
+
+log = logging.getLogger("derp.mesh")
+
+#: derper's ``retryInterval`` between mesh reconnects.
+DEFAULT_RETRY_INTERVAL = 5.0
+
+L = TypeVar("L", bound=Hashable)
+
+_FWD_HDR = struct.Struct(">BI")
+_FWD = FrameType.FORWARD_PACKET.value
+#: A link whose socket buffer holds this much stops accepting forwards (drops).
+_MAX_LINK_BUFFER = 4 << 20
+
+
+# --------------------------------------------------------------------------- pure route table
+
+
+class RouteTable(Generic[L]):
+    """Which mesh links can reach which keys (pure; event loop thread only).
+
+    ``routes[key]`` lists the links that announced ``key``, oldest first; the
+    first one is the route in use and is mirrored into ``forwarders`` (the
+    server's ``Relay.forwarders`` dict, read on the packet path).
+
+    Invariants (:meth:`check_invariants`): no key maps to an empty list; the
+    per-link index is the exact inverse of ``routes``; ``forwarders[k]`` is
+    ``routes[k][0]`` for every key and has no other keys.
+    """
+
+    __slots__ = ("_routes", "_by_link", "forwarders", "stale_removals")
+
+    def __init__(self, forwarders: dict[bytes, object] | None = None) -> None:
+        self._routes: dict[bytes, list[L]] = {}
+        self._by_link: dict[L, set[bytes]] = {}
+        self.forwarders: dict[bytes, object] = forwarders if forwarders is not None else {}
+        #: removals of a (key, link) that was not registered (duplicate PeerGone)
+        self.stale_removals = 0
+
+    def __len__(self) -> int:
+        return len(self._routes)
+
+    def __contains__(self, key: bytes) -> bool:
+        return key in self._routes
+
+    def route(self, key: bytes) -> L | None:
+        """The link used for ``key`` (oldest announcer), or ``None``."""
+        links = self._routes.get(key)
+        return links[0] if links else None
+
+    def links_for(self, key: bytes) -> tuple[L, ...]:
+        return tuple(self._routes.get(key, ()))
+
+    def keys_via(self, link: L) -> frozenset[bytes]:
+        return frozenset(self._by_link.get(link, ()))
+
+    def add(self, key: bytes, link: L) -> bool:
+        """``link`` announced ``key``; returns true if ``key`` was unreachable before."""
+        links = self._routes.get(key)
+        if links is None:
+            self._routes[key] = [link]
+            self.forwarders[key] = link
+            self._by_link.setdefault(link, set()).add(key)
+            return True
+        if link not in links:
+            links.append(link)
+            self._by_link.setdefault(link, set()).add(key)
+        return False
+
+    def remove(self, key: bytes, link: L) -> bool:
+        """``link`` says ``key`` is gone; returns true if ``key`` lost its last route."""
+        links = self._routes.get(key)
+        if links is None or link not in links:
+            self.stale_removals += 1
+            return False
+        links.remove(link)
+        keys = self._by_link[link]
+        keys.discard(key)
+        if not keys:
+            del self._by_link[link]
+        if links:
+            self.forwarders[key] = links[0]
+            return False
+        del self._routes[key]
+        del self.forwarders[key]
+        return True
+
+    def drop_link(self, link: L) -> list[bytes]:
+        """Forget every route via ``link``; returns the keys left with no route."""
+        gone = []
+        for key in list(self._by_link.get(link, ())):
+            if self.remove(key, link):
+                gone.append(key)
+        return gone
+
+    def check_invariants(self) -> None:
+        """Raise ``AssertionError`` if the table is inconsistent (tests only)."""
+        inverse: dict[L, set[bytes]] = {}
+        for key, links in self._routes.items():
+            assert links, "empty route list"
+            assert len(set(links)) == len(links), "link listed twice"
+            assert self.forwarders.get(key) is links[0], "forwarder is not the oldest link"
+            for link in links:
+                inverse.setdefault(link, set()).add(key)
+        assert inverse == self._by_link, "per-link index out of sync"
+        assert self.forwarders.keys() == self._routes.keys(), "forwarders out of sync"
+
+
+# --------------------------------------------------------------------------- peers
+
+
+@dataclass(frozen=True, slots=True)
+class MeshPeer:
+    """One ``--mesh-with`` entry: ``host`` names the node (URL, TLS, Host header);
+    the link dials ``dial_host`` (the same unless ``host/dialhost`` was given)."""
+
+    scheme: str
+    host: str
+    port: int
+    dial_host: str
+
+    @property
+    def url(self) -> str:
+        h = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return f"{self.scheme}://{h}{'' if self.port == default else f':{self.port}'}/derp"
+
+    @property
+    def host_header(self) -> str:
+        h = f"[{self.host}]" if ":" in self.host else self.host
+        default = 443 if self.scheme == "https" else 80
+        return h if self.port == default else f"{h}:{self.port}"
+
+
+def parse_mesh_peer(entry: str, scheme: str = "https") -> MeshPeer:
+    """Parse one mesh entry.
+
+    Forms: ``host``, ``host:port``, ``host/dialhost``, ``host:port/dialhost``
+    (derper's forms; ``scheme`` applies, https by default like derper), or a
+    full URL ``http[s]://host[:port][/derp]``. Raises ``ValueError``.
+    """
+    entry = entry.strip()
+    if not entry:
+        raise ValueError("empty mesh peer")
+    if "://" in entry:
+        u = urllib.parse.urlsplit(entry)
+        if u.scheme not in ("http", "https") or not u.hostname:
+            raise ValueError(f"bad mesh peer URL {entry!r}")
+        port = u.port or (443 if u.scheme == "https" else 80)
+        return MeshPeer(u.scheme, u.hostname, port, u.hostname)
+    if scheme not in ("http", "https"):
+        raise ValueError(f"bad mesh scheme {scheme!r}")
+    name, _, dial = entry.partition("/")
+    u = urllib.parse.urlsplit(f"{scheme}://{name}")
+    try:
+        port_opt = u.port
+    except ValueError as exc:
+        raise ValueError(f"bad mesh peer {entry!r}: {exc}") from None
+    if not u.hostname:
+        raise ValueError(f"bad mesh peer {entry!r}")
+    port = port_opt or (443 if scheme == "https" else 80)
+    dial = dial.strip().strip("[]") or u.hostname
+    return MeshPeer(scheme, u.hostname, port, dial)
+
+
+def parse_mesh_with(value: str | Sequence[str], scheme: str = "https") -> list[MeshPeer]:
+    """Parse ``--mesh-with`` (comma-separated string or a list of entries)."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [parse_mesh_peer(e, scheme) for e in items if e.strip()]
+
+
+# --------------------------------------------------------------------------- asyncio adapter
+
+
+class _SelfConnection(Exception):
+    pass
+
+
+class _LinkProtocol(asyncio.Protocol):
+    """One TCP/TLS connection of a :class:`MeshLink` (drives a ClientConnection)."""
+
+    def __init__(self, link: MeshLink, core: ClientConnection, read_timeout: float) -> None:
+        self.link = link
+        self.core = core
+        self.loop = asyncio.get_running_loop()
+        self.transport: asyncio.Transport | None = None
+        self.logged_in: asyncio.Future[bytes] = self.loop.create_future()
+        self.lost: asyncio.Future[str] = self.loop.create_future()
+        self.paused = False
+        self._out: list[bytes | memoryview] = []
+        self._read_timeout = read_timeout
+        self._last_rx = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self.logged_in.add_done_callback(_retrieve)
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        self._last_rx = self.loop.time()
+        self._timer = self.loop.call_later(self._read_timeout, self._check_idle)
+        self._write_core()
+
+    def data_received(self, data: bytes) -> None:
+        self._last_rx = self.loop.time()
+        try:
+            self.core.receive_data(data)
+        except DerpError as exc:
+            self.abort(f"protocol error from mesh peer: {exc}")
+            return
+        self._write_core()
+        for ev in self.core.events_received():
+            kind = type(ev)
+            if kind is PeerPresentReceived:
+                assert isinstance(ev, PeerPresentReceived)
+                self.link._present(ev.peer.raw)
+            elif kind is PeerGoneReceived:
+                assert isinstance(ev, PeerGoneReceived)
+                self.link._gone(ev.peer.raw)
+            elif kind is Connected:
+                assert isinstance(ev, Connected)
+                if not self.logged_in.done():
+                    self.logged_in.set_result(ev.server_key.raw)
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.transport = None
+        reason = f"connection lost: {exc}" if exc else "connection closed by peer"
+        if not self.logged_in.done():
+            self.logged_in.set_exception(ConnectionError(reason))
+        if not self.lost.done():
+            self.lost.set_result(reason)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+
+    # helpers
+
+    def _check_idle(self) -> None:
+        idle = self.loop.time() - self._last_rx
+        if idle >= self._read_timeout:
+            self.abort(f"no frame from mesh peer for {idle:.0f} s")
+        else:
+            self._timer = self.loop.call_later(self._read_timeout - idle, self._check_idle)
+
+    def _write_core(self) -> None:
+        out = self.core.data_to_send()
+        if out and self.transport is not None:
+            self.transport.writelines(out)
+
+    def watch(self) -> None:
+        self.core.send_watch_conns()
+        self._write_core()
+
+    def forward(self, src: bytes, dst: bytes, packet: memoryview) -> bool:
+        """Queue a ForwardPacket; written once per loop iteration. False = dropped."""
+        t = self.transport
+        if t is None or (self.paused and t.get_write_buffer_size() > _MAX_LINK_BUFFER):
+            return False
+        out = self._out
+        if not out:
+            self.loop.call_soon(self._flush)
+        out.append(_FWD_HDR.pack(_FWD, 64 + len(packet)) + src + dst)
+        out.append(packet)
+        return True
+
+    def _flush(self) -> None:
+        out = self._out
+        t = self.transport
+        if out and t is not None:
+            t.write(b"".join(out))
+        out.clear()
+
+    def abort(self, reason: str) -> None:
+        if not self.lost.done():
+            self.lost.set_result(reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+
+def _retrieve(fut: asyncio.Future[bytes]) -> None:
+    if not fut.cancelled():
+        fut.exception()
+
+
+class MeshLink:
+    """The outbound watch connection to one mesh peer (reconnects until stopped)."""
+
+    def __init__(self, mesh: Mesh, peer: MeshPeer) -> None:
+        self.mesh = mesh
+        self.peer = peer
+        #: True once the peer turned out to be this very server (link stopped).
+        self.is_self = False
+        #: Number of successful logins so far.
+        self.generation = 0
+        self._proto: _LinkProtocol | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    def __repr__(self) -> str:
+        return f"MeshLink({self.peer.url})"
+
+    @property
+    def connected(self) -> bool:
+        return self._proto is not None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(
+            self._run(), name=f"derp-mesh {self.peer.url}"
+        )
+
+    async def stop(self) -> None:
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            await asyncio.wait([task])
+
+    def forward(self, src: bytes, dst: bytes, packet: memoryview) -> bool:
+        p = self._proto
+        return p is not None and p.forward(src, dst, packet)
+
+    # route events from the protocol
+
+    def _present(self, key: bytes) -> None:
+        if self._proto is not None:
+            self.mesh._route_added(key, self)
+
+    def _gone(self, key: bytes) -> None:
+        self.mesh._route_removed(key, self)
+
+    # connection loop
+
+    async def _run(self) -> None:
+        mesh = self.mesh
+        peer = self.peer
+        while True:
+            try:
+                reason = await self._connect_once()
+                log.info("mesh: link to %s down: %s", peer.url, reason)
+            except _SelfConnection:
+                self.is_self = True
+                log.info("mesh: %s is this server (self-connection); not meshing with it", peer.url)
+                return
+            except asyncio.CancelledError:
+                self._drop("mesh stopping")
+                raise
+            except (OSError, TimeoutError, DerpError) as exc:
+                log.info("mesh: cannot reach %s: %s", peer.url, exc or type(exc).__name__)
+            except Exception:  # keep the mesh alive whatever went wrong with one dial
+                log.warning("mesh: link to %s failed unexpectedly", peer.url, exc_info=True)
+            self._drop("link down")
+            await asyncio.sleep(mesh.retry_interval)
+
+    async def _connect_once(self) -> str:
+        mesh = self.mesh
+        peer = self.peer
+        loop = asyncio.get_running_loop()
+        core = ClientConnection(
+            mesh.private_key, host=peer.host_header, mesh_key=mesh.mesh_key, can_ack_pings=False
+        )
+        ssl_ctx: ssl.SSLContext | None = None
+        if peer.scheme == "https":
+            ssl_ctx = mesh.ssl_context or ssl.create_default_context()
+        proto = _LinkProtocol(self, core, mesh.read_timeout)
+        try:
+            async with asyncio.timeout(mesh.connect_timeout):
+                await loop.create_connection(
+                    lambda: proto,
+                    peer.dial_host,
+                    peer.port,
+                    ssl=ssl_ctx,
+                    server_hostname=peer.host if ssl_ctx is not None else None,
+                )
+                server_key = await proto.logged_in
+        except BaseException:
+            proto.abort("login failed")
+            raise
+        if server_key == mesh.private_key.public.raw:
+            proto.abort("self-connection")
+            raise _SelfConnection()
+        self._proto = proto
+        self.generation += 1
+        proto.watch()
+        log.info("mesh: watching %s (server key %s)", peer.url, server_key.hex()[:8])
+        try:
+            return await asyncio.shield(proto.lost)
+        except asyncio.CancelledError:
+            proto.abort("mesh stopping")
+            raise
+
+    def _drop(self, reason: str) -> None:
+        proto, self._proto = self._proto, None
+        if proto is not None:
+            proto.abort(reason)
+        self.mesh._link_dropped(self)
+
+
+class Mesh:
+    """Mesh links of one server plus its route table (see the module docstring).
+
+    ``DerpServer`` starts one from ``ServerConfig.mesh_with``; tests and embedders
+    can also attach one to a running server::
+
+        mesh = Mesh(server, parse_mesh_with("http://127.0.0.1:1234,http://..."))
+        mesh.start()
+        ...
+        await mesh.stop()
+    """
+
+    def __init__(
+        self,
+        server: DerpServer,
+        peers: Sequence[MeshPeer],
+        *,
+        retry_interval: float = DEFAULT_RETRY_INTERVAL,
+        connect_timeout: float = 10.0,
+        read_timeout: float = CLIENT_READ_TIMEOUT,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        if server.config.mesh_key is None:
+            raise ValueError("meshing needs a mesh key (--mesh-psk-file)")
+        self.server = server
+        self.private_key = server.config.private_key
+        self.mesh_key: bytes = server.config.mesh_key
+        self.retry_interval = retry_interval
+        self.connect_timeout = connect_timeout
+        self.read_timeout = read_timeout
+        self.ssl_context = ssl_context
+        self._ctx: ConnContext | None = None
+        self.routes: RouteTable[MeshLink] = RouteTable()
+        self.links = [MeshLink(self, p) for p in peers]
+
+    def start(self) -> None:
+        """Install the forward hook and start every link (needs a running loop)."""
+        ctx = self.server.context
+        self._ctx = ctx
+        self.routes = RouteTable(ctx.relay.forwarders)
+        ctx.forward_hook = self._forward
+        for link in self.links:
+            link.start()
+
+    async def stop(self) -> None:
+        """Stop every link and forget all routes."""
+        for link in self.links:
+            await link.stop()
+        if self._ctx is not None and self._ctx.forward_hook == self._forward:
+            self._ctx.forward_hook = None
+
+    # hooks used by the links and the server
+
+    def _forward(self, src: bytes, dst: bytes, packet: memoryview) -> None:
+        link = self.routes.route(dst)
+        ctx = self._ctx
+        assert ctx is not None
+        if link is not None and link.forward(src, dst, packet):
+            ctx.stats.packets_forwarded_out += 1
+        else:  # link down or its socket buffer is full
+            kind = KIND_DISCO if looks_like_disco(packet) else KIND_OTHER
+            ctx.stats.drop((WRITE_ERROR, kind), len(packet))
+
+    def _route_added(self, key: bytes, link: MeshLink) -> None:
+        self.routes.add(key, link)
+
+    def _route_removed(self, key: bytes, link: MeshLink) -> None:
+        if self.routes.remove(key, link):
+            self._unreachable([key])
+
+    def _link_dropped(self, link: MeshLink) -> None:
+        gone = self.routes.drop_link(link)
+        if gone:
+            self._unreachable(gone)
+
+    def _unreachable(self, keys: list[bytes]) -> None:
+        """Keys that lost their last route: PeerGone(Disconnected) to local
+        receivers that heard from them, unless the key is connected here."""
+        ctx = self._ctx
+        if ctx is None:
+            return
+        relay = ctx.relay
+        for key in keys:
+            if key in relay:
+                continue
+            subs = relay.take_subscribers(key)
+            if subs:
+                frame = encode_peer_gone(key, PeerGoneReason.DISCONNECTED)
+                for c in subs:
+                    if c.is_open:
+                        c._send_ctrl(frame)
+                        ctx.stats.peer_gone_disconnected_frames += 1

@@ -1,0 +1,408 @@
+"""Regional mesh: pure route table, peer parsing, and three real relays on 127.0.0.1."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
+from derp.frames import (
+    DISCO_MAGIC,
+    FrameType,
+    PeerGoneReason,
+    encode_close_peer,
+    encode_forward_packet,
+    encode_watch_conns,
+)
+from derp.keys import PrivateKey
+from derp.mesh import Mesh, MeshPeer, RouteTable, parse_mesh_peer, parse_mesh_with
+from derp.server import DerpServer, ServerConfig
+from derp.stats import UNKNOWN_DEST, UNKNOWN_DEST_ON_FWD
+
+from .conftest import RawClient, wait_until
+
+MESH_KEY = bytes(range(32))
+RETRY = 0.1
+
+# --------------------------------------------------------------------------- route table
+
+
+def test_route_table_basics() -> None:
+    fwd: dict[bytes, object] = {}
+    t: RouteTable[str] = RouteTable(fwd)
+    k = b"k" * 32
+    assert t.add(k, "B") is True
+    assert t.add(k, "B") is False  # per-connection PeerPresent repeats: a set, not a count
+    assert t.add(k, "C") is False
+    assert t.route(k) == "B" and fwd[k] == "B"
+    assert t.remove(k, "B") is False  # C still announces it
+    assert t.route(k) == "C" and fwd[k] == "C"
+    assert t.remove(k, "B") is False and t.stale_removals == 1
+    assert t.remove(k, "C") is True
+    assert k not in t and k not in fwd
+    t.check_invariants()
+
+
+def test_route_table_drop_link_forgets_only_its_routes() -> None:
+    t: RouteTable[str] = RouteTable()
+    a, b, c = (bytes([i]) * 32 for i in range(3))
+    t.add(a, "L1")
+    t.add(b, "L1")
+    t.add(b, "L2")
+    t.add(c, "L2")
+    assert sorted(t.drop_link("L1")) == [a]  # b still reachable through L2
+    assert t.route(b) == "L2" and t.route(c) == "L2" and a not in t
+    assert t.drop_link("L1") == []
+    t.check_invariants()
+
+
+class RouteMachine(RuleBasedStateMachine):
+    """Random add/remove/drop_link sequences against a model of ordered link sets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.t: RouteTable[int] = RouteTable()
+        self.model: dict[bytes, list[int]] = {}
+
+    keys = st.sampled_from([bytes([i]) * 32 for i in range(4)])
+    links = st.integers(0, 3)
+
+    @rule(k=keys, link=links)
+    def add(self, k: bytes, link: int) -> None:
+        was = k in self.model
+        assert self.t.add(k, link) is (not was)
+        lst = self.model.setdefault(k, [])
+        if link not in lst:
+            lst.append(link)
+
+    @rule(k=keys, link=links)
+    def remove(self, k: bytes, link: int) -> None:
+        lst = self.model.get(k, [])
+        last = lst == [link]
+        assert self.t.remove(k, link) is last
+        if link in lst:
+            lst.remove(link)
+        if not lst:
+            self.model.pop(k, None)
+
+    @rule(link=links)
+    def drop(self, link: int) -> None:
+        gone = set(self.t.drop_link(link))
+        want = set()
+        for k, lst in list(self.model.items()):
+            if link in lst:
+                lst.remove(link)
+                if not lst:
+                    want.add(k)
+                    del self.model[k]
+        assert gone == want
+
+    @invariant()
+    def consistent(self) -> None:
+        self.t.check_invariants()
+        for k, lst in self.model.items():
+            assert self.t.route(k) == lst[0]
+        assert len(self.t) == len(self.model)
+
+
+TestRouteMachine = RouteMachine.TestCase
+
+
+def test_parse_mesh_peer_forms() -> None:
+    p = parse_mesh_peer("derp1.example.com")
+    assert p == MeshPeer("https", "derp1.example.com", 443, "derp1.example.com")
+    assert p.url == "https://derp1.example.com/derp"
+    p = parse_mesh_peer("derp2.example.com/10.0.0.2")
+    assert (p.host, p.dial_host, p.port) == ("derp2.example.com", "10.0.0.2", 443)
+    p = parse_mesh_peer("derp3:8443/10.0.0.3")
+    assert (p.host, p.dial_host, p.port, p.host_header) == ("derp3", "10.0.0.3", 8443, "derp3:8443")
+    p = parse_mesh_peer("http://127.0.0.1:3340/derp")
+    assert (p.scheme, p.host, p.port, p.url) == ("http", "127.0.0.1", 3340, "http://127.0.0.1:3340/derp")
+    assert len(parse_mesh_with("a, b,,c")) == 3
+    for bad in ("", "ftp://x", "host:99999", "http://"):
+        with pytest.raises(ValueError):
+            parse_mesh_peer(bad)
+
+
+def test_mesh_with_needs_mesh_key() -> None:
+    with pytest.raises(ValueError):
+        ServerConfig(private_key=PrivateKey.generate(), mesh_with=(parse_mesh_peer("a"),))
+
+
+# --------------------------------------------------------------------------- real relays
+
+
+@dataclass
+class Region:
+    servers: list[DerpServer]
+    meshes: list[Mesh] = field(default_factory=list)
+    clients: list[RawClient] = field(default_factory=list)
+
+    def url(self, i: int) -> str:
+        return f"http://127.0.0.1:{self.servers[i].port}/derp"
+
+    async def client(self, i: int, key: PrivateKey | None = None) -> RawClient:
+        c = await RawClient.open(self.servers[i].port, key)
+        self.clients.append(c)
+        await c.handshake()
+        return c
+
+    async def kill(self, i: int) -> None:
+        await self.meshes[i].stop()
+        await self.servers[i].stop()
+
+
+async def _start(n: int, *, include_self: bool = True) -> Region:
+    servers = []
+    for _ in range(n):
+        srv = DerpServer(ServerConfig(private_key=PrivateKey.generate(), mesh_key=MESH_KEY))
+        await srv.start("127.0.0.1", 0)
+        servers.append(srv)
+    region = Region(servers)
+    for i, srv in enumerate(servers):
+        peers = [
+            parse_mesh_peer(region.url(j)) for j in range(n) if include_self or j != i
+        ]
+        mesh = Mesh(srv, peers, retry_interval=RETRY)
+        mesh.start()
+        region.meshes.append(mesh)
+    return region
+
+
+@pytest.fixture
+async def region3() -> AsyncIterator[Region]:
+    region = await _start(3)
+    yield region
+    for c in region.clients:
+        await c.close()
+    for m in region.meshes:
+        await m.stop()
+    for s in region.servers:
+        await s.stop()
+
+
+def _knows(srv: DerpServer, key: bytes) -> bool:
+    return key in srv.relay or key in srv.relay.forwarders
+
+
+async def _wait_routes(region: Region, clients: list[RawClient], alive: list[int]) -> None:
+    await wait_until(
+        lambda: all(_knows(region.servers[i], c.pub) for i in alive for c in clients)
+    )
+
+
+async def _all_pairs_talk(clients: list[RawClient], tag: bytes) -> None:
+    for s in clients:
+        for r in clients:
+            if r is not s:
+                s.send_packet(r.pub, tag + s.pub[:4] + r.pub[:4])
+    for r in clients:
+        got = set()
+        for _ in range(len(clients) - 1):
+            src, data = await r.recv_packet()
+            assert data == tag + src[:4] + r.pub[:4]
+            got.add(src)
+        assert got == {s.pub for s in clients if s is not r}
+
+
+async def test_three_relays_all_pairs_then_one_dies(region3: Region) -> None:
+    reg = region3
+    # Self-connections are detected (each node lists itself in its peers).
+    await wait_until(lambda: all(any(link.is_self for link in m.links) for m in reg.meshes))
+    cs = [await reg.client(i % 3) for i in range(6)]  # two clients on each relay
+    await _wait_routes(reg, cs, [0, 1, 2])
+    await _all_pairs_talk(cs, b"round1:")
+    assert all(s.stats.packets_forwarded_out > 0 for s in reg.servers)
+    assert all(s.stats.packets_forwarded_in > 0 for s in reg.servers)
+
+    # Relay 2 dies: its clients (cs[2], cs[5]) go with it.
+    dead = [cs[2], cs[5]]
+    alive = [c for c in cs if c not in dead]
+    await reg.kill(2)
+    for c in dead:
+        await c.expect_closed()
+    # Routes to the dead relay's clients are forgotten on the survivors...
+    await wait_until(
+        lambda: not any(_knows(reg.servers[i], c.pub) for i in (0, 1) for c in dead)
+    )
+    # ...and clients that heard from them are told they left (spec §3.4).
+    for c in alive:
+        f = await c.recv_type(FrameType.PEER_GONE)
+        gone = {f.payload[:32]}
+        assert f.payload[32] == PeerGoneReason.DISCONNECTED
+        f = await c.recv_type(FrameType.PEER_GONE)
+        gone.add(f.payload[:32])
+        assert gone == {d.pub for d in dead}
+    # The others keep talking across the remaining two relays.
+    await _all_pairs_talk(alive, b"round2:")
+    # Sending to a dead relay's client: unknown_dest drop, and NotHere for disco.
+    before = reg.servers[0].stats.drops_by_reason(UNKNOWN_DEST)
+    disco = DISCO_MAGIC + bytes(60)
+    cs[0].send_packet(cs[2].pub, disco)
+    f = await cs[0].recv_type(FrameType.PEER_GONE)
+    assert f.payload == cs[2].pub + bytes([PeerGoneReason.NOT_HERE])
+    assert reg.servers[0].stats.drops_by_reason(UNKNOWN_DEST) == before + 1
+
+
+async def test_link_reconnects_and_relearns_routes() -> None:
+    reg = await _start(2, include_self=False)
+    try:
+        b_client = await reg.client(1)
+        await _wait_routes(reg, [b_client], [0])
+        link = reg.meshes[0].links[0]
+        gen = link.generation
+        port = reg.servers[1].port
+        await reg.kill(1)
+        await wait_until(lambda: not _knows(reg.servers[0], b_client.pub))
+        assert not link.connected
+        # A new relay on the same address (same key is not needed: links re-login).
+        srv = DerpServer(ServerConfig(private_key=PrivateKey.generate(), mesh_key=MESH_KEY))
+        await srv.start("127.0.0.1", port)
+        reg.servers[1] = srv
+        b2 = await reg.client(1)
+        await wait_until(lambda: link.generation > gen and _knows(reg.servers[0], b2.pub))
+        a_client = await reg.client(0)
+        a_client.send_packet(b2.pub, b"after reconnect")
+        assert await b2.recv_packet() == (a_client.pub, b"after reconnect")
+    finally:
+        for c in reg.clients:
+            await c.close()
+        for m in reg.meshes:
+            await m.stop()
+        for s in reg.servers:
+            await s.stop()
+
+
+async def test_local_client_wins_over_mesh_route() -> None:
+    reg = await _start(2, include_self=False)
+    try:
+        key = PrivateKey.generate()
+        on_b = await reg.client(1, key)
+        await _wait_routes(reg, [on_b], [0])
+        on_a = await reg.client(0, key)  # same key, now also local on A
+        sender = await reg.client(0)
+        fwd_before = reg.servers[0].stats.packets_forwarded_out
+        sender.send_packet(key.public.raw, b"local please")
+        assert await on_a.recv_packet() == (sender.pub, b"local please")
+        assert reg.servers[0].stats.packets_forwarded_out == fwd_before
+        # When the local one leaves, the mesh route takes over without PeerGone.
+        await on_a.close()
+        await wait_until(lambda: key.public.raw not in reg.servers[0].relay)
+        sender.send_packet(key.public.raw, b"via mesh now")
+        assert await on_b.recv_packet() == (sender.pub, b"via mesh now")
+    finally:
+        for c in reg.clients:
+            await c.close()
+        for m in reg.meshes:
+            await m.stop()
+        for s in reg.servers:
+            await s.stop()
+
+
+# --------------------------------------------------------------------------- privileges
+
+
+@pytest.fixture
+async def mesh_server() -> AsyncIterator[DerpServer]:
+    srv = DerpServer(ServerConfig(private_key=PrivateKey.generate(), mesh_key=MESH_KEY))
+    await srv.start("127.0.0.1", 0)
+    yield srv
+    await srv.stop()
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        encode_watch_conns(),
+        encode_forward_packet(b"\x01" * 32, b"\x02" * 32, b"x"),
+        encode_close_peer(b"\x02" * 32),
+    ],
+    ids=["WatchConns", "ForwardPacket", "ClosePeer"],
+)
+@pytest.mark.parametrize("mesh_key", [None, bytes(32), bytes(range(1, 33))])
+async def test_wrong_or_missing_mesh_key_is_not_privileged(
+    mesh_server: DerpServer, frame: bytes, mesh_key: bytes | None
+) -> None:
+    bystander = await RawClient.open(mesh_server.port)
+    await bystander.handshake()
+    c = await RawClient.open(mesh_server.port)
+    info: dict[str, object] = {"version": 2}
+    if mesh_key is not None:
+        info["meshKey"] = mesh_key.hex()
+    await c.handshake(info)
+    c.send(frame)
+    await c.expect_closed()
+    # Only the offender is closed.
+    bystander.send_packet(bystander.pub, b"still here")
+    assert await bystander.recv_packet() == (bystander.pub, b"still here")
+    await c.close()
+    await bystander.close()
+
+
+async def test_forwarded_packets_are_never_reforwarded() -> None:
+    reg = await _start(2, include_self=False)
+    try:
+        on_b = await reg.client(1)
+        await _wait_routes(reg, [on_b], [0])
+        # A mesh peer hands relay A a packet for a key that lives on B: A must not
+        # forward it again (one hop only); it is dropped as unknown_dest_on_fwd.
+        m = await RawClient.open(reg.servers[0].port)
+        reg.clients.append(m)
+        await m.handshake({"meshKey": MESH_KEY.hex(), "version": 2})
+        fwd_before = reg.servers[0].stats.packets_forwarded_out
+        disco = DISCO_MAGIC + bytes(60)
+        m.send(encode_forward_packet(b"\x07" * 32, on_b.pub, disco))
+        f = await m.recv_type(FrameType.PEER_GONE)  # NotHere back to the mesh peer
+        assert f.payload == on_b.pub + bytes([PeerGoneReason.NOT_HERE])
+        assert reg.servers[0].stats.drops_by_reason(UNKNOWN_DEST_ON_FWD) == 1
+        assert reg.servers[0].stats.packets_forwarded_out == fwd_before
+    finally:
+        for c in reg.clients:
+            await c.close()
+        for m_ in reg.meshes:
+            await m_.stop()
+        for s in reg.servers:
+            await s.stop()
+
+
+async def test_close_peer_from_mesh_peer(mesh_server: DerpServer) -> None:
+    victim = await RawClient.open(mesh_server.port)
+    await victim.handshake()
+    m = await RawClient.open(mesh_server.port)
+    await m.handshake({"meshKey": MESH_KEY.hex(), "version": 2})
+    m.send(encode_close_peer(victim.pub))
+    await victim.expect_closed()
+    m.send_packet(m.pub, b"mesh peer unaffected")
+    assert await m.recv_packet() == (m.pub, b"mesh peer unaffected")
+    await victim.close()
+    await m.close()
+
+
+async def test_server_starts_mesh_from_config() -> None:
+    a = DerpServer(ServerConfig(private_key=PrivateKey.generate(), mesh_key=MESH_KEY))
+    await a.start("127.0.0.1", 0)
+    peer = parse_mesh_peer(f"http://127.0.0.1:{a.port}")
+    b = DerpServer(
+        ServerConfig(
+            private_key=PrivateKey.generate(),
+            mesh_key=MESH_KEY,
+            mesh_with=(peer,),
+            mesh_retry_interval=RETRY,
+        )
+    )
+    await b.start("127.0.0.1", 0)
+    c = await RawClient.open(a.port)
+    try:
+        await c.handshake()
+        assert b.mesh is not None
+        await wait_until(lambda: c.pub in b.relay.forwarders)
+        # b's link appears on a as a mesh client with b's server key.
+        assert b.public_key.raw in a.relay
+    finally:
+        await c.close()
+        await b.stop()
+        await a.stop()
+    assert b.mesh is None
