@@ -380,7 +380,9 @@ class WsRpcClient:
                 body = json.loads(resp.body or b"{}")
             except ValueError:
                 body = {"message": (resp.body or b"").decode("utf-8", "replace")}
-            raise HandshakeRejected(resp.status_code, body if isinstance(body, dict) else {})
+            raise HandshakeRejected(
+                resp.status_code, body if isinstance(body, dict) else {}
+            ) from None
         resp_headers = ws.response.headers if ws.response is not None else {}
         return cls(ws, resp_headers.get(HEADER_PEER_ID), resp_headers.get(HEADER_VERSION))
 
