@@ -102,7 +102,7 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("health_cache", float, 10.0, "Seconds a health report is cached (?force=true re-runs)."),
     Option("health_timeout", float, 5.0, "Timeout of each health check."),
     Option("postgres_url", str, "",
-           "PostgreSQL DSN for the HA coordinator (requires the tailnet.pg module)."),
+           "PostgreSQL DSN: use the HA coordinator (tailnet.pg) instead of the in-memory one."),
     Option("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING, ERROR."),
 )
 

@@ -21,7 +21,9 @@ What :meth:`TailnetStack.start` does, in order:
    ``derp_region_id`` pointing at the access URL, ``ForceHTTP`` for ``http``,
    ``STUNPort`` = the STUN port or -1, plus regions from ``derp_config_path``)
    unless ``derp_maps`` was given;
-3. wires :class:`~tailnet.service.TailnetService` (coordinator core, resume
+3. wires :class:`~tailnet.service.TailnetService` (coordinator: ``coordinator``
+   if given, else the PostgreSQL HA coordinator when ``postgres_url`` is set,
+   else the in-memory core; resume
    tokens, workspace provider, tunnel authorizer) to the gRPC server and to
    the HTTP API.
 
@@ -52,7 +54,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from derp.keys import PrivateKey, load_or_create_server_key
 from derp.server import DerpServer, ServerConfig
@@ -278,6 +280,7 @@ class TailnetStack:
         self.health: HealthChecker | None = None
         self._derp_maps: DERPMapSource | None = None
         self._poll_task: asyncio.Task[None] | None = None
+        self._pg: Any = None  # tailnet.pg.PgCoordinator when postgres_url is set
         self._started = False
         self._access_url = ""
 
@@ -447,12 +450,12 @@ class TailnetStack:
             raise RuntimeError("stack already started")
         self._started = True
         cfg = self.config
-        if cfg.postgres_url:
-            raise RuntimeError(
-                "postgres_url is set but the embedded stack does not wire the HA "
-                "coordinator yet; pass coordinator=... (see the report/README)"
-            )
         key, resume_keys = self.prepare_data_dir()
+        if cfg.postgres_url and self._coordinator is None:
+            from tailnet.pg import create_pg_coordinator
+
+            self._pg = await create_pg_coordinator(cfg.postgres_url)
+            self._coordinator = cast(Coordinator, self._pg)
         try:
             await self._start_listeners(key, resume_keys)
         except BaseException:
@@ -544,6 +547,9 @@ class TailnetStack:
         if self.http is not None:
             await self.http.stop(grace)
             self.http = None
+        if self._pg is not None:
+            pg, self._pg = self._pg, None
+            await pg.stop()
         if self.grpc is not None:
             await self.grpc.stop(min(grace, 1.0))
             self.grpc = None

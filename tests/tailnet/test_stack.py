@@ -118,10 +118,17 @@ async def test_embedding_with_custom_auth_authorizer_and_derp_map() -> None:
         await s.stop()
 
 
-async def test_postgres_url_without_coordinator_is_refused() -> None:
-    s = TailnetStack(_cfg(None, postgres_url="postgresql://x"))
-    with pytest.raises(RuntimeError, match="postgres"):
-        await s.start()
+async def test_unreachable_postgres_fails_start_cleanly() -> None:
+    import socket
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    s = TailnetStack(_cfg(None, postgres_url=f"postgresql://u@127.0.0.1:{port}/db"))
+    with pytest.raises((OSError, Exception)):
+        await asyncio.wait_for(s.start(), T * 3)
+    assert s.http is None and s.derp_server is None
 
 
 async def test_derp_config_path_adds_regions(tmp_path: Path) -> None:
@@ -199,3 +206,44 @@ async def test_stack_context_manager_and_urls() -> None:
         assert s.ws_url.startswith("ws://127.0.0.1:")
         assert s.grpc_target is not None
         await asyncio.sleep(0)
+
+
+from .pgserver import pg_dsn, pg_server  # noqa: E402,F401  (fixtures; skip without PostgreSQL)
+
+
+async def test_postgres_url_uses_the_ha_coordinator(pg_dsn: str) -> None:  # noqa: F811
+    from tailnet.pg import PgCoordinator
+    from tailnet.v2 import tailnet_pb2 as pb
+
+    s = TailnetStack(_cfg(None, postgres_url=pg_dsn))
+    await s.start()
+    try:
+        assert s.service is not None and isinstance(s.service.coordinator, PgCoordinator)
+        uid, tok = s.create_user()
+        agent = s.create_agent(owner_id=uid)
+        ac = await WsRpcClient.connect(f"{s.ws_url}/api/v2/workspaceagents/me/rpc", agent.token)
+        cc = await WsRpcClient.connect(
+            f"{s.ws_url}/api/v2/workspaceagents/{agent.agent_id}/coordinate", tok)
+        try:
+            a = await ac.coordinate()
+            c = await cc.coordinate()
+            await a.send(pb.CoordinateRequest(update_self=pb.CoordinateRequest.UpdateSelf(
+                node=pb.Node(id=1, key=b"np" + b"\x01" * 32, preferred_derp=999))))
+            await c.send(pb.CoordinateRequest(
+                add_tunnel=pb.CoordinateRequest.Tunnel(id=agent.agent_id.bytes)))
+
+            async def agent_node() -> pb.CoordinateResponse.PeerUpdate:
+                while True:
+                    resp = await c.recv(pb.CoordinateResponse)
+                    assert resp is not None
+                    for u in resp.peer_updates:
+                        if u.kind == pb.CoordinateResponse.PeerUpdate.NODE:
+                            return u
+
+            upd = await asyncio.wait_for(agent_node(), T * 2)
+            assert upd.id == agent.agent_id.bytes and upd.node.preferred_derp == 999
+        finally:
+            await cc.close()
+            await ac.close()
+    finally:
+        await s.stop()
