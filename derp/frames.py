@@ -237,6 +237,8 @@ def encode_peer_present(
     _check_key(peer, "peer key")
     if len(ip16) != 16:
         raise ValueError("ip must be the 16-byte form")
+    if not 0 <= port <= 0xFFFF or not 0 <= flags <= 0xFF:
+        raise ValueError("port must fit 16 bits and flags 8 bits")
     return (
         _HDR.pack(FrameType.PEER_PRESENT, 51)
         + peer
@@ -287,6 +289,8 @@ def encode_health(problem: str) -> bytes:
 
 def encode_restarting(reconnect_in_ms: int, try_for_ms: int) -> bytes:
     """Restarting: reconnect after ``reconnect_in_ms``, keep trying for ``try_for_ms``."""
+    if not (0 <= reconnect_in_ms <= 0xFFFFFFFF and 0 <= try_for_ms <= 0xFFFFFFFF):
+        raise ValueError("restart durations must fit an unsigned 32-bit millisecond count")
     return _HDR.pack(FrameType.RESTARTING, 8) + _U32X2.pack(reconnect_in_ms, try_for_ms)
 
 

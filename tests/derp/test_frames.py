@@ -526,3 +526,20 @@ def test_decoder_is_total_on_garbage(data: bytes, limit: int) -> None:
             assert len(fr.payload) <= limit
     except FrameError:
         pass
+
+
+def test_encoders_reject_out_of_range_integers() -> None:
+    """Out-of-range ports, flags and restart durations are ValueErrors, not struct errors."""
+    import pytest as _pytest
+
+    from derp import frames as _f
+
+    key = bytes(range(1, 33))
+    with _pytest.raises(ValueError):
+        _f.encode_peer_present(key, bytes(16), 65536, 0)
+    with _pytest.raises(ValueError):
+        _f.encode_peer_present(key, bytes(16), 1, 256)
+    with _pytest.raises(ValueError):
+        _f.encode_restarting(-1, 0)
+    with _pytest.raises(ValueError):
+        _f.encode_restarting(0, 1 << 32)
