@@ -37,8 +37,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .admission import Admission, VerifyClientURL
 from .keys import PrivateKey, load_or_create_server_key
+from .mesh import MeshPeer, parse_mesh_with
 from .server import DerpServer, ServerConfig
+from .stunserver import DEFAULT_STUN_PORT, StunServer
 
 __all__ = ["DEFAULT_ADDR", "DEV_ADDR", "build_parser", "default_key_path", "main", "parse_addr"]
 
@@ -115,6 +118,35 @@ def build_parser() -> argparse.ArgumentParser:
         help="file holding the 64-hex-digit mesh pre-shared key (enables mesh privileges)",
     )
     p.add_argument(
+        "--mesh-with",
+        default="",
+        help="comma-separated mesh peers of this region: host, host:port, host/dialhost "
+        "or a URL; may include this node (needs --mesh-psk-file)",
+    )
+    p.add_argument(
+        "--stun-port",
+        type=int,
+        default=None,
+        help=f"UDP port of the STUN responder (default {DEFAULT_STUN_PORT}; -1 disables)",
+    )
+    p.add_argument(
+        "--stun",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the STUN responder (--no-stun disables; default on)",
+    )
+    p.add_argument(
+        "--verify-client-url",
+        default="",
+        help="admission controller: POST {NodePublic, Source} and admit on {\"Allow\": true}",
+    )
+    p.add_argument(
+        "--verify-client-url-fail-open",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="admit clients when the admission URL is unreachable (default on, like derper)",
+    )
+    p.add_argument(
         "--stats-interval",
         type=float,
         default=60.0,
@@ -159,6 +191,31 @@ def _load_mesh_key(path: str | None) -> bytes | None:
     return key
 
 
+def _mesh_and_admission(
+    args: argparse.Namespace, mesh_key: bytes | None
+) -> tuple[tuple[MeshPeer, ...], Admission | None]:
+    """``--mesh-with`` peers and the ``--verify-client-url`` hook (derp.mesh, derp.admission).
+
+    Bare mesh entries use https when this server serves TLS (like derper), else http.
+    """
+    tls = bool(getattr(args, "certmode", None))
+    try:
+        peers = tuple(parse_mesh_with(args.mesh_with, "https" if tls else "http"))
+    except ValueError as exc:
+        raise _CliError(f"--mesh-with: {exc}") from None
+    if peers and mesh_key is None:
+        raise _CliError("--mesh-with needs --mesh-psk-file")
+    admission: Admission | None = None
+    if args.verify_client_url:
+        try:
+            admission = VerifyClientURL(
+                args.verify_client_url, fail_open=args.verify_client_url_fail_open
+            )
+        except ValueError as exc:
+            raise _CliError(f"--verify-client-url: {exc}") from None
+    return peers, admission
+
+
 def _format_stats(stats: Any) -> str:
     snap = stats.snapshot() if hasattr(stats, "snapshot") else stats
     if isinstance(snap, dict):
@@ -187,13 +244,36 @@ async def _serve(
     hostname: str,
     mesh_key: bytes | None,
     stats_interval: float,
+    mesh_with: tuple[MeshPeer, ...] = (),
+    admission: Admission | None = None,
+    stun_port: int | None = -1,
 ) -> int:
-    server = DerpServer(ServerConfig(private_key=key, mesh_key=mesh_key, hostname=hostname))
+    server = DerpServer(
+        ServerConfig(
+            private_key=key,
+            mesh_key=mesh_key,
+            hostname=hostname,
+            mesh_with=mesh_with,
+            admission=admission,
+        )
+    )
     try:
         await server.start(host=host, port=port)
     except OSError as exc:
         shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         raise _CliError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
+    stun: StunServer | None = None
+    if stun_port is None or stun_port >= 0:
+        stun = StunServer()
+        try:
+            await stun.start(host, DEFAULT_STUN_PORT if stun_port is None else stun_port)
+        except OSError as exc:
+            if stun_port is None:  # the default port is best effort (tests, second relay)
+                log.warning("STUN disabled: cannot listen on UDP %d: %s", DEFAULT_STUN_PORT, exc)
+                stun = None
+            else:
+                await server.stop()
+                raise _CliError(f"cannot listen on UDP port {stun_port} for STUN: {exc}") from None
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -222,6 +302,8 @@ async def _serve(
             stats_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await stats_task
+        if stun is not None:
+            await stun.stop()
         await server.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
@@ -247,6 +329,7 @@ def main(argv: list[str] | None = None) -> int:
             raise _CliError(str(exc)) from None
         key = _load_key(args)
         mesh_key = _load_mesh_key(args.mesh_psk_file)
+        mesh_with, admission = _mesh_and_admission(args, mesh_key)
         if not args.dev:
             log.warning(
                 "TLS is not implemented yet; serving plain HTTP on %s "
@@ -264,6 +347,9 @@ def main(argv: list[str] | None = None) -> int:
                     hostname=args.hostname,
                     mesh_key=mesh_key,
                     stats_interval=args.stats_interval,
+                    mesh_with=mesh_with,
+                    admission=admission,
+                    stun_port=args.stun_port if args.stun else -1,  # None: 3478, best effort
                 )
             )
     except _CliError as exc:

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import re
+import signal
+import socket
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 from hypothesis import strategies as st
@@ -21,8 +27,9 @@ from derp.keys import PrivateKey
 from derp.mesh import Mesh, MeshPeer, RouteTable, parse_mesh_peer, parse_mesh_with
 from derp.server import DerpServer, ServerConfig
 from derp.stats import UNKNOWN_DEST, UNKNOWN_DEST_ON_FWD
+from derp.stunserver import stun_request
 
-from .conftest import RawClient, wait_until
+from .conftest import UPGRADE_REQUEST, WAIT, RawClient, wait_until
 
 MESH_KEY = bytes(range(32))
 RETRY = 0.1
@@ -406,3 +413,61 @@ async def test_server_starts_mesh_from_config() -> None:
         await b.stop()
         await a.stop()
     assert b.mesh is None
+
+
+# --------------------------------------------------------------------------- derper CLI
+
+
+async def test_derper_cli_mesh_stun_and_admission_flags(tmp_path: Path) -> None:
+    """A real ``derper`` process meshes with an in-process relay, answers STUN, and
+    rejects clients when the admission URL is down and fail-open is off."""
+    psk = tmp_path / "mesh.key"
+    psk.write_text(MESH_KEY.hex() + "\n")
+    a = DerpServer(ServerConfig(private_key=PrivateKey.generate(), mesh_key=MESH_KEY))
+    await a.start("127.0.0.1", 0)
+    dead = socket.socket()
+    dead.bind(("127.0.0.1", 0))
+    dead_port = dead.getsockname()[1]
+    dead.close()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "derp", "--dev", "-a", "127.0.0.1:0",
+        "--mesh-psk-file", str(psk),
+        "--mesh-with", f"http://127.0.0.1:{a.port}",
+        "--stun-port", "0",
+        "--verify-client-url", f"http://127.0.0.1:{dead_port}/verify",
+        "--no-verify-client-url-fail-open",
+        "-v",
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    try:
+        line = (await asyncio.wait_for(proc.stdout.readline(), WAIT)).decode()
+        m = re.search(r":(\d+)/derp server key nodekey:([0-9a-f]{64})", line)
+        assert m, line
+        port, key_hex = int(m.group(1)), m.group(2)
+        stun_port = 0
+        while not stun_port:
+            err = (await asyncio.wait_for(proc.stderr.readline(), WAIT)).decode()
+            assert err, "derper exited"
+            sm = re.search(r"stun: listening on UDP \S+:(\d+)", err)
+            if sm:
+                stun_port = int(sm.group(1))
+        ip, _, _ = await asyncio.wait_for(stun_request("127.0.0.1", stun_port, 10.0), WAIT)
+        assert ip == "127.0.0.1"
+        # The derper process dialled relay A as a mesh peer with its own server key.
+        await wait_until(lambda: bytes.fromhex(key_hex) in a.relay)
+        # Admission URL down + fail-closed: a client is closed without ServerInfo.
+        c = await RawClient.open(port)
+        c.writer.write(UPGRADE_REQUEST + b"\r\n")
+        await c.read_http_head()
+        await c.read_server_key()
+        c.writer.write(c.client_info_frame())
+        assert await asyncio.wait_for(c.reader.read(65536), WAIT) == b""
+        await c.close()
+    finally:
+        if proc.returncode is None:
+            proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), WAIT) == 0
+        await a.stop()
