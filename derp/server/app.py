@@ -36,7 +36,7 @@ from ..stats import ServerStats
 from .conn import DerpConnection
 from .handshake import SERVER_INFO_JSON
 from .http import HttpConnection, derp_upgrade_response
-from .listener import AcceptGate
+from .listener import AcceptGate, TlsListener
 from .wheel import TimerWheel
 
 __all__ = ["ServerConfig", "DerpServer", "ConnContext"]
@@ -210,7 +210,7 @@ class DerpServer:
         self.config = config
         self._ctx: ConnContext | None = None
         self._stats = ServerStats()
-        self._listener: asyncio.Server | None = None
+        self._listener: asyncio.Server | TlsListener | None = None
         self._sweep: asyncio.TimerHandle | None = None
         self._http: set[HttpConnection] = set()
         self._derp_live: set[DerpConnection] = set()
@@ -304,9 +304,7 @@ class DerpServer:
             raise RuntimeError("server already started")
         ctx = self._context()
         loop = ctx.loop
-        self._listener = await loop.create_server(
-            self._gate.factory, host, port, backlog=1024, reuse_address=True
-        )
+        self._listener = await self._gate.listen(host, port)
         self._sweep = loop.call_later(ctx.wheel.resolution, self._keepalive_sweep)
         log.info("derp: listening on %s:%d key %s", host, self.port, self.public_key.short())
         if self.config.mesh_with:

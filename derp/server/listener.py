@@ -11,19 +11,19 @@ Every TCP connection the listener accepts goes through :meth:`AcceptGate.factory
    PR #3908).
 2. plain HTTP: the connection goes straight to
    :class:`~derp.server.http.HttpConnection`.
-3. TLS: reading is paused, ``loop.start_tls`` runs the server handshake
-   (bounded by the server's handshake timeout); bytes decrypted before the
-   HTTP protocol is attached are buffered and replayed, then the connection
-   continues as in 2. A failed handshake closes only that socket (logged at
-   DEBUG).
+3. TLS: the listener is a :class:`TlsListener` (own accept loop, see its
+   docstring); admitted sockets run the TLS server handshake (bounded by the
+   server's handshake timeout), then continue as in 2. A failed handshake
+   closes only that socket (logged at DEBUG).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING
 
 from ..limits import AcceptLimiter
 from .http import HttpConnection
@@ -31,7 +31,7 @@ from .http import HttpConnection
 if TYPE_CHECKING:
     from .app import DerpServer
 
-__all__ = ["AcceptGate"]
+__all__ = ["AcceptGate", "TlsListener"]
 
 log = logging.getLogger("derp.server")
 
@@ -43,81 +43,84 @@ class _Reject(asyncio.Protocol):
         transport.close()
 
 
-class _Buffer(asyncio.Protocol):
-    """Holds decrypted bytes until the HTTP protocol takes the TLS transport."""
+class TlsListener(asyncio.AbstractServer):
+    """A TLS listening socket with its own accept loop (the parts of ``asyncio.Server``
+    the DERP server uses: ``sockets``, ``close``, ``wait_closed``).
 
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.eof = False
+    Why not ``create_server(ssl=...)``: its protocol factory runs before the
+    TLS handshake but cannot close the socket before doing it, and uvloop's
+    ``start_tls`` does not complete on server-accepted transports. So we
+    ``sock_accept`` ourselves, decide, and only then hand an admitted socket
+    to ``loop.connect_accepted_socket(..., ssl=...)`` (both loops support it).
+    """
 
-    def data_received(self, data: bytes) -> None:
-        self.data += data
-
-    def eof_received(self) -> bool | None:
-        self.eof = True
-        return True
-
-
-class _TlsStart(asyncio.Protocol):
-    """Runs the TLS server handshake on an accepted socket, then hands it to HTTP."""
-
-    def __init__(self, gate: AcceptGate) -> None:
+    def __init__(self, gate: AcceptGate, sock: socket.socket) -> None:
         self._gate = gate
-        self._task: asyncio.Task[None] | None = None
-        self._transport: asyncio.Transport | None = None
+        self._sock = sock
+        self._closed = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._accept_loop(), name="derp-tls-accept")
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        t = cast(asyncio.Transport, transport)
-        self._transport = t
-        t.pause_reading()  # the ClientHello must reach the TLS layer, not us
-        self._gate._pending.add(self)
-        self._task = asyncio.get_running_loop().create_task(self._handshake(t))
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return () if self._closed.is_set() else (self._sock,)
 
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._gate._pending.discard(self)
-
-    def abort(self) -> None:
-        if self._task is not None:
+    def close(self) -> None:
+        if not self._closed.is_set():
+            self._closed.set()
             self._task.cancel()
-        if self._transport is not None:
-            self._transport.abort()
+            self._sock.close()
 
-    async def _handshake(self, transport: asyncio.Transport) -> None:
+    async def wait_closed(self) -> None:
+        await self._closed.wait()
+        await asyncio.wait([self._task])
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def is_serving(self) -> bool:
+        return not self._closed.is_set()
+
+    async def start_serving(self) -> None:
+        return None
+
+    async def serve_forever(self) -> None:
+        await self.wait_closed()
+
+    async def _accept_loop(self) -> None:
+        loop = self._loop
         gate = self._gate
-        server = gate.server
-        loop = asyncio.get_running_loop()
-        buf = _Buffer()
+        while True:
+            try:
+                conn, _addr = await loop.sock_accept(self._sock)
+            except OSError as exc:  # e.g. EMFILE: back off instead of spinning
+                if self._closed.is_set():
+                    return
+                log.warning("derp tls: accept failed: %s", exc)
+                await asyncio.sleep(0.1)
+                continue
+            if not gate.admit():
+                conn.close()
+                continue
+            task = loop.create_task(self._handshake(conn))
+            gate._pending.add(task)
+            task.add_done_callback(gate._pending.discard)
+
+    async def _handshake(self, conn: socket.socket) -> None:
+        server = self._gate.server
         try:
-            ctx = gate.ssl_context
-            assert ctx is not None
-            tls = await loop.start_tls(
-                transport,
-                buf,
-                ctx,
-                server_side=True,
+            await self._loop.connect_accepted_socket(
+                lambda: HttpConnection(server),
+                conn,
+                ssl=self._gate.ssl_context,
                 ssl_handshake_timeout=server.handshake_timeout,
             )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError, ConnectionError) as exc:
-            log.debug("derp tls: handshake with %s failed: %s", self._peer(transport), exc)
-            transport.abort()
-            return
-        finally:
-            gate._pending.discard(self)
-        if tls is None:  # pragma: no cover - transport closed during the handshake
-            transport.abort()
-            return
-        tls_t = tls
-        http = HttpConnection(server)
-        tls_t.set_protocol(http)
-        http.connection_made(tls_t)
-        if buf.data:
-            http.data_received(bytes(buf.data))
-        if buf.eof:
-            http.eof_received()
-
-    @staticmethod
-    def _peer(transport: asyncio.BaseTransport) -> object:
-        return transport.get_extra_info("peername")
+        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
+            log.debug("derp tls: handshake failed: %s", exc)
+            conn.close()
+        except BaseException:  # cancelled by server stop
+            conn.close()
+            raise
 
 
 class AcceptGate:
@@ -135,22 +138,50 @@ class AcceptGate:
         self.limiter = limiter
         self.max_connections = max_connections
         self.ssl_context = ssl_context
-        self._pending: set[_TlsStart] = set()
+        #: TLS handshakes in progress
+        self._pending: set[asyncio.Task[None]] = set()
 
-    def factory(self) -> asyncio.Protocol:
+    def admit(self) -> bool:
+        """Decide one accepted socket (counts rejections)."""
         server = self.server
         if self.max_connections and server.open_connections >= self.max_connections:
             server.stats.accepts_rejected += 1
-            return _Reject()
+            return False
         if not self.limiter.allow(asyncio.get_running_loop().time()):
             server.stats.accepts_rejected += 1
+            return False
+        return True
+
+    def factory(self) -> asyncio.Protocol:
+        """Protocol factory for a plain-HTTP ``create_server`` listener."""
+        if not self.admit():
             return _Reject()
+        return HttpConnection(self.server)
+
+    async def listen(self, host: str, port: int) -> asyncio.Server | TlsListener:
+        """Open the listener: ``create_server`` for plain HTTP, :class:`TlsListener` for TLS."""
+        loop = asyncio.get_running_loop()
         if self.ssl_context is None:
-            return HttpConnection(server)
-        return _TlsStart(self)
+            return await loop.create_server(
+                self.factory, host, port, backlog=1024, reuse_address=True
+            )
+        infos = await loop.getaddrinfo(
+            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, stype, proto, _canon, addr = infos[0]
+        sock = socket.socket(family, stype, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind(addr)
+            sock.listen(1024)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return TlsListener(self, sock)
 
     def close(self) -> None:
-        """Abort connections still in the TLS handshake (server stop)."""
-        for p in list(self._pending):
-            p.abort()
+        """Cancel TLS handshakes still in progress (server stop)."""
+        for t in list(self._pending):
+            t.cancel()
         self._pending.clear()
