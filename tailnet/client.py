@@ -464,6 +464,8 @@ class TailnetConnection:
         background, call :meth:`close` to stop it). Permanent refusals raise
         :class:`ConnectError` and stop the connection.
         """
+        if self._closing:
+            raise ConnectionError("connection is closed")
         if self._run_task is None:
             loop = asyncio.get_running_loop()
             self._first = loop.create_future()

@@ -410,3 +410,10 @@ async def test_expired_resume_token_is_not_used(env: Env) -> None:
     assert client.resume_token is not None
     now[0] = ev.expires_at + 1  # the token expired
     assert client.resume_token is None
+
+
+async def test_start_after_close_is_refused(env: Env) -> None:
+    client = env.client(Recorder())
+    await client.close()
+    with pytest.raises(ConnectionError):
+        await client.start(WAIT)
