@@ -702,8 +702,9 @@ class DerpConnection(asyncio.Protocol):
         frame = _hdr_pack(_RECV, KEY_LEN + plen) + src + packet.tobytes()
         ctx.relay.note_delivery(src, d)
         if not d._paused:
-            # Reached only for forwarded packets to a writable destination.
-            d._send_ctrl(frame)
+            # Reached only for forwarded packets to a writable destination; they
+            # arrive inside the mesh peer's data_received, so batch like SendPacket.
+            d._push(frame)
             st.packets_sent += 1
             st.bytes_sent += plen
             return
