@@ -1,0 +1,241 @@
+"""Limits (spec §3.9, §3.11): pure token buckets, then accept limits, connection cap,
+per-client receive limit and write timeout against the real server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from derp.client import DerpClient
+from derp.frames import FrameType, encode_send_packet
+from derp.keys import PrivateKey
+from derp.limits import MIN_CLIENT_BURST, AcceptLimiter, RateConfig, TokenBucket
+from derp.server import DerpServer
+
+from .conftest import WAIT, ClientFactory, RawClient, make_config, wait_until
+
+# --------------------------------------------------------------------------- pure
+
+
+def test_token_bucket_take_returns_wait_for_debt() -> None:
+    b = TokenBucket(100.0, 50.0, now=0.0)
+    assert b.take(50, 0.0) == 0.0
+    assert b.take(25, 0.0) == pytest.approx(0.25)  # 25 tokens of debt at 100/s
+    assert b.take(0, 0.25) == 0.0  # paid off
+    assert b.allow(0.25, 1) is False
+    assert b.allow(0.26, 1) is True
+
+
+def test_accept_limiter_burst_then_rate() -> None:
+    lim = AcceptLimiter(2.0, 3, now=0.0)
+    assert [lim.allow(0.0) for _ in range(4)] == [True, True, True, False]
+    assert lim.allow(0.5) is True  # one token after 0.5 s at 2/s
+    assert lim.allow(0.5) is False
+    assert (lim.accepted, lim.rejected) == (4, 2)
+    unlimited = AcceptLimiter()
+    assert not unlimited.enabled and all(unlimited.allow(0.0) for _ in range(1000))
+
+
+@given(
+    rate=st.floats(1.0, 1e6),
+    burst=st.floats(1.0, 1e6),
+    steps=st.lists(st.tuples(st.floats(0.0, 2.0), st.floats(0.0, 1e5)), max_size=40),
+)
+def test_token_bucket_never_exceeds_rate_plus_burst(
+    rate: float, burst: float, steps: list[tuple[float, float]]
+) -> None:
+    b = TokenBucket(rate, burst, now=0.0)
+    now = 0.0
+    granted = 0.0
+    for dt, n in steps:
+        now += dt
+        if b.allow(now, n):
+            granted += n
+        assert b.tokens <= burst + 1e-6
+    assert granted <= burst + rate * now + 1e-6 * max(1.0, granted)
+
+
+@given(st.lists(st.tuples(st.floats(0.0, 1.0), st.integers(0, 100_000)), max_size=40))
+def test_take_wait_pays_the_debt(steps: list[tuple[float, int]]) -> None:
+    b = TokenBucket(10_000.0, MIN_CLIENT_BURST, now=0.0)
+    now = 0.0
+    for dt, n in steps:
+        now += dt
+        wait = b.take(n, now)
+        assert wait >= 0.0
+        now += wait
+        assert b.take(0, now) < 1e-9  # after waiting, no debt is left (float rounding aside)
+
+
+def test_rate_config_json() -> None:
+    rc = RateConfig.from_json('{"PerClientRateLimitBytesPerSec": 1000, "perclientrateburstbytes": 5}')
+    assert rc.enabled and rc.bytes_per_sec == 1000
+    assert rc.effective_burst == MIN_CLIENT_BURST == 65568
+    assert rc.server_info_fields() == {
+        "TokenBucketBytesPerSecond": 1000,
+        "TokenBucketBytesBurst": 65568,
+    }
+    assert RateConfig.from_json("{}").server_info_fields() == {}
+    for bad in ("[]", "nope", '{"PerClientRateLimitBytesPerSec": -1}', '{"PerClientRateBurstBytes": "x"}'):
+        with pytest.raises(ValueError):
+            RateConfig.from_json(bad)
+
+
+def test_token_bucket_rejects_bad_parameters() -> None:
+    for rate, burst in ((0, 1), (1, 0), (math.nan, 1)):
+        with pytest.raises(ValueError):
+            TokenBucket(rate, burst, 0.0)
+
+
+# --------------------------------------------------------------------------- server
+
+
+async def _closed_at_once(port: int) -> bool:
+    """Connect and report whether the server closed without answering an HTTP request."""
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        w.write(b"GET /derp/probe HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = await asyncio.wait_for(r.read(), WAIT)
+    except ConnectionResetError:
+        data = b""
+    finally:
+        w.close()
+    return data == b""
+
+
+async def test_accept_rate_limit_closes_overflow_immediately() -> None:
+    srv = DerpServer(make_config(accept_limit=0.001, accept_burst=2))
+    await srv.start("127.0.0.1", 0)
+    clients: list[RawClient] = []
+    try:
+        for _ in range(2):
+            c = await RawClient.open(srv.port)
+            clients.append(c)
+            await c.handshake()
+        assert await _closed_at_once(srv.port)
+        assert srv.stats.accepts_rejected == 1
+        # The admitted clients are unaffected.
+        clients[0].send_packet(clients[1].pub, b"after overflow")
+        assert (await clients[1].recv_packet())[1] == b"after overflow"
+    finally:
+        for c in clients:
+            await c.close()
+        await srv.stop()
+
+
+async def test_max_connections() -> None:
+    srv = DerpServer(make_config(max_connections=2))
+    await srv.start("127.0.0.1", 0)
+    a = await RawClient.open(srv.port)
+    b = await RawClient.open(srv.port)
+    try:
+        await a.handshake()
+        await b.handshake()
+        assert await _closed_at_once(srv.port)
+        assert srv.stats.accepts_rejected == 1
+        await b.close()
+        await wait_until(lambda: srv.open_connections == 1)
+        c = await RawClient.open(srv.port)
+        await c.handshake()  # room again
+        await c.close()
+    finally:
+        await a.close()
+        await srv.stop()
+
+
+async def test_receive_limit_advertised_and_pauses_reading_without_loss() -> None:
+    mesh_key = os.urandom(32)
+    rate = RateConfig(bytes_per_sec=400_000, burst_bytes=0)
+    srv = DerpServer(make_config(rate_config=rate, mesh_key=mesh_key))
+    await srv.start("127.0.0.1", 0)
+    sender = await RawClient.open(srv.port)
+    receiver = await RawClient.open(srv.port)
+    mesh = await RawClient.open(srv.port)
+    try:
+        await sender.handshake()
+        assert sender.server_info == {
+            "version": 2,
+            "TokenBucketBytesPerSecond": 400_000,
+            "TokenBucketBytesBurst": MIN_CLIENT_BURST,
+        }
+        await receiver.handshake()
+        await mesh.handshake({"meshKey": mesh_key.hex(), "version": 2})
+        pkt = os.urandom(16_000)
+        n = 40  # 640 kB: more than the burst, so reading must pause at least once
+        sender.send(encode_send_packet(receiver.pub, pkt) * n)
+        for _ in range(n):
+            src, data = await receiver.recv_packet()
+            assert src == sender.pub and data == pkt
+        assert srv.stats.rate_limit_waits >= 1
+        assert srv.stats.total_drops == 0
+        # Mesh peers are exempt.
+        waits = srv.stats.rate_limit_waits
+        mesh.send(encode_send_packet(receiver.pub, pkt) * n)
+        for _ in range(n):
+            assert (await receiver.recv_packet())[0] == mesh.pub
+        assert srv.stats.rate_limit_waits == waits
+    finally:
+        for c in (sender, receiver, mesh):
+            await c.close()
+        await srv.stop()
+
+
+async def test_client_library_sees_token_bucket() -> None:
+    srv = DerpServer(make_config(rate_config=RateConfig(1_000_000, 100_000)))
+    await srv.start("127.0.0.1", 0)
+    try:
+        async with DerpClient(f"http://127.0.0.1:{srv.port}", PrivateKey.generate()) as c:
+            assert c.token_bucket == (1_000_000, 100_000)
+    finally:
+        await srv.stop()
+
+
+async def test_write_timeout_drops_blocked_reader_only() -> None:
+    srv = DerpServer(make_config(write_timeout=0.3, write_buffer_high=16 * 1024))
+    await srv.start("127.0.0.1", 0)
+    sender = await RawClient.open(srv.port)
+    stuck = await RawClient.open(srv.port, rcvbuf=4096)
+    other = await RawClient.open(srv.port)
+    try:
+        for c in (sender, stuck, other):
+            await c.handshake()
+        frame = encode_send_packet(stuck.pub, os.urandom(60_000))
+
+        async def flood() -> None:
+            # `stuck` never reads; keep its socket full until the server gives up on it.
+            while srv.stats.write_timeouts == 0:
+                sender.send(frame * 8)
+                await sender.writer.drain()
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(flood(), WAIT)
+        assert srv.stats.write_timeouts == 1
+        await wait_until(lambda: srv.client_count == 2)
+        sender.send(encode_send_packet(other.pub, b"sender still fine"))
+        while True:
+            f = await other.recv_type(FrameType.RECV_PACKET)
+            if f.payload[32:] == b"sender still fine":
+                break
+    finally:
+        for c in (sender, stuck, other):
+            await c.close()
+        await srv.stop()
+
+
+def test_rate_config_roundtrips_through_json() -> None:
+    doc = {"PerClientRateLimitBytesPerSec": 5, "PerClientRateBurstBytes": 70000}
+    rc = RateConfig.from_json(json.dumps(doc))
+    assert (rc.bytes_per_sec, rc.effective_burst) == (5, 70000)
+
+
+async def test_rejected_accepts_do_not_break_server(connect: ClientFactory) -> None:
+    # Sanity: the default server (no limits) accepts many quick connections.
+    for _ in range(5):
+        c = await connect()
+        await c.close()
