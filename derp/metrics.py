@@ -52,7 +52,8 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
@@ -203,7 +204,8 @@ class DerpMetrics:
         """The Prometheus text exposition (content type :data:`CONTENT_TYPE`)."""
         return generate_latest(self.registry)
 
-    CONTENT_TYPE: Final = CONTENT_TYPE_LATEST
+    #: the classic text format every Prometheus version scrapes
+    CONTENT_TYPE: Final = CONTENT_TYPE_PLAIN_0_0_4
 
     def snapshot(self) -> dict[str, object]:
         """JSON-friendly dict for ``/debug/vars``."""
