@@ -23,8 +23,8 @@ Connection flow (one *session*; spec ``coordinator.md`` §2.10, §3, §6.3)::
 Invariants:
 
 * All writes to the Coordinate stream go through one writer task, one message
-  at a time (concurrent writes on one stream corrupt nothing in gRPC, but order
-  matters and Coder had bugs there). Control messages (tunnels, acks,
+  at a time: order matters, and Coder's concurrent ``Send()`` calls on one stream
+  were a real bug (spec §2.10). Control messages (tunnels, acks,
   Disconnect) are sent in FIFO order; the node is a *latest-value slot*:
   :meth:`TailnetConnection.update_node` replaces a pending node, so rapid
   changes coalesce and at most one UpdateSelf is in flight.
