@@ -1,0 +1,135 @@
+"""Graceful restart (Restarting frames, client honours them) and Health frames."""
+
+from __future__ import annotations
+
+import asyncio
+
+from derp.client import DerpClient
+from derp.events import Connected, Disconnected, HealthReceived, PacketReceived, ServerRestarting
+from derp.frames import FrameType
+from derp.keys import PrivateKey
+from derp.server import DerpServer
+from derp.server.conn import DUPLICATE_KEY_HEALTH
+
+from .conftest import WAIT, ClientFactory, RawClient, make_config, wait_until
+
+
+async def test_stop_restarting_sends_frame_before_close() -> None:
+    srv = DerpServer(make_config(restart_reconnect_in=1.5, restart_try_for=20.0))
+    await srv.start("127.0.0.1", 0)
+    c = await RawClient.open(srv.port)
+    try:
+        await c.handshake()
+        await wait_until(lambda: srv.client_count == 1)
+        await srv.stop(restarting=True)
+        f = await c.recv_type(FrameType.RESTARTING)
+        assert f.payload == (1500).to_bytes(4, "big") + (20000).to_bytes(4, "big")
+        await c.expect_closed()
+        assert srv.stats.restarting_frames_sent == 1
+    finally:
+        await c.close()
+
+
+async def test_plain_stop_sends_no_restarting() -> None:
+    srv = DerpServer(make_config())
+    await srv.start("127.0.0.1", 0)
+    c = await RawClient.open(srv.port)
+    try:
+        await c.handshake()
+        await srv.stop()
+        with_frames: list[int] = []
+        try:
+            while True:
+                f = await c.recv_frame()
+                with_frames.append(f.type)
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        assert FrameType.RESTARTING not in with_frames
+    finally:
+        await c.close()
+
+
+async def _next(client: DerpClient, kind: type) -> object:
+    while True:
+        ev = await asyncio.wait_for(client.recv(), WAIT)
+        if isinstance(ev, kind):
+            return ev
+
+
+async def test_client_reconnects_to_restarted_server_within_window() -> None:
+    key = PrivateKey.generate()
+    first = DerpServer(make_config(private_key=key, restart_reconnect_in=0.2, restart_try_for=30.0))
+    await first.start("127.0.0.1", 0)
+    port = first.port
+    # The notice says: wait 0.2 s, then keep trying for 30 s (the client's own
+    # reconnect-loop tests in test_client.py cover the timing rules).
+    client = DerpClient(
+        f"http://127.0.0.1:{port}",
+        PrivateKey.generate(),
+        reconnect=True,
+        backoff_min=0.05,
+        backoff_max=60.0,
+    )
+    second: DerpServer | None = None
+    try:
+        await client.connect()
+        await wait_until(lambda: first.client_count == 1)
+        await first.stop(restarting=True)
+        ev = await _next(client, ServerRestarting)
+        assert isinstance(ev, ServerRestarting)
+        assert (ev.reconnect_in, ev.try_for) == (0.2, 30.0)
+        await _next(client, Disconnected)
+        second = DerpServer(make_config(private_key=key))
+        await second.start("127.0.0.1", port)  # same key, same port: "restarted"
+        ev = await _next(client, Connected)
+        assert isinstance(ev, Connected) and ev.server_key == key.public
+        await client.send(client.public_key, b"back")
+        got = await _next(client, PacketReceived)
+        assert isinstance(got, PacketReceived) and got.data == b"back"
+    finally:
+        await client.close()
+        if second is not None:
+            await second.stop()
+
+
+async def test_health_announces_and_clears_duplicate_key(
+    server: DerpServer, connect: ClientFactory
+) -> None:
+    key = PrivateKey.generate()
+    url = f"http://127.0.0.1:{server.port}"
+    lib = DerpClient(url, key)
+    await lib.connect()
+    try:
+        await wait_until(lambda: server.client_count == 1)
+        dup = await connect(key)  # same node key elsewhere
+        f = await dup.recv_type(FrameType.HEALTH)
+        assert f.payload.decode() == DUPLICATE_KEY_HEALTH
+        ev = await _next(lib, HealthReceived)
+        assert isinstance(ev, HealthReceived) and ev.problem == DUPLICATE_KEY_HEALTH
+        await dup.close()
+        ev = await _next(lib, HealthReceived)
+        assert isinstance(ev, HealthReceived) and ev.problem == ""  # healthy again
+        assert server.stats.health_frames_sent == 3
+    finally:
+        await lib.close()
+
+
+async def test_health_disabled_by_config() -> None:
+    srv = DerpServer(make_config(health_on_duplicate=False))
+    await srv.start("127.0.0.1", 0)
+    key = PrivateKey.generate()
+    a = await RawClient.open(srv.port, key)
+    b = await RawClient.open(srv.port, key)
+    try:
+        await a.handshake()
+        await b.handshake()
+        b.send(b"\x12\x00\x00\x00\x08pingping")  # a Pong proves b's frames were all read
+        f = await b.recv_frame()
+        while f.type == FrameType.KEEP_ALIVE:
+            f = await b.recv_frame()
+        assert f.type == FrameType.PONG
+        assert srv.stats.health_frames_sent == 0
+    finally:
+        await a.close()
+        await b.close()
+        await srv.stop()
