@@ -36,6 +36,7 @@ PU = pb.CoordinateResponse.PeerUpdate
 Req = pb.CoordinateRequest
 FAST = PgCoordinatorConfig(heartbeat_interval=0.3, retry_max=0.3, listen_probe_interval=1.0)
 HERE = Path(__file__).resolve().parent
+Replicas = Callable[..., Awaitable[PgCoordinator]]
 
 
 def upd(n: pb.Node) -> Req:
@@ -46,7 +47,9 @@ def add(dst: uuid.UUID) -> Req:
     return Req(add_tunnel=Req.Tunnel(id=dst.bytes))
 
 
-async def until(cond: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = WAIT) -> None:
+async def until(
+    cond: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = WAIT
+) -> None:
     """Poll ``cond`` until true, failing after ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
@@ -62,7 +65,7 @@ async def until(cond: Callable[[], bool | Awaitable[bool]], what: str, timeout: 
 
 
 @pytest.fixture
-async def replicas(pg_dsn: str) -> AsyncIterator[Callable[..., Awaitable[PgCoordinator]]]:
+async def replicas(pg_dsn: str) -> AsyncIterator[Replicas]:
     started: list[PgCoordinator] = []
 
     async def make(config: PgCoordinatorConfig = FAST) -> PgCoordinator:
@@ -76,7 +79,9 @@ async def replicas(pg_dsn: str) -> AsyncIterator[Callable[..., Awaitable[PgCoord
         await asyncio.wait_for(c.stop(), 60)
 
 
-def join(coord: PgCoordinator, n: pb.Node | None = None, peer_id: uuid.UUID | None = None) -> tuple[uuid.UUID, RecSink]:
+def join(
+    coord: PgCoordinator, n: pb.Node | None = None, peer_id: uuid.UUID | None = None
+) -> tuple[uuid.UUID, RecSink]:
     pid = peer_id or uuid.uuid4()
     sink = RecSink()
     coord.connect(pid, "p", sink)
@@ -98,7 +103,7 @@ async def test_migrations_are_idempotent(pg_dsn: str) -> None:
         await conn.close()
 
 
-async def test_replica_killed_with_sigkill_reports_lost_then_node(pg_dsn: str, replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_sigkilled_replica_lost_then_node(pg_dsn: str, replicas: Replicas) -> None:
     b = await replicas()
     client, csink = join(b, node(2))
     agent = uuid.uuid4()
@@ -125,7 +130,7 @@ async def test_replica_killed_with_sigkill_reports_lost_then_node(pg_dsn: str, r
         proc.wait()
 
 
-async def test_postgres_restart_is_survived(pg_server: PgServer, replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_postgres_restart_is_survived(pg_server: PgServer, replicas: Replicas) -> None:
     # Default 2 s heartbeats: a short outage must not fence the replicas.
     cfg = PgCoordinatorConfig(retry_max=0.3, listen_probe_interval=1.0)
     a = await replicas(cfg)
@@ -148,7 +153,7 @@ async def test_postgres_restart_is_survived(pg_server: PgServer, replicas) -> No
     assert [k for k, _ in csink.kinds_about(agent)] == ["NODE", "NODE"]
 
 
-async def test_unhealthy_after_failed_heartbeats(pg_server: PgServer, replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_unhealthy_after_failed_heartbeats(pg_server: PgServer, replicas: Replicas) -> None:
     a = await replicas(PgCoordinatorConfig(heartbeat_interval=0.2, retry_max=0.3))
     _, sink = join(a, node(1))
     try:
@@ -168,7 +173,7 @@ async def test_unhealthy_after_failed_heartbeats(pg_server: PgServer, replicas) 
     await qsink.wait_node(p, 7)
 
 
-async def test_dropped_listen_connection_resyncs(pg_dsn: str, replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_dropped_listen_connection_resyncs(pg_dsn: str, replicas: Replicas) -> None:
     a = await replicas()
     b = await replicas()
     agent, asink = join(a, node(1))
@@ -188,16 +193,21 @@ async def test_dropped_listen_connection_resyncs(pg_dsn: str, replicas) -> None:
     assert not csink.closed
 
 
-async def test_resume_on_another_replica_keeps_id_and_tunnels(replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_resume_on_another_replica_keeps_id_and_tunnels(replicas: Replicas) -> None:
     a = await replicas()
     b = await replicas()
     resume = ResumeTokenProvider()
-    svc_a = TailnetService(coordinator=a, authenticator=None, derp_maps=None, resume=resume)  # type: ignore[arg-type]
-    svc_b = TailnetService(coordinator=b, authenticator=None, derp_maps=None, resume=resume)  # type: ignore[arg-type]
+    # TailnetService only needs the coordinator verbs here (no auth, no DERP maps).
+    svc_a = TailnetService(coordinator=a, authenticator=None, derp_maps=None, resume=resume)  # type: ignore[arg-type]  # noqa: E501
+    svc_b = TailnetService(coordinator=b, authenticator=None, derp_maps=None, resume=resume)  # type: ignore[arg-type]  # noqa: E501
     agent, asink = join(b, node(1))
     principal = Principal(kind="control_plane", id=uuid.uuid4(), name="cp")
 
-    async def stream(svc: TailnetService, token: str | None) -> tuple[StreamIdentity, asyncio.Queue[Req | None], list[pb.CoordinateResponse], asyncio.Task[None]]:
+    Stream = tuple[
+        StreamIdentity, asyncio.Queue[Req | None], list[pb.CoordinateResponse], asyncio.Task[None]
+    ]
+
+    async def stream(svc: TailnetService, token: str | None) -> Stream:
         md = {MD_RESUME_TOKEN: token} if token else {}
         ident = await svc.resolve_stream(CallContext(principal, (2, 0), md))
         q: asyncio.Queue[Req | None] = asyncio.Queue()
@@ -236,7 +246,7 @@ async def test_resume_on_another_replica_keeps_id_and_tunnels(replicas) -> None:
     assert got  # the first stream saw the agent's node too
 
 
-async def test_many_updates_are_batched(replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_many_updates_are_batched(replicas: Replicas) -> None:
     a = await replicas()
     b = await replicas()
     client, csink = join(b, node(1))
@@ -255,7 +265,7 @@ async def test_many_updates_are_batched(replicas) -> None:  # type: ignore[no-un
     assert MAX_PAYLOAD < 8000
 
 
-async def test_bad_notification_is_ignored_and_resyncs(pg_dsn: str, replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_bad_notification_is_ignored_and_resyncs(pg_dsn: str, replicas: Replicas) -> None:
     a = await replicas()
     agent, asink = join(a, node(1))
     client, csink = join(a, node(2))
@@ -273,7 +283,7 @@ async def test_bad_notification_is_ignored_and_resyncs(pg_dsn: str, replicas) ->
     assert not csink.closed and not asink.closed
 
 
-async def test_cleanup_removes_dead_replicas_and_lost_peers(pg_dsn: str, replicas) -> None:  # type: ignore[no-untyped-def]
+async def test_cleanup_dead_replicas_lost_peers(pg_dsn: str, replicas: Replicas) -> None:
     cfg = PgCoordinatorConfig(heartbeat_interval=0.3, retention=0.5, retry_max=0.3)
     a = await replicas(cfg)
     dead = await replicas(cfg)
