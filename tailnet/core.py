@@ -109,6 +109,7 @@ __all__ = [
     "REQUEST_BUFFER_SIZE",
     "RESPONSE_BUFFER_SIZE",
     "Coordinator",
+    "CoordinatorAPI",
     "CoordinatorClosed",
     "CoordinatorStats",
     "PeerInfo",
@@ -168,6 +169,30 @@ class PeerSink(Protocol):
         before the stream ends. Called at most once per sink by the coordinator.
         """
         ...
+
+
+class CoordinatorAPI(Protocol):
+    """What transports need from a coordinator: the in-memory :class:`Coordinator`
+    and the PostgreSQL-backed ``tailnet.pg.PgCoordinator`` both provide it.
+
+    The four verbs return at once (an asynchronous implementation schedules its
+    work on the running loop); deliveries arrive through each peer's sink.
+    """
+
+    @property
+    def closed(self) -> bool: ...
+
+    def connect(self, peer_id: uuid.UUID, name: str, sink: PeerSink) -> None: ...
+
+    def handle(self, peer_id: uuid.UUID, sink: PeerSink, req: pb.CoordinateRequest) -> None: ...
+
+    def lost(self, peer_id: uuid.UUID, sink: PeerSink, error: str | None = None) -> None: ...
+
+    def close(self) -> None: ...
+
+    def peers(self) -> list[PeerInfo]: ...
+
+    def tunnels(self) -> list[tuple[uuid.UUID, uuid.UUID]]: ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -59,7 +59,7 @@ from tailnet.auth import (
     UnrestrictedPolicy,
     UserPolicy,
 )
-from tailnet.core import Coordinator, validate_request
+from tailnet.core import CoordinatorAPI, validate_request
 from tailnet.derpmap import DERPMapSource, derp_maps_equal, with_home_params
 from tailnet.errors import AuthorizationError, CoordinatorClosed, RequestError
 from tailnet.identity import (
@@ -226,7 +226,7 @@ class TailnetService:
     def __init__(
         self,
         *,
-        coordinator: Coordinator,
+        coordinator: CoordinatorAPI,
         authenticator: Authenticator,
         derp_maps: DERPMapSource,
         resume: ResumeTokenProvider | None = None,

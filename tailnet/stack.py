@@ -54,13 +54,13 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 from derp.keys import PrivateKey, load_or_create_server_key
 from derp.server import DerpServer, ServerConfig
 from derp.stunserver import StunServer
 from tailnet.config import StackConfig, parse_addr
-from tailnet.core import Coordinator
+from tailnet.core import Coordinator, CoordinatorAPI
 from tailnet.derpmap import (
     DERPMapSource,
     StaticDERPMapSource,
@@ -260,7 +260,7 @@ class TailnetStack:
         tunnel_authorizer: TunnelAuthorizer | None = None,
         workspaces: WorkspaceProvider | None = None,
         derp_maps: DERPMapSource | None = None,
-        coordinator: Coordinator | None = None,
+        coordinator: CoordinatorAPI | None = None,
     ) -> None:
         self.config = config or StackConfig(data_dir=None)
         self._custom_auth = authenticator
@@ -455,7 +455,7 @@ class TailnetStack:
             from tailnet.pg import create_pg_coordinator
 
             self._pg = await create_pg_coordinator(cfg.postgres_url)
-            self._coordinator = cast(Coordinator, self._pg)
+            self._coordinator = self._pg
         try:
             await self._start_listeners(key, resume_keys)
         except BaseException:
