@@ -15,13 +15,16 @@ Flags follow Tailscale's ``cmd/derper`` where they apply::
   ``--dev`` without ``-c`` uses a fresh random key.
 * ``--hostname`` the name clients use for this server (future TLS certificate
   name); default ``localhost``. Set it to the public DNS name in production.
-* TLS is not implemented yet: the server always speaks plain HTTP and warns
-  unless ``--dev`` (a later release adds ``--certmode``).
+* TLS (``--certmode manual``), accept/receive limits, the write timeout,
+  ``/debug/`` access and the SIGTERM Restarting notice: see
+  :mod:`derp.prodflags`. Without ``--certmode`` the server speaks plain HTTP
+  and warns unless ``--dev``.
 
 Output: one startup line on stdout, ``derper: listening on http://HOST:PORT/derp
 server key nodekey:<hex>``; logs on stderr (per-connection lines at DEBUG, stats
 every ``--stats-interval`` seconds at INFO). SIGINT/SIGTERM close the listener
-and every client, then exit 0. A bad key file or an address in use prints one
+and every client, then exit 0; on SIGTERM every client first gets a Restarting
+frame (``--restart-reconnect-in``/``--restart-try-for``; try-for 0 disables). A bad key file or an address in use prints one
 ``derper: ...`` line on stderr and exits 1.
 """
 
@@ -37,6 +40,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from . import prodflags
 from .admission import Admission, VerifyClientURL
 from .keys import PrivateKey, load_or_create_server_key
 from .mesh import MeshPeer, parse_mesh_with
@@ -160,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=str.upper,
         help="log level (default INFO; DEBUG with -v)",
     )
+    prodflags.add_arguments(p)  # TLS, limits, metrics access, restart (derp.prodflags)
     return p
 
 
@@ -247,7 +252,9 @@ async def _serve(
     mesh_with: tuple[MeshPeer, ...] = (),
     admission: Admission | None = None,
     stun_port: int | None = -1,
+    prod: prodflags.ServerOptions | None = None,
 ) -> int:
+    prod = prod or prodflags.ServerOptions()
     server = DerpServer(
         ServerConfig(
             private_key=key,
@@ -255,6 +262,7 @@ async def _serve(
             hostname=hostname,
             mesh_with=mesh_with,
             admission=admission,
+            **prod.config,
         )
     )
     try:
@@ -277,15 +285,23 @@ async def _serve(
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+    got: list[signal.Signals] = []
+
+    def on_signal(sig: signal.Signals) -> None:
+        got.append(sig)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, on_signal, sig)
 
     shown_host = host or "0.0.0.0"
     if ":" in shown_host:
         shown_host = f"[{shown_host}]"
+    for note in prod.notes:
+        print(f"derper: {note}", flush=True)
     print(
-        f"derper: listening on http://{shown_host}:{server.port}/derp "
+        f"derper: listening on {prod.scheme}://{shown_host}:{server.port}/derp "
         f"server key {server.public_key}",
         flush=True,
     )
@@ -304,7 +320,9 @@ async def _serve(
                 await stats_task
         if stun is not None:
             await stun.stop()
-        await server.stop()
+        # SIGTERM (a managed restart) tells clients when to come back (Restarting frame).
+        restarting = prod.restart_on_sigterm and signal.SIGTERM in got
+        await server.stop(restarting=restarting)
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
@@ -330,10 +348,14 @@ def main(argv: list[str] | None = None) -> int:
         key = _load_key(args)
         mesh_key = _load_mesh_key(args.mesh_psk_file)
         mesh_with, admission = _mesh_and_admission(args, mesh_key)
-        if not args.dev:
+        try:
+            prod = prodflags.server_options(args, key.public, args.hostname)
+        except ValueError as exc:
+            raise _CliError(str(exc)) from None
+        if not args.dev and prod.scheme == "http":
             log.warning(
-                "TLS is not implemented yet; serving plain HTTP on %s "
-                "(put a TLS terminator in front, or use --dev for local testing)",
+                "serving plain HTTP on %s: use --certmode manual for TLS "
+                "(or put a TLS terminator in front, or --dev for local testing)",
                 addr,
             )
         import uvloop
@@ -350,6 +372,7 @@ def main(argv: list[str] | None = None) -> int:
                     mesh_with=mesh_with,
                     admission=admission,
                     stun_port=args.stun_port if args.stun else -1,  # None: 3478, best effort
+                    prod=prod,
                 )
             )
     except _CliError as exc:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import os
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -16,6 +17,7 @@ from derp.client import DerpClient
 from derp.frames import FrameType, encode_send_packet
 from derp.keys import PrivateKey
 from derp.limits import MIN_CLIENT_BURST, AcceptLimiter, RateConfig, TokenBucket
+from derp.prodflags import parse_duration, server_options
 from derp.server import DerpServer
 
 from .conftest import WAIT, ClientFactory, RawClient, make_config, wait_until
@@ -239,3 +241,46 @@ async def test_rejected_accepts_do_not_break_server(connect: ClientFactory) -> N
     for _ in range(5):
         c = await connect()
         await c.close()
+
+
+# --------------------------------------------------------------------------- derper flags
+
+
+def test_prod_flags_to_server_config(tmp_path: Path) -> None:
+    from derp.cli import build_parser
+
+    (tmp_path / "rate.json").write_text('{"PerClientRateLimitBytesPerSec": 1000}')
+    args = build_parser().parse_args([
+        "--accept-connection-limit", "5", "--accept-connection-burst", "10",
+        "--max-connections", "100", "--rate-config", str(tmp_path / "rate.json"),
+        "--per-client-burst", "70000", "--tcp-write-timeout", "500ms",
+        "--debug-allow", "10.0.0.0/8, 127.0.0.1/32", "--restart-try-for", "0",
+    ])  # fmt: skip
+    opts = server_options(args, PrivateKey.generate().public, "localhost")
+    cfg = make_config(**opts.config)
+    assert (cfg.accept_limit, cfg.accept_burst, cfg.max_connections) == (5.0, 10, 100)
+    assert cfg.rate_config == RateConfig(1000, 70000)
+    assert cfg.write_timeout == 0.5 and cfg.debug_allow == ("10.0.0.0/8", "127.0.0.1/32")
+    assert opts.scheme == "http" and not opts.restart_on_sigterm
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--certmode", "manual", "--hostname", "derp.example.com"],  # no cert files
+        ["--tcp-write-timeout", "soon"],
+        ["--debug-allow", "not-a-net"],
+        ["--accept-connection-limit", "0"],
+        ["--max-connections", "-1"],
+    ],
+)
+def test_prod_flags_errors(argv: list[str], tmp_path: Path) -> None:
+    from derp.cli import build_parser
+
+    args = build_parser().parse_args(argv + ["--certdir", str(tmp_path)])
+    with pytest.raises(ValueError):
+        server_options(args, PrivateKey.generate().public, args.hostname)
+
+
+def test_parse_duration() -> None:
+    assert [parse_duration(t) for t in ("2", "2.5", "500ms", "2s", "1m")] == [2, 2.5, 0.5, 2, 60]

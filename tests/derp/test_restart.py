@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import signal
+from pathlib import Path
 
 from derp.client import DerpClient
 from derp.events import Connected, Disconnected, HealthReceived, PacketReceived, ServerRestarting
@@ -10,8 +13,10 @@ from derp.frames import FrameType
 from derp.keys import PrivateKey
 from derp.server import DerpServer
 from derp.server.conn import DUPLICATE_KEY_HEALTH
+from derp.tls import load_manual_cert
 
 from .conftest import WAIT, ClientFactory, RawClient, make_config, wait_until
+from .test_cli import start_derper
 
 
 async def test_stop_restarting_sends_frame_before_close() -> None:
@@ -133,3 +138,34 @@ async def test_health_disabled_by_config() -> None:
         await a.close()
         await b.close()
         await srv.stop()
+
+
+async def test_derper_process_tls_pin_and_sigterm_restarting(tmp_path: Path) -> None:
+    d = await start_derper(
+        "--dev", "-a", "127.0.0.1:0", "--no-stun", "--stats-interval", "0",
+        "--certmode", "manual", "--certdir", str(tmp_path), "--hostname", "127.0.0.1",
+        "--restart-reconnect-in", "250ms", "--restart-try-for", "5s",
+    )  # fmt: skip
+    client: DerpClient | None = None
+    try:
+        assert d.proc.stdout is not None
+        pin = url = ""
+        while not url:
+            line = (await asyncio.wait_for(d.proc.stdout.readline(), WAIT)).decode()
+            assert line, f"derper exited: {d.stderr.decode()}"
+            if m := re.search(r'CertName: "(sha256-raw:[0-9a-f]{64})"', line):
+                pin = m.group(1)
+            if m := re.search(r"listening on (https://\S+/derp)", line):
+                url = m.group(1)
+        assert pin == load_manual_cert(tmp_path, "127.0.0.1").pin
+        client = DerpClient(url, PrivateKey.generate(), cert_name=pin, reconnect=True)
+        await client.connect()
+        d.proc.send_signal(signal.SIGTERM)
+        ev = await _next(client, ServerRestarting)
+        assert isinstance(ev, ServerRestarting) and (ev.reconnect_in, ev.try_for) == (0.25, 5.0)
+        assert await asyncio.wait_for(d.proc.wait(), WAIT) == 0
+    finally:
+        if client is not None:
+            await client.close()
+        d.kill()
+        await asyncio.wait_for(d.proc.wait(), WAIT)
