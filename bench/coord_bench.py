@@ -97,6 +97,8 @@ async def _serve(args: argparse.Namespace) -> None:
     srv = TailnetGrpcServer(svc)
     await srv.start("127.0.0.1", 0)
     gc_stats = _GcStats()
+    if args.gc_threshold:
+        gc.set_threshold(*(int(x) for x in args.gc_threshold.split(",")))
     if args.tracemalloc:
         tracemalloc.start(1)
     print(json.dumps({"port": srv.port, "pid": os.getpid()}), flush=True)
@@ -306,11 +308,15 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
     py = sys.executable
     here = Path(__file__).resolve()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    serve_cmd = [py, str(here), "--serve", "--agents", str(args.agents), "--clients", str(args.clients)]
+    serve_cmd = [
+        py, str(here), "--serve", "--agents", str(args.agents), "--clients", str(args.clients)
+    ]
     if args.profile:
         serve_cmd += ["--profile", args.profile]
     if args.tracemalloc:
         serve_cmd.append("--tracemalloc")
+    if args.gc_threshold:
+        serve_cmd += ["--gc-threshold", args.gc_threshold]
     server = subprocess.Popen(
         serve_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
     )
@@ -332,7 +338,11 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             if args.gen_loop == "asyncio":
                 cmd.append("--no-uvloop")
             gens.append(
-                Gen(subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env))
+                Gen(
+                    subprocess.Popen(
+                        cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+                    )
+                )
             )
         peers = args.agents + args.clients
         t0 = time.perf_counter()
@@ -355,6 +365,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             "gens": args.gens,
             "acks": args.acks,
             "coord_gc_freeze": args.coord_gc_freeze,
+            "coord_gc_threshold": args.gc_threshold,
             "connect_s": connect_s,
             "streams_open_s": streams_s,
             "connect_coord_cpu_util": connect_cpu / connect_s,
@@ -442,10 +453,12 @@ def report(runs: list[dict[str, Any]], out: IO[str]) -> dict[str, Any]:
         "max_sustained_rate": _median(runs, "max_sustained_rate"),
     }
     rate = r0["fixed"]["rate"]
+    gc_thr = r0.get("coord_gc_threshold")
     print(
         f"\n### Coordinator benchmark: {r0['agents']} agents + {r0['clients']} clients, "
         f"{r0['gens']} load generators, acks {'on' if r0['acks'] else 'off'}, "
         f"{'coordinator gc.freeze() after connect, ' if r0['coord_gc_freeze'] else ''}"
+        f"{'coordinator gc threshold ' + gc_thr + ', ' if gc_thr else ''}"
         f"median of {len(runs)} run(s)\n",
         file=out,
     )
@@ -457,7 +470,10 @@ def report(runs: list[dict[str, Any]], out: IO[str]) -> dict[str, Any]:
         ("RSS per connected peer", f"{m['rss_per_peer_kb']:.1f} KB"),
         (f"fan-out latency p50 @ {rate:.0f} upd/s", f"{m['p50_ms']:.2f} ms"),
         (f"fan-out latency p99 @ {rate:.0f} upd/s", f"{m['p99_ms']:.2f} ms"),
-        ("  offered rate achieved / delivered", f"{m['achieved_rate']:.0f}/s / {m['delivery']:.1%}"),
+        (
+            "  offered rate achieved / delivered",
+            f"{m['achieved_rate']:.0f}/s / {m['delivery']:.1%}",
+        ),
         ("coordinator CPU per delivered update", f"{m['cpu_us_per_update']:.0f} µs"),
         ("coordinator CPU utilisation at that rate", f"{m['coord_cpu_util']:.0%}"),
         ("load generators' CPU at that rate (sum)", f"{m['gens_cpu_util']:.0%}"),
@@ -510,6 +526,10 @@ def main(argv: list[str] | None = None) -> None:
         "--coord-gc-freeze", action="store_true",
         help="experiment: gc.freeze() in the coordinator once all peers are connected",
     )
+    ap.add_argument(
+        "--gc-threshold", metavar="G0,G1,G2",
+        help="experiment: gc.set_threshold(...) in the coordinator process",
+    )
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--json", help="write all results to this file")
     args = ap.parse_args(argv)
@@ -528,7 +548,10 @@ def main(argv: list[str] | None = None) -> None:
 
     runs = []
     for i in range(args.runs):
-        print(f"run {i + 1}/{args.runs}: {args.agents} agents + {args.clients} clients", file=sys.stderr)
+        print(
+            f"run {i + 1}/{args.runs}: {args.agents} agents + {args.clients} clients",
+            file=sys.stderr,
+        )
         t0 = time.perf_counter()
         runs.append(run_once(args))
         print(f"run {i + 1} took {time.perf_counter() - t0:.0f} s", file=sys.stderr)

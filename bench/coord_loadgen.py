@@ -308,7 +308,9 @@ async def _serve(args: argparse.Namespace) -> None:
         if cmd == "connect":
             reply = await gen.connect()
         elif cmd == "run":
-            reply = await gen.run(float(msg["rate"]), float(msg["duration"]), float(msg.get("drain", 2.0)))
+            reply = await gen.run(
+                float(msg["rate"]), float(msg["duration"]), float(msg.get("drain", 2.0))
+            )
         elif cmd == "quit":
             await gen.quit()
             out.write(json.dumps({"ok": True}) + "\n")
