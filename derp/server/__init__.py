@@ -4,6 +4,7 @@ Modules:
 
 * :mod:`derp.server.app`        :class:`DerpServer`, :class:`ServerConfig` (listener, timers, accept)
 * :mod:`derp.server.http`       h11 front door: routing, extras endpoints, upgrade hand-over
+* :mod:`derp.server.listener`   accept policy: accept-rate limit, connection cap, TLS listener
 * :mod:`derp.server.conn`       one DERP connection: handshake, relaying, backpressure
 * :mod:`derp.server.handshake`  pure ClientInfo/ServerInfo handling
 * :mod:`derp.server.wheel`      pure timer wheel for KeepAlives

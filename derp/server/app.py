@@ -13,6 +13,15 @@ transport adapter (the built-in HTTP front door, a bigger HTTP application that
 mounts ``/derp``, a WebSocket adapter) calls it with an accepted
 ``asyncio.Transport`` and the bytes it already read after the upgrade request.
 The server works on whatever event loop is running; the CLI uses uvloop.
+
+Production features are configured through :class:`ServerConfig` fields:
+TLS and accept limits in :mod:`derp.server.listener` (``ssl_context``,
+``accept_limit``/``accept_burst``, ``max_connections``), the per-client
+receive limit and write timeout in :mod:`derp.server.conn` (``rate_config``,
+``write_timeout``), Prometheus/``/debug`` via :attr:`DerpServer.metrics` and
+``debug_allow`` (:mod:`derp.metrics`), DERP over WebSocket in
+:mod:`derp.websocket`, and graceful restart with :meth:`DerpServer.stop`
+(``restarting=True``) / :meth:`DerpServer.announce_restart`.
 """
 
 from __future__ import annotations
@@ -350,7 +359,8 @@ class DerpServer:
         cfg = self.config
         rin = cfg.restart_reconnect_in if reconnect_in is None else reconnect_in
         tfor = cfg.restart_try_for if try_for is None else try_for
-        frame = encode_restarting(int(rin * 1000), int(tfor * 1000))
+        cap = 2**32 - 1  # uint32 milliseconds on the wire
+        frame = encode_restarting(min(int(rin * 1000), cap), min(int(tfor * 1000), cap))
         n = 0
         for c in list(self._ctx.conns if self._ctx is not None else ()):
             if c.is_open:

@@ -32,6 +32,20 @@ and disco, ``queue_depth`` each); when full the oldest is dropped
 connection (KeepAlive, PeerGone) are small and written anyway; a Pong to a
 paused connection is held (capacity one, like derper's pong channel).
 
+Limits and notices (spec §3.9, §3.11, §1.4):
+
+* write timeout: while the transport is paused (``pause_writing``) a timer of
+  ``write_timeout`` (mesh peers: ``mesh_write_timeout``) runs; if the socket
+  is still blocked when it fires, the client is dropped (``write_timeouts``);
+* receive limit: each read is charged to a per-client
+  :class:`derp.limits.TokenBucket` (not for mesh peers); when in debt, reading
+  pauses until the debt is paid, nothing is dropped (``rate_limit_waits``);
+  the limit is advertised in ServerInfo (``TokenBucketBytesPerSecond/Burst``);
+* Health: when a key gets a second connection every connection of the key is
+  told :data:`DUPLICATE_KEY_HEALTH`; when only one remains it gets an empty
+  Health frame (healthy again). Restarting frames come from
+  :meth:`derp.server.DerpServer.announce_restart` via :meth:`send_control`.
+
 Ownership: everything here runs on the event loop thread; ``_out`` and the
 shared ``ConnContext.touched`` list are only non-empty during one
 ``data_received`` call.
