@@ -272,7 +272,7 @@ async def _serve(
         raise _CliError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
     stun: StunServer | None = None
     if stun_port is None or stun_port >= 0:
-        stun = StunServer()
+        stun = StunServer(stats=server.metrics.stun)
         try:
             await stun.start(host, DEFAULT_STUN_PORT if stun_port is None else stun_port)
         except OSError as exc:

@@ -511,8 +511,13 @@ class Mesh:
         self._ctx = ctx
         self.routes = RouteTable(ctx.relay.forwarders)
         ctx.forward_hook = self._forward
+        self.server.metrics.gauges["current_mesh_peers"] = self.connected_links
         for link in self.links:
             link.start()
+
+    def connected_links(self) -> int:
+        """Mesh links currently logged in to their peer (gauge ``derp_current_mesh_peers``)."""
+        return sum(1 for link in self.links if link.connected)
 
     async def stop(self) -> None:
         """Stop every link and forget all routes."""

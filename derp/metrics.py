@@ -34,7 +34,8 @@ metric                                          type     source
 
 Other modules publish through :class:`DerpMetrics`: the STUN server
 increments ``metrics.stun.requests["success"]`` (keys
-:data:`STUN_DISPOSITIONS`) and ``metrics.stun.addrfamily["ipv4"]``; the mesh
+:data:`STUN_DISPOSITIONS`) and ``metrics.stun.addr_family["ipv4"]`` (pass
+``metrics.stun`` to ``StunServer(stats=...)``); the mesh
 code registers ``metrics.gauges["current_mesh_peers"] = lambda: n`` (any
 callable returning a number becomes ``derp_<name>``).
 
@@ -58,6 +59,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from .stats import ServerStats
+from .stunserver import DISPOSITIONS as STUN_DISPOSITIONS
+from .stunserver import StunStats
 
 __all__ = [
     "DEFAULT_DEBUG_NETWORKS",
@@ -68,8 +71,6 @@ __all__ = [
     "StunStats",
 ]
 
-STUN_DISPOSITIONS: Final = ("success", "not_stun", "read_error", "write_error")
-STUN_FAMILIES: Final = ("ipv4", "ipv6")
 DEFAULT_DEBUG_NETWORKS: Final = ("127.0.0.0/8", "::1/128")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -123,16 +124,6 @@ def _sample(kind: str, name: str) -> str:
     return name + "_total" if kind == "counter" else name
 
 
-class StunStats:
-    """Plain counters the STUN server increments (exported as ``derp_stun_*``)."""
-
-    __slots__ = ("requests", "addrfamily")
-
-    def __init__(self) -> None:
-        self.requests: dict[str, int] = {d: 0 for d in STUN_DISPOSITIONS}
-        self.addrfamily: dict[str, int] = {f: 0 for f in STUN_FAMILIES}
-
-
 class ServerStatsCollector(Collector):
     """Builds metric families from a :class:`ServerStats` (and friends) on each scrape."""
 
@@ -176,7 +167,7 @@ class ServerStatsCollector(Collector):
             m.add_sample("derp_stun_requests_total", {"disposition": d}, n)
         yield m
         m = _metric("derp_stun_addrfamily", "counter", "STUN requests answered, by family")
-        for f, n in stun.addrfamily.items():
+        for f, n in stun.addr_family.items():
             m.add_sample("derp_stun_addrfamily_total", {"family": f}, n)
         yield m
         for name, fn in sorted(self._gauges.items()):

@@ -109,8 +109,9 @@ class StunServer:
         await stun.stop()
     """
 
-    def __init__(self) -> None:
-        self.stats = StunStats()
+    def __init__(self, stats: StunStats | None = None) -> None:
+        #: counters; pass a relay's ``metrics.stun`` to export them with its metrics
+        self.stats = stats if stats is not None else StunStats()
         self._transport: asyncio.DatagramTransport | None = None
 
     @property

@@ -118,3 +118,29 @@ async def test_metrics_after_traffic_counts_packets(server: DerpServer, connect:
         await b.recv_packet()
     s = _samples(server.metrics.render().decode())
     assert s[("derp_packets_received_total", ())] == 10
+
+
+async def test_stun_and_mesh_figures_reach_the_relay_metrics() -> None:
+    """A STUN server built with the relay's counters shows up in its exposition,
+    and a mesh registers the ``derp_current_mesh_peers`` gauge."""
+    from derp.keys import PrivateKey
+    from derp.mesh import Mesh, parse_mesh_with
+    from derp.server import DerpServer, ServerConfig
+    from derp.stunserver import StunServer, stun_request
+
+    srv = DerpServer(ServerConfig(private_key=PrivateKey.generate(), mesh_key=bytes(range(1, 33))))
+    await srv.start("127.0.0.1", 0)
+    stun = StunServer(stats=srv.metrics.stun)
+    await stun.start("127.0.0.1", 0)
+    mesh = Mesh(srv, parse_mesh_with("http://127.0.0.1:9", "http"), retry_interval=60.0)
+    try:
+        await stun_request("127.0.0.1", stun.port, timeout=5.0)
+        mesh.start()
+        text = srv.metrics.render().decode()
+        assert 'derp_stun_requests_total{disposition="success"} 1.0' in text
+        assert 'derp_stun_addrfamily_total{family="ipv4"} 1.0' in text
+        assert "derp_current_mesh_peers 0.0" in text
+    finally:
+        await mesh.stop()
+        await stun.stop()
+        await srv.stop()
