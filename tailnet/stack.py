@@ -466,9 +466,8 @@ class TailnetStack:
         cfg = self.config
         http_host, http_port = parse_addr(cfg.http_addr)
         self.derp_server = DerpServer(ServerConfig(private_key=key, hostname=_url_host(http_host)))
-        # The relay's own listener is only needed for its keepalive timers; it stays on an
-        # ephemeral loopback port. Clients reach it through the HTTP port's /derp.
-        await self.derp_server.start("127.0.0.1", 0)
+        # No listener of its own: clients reach the relay through the HTTP port's /derp.
+        await self.derp_server.start(listen=False)
         if cfg.stun_addr is not None:
             stun_host, stun_port = parse_addr(cfg.stun_addr)
             self.stun_server = StunServer()

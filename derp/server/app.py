@@ -307,15 +307,24 @@ class DerpServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Bind and listen; returns once the socket accepts connections."""
-        if self._listener is not None:
+    async def start(self, host: str = "127.0.0.1", port: int = 0, *, listen: bool = True) -> None:
+        """Start the timers and (unless ``listen=False``) bind and listen.
+
+        Returns once the socket accepts connections. An embedding HTTP server
+        that hands upgraded connections to :meth:`accept` on its own port passes
+        ``listen=False``: no socket is opened and :attr:`port` is unavailable.
+        """
+        if self._sweep is not None:
             raise RuntimeError("server already started")
         ctx = self._context()
         loop = ctx.loop
-        self._listener = await self._gate.listen(host, port)
+        if listen:
+            self._listener = await self._gate.listen(host, port)
         self._sweep = loop.call_later(ctx.wheel.resolution, self._keepalive_sweep)
-        log.info("derp: listening on %s:%d key %s", host, self.port, self.public_key.short())
+        if listen:
+            log.info("derp: listening on %s:%d key %s", host, self.port, self.public_key.short())
+        else:
+            log.info("derp: serving embedded (no listener) key %s", self.public_key.short())
         if self.config.mesh_with:
             self._mesh = Mesh(
                 self, self.config.mesh_with, retry_interval=self.config.mesh_retry_interval
