@@ -92,6 +92,13 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("derp_region_name", str, "Coder Embedded Relay", "Region name of the embedded relay."),
     Option("derp_config_path", str, "",
            "Optional JSON file (Go tailcfg.DERPMap) with extra DERP regions to advertise."),
+    Option("derp_admission", str, "any",
+           "Which clients the embedded DERP relay admits: 'any' (like Coder's embedded relay) "
+           "or 'known' (only node keys the coordinator currently knows; in-memory "
+           "coordinator only)."),
+    Option("derp_verify_client_url", str, "",
+           "Also ask this URL (derper's --verify-client-url protocol) before admitting a "
+           "DERP client; fails closed when the URL is unreachable."),
     Option("derp_force_websockets", bool, False,
            "Tell clients to reach DERP over WebSocket (reported in /connection)."),
     Option("block_direct_connections", bool, False,
@@ -124,6 +131,8 @@ class StackConfig:
     derp_region_code: str = "coder"
     derp_region_name: str = "Coder Embedded Relay"
     derp_config_path: str = ""
+    derp_admission: str = "any"
+    derp_verify_client_url: str = ""
     derp_force_websockets: bool = False
     block_direct_connections: bool = False
     hostname_suffix: str = "coder"
@@ -143,6 +152,13 @@ class StackConfig:
             raise ConfigError(str(exc)) from None
         if not 0 < self.derp_region_id < 2**31:
             raise ConfigError(f"derp_region_id must be positive, got {self.derp_region_id}")
+        if self.derp_admission not in ("any", "known"):
+            raise ConfigError(f"derp_admission must be 'any' or 'known', got {self.derp_admission!r}")
+        if self.derp_admission == "known" and self.postgres_url:
+            raise ConfigError(
+                "derp_admission 'known' needs the in-memory coordinator: a replica of the "
+                "PostgreSQL coordinator only sees its own peers"
+            )
         if self.access_url and not self.access_url.startswith(("http://", "https://")):
             raise ConfigError(f"access_url must start with http:// or https://: {self.access_url!r}")
 

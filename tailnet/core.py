@@ -296,6 +296,7 @@ class Coordinator:
         "_evictions",
         "_overwrites",
         "_peers",
+        "_node_keys",
         "_pending_closes",
         "_teardowns",
         "_updates_sent",
@@ -305,6 +306,8 @@ class Coordinator:
     def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._peers: dict[uuid.UUID, _Peer] = {}
+        #: ``Node.key`` → number of connected peers whose latest node carries it
+        self._node_keys: dict[bytes, int] = {}
         self._by_src: dict[uuid.UUID, set[uuid.UUID]] = {}
         self._by_dst: dict[uuid.UUID, set[uuid.UUID]] = {}
         self._closed = False
@@ -339,6 +342,7 @@ class Coordinator:
                 p.overwrites = old.overwrites + 1
                 self._overwrites += 1
                 self._pending_closes.append((old.sink, CLOSE_ERR_OVERWRITTEN))
+                self._index_node_key(old.node, None)
                 _log.info("peer %s (%s): ID overwritten by new connection", peer_id, name)
             self._peers[peer_id] = p
             self._send_init(p)
@@ -430,6 +434,11 @@ class Coordinator:
     def is_connected(self, peer_id: uuid.UUID) -> bool:
         """True if ``peer_id`` has a live connection."""
         return peer_id in self._peers
+
+    def knows_node_key(self, key: bytes) -> bool:
+        """True if a connected peer's latest node has ``Node.key == key``
+        (``b"np"`` + 32 bytes); O(1), used for DERP admission."""
+        return key in self._node_keys
 
     def node_of(self, peer_id: uuid.UUID) -> pb.Node | None:
         """The latest node of a connected peer (do not mutate), else ``None``."""
@@ -609,9 +618,26 @@ class Coordinator:
             if not self._send(p, resp):
                 break
 
+    def _index_node_key(self, old: pb.Node | None, new: pb.Node | None) -> None:
+        """Keep :attr:`_node_keys` in step when a peer's node is replaced or dropped."""
+        old_key = old.key if old is not None else None
+        new_key = new.key if new is not None else None
+        if old_key == new_key:
+            return
+        keys = self._node_keys
+        if old_key:
+            n = keys.get(old_key, 0) - 1
+            if n > 0:
+                keys[old_key] = n
+            else:
+                keys.pop(old_key, None)
+        if new_key:
+            keys[new_key] = keys.get(new_key, 0) + 1
+
     def _update_self(self, p: _Peer, node: pb.Node) -> None:
         own = pb.Node()
         own.CopyFrom(node)
+        self._index_node_key(p.node, own)
         p.node = own
         node_bytes = own.SerializeToString(deterministic=True)
         p.node_bytes = node_bytes
@@ -665,6 +691,7 @@ class Coordinator:
         """Remove connection ``p``: tell tunnel peers, drop src-tunnels, queue sink close."""
         del self._peers[p.id]
         p.doomed = True
+        self._index_node_key(p.node, None)
         resp: pb.CoordinateResponse | None = None
         for other in self._connected_tunnel_peers(p.id):
             if p.id not in other.sent:

@@ -259,7 +259,13 @@ async def run_embedded_demo(
     """Start an in-memory stack on ephemeral loopback ports, run the demo, stop it."""
     stack = TailnetStack(
         StackConfig(
-            http_addr="127.0.0.1:0", grpc_addr="127.0.0.1:0", stun_addr="127.0.0.1:0", data_dir=None
+            http_addr="127.0.0.1:0",
+            grpc_addr="127.0.0.1:0",
+            stun_addr="127.0.0.1:0",
+            data_dir=None,
+            # The relay admits only node keys the coordinator knows: the demo's peers
+            # publish their nodes before they log in to DERP.
+            derp_admission="known",
         )
     )
     await stack.start()

@@ -278,8 +278,19 @@ async def check_stun(host: str, port: int, timeout: float) -> tuple[bool, str | 
     return True, None
 
 
-async def check_node(node: pb.DERPMap.Region.Node, *, timeout: float = 5.0) -> NodeCheck:
-    """Check one node (see module docstring); never raises for network problems."""
+async def check_node(
+    node: pb.DERPMap.Region.Node,
+    *,
+    timeout: float = 5.0,
+    mesh_key: bytes | None = None,
+    websocket: bool = False,
+) -> NodeCheck:
+    """Check one node (see module docstring); never raises for network problems.
+
+    ``mesh_key`` lets the probe clients past a relay's admission control (only
+    ever pass the key of a relay this process runs); ``websocket`` dials DERP
+    over WebSocket, as clients told ``derp_force_websockets`` do.
+    """
     stun_enabled = node.stun_port >= 0
     can_stun, stun_error = False, None
     if stun_enabled:
@@ -291,8 +302,15 @@ async def check_node(node: pb.DERPMap.Region.Node, *, timeout: float = 5.0) -> N
             error=None if can_stun else stun_error,
         )
     url = node_url(node)
-    a = DerpClient(url, PrivateKey.generate(), is_prober=True, connect_timeout=timeout)
-    b = DerpClient(url, PrivateKey.generate(), is_prober=True, connect_timeout=timeout)
+    opts: dict[str, Any] = {
+        "is_prober": True,
+        "connect_timeout": timeout,
+        "mesh_key": mesh_key,
+        "websocket": websocket,
+        "cert_name": node.cert_name or None,
+    }
+    a = DerpClient(url, PrivateKey.generate(), **opts)
+    b = DerpClient(url, PrivateKey.generate(), **opts)
     rtt: float | None = None
     error: str | None = None
     try:
@@ -456,6 +474,8 @@ class HealthChecker:
         cache_ttl: float = 10.0,
         clock: Callable[[], float] = time.time,
         node_checker: Callable[..., Awaitable[NodeCheck]] = check_node,
+        mesh_keys: Mapping[int, bytes] | None = None,
+        websocket: bool = False,
     ) -> None:
         self._derp_maps = derp_maps
         self.access_url = access_url
@@ -465,6 +485,9 @@ class HealthChecker:
         self._ttl = cache_ttl
         self._clock = clock
         self._check_node = node_checker
+        #: region id → mesh key of a relay this process runs (probes bypass its admission)
+        self._mesh_keys = dict(mesh_keys or {})
+        self._websocket = websocket
         self._cached: _Cached | None = None
         self._running: asyncio.Future[dict[str, Any]] | None = None
 
@@ -484,7 +507,15 @@ class HealthChecker:
 
         async def one_region(region: pb.DERPMap.Region) -> dict[str, Any]:
             checks = await asyncio.gather(
-                *(self._check_node(n, timeout=self._timeout) for n in region.nodes)
+                *(
+                    self._check_node(
+                        n,
+                        timeout=self._timeout,
+                        mesh_key=self._mesh_keys.get(region.region_id),
+                        websocket=self._websocket,
+                    )
+                    for n in region.nodes
+                )
             )
             return region_report(region, [node_report(c) for c in checks])
 

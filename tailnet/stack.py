@@ -56,10 +56,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from derp.admission import Admission, AllOf, KnownKeysAdmission, VerifyClientURL
 from derp.keys import PrivateKey, load_or_create_server_key
 from derp.server import DerpServer, ServerConfig
 from derp.stunserver import StunServer
-from tailnet.config import StackConfig, parse_addr
+from tailnet.admission import KnownNodeKeys
+from tailnet.config import ConfigError, StackConfig, parse_addr
 from tailnet.core import Coordinator, CoordinatorAPI
 from tailnet.derpmap import (
     DERPMapSource,
@@ -277,6 +279,7 @@ class TailnetStack:
         self.grpc: TailnetGrpcServer | None = None
         self.api: TailnetApi | None = None
         self.service: TailnetService | None = None
+        self._probe_mesh_key: bytes | None = None
         self.health: HealthChecker | None = None
         self._derp_maps: DERPMapSource | None = None
         self._poll_task: asyncio.Task[None] | None = None
@@ -444,6 +447,29 @@ class TailnetStack:
             return provider.can_access(principal, agent_id)
         return False
 
+    def _derp_admission(self) -> Admission | None:
+        """The embedded relay's admission hook from ``derp_admission`` /
+        ``derp_verify_client_url`` (``None`` admits everyone, as Coder's relay does)."""
+        cfg = self.config
+        hooks: list[Admission] = []
+        if cfg.derp_admission == "known":
+            if self._coordinator is not None and not hasattr(self._coordinator, "knows_node_key"):
+                raise ConfigError(
+                    "derp_admission 'known' needs a coordinator with knows_node_key() "
+                    "(the in-memory tailnet.core.Coordinator)"
+                )
+            hooks.append(KnownKeysAdmission(KnownNodeKeys(self._knows_node_key)))
+        if cfg.derp_verify_client_url:
+            hooks.append(VerifyClientURL(cfg.derp_verify_client_url, fail_open=False))
+        if not hooks:
+            return None
+        return hooks[0] if len(hooks) == 1 else AllOf(*hooks)
+
+    def _knows_node_key(self, key: bytes) -> bool:
+        coord = self.service.coordinator if self.service is not None else None
+        knows = getattr(coord, "knows_node_key", None)
+        return bool(knows(key)) if knows is not None else False
+
     async def start(self) -> None:
         """Open the data dir, bind every listener and start serving (see module doc)."""
         if self._started:
@@ -465,7 +491,18 @@ class TailnetStack:
     async def _start_listeners(self, key: PrivateKey, resume_keys: ResumeKeyStore) -> None:
         cfg = self.config
         http_host, http_port = parse_addr(cfg.http_addr)
-        self.derp_server = DerpServer(ServerConfig(private_key=key, hostname=_url_host(http_host)))
+        admission = self._derp_admission()
+        # The embedded relay's mesh key is a per-process secret: only this process's
+        # health probes present it, to get past admission control.
+        self._probe_mesh_key = secrets.token_bytes(32) if admission is not None else None
+        self.derp_server = DerpServer(
+            ServerConfig(
+                private_key=key,
+                hostname=_url_host(http_host),
+                admission=admission,
+                mesh_key=self._probe_mesh_key,
+            )
+        )
         # No listener of its own: clients reach the relay through the HTTP port's /derp.
         await self.derp_server.start(listen=False)
         if cfg.stun_addr is not None:
@@ -507,6 +544,10 @@ class TailnetStack:
             token=lambda: self.admin_token,
             timeout=cfg.health_timeout,
             cache_ttl=cfg.health_cache,
+            mesh_keys=(
+                {cfg.derp_region_id: self._probe_mesh_key} if self._probe_mesh_key else None
+            ),
+            websocket=cfg.derp_force_websockets,
         )
         self.api = TailnetApi(
             self.service,
