@@ -594,7 +594,8 @@ class TailnetStack:
             await self.grpc.stop(min(grace, 1.0))
             self.grpc = None
         if self.derp_server is not None:
-            await self.derp_server.stop(grace)
+            # Clients get a Restarting frame first (reconnect soon), as derper --restart-* does.
+            await self.derp_server.stop(grace, restarting=True)
             self.derp_server = None
         if self.stun_server is not None:
             await self.stun_server.stop()
