@@ -13,8 +13,8 @@ Flags follow Tailscale's ``cmd/derper`` where they apply::
   Default ``/var/lib/derper/derper.key`` as root, else
   ``$XDG_CONFIG_HOME/derper/derper.key`` (``~/.config/derper/derper.key``).
   ``--dev`` without ``-c`` uses a fresh random key.
-* ``--hostname`` the name clients use for this server (future TLS certificate
-  name); default ``localhost``. Set it to the public DNS name in production.
+* ``--hostname`` the name clients use for this server; with ``--certmode manual``
+  the certificate is ``<certdir>/<hostname>.crt``/``.key``; default ``localhost``. Set it to the public DNS name in production.
 * TLS (``--certmode manual``), accept/receive limits, the write timeout,
   ``/debug/`` access and the SIGTERM Restarting notice: see
   :mod:`derp.prodflags`. Without ``--certmode`` the server speaks plain HTTP
@@ -114,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--hostname",
         default=DEFAULT_HOSTNAME,
-        help="public name of this server (future TLS certificate name; default %(default)s)",
+        help="public name of this server; names the TLS certificate files (default %(default)s)",
     )
     p.add_argument(
         "--mesh-psk-file",
