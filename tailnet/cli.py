@@ -11,6 +11,11 @@ SIGINT/SIGTERM (clean shutdown, exit 0). It prints, on stdout::
       data dir:   /home/me/.local/state/tailnet-core
       admin token: <token>        (first start only; afterwards "in <data dir>/tokens.json")
 
+The serve process tunes CPython's cyclic GC before serving
+(:func:`tailnet.tuning.tune_gc`: ``gc.freeze()`` of the startup heap and
+thresholds ``--gc-thresholds``, default 50000,50,1000); ``--no-gc-tuning`` keeps
+the interpreter defaults. The library never touches the GC of an embedding host.
+
 ``tailnet demo`` starts an in-memory stack on ephemeral ports (or uses
 ``--grpc-target`` + tokens of a running one) and runs :func:`tailnet.demo.run_demo`.
 
@@ -35,6 +40,7 @@ from typing import Any, TypeVar
 
 from tailnet.config import ConfigError, StackConfig, add_arguments, default_data_dir, load_config
 from tailnet.stack import TOKENS_FILE, TailnetStack
+from tailnet.tuning import DEFAULT_GC_THRESHOLDS, parse_thresholds, tune_gc
 
 __all__ = ["main", "build_parser"]
 
@@ -56,6 +62,16 @@ def build_parser() -> argparse.ArgumentParser:
         "Stop with SIGINT/SIGTERM.",
     )
     add_arguments(serve)
+    serve.add_argument(
+        "--gc-thresholds", metavar="G0,G1,G2",
+        default=",".join(str(x) for x in DEFAULT_GC_THRESHOLDS),
+        help="cyclic GC thresholds of the server process (default %(default)s; see "
+        "tailnet.tuning)",
+    )
+    serve.add_argument(
+        "--no-gc-tuning", dest="gc_tuning", action="store_false",
+        help="keep CPython's default GC settings (no gc.freeze(), default thresholds)",
+    )
     demo = sub.add_parser(
         "demo",
         help="show an agent and a client talking through DERP, sealed end to end",
@@ -151,6 +167,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    if args.gc_tuning:
+        tune_gc(parse_thresholds(args.gc_thresholds))
     return _run(lambda: _serve(config))
 
 
