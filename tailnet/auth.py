@@ -18,7 +18,9 @@ UnrestrictedPolicy  anything         anything                          anything
 ==================  ===============  ================================  ==============
 
 RemoveTunnel and Disconnect are never restricted. The whole request is checked
-before any part of it is applied. Addresses are prefix texts such as
+before any part of it is applied. Policies are per stream and remember the
+last accepted address list, so an UpdateSelf with unchanged addresses (the
+common case) is not parsed again. Addresses are prefix texts such as
 ``fd7a:115c:a1e0:4ffa:…/128`` (the ``/bits`` suffix is required).
 """
 
@@ -86,7 +88,11 @@ def _parse_host_prefix(text: str) -> ipaddress.IPv6Address:
     if not sep or not bits_text.isdigit() or len(bits_text) > 3 or "%" in addr_text:
         raise AuthorizationError(f"parse node address: invalid prefix {text!r}")
     try:
-        addr = ipaddress.ip_address(addr_text)
+        # Same result as ipaddress.ip_address, without first failing as IPv4.
+        addr: ipaddress.IPv4Address | ipaddress.IPv6Address = (
+            ipaddress.IPv6Address(addr_text) if ":" in addr_text
+            else ipaddress.IPv4Address(addr_text)
+        )
     except ValueError:
         raise AuthorizationError(f"parse node address: invalid prefix {text!r}") from None
     bits = int(bits_text)
@@ -97,10 +103,28 @@ def _parse_host_prefix(text: str) -> ipaddress.IPv6Address:
     return addr
 
 
-def _check_host_addresses(req: pb.CoordinateRequest) -> list[ipaddress.IPv6Address]:
+def _new_host_addresses(req: pb.CoordinateRequest, last: tuple[str, ...]) -> tuple[str, ...]:
+    """The UpdateSelf's address texts if they differ from ``last`` (already accepted).
+
+    Returns ``last`` itself when there is no UpdateSelf or the addresses are
+    unchanged (the common case: nodes rarely change addresses), so callers
+    parse only new address lists.
+    """
     if not req.HasField("update_self"):
-        return []
-    return [_parse_host_prefix(a) for a in req.update_self.node.addresses]
+        return last
+    addrs = tuple(req.update_self.node.addresses)
+    return last if addrs == last else addrs
+
+
+def _check_host_addresses(
+    req: pb.CoordinateRequest, last: tuple[str, ...]
+) -> tuple[str, ...]:
+    """Validate new UpdateSelf addresses (each a /128); returns the accepted texts."""
+    addrs = _new_host_addresses(req, last)
+    if addrs is not last:
+        for a in addrs:
+            _parse_host_prefix(a)
+    return addrs
 
 
 def _tunnel_dst(req: pb.CoordinateRequest) -> uuid.UUID | None:
@@ -120,10 +144,11 @@ def _refuse_rfh(req: pb.CoordinateRequest) -> None:
 class AgentPolicy:
     """A workspace agent (peer ID = its agent ID): no tunnels, own addresses only, RFH ok."""
 
-    __slots__ = ("_allowed", "agent_id")
+    __slots__ = ("_allowed", "_ok_addrs", "agent_id")
 
     def __init__(self, agent_id: uuid.UUID) -> None:
         self.agent_id = agent_id
+        self._ok_addrs: tuple[str, ...] = ()
         self._allowed = frozenset(
             {
                 addr_from_uuid(TAILSCALE_SERVICE_PREFIX, agent_id),
@@ -135,9 +160,13 @@ class AgentPolicy:
     async def authorize(self, peer_id: uuid.UUID, req: pb.CoordinateRequest) -> None:
         if req.HasField("add_tunnel"):
             raise AuthorizationError("agents cannot open tunnels")
-        for addr in _check_host_addresses(req):
-            if addr not in self._allowed:
-                raise AuthorizationError(f"invalid node address, got {addr}")
+        addrs = _new_host_addresses(req, self._ok_addrs)
+        if addrs is not self._ok_addrs:
+            for text in addrs:
+                addr = _parse_host_prefix(text)
+                if addr not in self._allowed:
+                    raise AuthorizationError(f"invalid node address, got {addr}")
+            self._ok_addrs = addrs
 
     def __repr__(self) -> str:
         return f"AgentPolicy({self.agent_id})"
@@ -146,17 +175,19 @@ class AgentPolicy:
 class ClientPolicy:
     """A client bound to one agent: tunnels only to ``agent_id``, /128 addresses, no RFH."""
 
-    __slots__ = ("agent_id",)
+    __slots__ = ("_ok_addrs", "agent_id")
 
     def __init__(self, agent_id: uuid.UUID) -> None:
         self.agent_id = agent_id
+        self._ok_addrs: tuple[str, ...] = ()
 
     async def authorize(self, peer_id: uuid.UUID, req: pb.CoordinateRequest) -> None:
         dst = _tunnel_dst(req)
         if dst is not None and dst != self.agent_id:
             raise AuthorizationError(f"invalid agent id, expected {self.agent_id}, got {dst}")
-        _check_host_addresses(req)
+        addrs = _check_host_addresses(req, self._ok_addrs)
         _refuse_rfh(req)
+        self._ok_addrs = addrs
 
     def __repr__(self) -> str:
         return f"ClientPolicy({self.agent_id})"
@@ -170,13 +201,14 @@ class UserPolicy:
     exception is chained as ``__cause__`` for logs, never shown to the peer).
     """
 
-    __slots__ = ("_authorizer",)
+    __slots__ = ("_authorizer", "_ok_addrs")
 
     def __init__(self, authorizer: TunnelAuthorizer) -> None:
         self._authorizer = authorizer
+        self._ok_addrs: tuple[str, ...] = ()
 
     async def authorize(self, peer_id: uuid.UUID, req: pb.CoordinateRequest) -> None:
-        _check_host_addresses(req)
+        self._ok_addrs = _check_host_addresses(req, self._ok_addrs)
         _refuse_rfh(req)
         dst = _tunnel_dst(req)
         if dst is None:
