@@ -62,6 +62,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from coord_loadgen import agent_id, client_user_id  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: tailnet.tuning.DEFAULT_GC_THRESHOLDS (not imported here: the orchestrator stays light).
+DEFAULT_GC = (50_000, 50, 1000)
 
 
 # --------------------------------------------------------------------------------------
@@ -97,7 +99,12 @@ async def _serve(args: argparse.Namespace) -> None:
     srv = TailnetGrpcServer(svc)
     await srv.start("127.0.0.1", 0)
     gc_stats = _GcStats()
-    if args.gc_threshold:
+    if args.gc_tuning:
+        # What `tailnet serve` does by default (tailnet.tuning.tune_gc).
+        from tailnet.tuning import parse_thresholds, tune_gc
+
+        tune_gc(parse_thresholds(args.gc_threshold) if args.gc_threshold else DEFAULT_GC)
+    elif args.gc_threshold:
         gc.set_threshold(*(int(x) for x in args.gc_threshold.split(",")))
     if args.tracemalloc:
         tracemalloc.start(1)
@@ -317,6 +324,8 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
         serve_cmd.append("--tracemalloc")
     if args.gc_threshold:
         serve_cmd += ["--gc-threshold", args.gc_threshold]
+    if not args.gc_tuning:
+        serve_cmd.append("--no-gc-tuning")
     server = subprocess.Popen(
         serve_cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
     )
@@ -366,6 +375,7 @@ def run_once(args: argparse.Namespace) -> dict[str, Any]:
             "acks": args.acks,
             "coord_gc_freeze": args.coord_gc_freeze,
             "coord_gc_threshold": args.gc_threshold,
+            "coord_gc_tuning": args.gc_tuning,
             "connect_s": connect_s,
             "streams_open_s": streams_s,
             "connect_coord_cpu_util": connect_cpu / connect_s,
@@ -457,6 +467,7 @@ def report(runs: list[dict[str, Any]], out: IO[str]) -> dict[str, Any]:
     print(
         f"\n### Coordinator benchmark: {r0['agents']} agents + {r0['clients']} clients, "
         f"{r0['gens']} load generators, acks {'on' if r0['acks'] else 'off'}, "
+        f"coordinator GC {'tuned (tune_gc)' if r0.get('coord_gc_tuning') else 'defaults'}, "
         f"{'coordinator gc.freeze() after connect, ' if r0['coord_gc_freeze'] else ''}"
         f"{'coordinator gc threshold ' + gc_thr + ', ' if gc_thr else ''}"
         f"median of {len(runs)} run(s)\n",
@@ -528,7 +539,11 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument(
         "--gc-threshold", metavar="G0,G1,G2",
-        help="experiment: gc.set_threshold(...) in the coordinator process",
+        help="gc thresholds of the coordinator process (default with tuning: 50000,50,1000)",
+    )
+    ap.add_argument(
+        "--no-gc-tuning", dest="gc_tuning", action="store_false",
+        help="run the coordinator with CPython's default GC (no tailnet.tuning.tune_gc)",
     )
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--json", help="write all results to this file")

@@ -14,6 +14,8 @@ Coordinate flow (:meth:`TailnetService.coordinate`)::
     ident = await service.resolve_stream(call)      # peer ID + policy (+ resume token)
     async for resp in service.coordinate(ident, requests):
         send(resp)                                  # may end by raising ServiceError
+    # or, cheaper (no async generators; what the gRPC adapter uses):
+    await service.run_coordinate(ident, read, write, eof)
 
 * The peer's responses go through a :class:`QueueSink` (bounded, 512 by
   default). The coordinator writes without blocking; if the queue is full it
@@ -104,6 +106,8 @@ TunnelAuthorizer = Callable[[Principal, uuid.UUID], Awaitable[bool]]
 _T = TypeVar("_T")
 
 _NO_PERMISSION = "workspace agent not found or you do not have permission"
+#: End-of-requests sentinel for :meth:`TailnetService.coordinate`'s reader.
+_END: object = object()
 
 
 class Status(enum.Enum):
@@ -154,20 +158,33 @@ class QueueSink:
     ``send`` never blocks: it returns ``False`` when ``maxsize`` responses are
     waiting (the coordinator then evicts the peer). After ``close`` further
     sends are dropped (returning ``True``: the peer is going away anyway).
-    :meth:`drain` yields queued responses, then — once closed — the close
-    error as a final ``CoordinateResponse(error=…)``, then stops.
+    The single consumer takes responses with :meth:`pop` and sleeps in
+    :meth:`wait` while the queue is empty and open; once closed and empty, the
+    close error (if any) is the stream's final ``CoordinateResponse(error=…)``.
+    :meth:`drain` wraps that protocol as an async iterator.
 
     ``failure`` (set by :meth:`fail`) records a status other than OK for the
-    transport to end the stream with. Owned by the event loop thread.
+    transport to end the stream with. Owned by the event loop thread. Lean by
+    design (one per connected peer): ``__slots__``, a deque, and at most one
+    waiter future, created only while the consumer sleeps.
     """
+
+    __slots__ = ("_queue", "_maxsize", "_waiter", "closed", "error", "failure")
 
     def __init__(self, maxsize: int = RESPONSE_QUEUE_SIZE) -> None:
         self._queue: collections.deque[pb.CoordinateResponse] = collections.deque()
         self._maxsize = maxsize
-        self._wake = asyncio.Event()
+        self._waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.error: str | None = None
         self.failure: ServiceError | None = None
+
+    def _wake(self) -> None:
+        w = self._waiter
+        if w is not None:
+            self._waiter = None
+            if not w.done():
+                w.set_result(None)
 
     def send(self, resp: pb.CoordinateResponse) -> bool:
         if self.closed:
@@ -175,7 +192,8 @@ class QueueSink:
         if len(self._queue) >= self._maxsize:
             return False
         self._queue.append(resp)
-        self._wake.set()
+        if self._waiter is not None:
+            self._wake()
         return True
 
     def close(self, error: str | None = None) -> None:
@@ -184,7 +202,7 @@ class QueueSink:
             return
         self.closed = True
         self.error = error
-        self._wake.set()
+        self._wake()
 
     def fail(self, status: Status, message: str) -> None:
         """Record why the stream ends abnormally, then close with ``message``."""
@@ -195,6 +213,23 @@ class QueueSink:
     def __len__(self) -> int:
         return len(self._queue)
 
+    def pop(self) -> pb.CoordinateResponse | None:
+        """The oldest queued response, or ``None`` if the queue is empty."""
+        q = self._queue
+        return q.popleft() if q else None
+
+    async def wait(self) -> None:
+        """Return once a response is queued or the sink is closed (single consumer)."""
+        if self._queue or self.closed:
+            return
+        w: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiter = w
+        try:
+            await w
+        finally:
+            if self._waiter is w:
+                self._waiter = None
+
     async def drain(self) -> AsyncIterator[pb.CoordinateResponse]:
         """Yield responses until closed (see class docstring)."""
         while True:
@@ -204,8 +239,7 @@ class QueueSink:
                 if self.error:
                     yield pb.CoordinateResponse(error=self.error)
                 return
-            self._wake.clear()
-            await self._wake.wait()
+            await self.wait()
 
 
 @dataclass(slots=True)
@@ -327,10 +361,7 @@ class TailnetService:
         return StreamIdentity(p, peer_id, "client", UserPolicy(authorize), resumed)
 
     # -- Coordinate -----------------------------------------------------------
-    async def coordinate(
-        self, ident: StreamIdentity, requests: AsyncIterator[pb.CoordinateRequest]
-    ) -> AsyncIterator[pb.CoordinateResponse]:
-        """Run one Coordinate stream; yields responses, may end with :class:`ServiceError`."""
+    def _open_stream(self, ident: StreamIdentity) -> tuple[QueueSink, _LiveStream]:
         if self.closed:
             raise ServiceError(Status.UNAVAILABLE, "coordinator is closed")
         sink = QueueSink(self._queue_size)
@@ -341,7 +372,26 @@ class TailnetService:
         live = _LiveStream(ident.principal, sink)
         self._streams[ident.peer_id] = live
         log.debug("coordinate: peer %s (%s) connected", ident.peer_id, ident.name)
-        reader = asyncio.ensure_future(self._read_requests(ident, sink, requests))
+        return sink, live
+
+    def _end_stream(self, ident: StreamIdentity, sink: QueueSink, live: _LiveStream) -> None:
+        self.coordinator.lost(ident.peer_id, sink)
+        if self._streams.get(ident.peer_id) is live:
+            del self._streams[ident.peer_id]
+        log.debug("coordinate: peer %s stream ended (%s)", ident.peer_id, sink.error)
+
+    async def coordinate(
+        self, ident: StreamIdentity, requests: AsyncIterator[pb.CoordinateRequest]
+    ) -> AsyncIterator[pb.CoordinateResponse]:
+        """Run one Coordinate stream; yields responses, may end with :class:`ServiceError`.
+
+        The async-iterator form, for transports that consume generators (WebSocket
+        RPC); :meth:`run_coordinate` is the cheaper reader/writer form.
+        """
+        sink, live = self._open_stream(ident)
+        reader = asyncio.ensure_future(
+            self._read_requests(ident, sink, aiter(requests).__anext__, _END)
+        )
         try:
             async for resp in sink.drain():
                 yield resp
@@ -349,10 +399,42 @@ class TailnetService:
                 raise sink.failure
         finally:
             reader.cancel()
-            self.coordinator.lost(ident.peer_id, sink)
-            if self._streams.get(ident.peer_id) is live:
-                del self._streams[ident.peer_id]
-            log.debug("coordinate: peer %s stream ended (%s)", ident.peer_id, sink.error)
+            self._end_stream(ident, sink, live)
+
+    async def run_coordinate(
+        self,
+        ident: StreamIdentity,
+        read: Callable[[], Awaitable[object]],
+        write: Callable[[pb.CoordinateResponse], Awaitable[object]],
+        eof: object = None,
+    ) -> None:
+        """Run one Coordinate stream over reader/writer callables; same semantics as
+        :meth:`coordinate`.
+
+        ``read()`` returns the next request, or ``eof`` once the peer half-closed
+        (raising ``StopAsyncIteration`` also ends the requests); ``write(resp)``
+        sends one response. The calling task is the writer; one reader task runs
+        the requests. Returns after a clean end (the close error, if any, was
+        written last); raises :class:`ServiceError` for a failure status.
+        """
+        sink, live = self._open_stream(ident)
+        reader = asyncio.ensure_future(self._read_requests(ident, sink, read, eof))
+        try:
+            while True:
+                resp = sink.pop()
+                if resp is not None:
+                    await write(resp)
+                elif sink.closed:
+                    break
+                else:
+                    await sink.wait()
+            if sink.error:
+                await write(pb.CoordinateResponse(error=sink.error))
+            if sink.failure is not None:
+                raise sink.failure
+        finally:
+            reader.cancel()
+            self._end_stream(ident, sink, live)
 
     def _fail(self, ident: StreamIdentity, sink: QueueSink, status: Status, msg: str) -> None:
         log.info("coordinate: closing peer %s: %s", ident.peer_id, msg)
@@ -363,27 +445,39 @@ class TailnetService:
         self,
         ident: StreamIdentity,
         sink: QueueSink,
-        requests: AsyncIterator[pb.CoordinateRequest],
+        read: Callable[[], Awaitable[object]],
+        eof: object,
     ) -> None:
         """Reader loop: validate → authorize → handle, until the stream ends."""
+        peer_id = ident.peer_id
+        authorize = ident.policy.authorize
+        handle = self.coordinator.handle
         try:
-            async for req in requests:
+            while True:
+                try:
+                    req = await read()
+                except StopAsyncIteration:
+                    break
+                if req is eof:
+                    break
                 if sink.closed:
                     return
+                if not isinstance(req, pb.CoordinateRequest):
+                    raise TypeError(f"read() returned {type(req).__name__}")
                 try:
                     validate_request(req)
                 except RequestError as exc:
                     self._fail(ident, sink, Status.INVALID_ARGUMENT, str(exc))
                     return
                 try:
-                    await ident.policy.authorize(ident.peer_id, req)
+                    await authorize(peer_id, req)
                 except AuthorizationError as exc:
                     self._fail(ident, sink, Status.PERMISSION_DENIED, exc.wire_message)
                     return
                 if sink.closed:
                     return
                 try:
-                    self.coordinator.handle(ident.peer_id, sink, req)
+                    handle(peer_id, sink, req)
                 except RequestError as exc:
                     self._fail(ident, sink, Status.INVALID_ARGUMENT, str(exc))
                     return
@@ -393,12 +487,12 @@ class TailnetService:
         except asyncio.CancelledError:
             raise
         except Exception:  # a bug or a transport read failure: end only this peer
-            log.exception("coordinate: peer %s request loop failed", ident.peer_id)
+            log.exception("coordinate: peer %s request loop failed", peer_id)
             if not sink.closed:
                 self._fail(ident, sink, Status.INTERNAL, "internal error")
             return
         # Request stream ended without Disconnect: the peer is lost.
-        self.coordinator.lost(ident.peer_id, sink)
+        self.coordinator.lost(peer_id, sink)
         sink.close()
 
     # -- unary/streaming helpers ----------------------------------------------

@@ -37,6 +37,8 @@ __all__ = ["MAX_MESSAGE_SIZE", "TailnetServicer", "TailnetGrpcServer"]
 MAX_MESSAGE_SIZE = 4 << 20
 
 _Ctx = grpc.aio.ServicerContext
+#: What ``context.read()`` returns once the peer half-closes.
+_EOF: object = grpc.aio.EOF  # type: ignore[attr-defined]
 log = logging.getLogger(__name__)
 
 
@@ -69,13 +71,15 @@ class TailnetServicer(pb_grpc.TailnetServicer):
         self,
         request_iterator: AsyncIterator[pb.CoordinateRequest],
         context: _Ctx[pb.CoordinateRequest, pb.CoordinateResponse],
-    ) -> AsyncIterator[pb.CoordinateResponse]:
+    ) -> None:
+        # A coroutine (not an async generator): grpc.aio then hands the stream to
+        # us through context.read()/context.write(), without its own request and
+        # response generators; the service runs one reader task and writes from here.
         try:
             call = await self._call(context)
             ident = await self._service.resolve_stream(call)
             await context.send_initial_metadata(((MD_PEER_ID, str(ident.peer_id)),))
-            async for resp in self._service.coordinate(ident, request_iterator):
-                yield resp
+            await self._service.run_coordinate(ident, context.read, context.write, _EOF)
         except grpc.aio.AbortError:
             raise
         except Exception as exc:
