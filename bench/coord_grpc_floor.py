@@ -5,6 +5,7 @@ Usage::
     python bench/coord_grpc_floor.py                      # 5,000 streams, every variant
     python bench/coord_grpc_floor.py --streams 10000 --variants coro
     python bench/coord_grpc_floor.py --option grpc.http2.lookahead_bytes=1024
+    PYTHONTRACEMALLOC=1 python bench/coord_grpc_floor.py   # + Python heap per stream
 
 A server process (this script with ``--serve``) hosts one stream-stream method
 with a trivial handler, on uvloop like the coordinator. This process opens
@@ -83,7 +84,11 @@ async def _serve(variant: str, options: list[tuple[str, Any]]) -> None:
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    await reader.readline()
+    while (await reader.readline()).strip() == b"stats":
+        import tracemalloc
+
+        traced = tracemalloc.get_traced_memory()[0] if tracemalloc.is_tracing() else 0
+        print(json.dumps({"objects": len(gc.get_objects()), "py_traced": traced}), flush=True)
     await server.stop(0)
 
 
@@ -137,20 +142,33 @@ def measure(variant: str, streams: int, options: list[str]) -> dict[str, Any]:
         time.sleep(0.5)
         rss0 = _rss_kb(info["pid"])
 
+        def stats() -> dict[str, int]:
+            assert srv.stdin is not None and srv.stdout is not None
+            srv.stdin.write("stats\n")
+            srv.stdin.flush()
+            out: dict[str, int] = json.loads(srv.stdout.readline())
+            return out
+
+        st0 = stats()
+
         async def run() -> int:
             calls, channels = await _open_all(f"127.0.0.1:{info['port']}", streams)
             await asyncio.sleep(1.0)  # let the server settle (not a correctness wait)
             rss1 = _rss_kb(info["pid"])
+            st1.update(stats())
             for ch in channels:
                 await ch.close(None)
             return rss1 + 0 * len(calls)
 
+        st1: dict[str, int] = {}
         rss1 = asyncio.run(run())
         return {
             "variant": variant,
             "streams": streams,
             "options": options,
             "rss_per_stream_kb": (rss1 - rss0) / streams,
+            "gc_objects_per_stream": (st1["objects"] - st0["objects"]) / streams,
+            "py_traced_per_stream_kb": (st1["py_traced"] - st0["py_traced"]) / streams / 1024,
         }
     finally:
         if srv.stdin is not None:
@@ -178,13 +196,15 @@ def main() -> None:
 
         uvloop.run(_serve(args.variants, [_parse_option(o) for o in args.option]))
         return
-    print("| handler | server options | streams | server RSS per stream |")
-    print("| --- | --- | --- | --- |")
+    print("| handler | server options | streams | server RSS per stream"
+          " | GC-tracked objects per stream | Python heap per stream (tracemalloc) |")
+    print("| --- | --- | --- | --- | --- | --- |")
     for v in args.variants.split(","):
         r = measure(v, args.streams, args.option)
         print(
             f"| {v} | {' '.join(args.option) or '(defaults)'} | {r['streams']} | "
-            f"{r['rss_per_stream_kb']:.1f} KB |",
+            f"{r['rss_per_stream_kb']:.1f} KB | {r['gc_objects_per_stream']:.1f} | "
+            f"{r['py_traced_per_stream_kb']:.1f} KB |",
             flush=True,
         )
 

@@ -27,7 +27,7 @@ import grpc
 import grpc.aio
 
 from tailnet.identity import MD_PEER_ID, metadata_dict
-from tailnet.service import CallContext, ServiceError, TailnetService
+from tailnet.service import CallContext, ServiceError, StreamIdentity, TailnetService
 from tailnet.v2 import tailnet_pb2 as pb
 from tailnet.v2 import tailnet_pb2_grpc as pb_grpc
 
@@ -67,6 +67,9 @@ class TailnetServicer(pb_grpc.TailnetServicer):
     async def _call(self, context: _Ctx[Any, Any]) -> CallContext:
         return await self._service.authenticate(metadata_dict(context.invocation_metadata()))
 
+    async def _resolve(self, context: _Ctx[Any, Any]) -> StreamIdentity:
+        return await self._service.resolve_stream(await self._call(context))
+
     async def Coordinate(  # noqa: N802 (generated name)
         self,
         request_iterator: AsyncIterator[pb.CoordinateRequest],
@@ -76,8 +79,7 @@ class TailnetServicer(pb_grpc.TailnetServicer):
         # us through context.read()/context.write(), without its own request and
         # response generators; the service runs one reader task and writes from here.
         try:
-            call = await self._call(context)
-            ident = await self._service.resolve_stream(call)
+            ident = await self._resolve(context)  # the CallContext is not kept alive
             await context.send_initial_metadata(((MD_PEER_ID, str(ident.peer_id)),))
             await self._service.run_coordinate(ident, context.read, context.write, _EOF)
         except grpc.aio.AbortError:
