@@ -13,7 +13,8 @@ Processes:
 * **coordinator** (this script with ``--serve``): TailnetService + TailnetGrpcServer
   under uvloop, a StaticTokenAuthenticator with generated tokens (``agent-<i>``
   → agent ``i``; ``client-<j>`` → a user bound via ``tailnet-agent-id`` to agent
-  ``j % A``), one ``StaticDERPMapSource``. Prints ``{"port", "pid"}`` and serves
+  ``j % A``), one ``StaticDERPMapSource``; ``tailnet.tuning.tune_gc()`` like
+  ``tailnet serve`` unless ``--no-gc-tuning``. Prints ``{"port", "pid"}`` and serves
   until stdin closes. With ``--profile`` it runs under cProfile and prints the top
   functions to stderr on exit.
 * **load generators** (``bench/coord_loadgen.py`` × ``--gens``): raw gRPC stubs,
