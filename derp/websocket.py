@@ -165,9 +165,16 @@ class WsPipe(asyncio.Protocol):
     # ---------------------------------------------------------------- outgoing
 
     def send_binary(self, data: bytes | bytearray | memoryview) -> None:
-        if self.closing:
-            return
+        """Send one binary message; dropped once the WebSocket is no longer OPEN.
+
+        The peer's close frame (or EOF, or a protocol error) leaves the
+        websockets state CLOSING/CLOSED before the DERP side learns of it, and
+        a write then must be a no-op, not an ``InvalidState`` escaping into
+        ``data_received`` or into another connection's task.
+        """
         ws = self.ws
+        if self.closing or ws.state is not OPEN:
+            return
         ws.send_binary(data)
         self._flush()
 

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import CLIENT, OPEN, SERVER, Protocol as WsProtocol, Side
 from websockets.typing import Subprotocol
 
 from derp.client import DerpClient
@@ -31,7 +32,7 @@ from derp.frames import (
 )
 from derp.keys import PrivateKey, open_sealed, seal
 from derp.server import DerpServer
-from derp.websocket import MAX_MESSAGE_SIZE
+from derp.websocket import MAX_MESSAGE_SIZE, WsPipe
 
 from .conftest import WAIT, make_config, wait_until
 
@@ -225,3 +226,73 @@ async def test_ws_backpressure_small_write_buffer() -> None:
                     got += 1
     finally:
         await srv.stop()
+
+
+class _FakeTcp(asyncio.Transport):
+    """A stand-in TCP transport for driving :class:`WsPipe` without sockets."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.closed = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += data
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+
+class _EchoInner(asyncio.Protocol):
+    """Inner DERP protocol that answers every chunk at once (like a Pong to a Ping)."""
+
+    def __init__(self) -> None:
+        self.got: list[bytes] = []
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.got.append(data)
+        assert self.transport is not None
+        self.transport.write(b"reply")
+
+
+@pytest.mark.parametrize("side", [CLIENT, SERVER])
+@pytest.mark.parametrize("ending", ["close", "text"])
+def test_inner_write_after_peer_close_in_same_read_is_dropped(side: Side, ending: str) -> None:
+    """Data followed by a close (or a text message) in one read: the inner protocol's
+    reply to that data must be dropped quietly, not raise out of ``data_received``."""
+    peer = WsProtocol(SERVER if side is CLIENT else CLIENT, state=OPEN)
+    peer.send_binary(b"data")
+    if ending == "close":
+        peer.send_close(1000)
+    else:
+        peer.send_text(b"oops")
+    wire = b"".join(peer.data_to_send())
+    tcp = _FakeTcp()
+    pipe = WsPipe(tcp, WsProtocol(side, state=OPEN, max_size=MAX_MESSAGE_SIZE))
+    inner = _EchoInner()
+    pipe.inner = inner
+    inner.connection_made(pipe.wst)
+    pipe.data_received(wire)
+    assert inner.got == [b"data"]
+    assert tcp.closed and pipe.close_reason
+    pipe.wst.write(b"late write")  # after the close: also dropped
+
+
+def test_write_after_peer_eof_is_dropped() -> None:
+    """A write from elsewhere between the peer's EOF and ``connection_lost`` is a no-op."""
+    tcp = _FakeTcp()
+    pipe = WsPipe(tcp, WsProtocol(CLIENT, state=OPEN, max_size=MAX_MESSAGE_SIZE))
+    pipe.eof_received()
+    pipe.wst.write(b"late write")
+    assert tcp.out == b""
