@@ -112,9 +112,9 @@ class Relay(Generic[C]):
         self._subscribers: dict[bytes, dict[C, None]] = {}
         # receiving conn → set of src keys it is subscribed to (for cleanup).
         self._subscriptions: dict[C, set[bytes]] = {}
-        #: mesh watchers (WatchConns senders); filled by the mesh issue.
+        #: mesh watchers (WatchConns senders, see :mod:`derp.mesh`).
         self.watchers: dict[C, None] = {}
-        #: key → forwarder handle for keys on other region nodes (mesh issue).
+        #: key → forwarder handle for keys on other region nodes (filled by :mod:`derp.mesh`).
         self.forwarders: dict[bytes, object] = {}
 
     # ------------------------------------------------------------------ queries

@@ -197,9 +197,6 @@ class ConnContext:
         """Put ``conn``'s next KeepAlive into the shared wheel."""
         self.wheel.schedule(conn, self.loop.time() + conn._ka_period)
 
-    def on_leave(self, conn: DerpConnection) -> None:
-        """Hook: an admitted connection was unregistered (mesh issue extends it)."""
-
     def on_lost(self, conn: DerpConnection) -> None:
         self._on_lost(conn)
 

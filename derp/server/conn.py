@@ -7,7 +7,7 @@ Lifecycle (spec §1.5)::
         └── anything else ──► CLOSED (no error frame, reason logged)
 
 :meth:`DerpConnection.start` is called by the HTTP front door (or any other
-transport adapter, e.g. WebSocket later) after the upgrade: it writes the
+transport adapter, e.g. :mod:`derp.websocket`) after the upgrade: it writes the
 optional HTTP 101 preamble and the ServerKey frame in one write, then feeds the
 bytes already read after the request head. On admission the connection is
 registered in the :class:`derp.relay.Relay`, ServerInfo is written, and only
@@ -336,7 +336,6 @@ class DerpConnection(asyncio.Protocol):
                 for w in dep.watchers:
                     if w._state == _OPEN:
                         w._send_ctrl(frame)
-        ctx.on_leave(self)
 
     def _handshake_timeout(self) -> None:
         self._hs_timer = None
@@ -810,7 +809,7 @@ class DerpConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ mesh hooks
 
     def _mesh_frame(self, ftype: int, data: bytes, start: int, end: int) -> None:
-        """Mesh-privileged frames (spec §4). Minimal now; the mesh issue extends this."""
+        """Mesh-privileged frames (spec §4): WatchConns, ClosePeer, ForwardPacket."""
         length = end - start
         ctx = self._ctx
         if ftype == FrameType.WATCH_CONNS:
