@@ -173,7 +173,7 @@ class RpcSession:
                     except ValueError as exc:
                         await self._abort_stream(st, StatusCode.INVALID_ARGUMENT, str(exc))
                         return True
-            await st.inbox.put(item)
+            await self._enqueue(st, item)
             return True
         await self._protocol_error(f"clients may not send {frame.kind.name} frames")
         return False
@@ -188,6 +188,33 @@ class RpcSession:
         if method in _UNARY_REQUEST:
             return self._unary_request
         return None
+
+    async def _enqueue(self, st: _Stream, item: object) -> None:
+        """Hand ``item`` to ``st``'s runner.
+
+        Unary-request runners read only their first item, so once one is queued
+        later ones are dropped (the reader must not wait for a queue nobody
+        drains). A Coordinate stream applies backpressure: the reader waits
+        while its queue is full, but only while the stream's task and the
+        WebSocket are alive.
+        """
+        if st.method != METHOD_COORDINATE:
+            if st.inbox.empty():
+                st.inbox.put_nowait(item)
+            return
+        if not st.inbox.full():
+            st.inbox.put_nowait(item)
+            return
+        put = asyncio.ensure_future(st.inbox.put(item))
+        lost = asyncio.ensure_future(self._ws.wait_closed())
+        waiters: set[asyncio.Future[None]] = {put, lost}
+        if st.task is not None:
+            waiters.add(st.task)
+        try:
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            put.cancel()
+            lost.cancel()
 
     async def _abort_stream(self, st: _Stream, code: int, message: str) -> None:
         st.ended = True

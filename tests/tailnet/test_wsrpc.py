@@ -344,3 +344,21 @@ async def test_shutdown_ends_coordinate_and_closes_1001() -> None:
         assert any(m.error == "coordinator closed" for m in msgs), (msgs, c.code, c.message)
     finally:
         await client.close()
+
+
+async def test_extra_messages_on_a_unary_stream_do_not_stall_the_connection(
+    stack: TailnetStack,
+) -> None:
+    """A unary-request runner reads one request; more MESSAGEs than the queue
+    holds must be dropped, not block the connection's reader."""
+    _, user_token = stack.create_user()
+    client = await WsRpcClient.connect(f"{stack.ws_url}/api/v2/tailnet", user_token)
+    try:
+        maps = await client.stream_derp_maps()
+        assert await asyncio.wait_for(maps.recv(pb.DERPMap), T) is not None
+        for _ in range(100):
+            await maps.send(pb.StreamDERPMapsRequest())
+        other = await client.stream_derp_maps()
+        assert await asyncio.wait_for(other.recv(pb.DERPMap), T) is not None
+    finally:
+        await client.close()
