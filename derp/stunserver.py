@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from typing import Final, cast
+from typing import Any, Final, cast
 
 from .stun import (
     StunError,
@@ -126,7 +126,9 @@ class StunServer:
         if self._transport is not None:
             raise RuntimeError("STUN server already started")
         loop = asyncio.get_running_loop()
-        sock = _bind(host, port)
+        # Resolve off the loop thread: a host name must not block other connections.
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM) if host else []
+        sock = _bind(infos, port)
         transport, _ = await loop.create_datagram_endpoint(
             lambda: _Responder(self.stats), sock=sock
         )
@@ -139,9 +141,9 @@ class StunServer:
             t.close()
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    if host:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+def _bind(infos: list[tuple[Any, ...]], port: int) -> socket.socket:
+    """A non-blocking UDP socket bound to ``infos[0]``, or to ``::``/``0.0.0.0`` if empty."""
+    if infos:
         family, _, _, _, addr = infos[0]
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
@@ -208,7 +210,6 @@ async def stun_request(
     try:
         interval = timeout / max(1, attempts)
         deadline = loop.time() + timeout
-        sent_at = loop.time()
         while True:
             sent_at = loop.time()
             transport.sendto(request)

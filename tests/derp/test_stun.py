@@ -277,3 +277,20 @@ async def test_stun_ipv6_loopback() -> None:
         assert srv.stats.addr_family["ipv6"] == 1
     finally:
         await srv.stop()
+
+
+@pytest.mark.parametrize("host", ["", "localhost"])
+async def test_stun_server_all_interfaces_and_host_name(host: str) -> None:
+    """``""`` binds dual-stack (IPv4 clients answered as IPv4, family 0x01); a host
+    name is resolved (without blocking the loop) and bound."""
+    srv = StunServer()
+    await srv.start(host, 0)
+    try:
+        target = "127.0.0.1"
+        if host == "localhost":
+            target = str(srv._transport.get_extra_info("sockname")[0]) if srv._transport else ""
+        ip, _port, _rtt = await asyncio.wait_for(stun_request(target, srv.port, 10.0), WAIT)
+        assert ip == target
+        assert srv.stats.requests["success"] == 1
+    finally:
+        await srv.stop()
