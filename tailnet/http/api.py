@@ -302,6 +302,7 @@ class TailnetApi:
 
         reader = asyncio.ensure_future(drain_input())
         closing = asyncio.ensure_future(self._closing.wait())
+        changed: asyncio.Future[int] | None = None
         try:
             version = src.version
             last = with_home_params(src.current())
@@ -326,6 +327,8 @@ class TailnetApi:
         finally:
             reader.cancel()
             closing.cancel()
+            if changed is not None:
+                changed.cancel()
 
     async def _echo_ws(self, ws: ServerWebSocket) -> None:
         while True:
