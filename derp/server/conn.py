@@ -324,22 +324,22 @@ class DerpConnection(asyncio.Protocol):
             self.close_reason,
             "" if dep.last else " (duplicate remains)",
         )
-        if dep.last:
-            if dep.peer_gone:
-                frame = encode_peer_gone(self._key, PeerGoneReason.DISCONNECTED)
-                for c in dep.peer_gone:
-                    if c._state == _OPEN:
-                        c._send_ctrl(frame)
-                        stats.peer_gone_disconnected_frames += 1
-            if dep.watchers:
-                frame = encode_peer_gone(self._key, PeerGoneReason.DISCONNECTED)
-                for w in dep.watchers:
-                    if w._state == _OPEN:
-                        w._send_ctrl(frame)
+        if dep.last and (dep.peer_gone or dep.watchers):
+            frame = encode_peer_gone(self._key, PeerGoneReason.DISCONNECTED)
+            for c in dep.peer_gone:
+                if c._state == _OPEN:
+                    c._send_ctrl(frame)
+                    stats.peer_gone_disconnected_frames += 1
+            for w in dep.watchers:
+                if w._state == _OPEN:
+                    w._send_ctrl(frame)
 
     def _handshake_timeout(self) -> None:
         self._hs_timer = None
-        self.close("handshake timeout: no ClientInfo", protocol_error=True)
+        if self.info is not None:  # ClientInfo was fine; the admission hook is slow
+            self.close("handshake timeout: admission still pending")
+        else:
+            self.close("handshake timeout: no ClientInfo", protocol_error=True)
 
     # ------------------------------------------------------------------ asyncio callbacks
 
