@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 
@@ -17,7 +18,7 @@ from derp.frames import (
     encode_note_preferred,
     encode_send_packet,
 )
-from derp.keys import PrivateKey, seal
+from derp.keys import PrivateKey, PublicKey, seal
 from derp.server import DerpServer
 from derp.server.handshake import open_client_info, parse_client_info_json
 
@@ -192,3 +193,36 @@ def test_open_client_info_total(payload: bytes) -> None:
         open_client_info(srv, payload)
     except HandshakeError:
         pass
+
+
+async def test_handshake_timeout_while_admission_pending(
+    clients: list[RawClient], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hook that never answers: the handshake deadline still closes the client,
+    with a reason naming admission, and it is not counted as a protocol error."""
+    asked = asyncio.Event()
+
+    class Never:
+        async def admit(self, key: PublicKey, source_ip: str) -> bool:
+            asked.set()
+            await asyncio.Event().wait()
+            return True
+
+    srv = DerpServer(make_config(handshake_timeout=0.3, admission=Never()))
+    await srv.start()
+    try:
+        c = await RawClient.open(srv.port)
+        clients.append(c)
+        c.send(UPGRADE_REQUEST + b"\r\n")
+        await c.read_http_head()
+        await c.read_server_key()
+        with caplog.at_level(logging.INFO, logger="derp.server"):
+            c.send(c.client_info_frame())
+            await asyncio.wait_for(asked.wait(), 20.0)
+            await c.expect_closed()
+            await wait_until(lambda: srv.stats.handshake_failures == 1)
+        assert "admission still pending" in caplog.text
+        assert srv.stats.protocol_errors == 0
+        assert srv.client_count == 0
+    finally:
+        await srv.stop()
