@@ -337,6 +337,8 @@ async def check_node(
             rtt = await asyncio.wait_for(roundtrip(), timeout)
         finally:
             echo_task.cancel()
+            # retrieve its outcome (e.g. B's connection failing) so it is not logged as lost
+            await asyncio.gather(echo_task, return_exceptions=True)
     except TimeoutError:
         error = f"{url}: no answer within {timeout:g}s"
     except OSError as exc:
