@@ -161,6 +161,15 @@ class Region:
         await self.meshes[i].stop()
         await self.servers[i].stop()
 
+    async def close(self) -> None:
+        """Close every client, then stop every mesh and server (idempotent)."""
+        for c in self.clients:
+            await c.close()
+        for m in self.meshes:
+            await m.stop()
+        for s in self.servers:
+            await s.stop()
+
 
 async def _start(n: int, *, include_self: bool = True) -> Region:
     servers = []
@@ -183,12 +192,7 @@ async def _start(n: int, *, include_self: bool = True) -> Region:
 async def region3() -> AsyncIterator[Region]:
     region = await _start(3)
     yield region
-    for c in region.clients:
-        await c.close()
-    for m in region.meshes:
-        await m.stop()
-    for s in region.servers:
-        await s.stop()
+    await region.close()
 
 
 def _knows(srv: DerpServer, key: bytes) -> bool:
@@ -275,12 +279,7 @@ async def test_link_reconnects_and_relearns_routes() -> None:
         a_client.send_packet(b2.pub, b"after reconnect")
         assert await b2.recv_packet() == (a_client.pub, b"after reconnect")
     finally:
-        for c in reg.clients:
-            await c.close()
-        for m in reg.meshes:
-            await m.stop()
-        for s in reg.servers:
-            await s.stop()
+        await reg.close()
 
 
 async def test_local_client_wins_over_mesh_route() -> None:
@@ -301,12 +300,7 @@ async def test_local_client_wins_over_mesh_route() -> None:
         sender.send_packet(key.public.raw, b"via mesh now")
         assert await on_b.recv_packet() == (sender.pub, b"via mesh now")
     finally:
-        for c in reg.clients:
-            await c.close()
-        for m in reg.meshes:
-            await m.stop()
-        for s in reg.servers:
-            await s.stop()
+        await reg.close()
 
 
 # --------------------------------------------------------------------------- privileges
@@ -367,12 +361,7 @@ async def test_forwarded_packets_are_never_reforwarded() -> None:
         assert reg.servers[0].stats.drops_by_reason(UNKNOWN_DEST_ON_FWD) == 1
         assert reg.servers[0].stats.packets_forwarded_out == fwd_before
     finally:
-        for c in reg.clients:
-            await c.close()
-        for m_ in reg.meshes:
-            await m_.stop()
-        for s in reg.servers:
-            await s.stop()
+        await reg.close()
 
 
 async def test_close_peer_from_mesh_peer(mesh_server: DerpServer) -> None:
