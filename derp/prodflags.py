@@ -130,7 +130,7 @@ def server_options(args: argparse.Namespace, server_key: PublicKey, hostname: st
         if mc.created:
             opts.notes.append(f"created self-signed certificate {mc.cert_file}")
         opts.notes.append(f"DERP map node: HostName: {hostname!r}, {mc.cert_name_hint()}")
-    if args.accept_connection_limit <= 0 or args.accept_connection_burst < 1:
+    if not args.accept_connection_limit > 0 or args.accept_connection_burst < 1:  # NaN too
         raise ValueError("--accept-connection-limit must be > 0 and --accept-connection-burst >= 1")
     cfg["accept_limit"] = args.accept_connection_limit
     cfg["accept_burst"] = args.accept_connection_burst

@@ -271,6 +271,8 @@ def test_prod_flags_to_server_config(tmp_path: Path) -> None:
         ["--tcp-write-timeout", "soon"],
         ["--debug-allow", "not-a-net"],
         ["--accept-connection-limit", "0"],
+        ["--accept-connection-limit", "nan"],
+        ["--per-client-rate-limit", "-1"],
         ["--max-connections", "-1"],
     ],
 )
