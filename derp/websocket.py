@@ -107,6 +107,7 @@ class WsTransport(asyncio.Transport):
         self._pipe.close(CloseCode.NORMAL_CLOSURE)
 
     def abort(self) -> None:
+        self._pipe.closing = True  # later writes are dropped, not sent to a dead socket
         self._pipe.transport.abort()
 
     def is_closing(self) -> bool:

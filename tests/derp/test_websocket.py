@@ -242,6 +242,9 @@ class _FakeTcp(asyncio.Transport):
     def close(self) -> None:
         self.closed = True
 
+    def abort(self) -> None:
+        self.closed = True
+
     def is_closing(self) -> bool:
         return self.closed
 
@@ -296,3 +299,15 @@ def test_write_after_peer_eof_is_dropped() -> None:
     pipe.eof_received()
     pipe.wst.write(b"late write")
     assert tcp.out == b""
+
+
+def test_write_after_abort_is_dropped() -> None:
+    tcp = _FakeTcp()
+    pipe = WsPipe(tcp, WsProtocol(SERVER, state=OPEN, max_size=MAX_MESSAGE_SIZE))
+    pipe.wst.write(b"before")
+    sent = len(tcp.out)
+    assert sent > 0
+    pipe.wst.abort()
+    assert pipe.wst.is_closing()
+    pipe.wst.write(b"after")
+    assert len(tcp.out) == sent
