@@ -214,7 +214,8 @@ class KnownKeysAdmission:
     """Admit only keys ``is_known(key)`` accepts (sync or async callable).
 
     For the embedded stack: pass a function that looks the node key up in the
-    coordinator's current peer set (see the report for the wiring).
+    coordinator's current peer set (``tailnet.stack`` wires
+    :class:`tailnet.admission.KnownNodeKeys` in here).
     """
 
     def __init__(self, is_known: Callable[[PublicKey], bool | Awaitable[bool]]) -> None:
