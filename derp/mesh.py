@@ -435,7 +435,7 @@ class MeshLink:
         )
         ssl_ctx: ssl.SSLContext | None = None
         if peer.scheme == "https":
-            ssl_ctx = mesh.ssl_context or ssl.create_default_context()
+            ssl_ctx = mesh._client_ssl()
         proto = _LinkProtocol(self, core, mesh.read_timeout)
         try:
             async with asyncio.timeout(mesh.connect_timeout):
@@ -514,6 +514,14 @@ class Mesh:
         self.server.metrics.gauges["current_mesh_peers"] = self.connected_links
         for link in self.links:
             link.start()
+
+    def _client_ssl(self) -> ssl.SSLContext:
+        """The TLS context for ``https`` links: the configured one, else the system
+        default, built once (loading the CA store blocks the loop for milliseconds,
+        too long to repeat on every reconnect of every link)."""
+        if self.ssl_context is None:
+            self.ssl_context = ssl.create_default_context()
+        return self.ssl_context
 
     def connected_links(self) -> int:
         """Mesh links currently logged in to their peer (gauge ``derp_current_mesh_peers``)."""

@@ -6,6 +6,7 @@ import asyncio
 import re
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -460,3 +461,10 @@ async def test_derper_cli_mesh_stun_and_admission_flags(tmp_path: Path) -> None:
             proc.send_signal(signal.SIGTERM)
         assert await asyncio.wait_for(proc.wait(), WAIT) == 0
         await a.stop()
+
+
+def test_https_links_share_one_default_tls_context() -> None:
+    srv = DerpServer(ServerConfig(private_key=PrivateKey.generate(), mesh_key=MESH_KEY))
+    mesh = Mesh(srv, parse_mesh_with("derp1.example.com,derp2.example.com"))
+    ctx = mesh._client_ssl()
+    assert ctx is mesh._client_ssl() and ctx.verify_mode == ssl.CERT_REQUIRED
