@@ -1,6 +1,7 @@
 """Transport-independent Tailnet service: identity, coordination sessions and the other RPCs.
 
-A transport (gRPC today, WebSocket later) does three things per call:
+A transport (gRPC: :mod:`tailnet.server.grpc`; WebSocket RPC: :mod:`tailnet.http.rpc`)
+does three things per call:
 
 1. ``call = await service.authenticate(metadata)`` — token → :class:`Principal`
    (``UNAUTHENTICATED`` if missing/unknown), then the API version check
@@ -54,13 +55,14 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from tailnet.auth import (
+    TUNNEL_DENIED,
     AgentPolicy,
     ClientPolicy,
     CoordinateePolicy,
     UnrestrictedPolicy,
     UserPolicy,
 )
-from tailnet.core import CoordinatorAPI, validate_request
+from tailnet.core import RESPONSE_BUFFER_SIZE, CoordinatorAPI, validate_request
 from tailnet.derpmap import DERPMapSource, derp_maps_equal, with_home_params
 from tailnet.errors import AuthorizationError, CoordinatorClosed, RequestError
 from tailnet.identity import (
@@ -99,12 +101,11 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 #: Responses buffered per peer before the coordinator evicts it (Coder: 512).
-RESPONSE_QUEUE_SIZE = 512
+RESPONSE_QUEUE_SIZE = RESPONSE_BUFFER_SIZE
 
 TunnelAuthorizer = Callable[[Principal, uuid.UUID], Awaitable[bool]]
 _T = TypeVar("_T")
 
-_NO_PERMISSION = "workspace agent not found or you do not have permission"
 #: End-of-requests sentinel for :meth:`TailnetService.coordinate`'s reader.
 _END: object = object()
 
@@ -129,6 +130,14 @@ class ServiceError(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def _metadata_uuid(key: str, text: str) -> uuid.UUID:
+    """Parse a UUID metadata value; ``INVALID_ARGUMENT`` naming ``key`` if malformed."""
+    try:
+        return uuid.UUID(text)
+    except ValueError:
+        raise ServiceError(Status.INVALID_ARGUMENT, f"invalid {key} {text!r}: not a UUID") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,14 +355,9 @@ class TailnetService:
             )
         agent_text = call.metadata.get(MD_AGENT_ID, "").strip()
         if agent_text:
-            try:
-                agent_id = uuid.UUID(agent_text)
-            except ValueError:
-                raise ServiceError(
-                    Status.INVALID_ARGUMENT, f"invalid {MD_AGENT_ID} {agent_text!r}: not a UUID"
-                ) from None
+            agent_id = _metadata_uuid(MD_AGENT_ID, agent_text)
             if not await self._authorize_tunnel(p, agent_id):
-                raise ServiceError(Status.PERMISSION_DENIED, _NO_PERMISSION)
+                raise ServiceError(Status.PERMISSION_DENIED, TUNNEL_DENIED)
             return StreamIdentity(p, peer_id, "client", ClientPolicy(agent_id), resumed)
 
         async def authorize(agent_id: uuid.UUID) -> bool:
@@ -542,12 +546,7 @@ class TailnetService:
                 f"RefreshResumeToken needs metadata {MD_PEER_ID} naming your live "
                 "Coordinate stream's peer ID",
             )
-        try:
-            peer_id = uuid.UUID(text)
-        except ValueError:
-            raise ServiceError(
-                Status.INVALID_ARGUMENT, f"invalid {MD_PEER_ID} {text!r}: not a UUID"
-            ) from None
+        peer_id = _metadata_uuid(MD_PEER_ID, text)
         live = self._streams.get(peer_id)
         if live is None or live.principal != call.principal or live.sink.closed:
             raise ServiceError(
