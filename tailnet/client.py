@@ -270,6 +270,7 @@ class _Outbox:
         self.control: deque[pb.CoordinateRequest] = deque()
         self.node: pb.Node | None = None
         self.disconnect = False
+        self.ended = False
         self.wake = asyncio.Event()
         self.idle = asyncio.Event()
 
@@ -288,6 +289,16 @@ class _Outbox:
         self.disconnect = True
         self.idle.clear()
         self.wake.set()
+
+    def end(self) -> None:
+        """The session is over: nothing more will be written; wake flush() waiters."""
+        self.ended = True
+        self.idle.set()
+
+    @property
+    def unsent(self) -> bool:
+        """True if requests are still queued (never to be written once ``ended``)."""
+        return bool(self.control) or self.node is not None
 
 
 @dataclass(slots=True)
@@ -488,11 +499,17 @@ class TailnetConnection:
             self._outbox.set_node(self._node)
 
     async def flush(self, timeout: float | None = None) -> None:
-        """Wait until everything queued for the current session has been written."""
+        """Wait until everything queued for the current session has been written.
+
+        Raises ``ConnectionError`` if that session ends with requests still
+        unwritten (the node and tunnels are re-sent by the next session).
+        """
         outbox = self._outbox
         if outbox is None:
             return
         await asyncio.wait_for(outbox.idle.wait(), timeout)
+        if outbox.ended and outbox.unsent:
+            raise ConnectionError("coordinator session ended before the queue was written")
 
     def reconnect(self, reason: str = "reconnect requested") -> None:
         """Drop the current session *without* Disconnect (as if the network broke);
@@ -641,6 +658,8 @@ class TailnetConnection:
         try:
             await self._session_on(channel)
         finally:
+            if self._outbox is not None:
+                self._outbox.end()
             self._outbox = None
             self._call = None
             with contextlib.suppress(Exception):

@@ -417,3 +417,24 @@ async def test_start_after_close_is_refused(env: Env) -> None:
     await client.close()
     with pytest.raises(ConnectionError):
         await client.start(WAIT)
+
+
+async def test_flush_does_not_hang_when_the_session_ends_with_requests_unwritten() -> None:
+    # A session that ends (stream broke) never writes its queue: flush() must
+    # report that instead of waiting forever for an outbox nobody drains.
+    from tailnet.client import _Outbox
+
+    conn = ClientConnection("127.0.0.1:1", "token")
+    outbox = _Outbox()
+    outbox.put(pb.CoordinateRequest(add_tunnel=pb.CoordinateRequest.Tunnel(id=AGENT.bytes)))
+    conn._outbox = outbox
+    waiter = asyncio.ensure_future(conn.flush())
+    outbox.end()  # what the session's teardown does
+    with pytest.raises(ConnectionError):
+        await asyncio.wait_for(waiter, WAIT)
+    # Everything written before the end: flush() simply returns.
+    done = _Outbox()
+    done.idle.set()
+    conn._outbox = done
+    done.end()
+    await asyncio.wait_for(conn.flush(), WAIT)
