@@ -760,3 +760,44 @@ async def test_failing_backends_fail_closed_without_leaking_details() -> None:
             p.call.cancel()
         await s.channel.close()
         await s.server.stop(0)
+
+
+# --------------------------------------------------------------------------- QueueSink
+
+
+def _resp(n: int) -> pb.CoordinateResponse:
+    return pb.CoordinateResponse(error=f"r{n}")
+
+
+async def test_queue_sink_back_pressure_and_final_error() -> None:
+    from tailnet.service import QueueSink, Status
+
+    sink = QueueSink(maxsize=2)
+    assert sink.send(_resp(1)) and sink.send(_resp(2))
+    assert not sink.send(_resp(3))  # full: the coordinator evicts this peer
+    assert len(sink) == 2
+    sink.fail(Status.INVALID_ARGUMENT, "bad request")
+    sink.fail(Status.INTERNAL, "later failure")  # the first failure decides
+    sink.close("ignored")
+    assert sink.send(_resp(4))  # dropped after close, reported as accepted
+    got = [r.error async for r in sink.drain()]
+    assert got == ["r1", "r2", "bad request"]  # queued first, close error last
+    assert sink.failure is not None and sink.failure.status is Status.INVALID_ARGUMENT
+
+
+async def test_queue_sink_wait_wakes_on_send_and_on_close() -> None:
+    from tailnet.service import QueueSink
+
+    sink = QueueSink()
+    waiter = asyncio.ensure_future(sink.wait())
+    await asyncio.sleep(0)  # let the consumer park (a yield, not a timed wait)
+    assert sink._waiter is not None  # parked: the send below must wake it
+    assert sink.send(_resp(1))
+    await asyncio.wait_for(waiter, T)
+    assert sink.pop() is not None and sink.pop() is None
+    waiter = asyncio.ensure_future(sink.wait())
+    await asyncio.sleep(0)
+    assert sink._waiter is not None
+    sink.close()
+    await asyncio.wait_for(waiter, T)
+    assert [r async for r in sink.drain()] == []  # closed without error: no final response
