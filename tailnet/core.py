@@ -151,8 +151,8 @@ _RFH: Final = pb.CoordinateResponse.PeerUpdate.READY_FOR_HANDSHAKE
 class PeerSink(Protocol):
     """Where the coordinator delivers a peer's responses.
 
-    Implemented by transports (a bounded ``asyncio.Queue`` of
-    :data:`RESPONSE_BUFFER_SIZE` in the gRPC adapter) and by test fakes.
+    Implemented by :class:`tailnet.service.QueueSink` (bounded, by default
+    :data:`RESPONSE_BUFFER_SIZE` responses; shared by every transport) and by test fakes.
     """
 
     def send(self, resp: pb.CoordinateResponse) -> bool:
