@@ -28,10 +28,10 @@ counter; ``await wait_changed(v)`` returns the new version once it differs from
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from tailnet.signal import VersionSignal
 from tailnet.v2 import tailnet_pb2 as pb
 
 __all__ = [
@@ -299,12 +299,11 @@ class StaticDERPMapSource:
 
     def __init__(self, initial: pb.DERPMap) -> None:
         self._map = with_home_params(initial)
-        self._version = 1
-        self._waiters: set[asyncio.Future[None]] = set()
+        self._signal = VersionSignal(1)
 
     @property
     def version(self) -> int:
-        return self._version
+        return self._signal.version
 
     def current(self) -> pb.DERPMap:
         return self._map
@@ -312,17 +311,7 @@ class StaticDERPMapSource:
     def set(self, new_map: pb.DERPMap) -> None:
         """Replace the map, bump ``version`` and wake every watcher."""
         self._map = with_home_params(new_map)
-        self._version += 1
-        for fut in self._waiters:
-            if not fut.done():
-                fut.set_result(None)
+        self._signal.bump()
 
     async def wait_changed(self, last_version: int) -> int:
-        while self._version == last_version:
-            fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._waiters.add(fut)
-            try:
-                await fut
-            finally:
-                self._waiters.discard(fut)
-        return self._version
+        return await self._signal.wait_changed(last_version)

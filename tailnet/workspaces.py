@@ -32,13 +32,13 @@ everything; a ``user`` reads workspaces it owns or that were shared with it
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from tailnet.identity import Principal
+from tailnet.signal import VersionSignal
 from tailnet.v2 import tailnet_pb2 as pb
 
 __all__ = [
@@ -163,15 +163,11 @@ class InMemoryWorkspaceProvider:
     def __init__(self) -> None:
         self._workspaces: dict[uuid.UUID, _Workspace] = {}
         self._agents: dict[uuid.UUID, tuple[uuid.UUID, str]] = {}  # agent -> (ws, name)
-        self._version = 0
-        self._waiters: set[asyncio.Future[None]] = set()
+        self._signal = VersionSignal()
 
     # -- mutation ---------------------------------------------------------
     def _changed(self) -> None:
-        self._version += 1
-        for fut in self._waiters:
-            if not fut.done():
-                fut.set_result(None)
+        self._signal.bump()
 
     def upsert_workspace(
         self,
@@ -256,15 +252,8 @@ class InMemoryWorkspaceProvider:
     async def subscribe(
         self, owner_id: uuid.UUID, principal: Principal
     ) -> AsyncIterator[WorkspaceSnapshot]:
-        seen = self._version
+        seen = self._signal.version
         yield self.snapshot(owner_id, principal)
         while True:
-            while self._version == seen:
-                fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-                self._waiters.add(fut)
-                try:
-                    await fut
-                finally:
-                    self._waiters.discard(fut)
-            seen = self._version
+            seen = await self._signal.wait_changed(seen)
             yield self.snapshot(owner_id, principal)

@@ -189,3 +189,20 @@ def test_json_roundtrip_property(m: pb.DERPMap) -> None:
     back = derp_map_from_json(doc)
     assert back == m
     assert derp_maps_equal(back, m)
+
+
+async def test_version_signal_coalesces_bursts_and_never_misses_a_change() -> None:
+    """Watchers wake once per burst with the latest version; a change made before
+    the wait started is returned at once."""
+    import asyncio
+
+    from tailnet.signal import VersionSignal
+
+    sig = VersionSignal()
+    waiter = asyncio.ensure_future(sig.wait_changed(0))
+    await asyncio.sleep(0)  # let it park
+    assert not waiter.done()
+    sig.bump()
+    sig.bump()
+    assert await asyncio.wait_for(waiter, 5) == 2
+    assert await asyncio.wait_for(sig.wait_changed(1), 5) == 2  # already changed
