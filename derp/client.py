@@ -914,7 +914,13 @@ class DerpClient:
     async def recv(self) -> Event:
         """Return the next event; raises :class:`ConnectionClosed` once the client
         is closed, or (without ``reconnect``) the connection is lost and every
-        event received before has been returned."""
+        event received before has been returned.
+
+        One consumer at a time: a second concurrent ``recv`` raises
+        :class:`RuntimeError` (events are not broadcast).
+        """
+        if self._waiter is not None and not self._waiter.done():
+            raise RuntimeError("DerpClient.recv() is already being awaited by another task")
         while True:
             if self._events:
                 ev = self._events.popleft()

@@ -928,3 +928,26 @@ async def test_real_reconnect_after_restart_on_same_port(real: Any) -> None:
         await real.start(host="127.0.0.1", port=0)  # so the fixture can stop it
     finally:
         await client.close()
+
+
+async def test_concurrent_recv_is_refused_not_silently_hung() -> None:
+    """Events are for one consumer: a second concurrent recv() raises at once."""
+    import asyncio as _asyncio
+
+    from derp.client import DerpClient as _Client
+    from derp.keys import PrivateKey as _Key
+    from derp.server import DerpServer, ServerConfig
+
+    srv = DerpServer(ServerConfig(private_key=_Key.generate()))
+    await srv.start("127.0.0.1", 0)
+    c = _Client(f"http://127.0.0.1:{srv.port}/derp", _Key.generate())
+    try:
+        await _asyncio.wait_for(c.connect(), 10)
+        first = _asyncio.ensure_future(c.recv())
+        await _asyncio.sleep(0)  # let the first consumer park
+        with pytest.raises(RuntimeError, match="already"):
+            await c.recv()
+        first.cancel()
+    finally:
+        await c.close()
+        await srv.stop()
