@@ -19,7 +19,10 @@ from tailnet.pg import PgCoordinator, PgCoordinatorConfig
 from .cases import CASES, Backend, CoordLike, Net
 from .pgserver import create_database, drop_database, shared_server
 
-FAST = PgCoordinatorConfig(heartbeat_interval=0.5, retry_max=0.5, listen_probe_interval=2.0)
+# No case depends on replica death, so the expiry is long (10 s): a replica stalled on a
+# loaded machine must not flap its peers LOST/NODE (cases assert exact sequences).
+FAST = PgCoordinatorConfig(heartbeat_interval=0.5, missed_heartbeats=20, retry_max=0.5,
+                           listen_probe_interval=2.0)
 
 
 class MemoryBackend:

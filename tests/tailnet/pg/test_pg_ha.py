@@ -34,7 +34,10 @@ from ..pgserver import PgServer, pg_dsn, pg_server  # noqa: F401  (fixtures)
 
 PU = pb.CoordinateResponse.PeerUpdate
 Req = pb.CoordinateRequest
-FAST = PgCoordinatorConfig(heartbeat_interval=0.3, retry_max=0.3, listen_probe_interval=1.0)
+# Expiry 1.8 s: a replica stalled for a moment on a loaded machine must not read as
+# dead (a spurious LOST/NODE flap would break the exact sequences asserted below).
+FAST = PgCoordinatorConfig(heartbeat_interval=0.3, missed_heartbeats=6, retry_max=0.3,
+                           listen_probe_interval=1.0)
 HERE = Path(__file__).resolve().parent
 Replicas = Callable[..., Awaitable[PgCoordinator]]
 
@@ -131,8 +134,10 @@ async def test_sigkilled_replica_lost_then_node(pg_dsn: str, replicas: Replicas)
 
 
 async def test_postgres_restart_is_survived(pg_server: PgServer, replicas: Replicas) -> None:
-    # Default 2 s heartbeats: a short outage must not fence the replicas.
-    cfg = PgCoordinatorConfig(retry_max=0.3, listen_probe_interval=1.0)
+    # Slow heartbeats and a long expiry: the outage (however slow the restart is on a
+    # loaded machine) must neither fence the replicas nor make either read as dead.
+    cfg = PgCoordinatorConfig(heartbeat_interval=5.0, missed_heartbeats=12, retry_max=0.3,
+                              listen_probe_interval=1.0)
     a = await replicas(cfg)
     b = await replicas(cfg)
     agent, asink = join(a, node(1))
@@ -154,7 +159,10 @@ async def test_postgres_restart_is_survived(pg_server: PgServer, replicas: Repli
 
 
 async def test_unhealthy_after_failed_heartbeats(pg_server: PgServer, replicas: Replicas) -> None:
-    a = await replicas(PgCoordinatorConfig(heartbeat_interval=0.2, retry_max=0.3))
+    # Fencing counts failed writes (fast while the server is down), not the expiry:
+    # a long expiry keeps a's peers alive to b even if a's heartbeats lag after recovery.
+    a = await replicas(PgCoordinatorConfig(heartbeat_interval=0.2, missed_heartbeats=50,
+                                           retry_max=0.3))
     _, sink = join(a, node(1))
     try:
         pg_server.stop()
