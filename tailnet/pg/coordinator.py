@@ -217,8 +217,11 @@ class PgCoordinator:
         if self._started:
             return
         cfg = self.config
+        # command_timeout bounds every statement (writer, querier, liveness): a
+        # half-open connection raises after query_timeout instead of hanging a task.
         self._pool = await asyncpg.create_pool(
-            self.dsn, min_size=1, max_size=cfg.pool_size, timeout=cfg.query_timeout
+            self.dsn, min_size=1, max_size=cfg.pool_size, timeout=cfg.query_timeout,
+            command_timeout=cfg.query_timeout,
         )
         try:
             async with self._pool.acquire() as conn:
@@ -424,7 +427,7 @@ class PgCoordinator:
     async def cleanup_now(self) -> tuple[int, int, int]:
         """Run the retention cleanup once; returns (coordinators, peers, tunnels) deleted."""
         assert self._store is not None
-        return await self._store.cleanup(self.config.retention)
+        return await self._store.cleanup(self.config.retention, self.config.query_timeout)
 
     # ------------------------------------------------------------------ writer
 
@@ -702,7 +705,8 @@ class PgCoordinator:
         while True:
             await asyncio.sleep(self.config.cleanup_interval)  # periodic timer
             try:
-                counts = await self._store.cleanup(self.config.retention)
+                counts = await self._store.cleanup(self.config.retention,
+                                                   self.config.query_timeout)
                 if any(counts):
                     _log.info("cleanup deleted %d coordinators, %d peers, %d tunnels", *counts)
             except asyncio.CancelledError:

@@ -326,23 +326,26 @@ class Store:
         rows = await self.pool.fetch(_ALIVE, self.expiry)
         return {r[0] for r in rows}
 
-    async def cleanup(self, retention: float) -> tuple[int, int, int]:
+    async def cleanup(self, retention: float, timeout: float | None = None) -> tuple[int, int, int]:
         """Delete dead replicas, old lost peers and orphaned old tunnels (pgcoord §7.5).
 
         Returns the numbers of (coordinators, peers, tunnels) deleted; cascades
-        from deleted coordinators are not counted separately.
+        from deleted coordinators are not counted separately. ``timeout`` bounds
+        the pool acquire and each statement (a hung server must not hang the caller).
         """
-        async with self.pool.acquire() as conn:
+        async with self.pool.acquire(timeout=timeout) as conn:
             c = await conn.execute(
                 "DELETE FROM tailnet_coordinators "
                 "WHERE heartbeat_at < now() - make_interval(secs => $1) AND id <> $2",
                 retention,
                 self.coordinator_id,
+                timeout=timeout,
             )
             p = await conn.execute(
                 "DELETE FROM tailnet_peers WHERE status = 'lost' "
                 "AND updated_at < now() - make_interval(secs => $1)",
                 retention,
+                timeout=timeout,
             )
             t = await conn.execute(
                 "DELETE FROM tailnet_tunnels t "
@@ -350,6 +353,7 @@ class Store:
                 "  SELECT 1 FROM tailnet_peers p "
                 "  WHERE p.id = t.src_id AND p.coordinator_id = t.coordinator_id)",
                 retention,
+                timeout=timeout,
             )
         return _count(c), _count(p), _count(t)
 
