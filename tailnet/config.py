@@ -159,6 +159,13 @@ class StackConfig:
                 "derp_admission 'known' needs the in-memory coordinator: a replica of the "
                 "PostgreSQL coordinator only sees its own peers"
             )
+        # A zero poll interval would spin the DERP-config poller on the event loop.
+        for name in ("derp_map_poll", "health_timeout"):
+            seconds = getattr(self, name)
+            if not seconds > 0:
+                raise ConfigError(f"{name} must be a positive number of seconds, got {seconds!r}")
+        if not self.health_cache >= 0:
+            raise ConfigError(f"health_cache must not be negative, got {self.health_cache!r}")
         if self.access_url and not self.access_url.startswith(("http://", "https://")):
             raise ConfigError(f"access_url must start with http:// or https://: {self.access_url!r}")
 

@@ -185,6 +185,10 @@ def test_config_precedence_flags_env_toml(tmp_path: Path) -> None:
         ([], {"TAILNET_DERP_FORCE_WEBSOCKETS": "maybe"}, "TAILNET_DERP_FORCE_WEBSOCKETS"),
         (["--access-url", "ftp://x"], {}, "access_url"),
         (["--config", "/nonexistent/x.toml"], {}, "cannot read"),
+        (["--derp-map-poll", "0"], {}, "derp_map_poll must be a positive"),
+        ([], {"TAILNET_HEALTH_TIMEOUT": "-1"}, "health_timeout must be a positive"),
+        (["--health-timeout", "nan"], {}, "health_timeout must be a positive"),
+        (["--health-cache", "-5"], {}, "health_cache must not be negative"),
     ],
 )
 def test_config_errors(argv: list[str], env: dict[str, str], match: str) -> None:
