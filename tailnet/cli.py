@@ -4,12 +4,17 @@
 SIGINT/SIGTERM (clean shutdown, exit 0). It prints, on stdout::
 
     tailnet-core is running
-      API:        http://127.0.0.1:3000
-      DERP relay: http://127.0.0.1:3000/derp  (region 999)
-      gRPC:       127.0.0.1:3001
-      STUN:       udp 127.0.0.1:3478
-      data dir:   /home/me/.local/state/tailnet-core
-      admin token: <token>        (first start only; afterwards "in <data dir>/tokens.json")
+      API:         http://127.0.0.1:3000
+      DERP relay:  http://127.0.0.1:3000/derp  (region 999)
+      gRPC:        127.0.0.1:3001
+      STUN:        udp port 3478
+      data dir:    /home/me/.local/state/tailnet-core
+      admin token: <token>
+      (created on first start; keep it secret)
+      try:         curl -H 'Coder-Session-Token: <admin token>' http://127.0.0.1:3000/api/v2/debug/health
+
+On later starts the token line reads ``admin token: in <data dir>/tokens.json``;
+with ``--stun-addr off`` / ``--grpc-addr off`` those lines read ``off``.
 
 The serve process tunes CPython's cyclic GC before serving
 (:func:`tailnet.tuning.tune_gc`: ``gc.freeze()`` of the startup heap and
@@ -128,7 +133,7 @@ def _print_banner(stack: TailnetStack, config: StackConfig, first_admin: str | N
     elif config.data_dir is not None:
         lines.append(f"  admin token: in {config.data_dir / TOKENS_FILE}")
     lines.append(
-        f"  try:        curl -H 'Coder-Session-Token: <admin token>' {stack.access_url}/api/v2/debug/health"
+        f"  try:         curl -H 'Coder-Session-Token: <admin token>' {stack.access_url}/api/v2/debug/health"
     )
     print("\n".join(lines), flush=True)
 
