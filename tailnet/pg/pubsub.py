@@ -87,8 +87,11 @@ class Listener:
         except Exception:
             _log.exception("notification handler failed for channel %s", channel)
 
-    def _terminated(self, _conn: Any) -> None:
-        self._lost.set()
+    def _terminated(self, conn: Any) -> None:
+        # Only the current connection counts: a late callback from one already
+        # replaced must not make the fresh connection look lost.
+        if conn is self._conn:
+            self._lost.set()
 
     async def _connect(self) -> None:
         conn = await asyncpg.connect(self._dsn, timeout=self._connect_timeout)
@@ -137,6 +140,8 @@ class Listener:
                     _log.info("LISTEN reconnect failed (%r); retrying in %.2fs", exc, delay)
                     await asyncio.sleep(delay)  # backoff between reconnect attempts
                     delay = min(delay * 2, self._backoff_max)
+            if self._stopped:
+                return
             self.reconnects += 1
             _log.info("LISTEN connection re-established")
             try:

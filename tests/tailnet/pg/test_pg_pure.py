@@ -166,3 +166,15 @@ def test_overwrite_closes_old_and_close_all_reports_lost() -> None:
     assert s3.summary()[-2][1:] == ("LOST", "coordinator close")
     assert s2.close_error == s3.close_error == "coordinator closed"
     assert lp.conns == {} and lp.told == {}
+
+
+def test_listener_ignores_termination_of_a_replaced_connection() -> None:
+    from tailnet.pg.pubsub import Listener
+
+    lst = Listener("postgresql://unused", ["ch"], lambda c, p: None, lambda: None)
+    old, current = object(), object()
+    lst._conn = current
+    lst._terminated(old)  # late callback from the connection replaced on reconnect
+    assert not lst._lost.is_set()
+    lst._terminated(current)
+    assert lst._lost.is_set()
