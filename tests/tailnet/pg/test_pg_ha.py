@@ -317,3 +317,18 @@ async def test_cleanup_dead_replicas_lost_peers(pg_dsn: str, replicas: Replicas)
         await until(gone, "cleanup")
     finally:
         await conn.close()
+
+
+async def test_refused_send_is_retried_by_the_dirty_resync(replicas: Replicas) -> None:
+    a = await replicas()
+    b = await replicas()
+    agent, asink = join(a, node(1))
+    client = uuid.uuid4()
+    csink = RecSink(capacity=0)  # a slow consumer: every send is refused for now
+    b.connect(client, "slow", csink)
+    b.handle(client, csink, upd(node(2)))
+    b.handle(client, csink, add(agent))
+    await until(lambda: b._local.refused_sends >= 1, "a refused send")
+    csink.capacity = None  # the consumer catches up: the next heartbeat resyncs it
+    await csink.wait_node(agent, 1)
+    assert not csink.closed  # slow consumers are not kicked (pgcoord)
