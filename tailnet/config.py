@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
@@ -260,8 +260,3 @@ def _addr_or_off(value: Any) -> str | None:
         return None
     text = str(value).strip()
     return None if text.lower() in ("", "off", "none") else text
-
-
-def option_names() -> Sequence[str]:
-    """Names of all options (for docs/tests)."""
-    return [opt.name for opt in OPTIONS]
