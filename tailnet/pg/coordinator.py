@@ -85,7 +85,15 @@ from tailnet.core import (
     validate_request,
 )
 from tailnet.errors import CoordinatorClosed
-from tailnet.pg.mapper import UNTUNNELED, Binding, LocalConn, LocalPeers, Trigger, best_binding
+from tailnet.pg.mapper import (
+    UNTUNNELED,
+    Binding,
+    LocalConn,
+    LocalPeers,
+    Trigger,
+    best_binding,
+    close_sink,
+)
 from tailnet.pg.payload import (
     CHAN_HEARTBEAT,
     CHAN_PEER,
@@ -334,7 +342,7 @@ class PgCoordinator:
         if req.HasField("disconnect"):
             self._local.remove(conn)
             self._enqueue(DisconnectOp(peer_id))
-            _close_sink(sink, None)
+            close_sink(sink, None)
             return
         if len(req.ready_for_handshake):
             targets = tuple(uuid.UUID(bytes=e.id) for e in req.ready_for_handshake)
@@ -348,7 +356,7 @@ class PgCoordinator:
         self._local.remove(conn)
         if not self._closed:
             self._enqueue(LostOp(peer_id))
-        _close_sink(sink, error)
+        close_sink(sink, error)
 
     def close(self) -> None:
         """Close every local connection ("coordinator closed"; local tunnel peers see LOST
@@ -713,13 +721,6 @@ class PgCoordinator:
                 raise
             except Exception as exc:
                 _log.warning("cleanup failed: %r", exc)
-
-
-def _close_sink(sink: PeerSink, error: str | None) -> None:
-    try:
-        sink.close(error)
-    except Exception:
-        _log.exception("PeerSink.close raised; ignored")
 
 
 _CONFIG_FIELDS = frozenset(f.name for f in fields(PgCoordinatorConfig))

@@ -70,6 +70,7 @@ __all__ = [
     "GONE",
     "LocalConn",
     "LocalPeers",
+    "close_sink",
 ]
 
 _log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ class LocalPeers:
         self.conns[peer_id] = conn
         if old is not None:
             _log.info("peer %s (%s): ID overwritten by new connection", peer_id, name)
-            _safe_close(old.sink, CLOSE_ERR_OVERWRITTEN)
+            close_sink(old.sink, CLOSE_ERR_OVERWRITTEN)
         return conn
 
     def current(self, peer_id: uuid.UUID, sink: PeerSink) -> LocalConn | None:
@@ -370,11 +371,12 @@ class LocalPeers:
         for c in conns:
             self.remove(c)
         for c in conns:
-            _safe_close(c.sink, error)
+            close_sink(c.sink, error)
         return conns
 
 
-def _safe_close(sink: PeerSink, error: str | None) -> None:
+def close_sink(sink: PeerSink, error: str | None) -> None:
+    """``sink.close(error)``; an exception from the sink is logged, never propagated."""
     try:
         sink.close(error)
     except Exception:
