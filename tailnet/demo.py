@@ -4,7 +4,7 @@ Flow (:func:`run_demo`)::
 
     agent  ── AgentConnection(gRPC, agent token, node{key, home region}) ──┐
     client ── ClientConnection(gRPC, user token, agent_id, node) ─────────┤ coordinator
-       client: AddTunnel(agent) → NODE(agent) → READY_FOR_HANDSHAKE(agent) ┘
+       client: AddTunnel(agent) → NODE(agent), READY_FOR_HANDSHAKE(agent) ┘
        agent:  NODE(client)  (and acks it with ready_for_handshake)
     both learn the other's node key ("np" ‖ 32 bytes) and home DERP region
     both dial the home region's DERP node (from the DERP map the coordinator streams)
@@ -142,11 +142,18 @@ async def run_demo(
         log(f"agent  {agent_id} connected to the coordinator, node key {agent_key.public.short()}")
         log(f"client {client_peer} connected, tunnel to the agent requested")
 
-        # Client: the agent's NODE, then READY_FOR_HANDSHAKE; agent: the client's NODE.
-        ev = await _wait_for(
-            client, lambda e: isinstance(e, PeerUpdated) and e.peer_id == agent_id,
-            timeout, "the agent's NODE",
-        )
+        # Client: the agent's NODE and READY_FOR_HANDSHAKE (in either order: the HA
+        # coordinator delivers READY_FOR_HANDSHAKE directly but NODEs after a query);
+        # agent: the client's NODE.
+        rfh_seen = False
+
+        def agent_node_or_rfh(e: object) -> bool:
+            nonlocal rfh_seen
+            if isinstance(e, ReadyForHandshake) and e.peer_id == agent_id:
+                rfh_seen = True
+            return isinstance(e, PeerUpdated) and e.peer_id == agent_id
+
+        ev = await _wait_for(client, agent_node_or_rfh, timeout, "the agent's NODE")
         assert isinstance(ev, PeerUpdated)
         agent_seen = ev.node
         ev2 = await _wait_for(
@@ -155,10 +162,11 @@ async def run_demo(
         )
         assert isinstance(ev2, PeerUpdated)
         client_seen = ev2.node
-        await _wait_for(
-            client, lambda e: isinstance(e, ReadyForHandshake) and e.peer_id == agent_id,
-            timeout, "READY_FOR_HANDSHAKE from the agent",
-        )
+        if not rfh_seen:
+            await _wait_for(
+                client, lambda e: isinstance(e, ReadyForHandshake) and e.peer_id == agent_id,
+                timeout, "READY_FOR_HANDSHAKE from the agent",
+            )
         learned_agent_key = _node_key(agent_seen)
         learned_client_key = _node_key(client_seen)
         if learned_agent_key != agent_key.public or learned_client_key != client_key.public:

@@ -119,3 +119,28 @@ async def test_embedded_demo() -> None:
     assert result.tampered_rejected and len(result.rtts) == 2
     assert result.derp_url.endswith("/derp")
     assert lines[0].startswith("started an embedded stack")
+
+
+from .pgserver import pg_dsn, pg_server  # noqa: E402,F401  (fixtures; skip without PostgreSQL)
+
+
+async def test_demo_over_the_ha_coordinator(pg_dsn: str) -> None:  # noqa: F811
+    # READY_FOR_HANDSHAKE may overtake the agent's NODE here (it is delivered directly,
+    # NODEs after a query): the demo must accept either order.
+    s = TailnetStack(StackConfig(http_addr="127.0.0.1:0", grpc_addr="127.0.0.1:0",
+                                 stun_addr=None, postgres_url=pg_dsn))
+    await s.start()
+    try:
+        uid, user_token = s.create_user()
+        agent = s.create_agent(owner_id=uid)
+        assert s.grpc_target is not None
+        result = await asyncio.wait_for(
+            run_demo(grpc_target=s.grpc_target, agent_id=agent.agent_id,
+                     agent_token=agent.token, client_token=user_token, packets=2,
+                     timeout=T, log=lambda _: None),
+            T * 4,
+        )
+        assert result.ready_for_handshake and result.tampered_rejected
+        assert len(result.rtts) == 2
+    finally:
+        await s.stop()
