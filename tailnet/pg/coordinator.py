@@ -55,7 +55,10 @@ Differences from the in-memory coordinator (deliberate, as pgcoord):
   ready-for-handshake is only logged.
 * Delivery is asynchronous and coalescing (see above).
 * Graceful :meth:`close` marks this replica's peers ``lost`` (reason
-  "coordinator close" for remote tunnel peers); it does not delete rows.
+  "coordinator close" for remote tunnel peers); it does not delete rows. A
+  remote replica that resynchronises between that commit and the close
+  notification reads a plain ``lost`` row and says LOST "lost" instead (rows
+  do not record why they were lost; the kind is the same).
 
 Writes are retried with backoff until they succeed (the ops queue holds the
 pending requests, coalesced), so a PostgreSQL restart delays but does not drop
