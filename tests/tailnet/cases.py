@@ -346,9 +346,13 @@ async def case_ready_for_handshake(net: Net) -> None:
     client.add(agent)
     await agent.sink.wait_node(client.id, 2)
     agent.rfh(client)
-    await client.sink.wait_kind(agent.id, PU.READY_FOR_HANDSHAKE)
-    u = client.sink.last_about(agent.id)
-    assert u is not None and not u.HasField("node")
+    # Across replicas the RFH may overtake the agent's NODE (clients remember an RFH
+    # until the node arrives), so look for it anywhere in what the client received.
+    def rfhs() -> list[PU]:
+        return [u for u in client.sink.about(agent.id) if u.kind == PU.READY_FOR_HANDSHAKE]
+
+    await client.sink.wait_for(lambda: bool(rfhs()), f"READY_FOR_HANDSHAKE about {agent.id}")
+    assert all(not u.HasField("node") for u in rfhs())
 
 
 async def case_ready_for_handshake_without_tunnel(net: Net) -> None:
