@@ -38,8 +38,10 @@ What is sent to whom (spec coordinator.md §2.4)
 * X Disconnect: DISCONNECTED "graceful disconnect" to tunnel peers, X removed,
   X's src-tunnels deleted, X's sink closed without error.
 * lost(X): same with LOST "lost"; the error (if any) is passed to ``sink.close``.
-* close(): every peer removed as LOST "coordinator close"; sinks closed with
-  "coordinator closed"; later :meth:`Coordinator.connect` raises CoordinatorClosed.
+* close(): first every connected peer hears LOST "coordinator close" about each
+  announced tunnel peer (both ends of every tunnel), then every peer is removed;
+  sinks closed with "coordinator closed"; later :meth:`Coordinator.connect` raises
+  CoordinatorClosed.
 * ReadyForHandshake(S) from X: if X and S share no tunnel → non-fatal
   ``error='ready for handshake error: you do not share a tunnel with "<S>"'`` to X;
   else if S is connected → S gets PeerUpdate{id=X, kind=READY_FOR_HANDSHAKE}
@@ -410,7 +412,18 @@ class Coordinator:
         try:
             if not self._closed:
                 self._closed = True
-                for p in list(self._peers.values()):
+                peers = list(self._peers.values())
+                # Both ends of every tunnel hear LOST about the other before anyone is
+                # removed (removing one by one would only tell the peers removed later).
+                for p in peers:
+                    resp: pb.CoordinateResponse | None = None
+                    for other in self._connected_tunnel_peers(p.id):
+                        if p.id not in other.sent:
+                            continue
+                        if resp is None:
+                            resp = self._gone_resp(p.id_bytes, _LOST, REASON_COORDINATOR_CLOSE)
+                        self._send_gone(other, p.id, resp)
+                for p in peers:
                     if self._peers.get(p.id) is p:
                         self._remove(
                             p, _LOST, REASON_COORDINATOR_CLOSE, CLOSE_ERR_COORDINATOR_CLOSE

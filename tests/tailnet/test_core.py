@@ -529,8 +529,10 @@ def test_close_marks_everyone_lost(net: Net) -> None:
     net.c.close()
     for s in (agent, client):
         assert s.closed and s.close_error == CLOSE_ERR_COORDINATOR_CLOSE
-    kinds = agent.summary() + client.summary()
-    assert len(kinds) == 1 and kinds[0][1:] == ("LOST", "coordinator close")
+    # Both ends of the tunnel hear LOST about the other, exactly once.
+    for s, other in ((agent, "client"), (client, "agent")):
+        kinds = s.summary()
+        assert kinds == [(net.ids[other], "LOST", "coordinator close")], kinds
     assert net.c.peers() == [] and net.c.closed
     with pytest.raises(CoordinatorClosed):
         net.join("late")

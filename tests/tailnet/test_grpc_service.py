@@ -516,9 +516,9 @@ async def test_graceful_shutdown_marks_peers_lost(stack: Stack) -> None:
     derp_call = stack.stub.StreamDERPMaps(pb.StreamDERPMapsRequest(), metadata=md_for("user-token"))
     await asyncio.wait_for(derp_call.read(), T)
     await asyncio.wait_for(stack.server.stop(5.0), T)
-    # Peers are removed one by one (Coder's order): the agent (connected first)
-    # goes first, so the client hears LOST about it; both streams end cleanly.
+    # Both ends hear LOST about the other before their streams end cleanly.
     await client.expect_update(Kind.LOST, AGENT, "coordinator close")
+    await agent.expect_update(Kind.LOST, cid, "coordinator close")
     error, code, _ = await client.expect_error_end()
     assert error == "coordinator closed" and code == SC.OK
     assert (await agent.expect_error_end())[:2] == ("coordinator closed", SC.OK)
