@@ -164,22 +164,25 @@ def start_ceiling() -> ServerProcess:
     return ServerProcess("ceiling-relay", [sys.executable, str(HERE / "ceiling_relay.py")])
 
 
-def serve_derp(profile: str | None) -> None:
-    """Run the DERP server on uvloop at 127.0.0.1:0 until SIGTERM (the process under test)."""
+def serve_until_signal(config: Any, port: int = 0, profile: str | None = None) -> None:
+    """Run ``DerpServer(config)`` on uvloop at 127.0.0.1:``port`` until SIGTERM/SIGINT.
+
+    Prints ``PORT n`` once listening (the runner reads it). The body of every
+    server process the DERP benches start; ``profile`` writes cProfile stats.
+    """
     import cProfile
 
     import uvloop
 
-    from derp.keys import PrivateKey
-    from derp.server import DerpServer, ServerConfig
+    from derp.server import DerpServer
 
     raise_nofile_limit()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     prof = cProfile.Profile() if profile else None
 
     async def run() -> None:
-        srv = DerpServer(ServerConfig(private_key=PrivateKey.generate()))
-        await srv.start("127.0.0.1", 0)
+        srv = DerpServer(config)
+        await srv.start("127.0.0.1", port)
         print(f"PORT {srv.port}", flush=True)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -195,6 +198,14 @@ def serve_derp(profile: str | None) -> None:
     uvloop.run(run())
     if prof is not None and profile:
         prof.dump_stats(profile)
+
+
+def serve_derp(profile: str | None) -> None:
+    """Run the DERP server on uvloop at 127.0.0.1:0 until SIGTERM (the process under test)."""
+    from derp.keys import PrivateKey
+    from derp.server import ServerConfig
+
+    serve_until_signal(ServerConfig(private_key=PrivateKey.generate()), profile=profile)
 
 
 # --------------------------------------------------------------------------- cases

@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
-import signal
 import socket
 import statistics
 import sys
@@ -41,8 +39,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import derp_loadgen  # noqa: E402
-from derp_bench import ServerProcess, host_cpu, parse_case  # noqa: E402
-from derp_loadgen import LoadSpec, Target, raise_nofile_limit, run_load  # noqa: E402
+from derp_bench import ServerProcess, host_cpu, parse_case, serve_until_signal  # noqa: E402
+from derp_loadgen import LoadSpec, Target, run_load  # noqa: E402
 
 MESH_KEY = bytes(range(32))
 CASES = ["closed-1x1400", "closed-8x1400", "open-8x1400"]
@@ -53,35 +51,18 @@ CASES = ["closed-1x1400", "closed-8x1400", "open-8x1400"]
 
 def serve_node(port: int, peer_port: int | None) -> None:
     """Run one relay (meshing with ``peer_port`` if given) until SIGTERM."""
-    import uvloop
-
     from derp.keys import PrivateKey
     from derp.mesh import parse_mesh_peer
-    from derp.server import DerpServer, ServerConfig
+    from derp.server import ServerConfig
 
-    raise_nofile_limit()
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-
-    async def run() -> None:
-        peers = () if peer_port is None else (parse_mesh_peer(f"http://127.0.0.1:{peer_port}"),)
-        srv = DerpServer(
-            ServerConfig(
-                private_key=PrivateKey.generate(),
-                mesh_key=MESH_KEY,
-                mesh_with=peers,
-                mesh_retry_interval=0.2,
-            )
-        )
-        await srv.start("127.0.0.1", port)
-        print(f"PORT {srv.port}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await srv.stop()
-
-    uvloop.run(run())
+    peers = () if peer_port is None else (parse_mesh_peer(f"http://127.0.0.1:{peer_port}"),)
+    config = ServerConfig(
+        private_key=PrivateKey.generate(),
+        mesh_key=MESH_KEY,
+        mesh_with=peers,
+        mesh_retry_interval=0.2,
+    )
+    serve_until_signal(config, port)
 
 
 def _free_ports(n: int) -> list[int]:

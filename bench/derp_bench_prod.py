@@ -36,8 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
-import signal
 import ssl
 import statistics
 import sys
@@ -50,7 +48,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import derp_loadgen  # noqa: E402
-from derp_bench import ServerProcess, run_throughput  # noqa: E402
+from derp_bench import ServerProcess, run_throughput, serve_until_signal  # noqa: E402
 from derp_loadgen import Clock, GenConn, Target, raise_nofile_limit  # noqa: E402
 
 from derp import frames  # noqa: E402
@@ -135,32 +133,16 @@ def start_server(tls: bool) -> ServerProcess:
 
 
 def serve(mode: str) -> None:
-    """Run the server on uvloop at 127.0.0.1:0 until SIGTERM."""
-    import uvloop
-
-    from derp.server import DerpServer, ServerConfig
+    """Run the server (TLS with a self-signed IP certificate for ``tls``) until SIGTERM."""
+    from derp.server import ServerConfig
     from derp.tls import load_manual_cert, server_ssl_context
 
-    raise_nofile_limit()
-    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     key = PrivateKey.generate()
     ctx = None
     if mode == "tls":
         mc = load_manual_cert(tempfile.mkdtemp(prefix="derp-bench-"), "127.0.0.1")
         ctx = server_ssl_context(mc.cert_file, mc.key_file, key.public)
-
-    async def run() -> None:
-        srv = DerpServer(ServerConfig(private_key=key, ssl_context=ctx))
-        await srv.start("127.0.0.1", 0)
-        print(f"PORT {srv.port}", flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        await stop.wait()
-        await srv.stop()
-
-    uvloop.run(run())
+    serve_until_signal(ServerConfig(private_key=key, ssl_context=ctx))
 
 
 def run_variant(variant: str, cases: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
