@@ -20,9 +20,15 @@ Rules, both sides:
 * permessage-deflate is never negotiated (WireGuard data is incompressible);
 * a text message closes the connection with 1003 (unsupported data);
 * close codes 1000/1001 (or any close frame) are end of stream for DERP;
-* a message larger than :data:`MAX_MESSAGE_SIZE` (256 KiB + 64: a ClientInfo
-  of the maximal size, or several 64 KiB packets in one flush) closes with
-  1009; malformed framing closes with 1002; the reason is logged at INFO;
+* outgoing bytes are split into messages of at most :data:`MAX_SEND_MESSAGE`
+  (32 KiB): Go's WebSocket library (what Tailscale's client and Coder use)
+  accepts at most 32,768 bytes per message by default and closes a larger one
+  with 1009; DERP over WebSocket is a byte stream, so the cut may fall
+  anywhere, even inside a frame;
+* an incoming message larger than :data:`MAX_MESSAGE_SIZE` (256 KiB + 64: a
+  ClientInfo of the maximal size, or several 64 KiB packets in one flush)
+  closes with 1009; malformed framing closes with 1002; the reason (and the
+  close code and reason the peer sent) is logged at INFO;
 * flow control is the TCP transport's: ``pause_writing``/``resume_writing``
   pass through to the DERP protocol, ``pause_reading`` etc. pass down.
 
@@ -53,6 +59,7 @@ from .frames import HEADER_LEN, MAX_CLIENT_INFO_LEN
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
+    "MAX_SEND_MESSAGE",
     "SUBPROTOCOL",
     "WsPipe",
     "WsTransport",
@@ -68,6 +75,8 @@ _ws_log.setLevel(logging.WARNING)
 SUBPROTOCOL: Final = Subprotocol("derp")
 #: Largest WebSocket message accepted (either side).
 MAX_MESSAGE_SIZE: Final = MAX_CLIENT_INFO_LEN + HEADER_LEN + 59
+#: Largest WebSocket message sent (either side): Go's default read limit.
+MAX_SEND_MESSAGE: Final = 32 * 1024
 
 _BINARY, _CONT, _TEXT, _CLOSE = Opcode.BINARY, Opcode.CONT, Opcode.TEXT, Opcode.CLOSE
 
@@ -166,7 +175,9 @@ class WsPipe(asyncio.Protocol):
     # ---------------------------------------------------------------- outgoing
 
     def send_binary(self, data: bytes | bytearray | memoryview) -> None:
-        """Send one binary message; dropped once the WebSocket is no longer OPEN.
+        """Send ``data`` as binary messages of at most :data:`MAX_SEND_MESSAGE` bytes.
+
+        Dropped once the WebSocket is no longer OPEN.
 
         The peer's close frame (or EOF, or a protocol error) leaves the
         websockets state CLOSING/CLOSED before the DERP side learns of it, and
@@ -176,7 +187,13 @@ class WsPipe(asyncio.Protocol):
         ws = self.ws
         if self.closing or ws.state is not OPEN:
             return
-        ws.send_binary(data)
+        n = len(data)
+        if n <= MAX_SEND_MESSAGE:
+            ws.send_binary(data)
+        else:
+            view = memoryview(data)
+            for i in range(0, n, MAX_SEND_MESSAGE):
+                ws.send_binary(view[i : i + MAX_SEND_MESSAGE])
         self._flush()
 
     def close(self, code: int, reason: str = "") -> None:
@@ -226,7 +243,7 @@ class WsPipe(asyncio.Protocol):
                     reason = "text message on a DERP WebSocket"
                     ws.fail(CloseCode.UNSUPPORTED_DATA, "DERP needs binary messages")
             elif op is _CLOSE:
-                reason = reason or f"closed by peer (code {ws.close_code})"
+                reason = reason or f"closed by peer ({_describe_close(ws)})"
         exc = getattr(ws, "parser_exc", None)
         if exc is not None and not reason:
             reason = f"WebSocket error: {exc}"
@@ -261,6 +278,21 @@ class WsPipe(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.inner is not None:
             self.inner.resume_writing()
+
+
+def _describe_close(ws: WsProtocol) -> str:
+    """The close frame the peer sent, as ``code N "reason"`` (``no code`` if empty).
+
+    ``ws.close_code`` is not set until the closing handshake completes, so it
+    reads ``None`` while the reply is still being sent: use the frame itself.
+    """
+    rcvd = ws.close_rcvd
+    if rcvd is None:
+        return "no close frame"
+    code = int(rcvd.code)
+    if code == CloseCode.NO_STATUS_RCVD:
+        return "no code"
+    return f"code {code} {rcvd.reason!r}" if rcvd.reason else f"code {code}"
 
 
 # --------------------------------------------------------------------------- server

@@ -47,9 +47,16 @@ class WsRaw:
         self.server_key = b""
 
     @classmethod
-    async def open(cls, port: int, key: PrivateKey | None = None, **kw: Any) -> WsRaw:
+    async def open(
+        cls, port: int, key: PrivateKey | None = None, max_size: int | None = None, **kw: Any
+    ) -> WsRaw:
         ws = await asyncio.wait_for(
-            connect(f"ws://127.0.0.1:{port}/derp", subprotocols=[Subprotocol("derp")], max_size=None, **kw),
+            connect(
+                f"ws://127.0.0.1:{port}/derp",
+                subprotocols=[Subprotocol("derp")],
+                max_size=max_size,
+                **kw,
+            ),
             WAIT,
         )
         return cls(ws, key or PrivateKey.generate())
@@ -152,6 +159,39 @@ async def test_ws_and_tcp_clients_talk_64k_both_ways(server: DerpServer) -> None
     assert server.stats.websocket_accepts == 1
 
 
+GO_READ_LIMIT = 32768  # nhooyr.io/websocket's default per-message read limit
+
+
+async def test_go_read_limit_client_survives_64k_packets_and_bursts(
+    server: DerpServer, wss: list[WsRaw]
+) -> None:
+    """A receiver that, like Go's WebSocket library, refuses messages over 32 KiB.
+
+    The relay coalesces everything for one destination that one read produced;
+    with 100 packets per sender message that is ~140 KiB, which must reach the
+    receiver as several messages, never one it would close with 1009.
+    """
+    rx = await WsRaw.open(server.port, max_size=GO_READ_LIMIT)
+    tx = await WsRaw.open(server.port)
+    wss += [rx, tx]
+    await rx.login()
+    await tx.login()
+    await wait_until(lambda: server.client_count == 2)
+    sent: list[bytes] = []
+    big = [os.urandom(64 * 1024) for _ in range(3)]
+    for p in big:
+        await tx.ws.send(encode_send_packet(rx.key.public.raw, p))
+    sent += big
+    for burst in range(4):
+        pkts = [bytes([burst, i % 256]) + os.urandom(1398) for i in range(100)]
+        await tx.ws.send(b"".join(encode_send_packet(rx.key.public.raw, p) for p in pkts))
+        sent += pkts
+    for want in sent:
+        p = await rx.recv_type(FrameType.RECV_PACKET)
+        assert p[:32] == tx.key.public.raw and p[32:] == want
+    assert rx.ws.state is OPEN and server.client_count == 2
+
+
 async def test_websocket_option_with_http_url(server: DerpServer) -> None:
     c = DerpClient(f"http://127.0.0.1:{server.port}", PrivateKey.generate(), websocket=True)
     async with c:
@@ -193,6 +233,18 @@ async def test_close_1000_is_eof(server: DerpServer, wss: list[WsRaw]) -> None:
     await wait_until(lambda: server.client_count == 1)
     await asyncio.wait_for(w.ws.close(1000), WAIT)
     await wait_until(lambda: server.client_count == 0)
+
+
+async def test_peer_close_code_and_reason_are_logged(
+    server: DerpServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    w = await WsRaw.open(server.port)
+    await w.login()
+    await wait_until(lambda: server.client_count == 1)
+    with caplog.at_level("INFO", logger="derp.websocket"):
+        await asyncio.wait_for(w.ws.close(1009, "read limited at 32769 bytes"), WAIT)
+        await wait_until(lambda: server.client_count == 0)
+    assert "closed by peer (code 1009 'read limited at 32769 bytes')" in caplog.text
 
 
 async def test_ping_pong_and_malformed_derp_frame_over_ws(
