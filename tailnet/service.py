@@ -1,6 +1,6 @@
 """Transport-independent Tailnet service: identity, coordination sessions and the other RPCs.
 
-A transport (gRPC: :mod:`tailnet.server.grpc`; WebSocket RPC: :mod:`tailnet.http.rpc`)
+A transport (gRPC: :mod:`tailnet.server.grpc`; Coder's yamux + DRPC: :mod:`tailnet.rpc`)
 does three things per call:
 
 1. ``call = await service.authenticate(metadata)`` — token → :class:`Principal`
@@ -299,8 +299,14 @@ class TailnetService:
         return self._closing.is_set()
 
     # -- identity -----------------------------------------------------------
-    async def authenticate(self, metadata: Mapping[str, str]) -> CallContext:
-        """Authenticate a call and negotiate its API version."""
+    async def authenticate(
+        self, metadata: Mapping[str, str], *, server_version: tuple[int, int] | None = None
+    ) -> CallContext:
+        """Authenticate a call and negotiate its API version.
+
+        ``server_version`` overrides the version checked against (the agent
+        endpoint speaks the Agent API's numbering, :data:`AGENT_API_VERSION`).
+        """
         token = token_from_metadata(metadata)
         if token is None:
             raise ServiceError(
@@ -316,7 +322,9 @@ class TailnetService:
         if principal is None:
             raise ServiceError(Status.UNAUTHENTICATED, "invalid or unknown session token")
         try:
-            version = check_version(metadata.get(MD_VERSION), self._server_version)
+            version = check_version(
+                metadata.get(MD_VERSION), server_version or self._server_version
+            )
         except InvalidVersion as exc:
             raise ServiceError(Status.INVALID_ARGUMENT, str(exc)) from None
         except UnsupportedVersion as exc:
@@ -554,6 +562,20 @@ class TailnetService:
                 f"no live Coordinate stream of yours has peer ID {peer_id}",
             )
         return self._resume.issue(peer_id)
+
+    def issue_resume_token(self, ident: StreamIdentity) -> pb.RefreshResumeTokenResponse:
+        """A token for the peer ID a connection was given at upgrade time.
+
+        Coder's transport fixes the peer ID per WebSocket connection (a fresh
+        UUID, or the one a presented resume token carried), so the token does
+        not depend on the Coordinate stream being open yet: Coder's client calls
+        RefreshResumeToken concurrently with Coordinate, possibly first.
+        """
+        if self._resume is None or ident.principal.kind == "agent":
+            raise ServiceError(
+                Status.UNIMPLEMENTED, "resume tokens not supported on this connection"
+            )
+        return self._resume.issue(ident.peer_id)
 
     # -- PostTelemetry --------------------------------------------------------
     async def post_telemetry(

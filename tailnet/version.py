@@ -28,6 +28,7 @@ __all__ = [
     "CURRENT_MINOR",
     "CURRENT_VERSION",
     "DEFAULT_CLIENT_VERSION",
+    "AGENT_API_VERSION",
     "VersionError",
     "InvalidVersion",
     "UnsupportedVersion",
@@ -39,6 +40,9 @@ __all__ = [
 CURRENT_MAJOR: Final = 2
 CURRENT_MINOR: Final = 3
 CURRENT_VERSION: Final[tuple[int, int]] = (CURRENT_MAJOR, CURRENT_MINOR)
+#: The Agent API version served on ``/api/v2/workspaceagents/me/rpc`` (Coder's
+#: agents dial 2.6; the Tailnet methods on that endpoint are unchanged since 2.3).
+AGENT_API_VERSION: Final[tuple[int, int]] = (2, 6)
 #: What a client that sends no version is assumed to speak.
 DEFAULT_CLIENT_VERSION: Final = "2.0"
 

@@ -4,7 +4,7 @@ Modules:
 
 * :mod:`tailnet.http.server`     h11 listener: routing to the app, DERP hand-over, WS upgrades
 * :mod:`tailnet.http.api`        the endpoints (auth, errors, DERP map WS, RPC WS, debug)
-* :mod:`tailnet.http.rpc`        Tailnet RPC streams over one WebSocket (:mod:`tailnet.wsrpc` framing)
+* RPC WebSockets (yamux + DRPC) are served by :mod:`tailnet.rpc.server`
 * :mod:`tailnet.http.websocket`  server WebSocket over an asyncio transport (``websockets`` sans-I/O)
 * :mod:`tailnet.http.request`    request object and credential extraction
 * :mod:`tailnet.http.errors`     Coder-style JSON errors

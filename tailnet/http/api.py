@@ -29,8 +29,15 @@ Checks, in order, for every endpoint but ``/healthz``:
 5. ``?resume_token=``: invalid → 401 with ``validations[0].field == "resume_token"``;
 6. non-WebSocket request to a WS endpoint → 426.
 
-RPC WebSockets carry :mod:`tailnet.wsrpc` frames; the 101 response includes
-``Tailnet-Peer-Id`` and ``Tailnet-Version``.
+RPC WebSockets speak Coder's transport: the binary messages are one byte stream
+carrying a yamux server session, each yamux stream one DRPC connection
+(:mod:`tailnet.rpc`). The client endpoints serve the Tailnet service
+(:attr:`TailnetApi.client_mux`); ``/me/rpc`` serves :attr:`TailnetApi.agent_mux`
+(the Tailnet service plus whatever the embedder registers, e.g. Coder's Agent
+service) and accepts the Agent API's versions (up to 2.6). The 101 response
+includes ``Tailnet-Peer-Id`` and ``Tailnet-Version`` (informational; Coder's
+clients ignore them). Client endpoints ping every 15 s; every endpoint runs
+yamux keepalive (30 s).
 """
 
 from __future__ import annotations
@@ -56,13 +63,14 @@ from tailnet.identity import (
     MD_VERSION,
     Principal,
 )
+from tailnet.rpc.mux import Mux
+from tailnet.rpc.server import DEFAULT_MAX_STREAMS, RpcServerConnection
+from tailnet.rpc.tailnet import TailnetContext, register_tailnet
 from tailnet.service import CallContext, ServiceError, Status, StreamIdentity, TailnetService
-from tailnet.version import format_version
-from tailnet.wsrpc import HEADER_PEER_ID, HEADER_VERSION
+from tailnet.version import AGENT_API_VERSION, format_version
 
 from .errors import HttpError, Validation
 from .request import Request, extract_token
-from .rpc import RpcSession
 from .server import Response, Upgrade
 from .websocket import CLOSE_GOING_AWAY, ServerWebSocket
 
@@ -74,6 +82,9 @@ log = logging.getLogger(__name__)
 AgentLookup = Callable[[Principal, uuid.UUID], Awaitable[bool]]
 
 _AGENTS: Final = "/api/v2/workspaceagents/"
+#: Informational headers on the 101 of RPC endpoints.
+HEADER_PEER_ID: Final = "Tailnet-Peer-Id"
+HEADER_VERSION: Final = "Tailnet-Version"
 
 
 @dataclass(slots=True)
@@ -84,6 +95,8 @@ class ApiOptions:
     disable_direct_connections: bool = False
     hostname_suffix: str = "coder"
     ping_interval: float = 15.0
+    max_rpc_streams: int = DEFAULT_MAX_STREAMS
+    """yamux streams one RPC WebSocket may have open at once."""
 
 
 def _json(status: int, doc: Any) -> Response:
@@ -108,6 +121,10 @@ class TailnetApi:
         self.health = health
         self.options = options or ApiOptions()
         self._closing = asyncio.Event()
+        self.client_mux = register_tailnet(Mux(), service)
+        """Methods served on the client endpoints (``/coordinate``, ``/api/v2/tailnet``)."""
+        self.agent_mux = register_tailnet(Mux(), service)
+        """Methods served on ``/api/v2/workspaceagents/me/rpc``; register more here."""
 
     def close(self) -> None:
         """Stop DERP-map streams (called at shutdown, before the server closes sockets)."""
@@ -166,7 +183,9 @@ class TailnetApi:
                 md[MD_RESUME_TOKEN] = resume
         return md
 
-    async def _call(self, req: Request, *, rpc: bool) -> CallContext:
+    async def _call(
+        self, req: Request, *, rpc: bool, server_version: tuple[int, int] | None = None
+    ) -> CallContext:
         md = self._metadata(req, rpc=rpc)
         if MD_SESSION_TOKEN not in md:
             raise HttpError(
@@ -176,7 +195,7 @@ class TailnetApi:
                 "or the coder_session_token cookie.",
             )
         try:
-            return await self.service.authenticate(md)
+            return await self.service.authenticate(md, server_version=server_version)
         except ServiceError as exc:
             if exc.status is Status.UNAUTHENTICATED:
                 raise HttpError(401, "Invalid or unknown session token.") from None
@@ -223,27 +242,38 @@ class TailnetApi:
                 raise HttpError(400, exc.message) from None
             raise HttpError(503, exc.message) from None
 
-    def _rpc_upgrade(self, call: CallContext, ident: StreamIdentity | None) -> Upgrade:
-        headers = [(HEADER_VERSION, format_version(call.version))]
-        if ident is not None:
-            headers.append((HEADER_PEER_ID, str(ident.peer_id)))
-        sessions: dict[ServerWebSocket, RpcSession] = {}
+    def _rpc_upgrade(
+        self, call: CallContext, ident: StreamIdentity, *, agent_api: bool = False
+    ) -> Upgrade:
+        headers = [
+            (HEADER_VERSION, format_version(call.version)),
+            (HEADER_PEER_ID, str(ident.peer_id)),
+        ]
+        conns: dict[ServerWebSocket, RpcServerConnection] = {}
+        mux = self.agent_mux if agent_api else self.client_mux
+        context = TailnetContext(call, ident, agent_api)
+        name = f"{ident.name} {ident.peer_id}"
 
         async def run(ws: ServerWebSocket) -> None:
-            sessions[ws] = RpcSession(ws, self.service, call, ident)
+            conn = RpcServerConnection(
+                ws, mux, context, max_streams=self.options.max_rpc_streams, name=name
+            )
+            conns[ws] = conn
             try:
-                await sessions[ws].run()
+                await conn.run()
             finally:
-                sessions.pop(ws, None)
+                conns.pop(ws, None)
 
         async def shutdown(ws: ServerWebSocket) -> None:
-            session = sessions.get(ws)
-            if session is not None:
-                await session.shutdown()
+            conn = conns.get(ws)
+            if conn is not None:
+                await conn.shutdown()
             else:
                 await ws.close(CLOSE_GOING_AWAY, "server shutting down")
 
-        return Upgrade(run, headers, self.options.ping_interval, shutdown)
+        # Coder pings the client endpoints every 15 s; /me/rpc relies on yamux pings.
+        ping = None if agent_api else self.options.ping_interval
+        return Upgrade(run, headers, ping, shutdown)
 
     # ------------------------------------------------------------------ RPC endpoints
 
@@ -273,11 +303,11 @@ class TailnetApi:
         return self._rpc_upgrade(call, ident)
 
     async def _agent_rpc(self, req: Request) -> Upgrade:
-        call = await self._call(req, rpc=True)
+        call = await self._call(req, rpc=True, server_version=AGENT_API_VERSION)
         if call.principal.kind != "agent":
             raise HttpError(403, "This endpoint requires a workspace agent token.")
         ident = await self._resolve(call)
-        return self._rpc_upgrade(call, ident)
+        return self._rpc_upgrade(call, ident, agent_api=True)
 
     # ------------------------------------------------------------------ DERP map
 

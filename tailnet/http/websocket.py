@@ -254,6 +254,22 @@ class ServerWebSocket(asyncio.Protocol):
         if not self._writable.is_set():
             await self._writable.wait()
 
+    def write(self, data: bytes) -> None:
+        """Queue one binary message without waiting; dropped once not open."""
+        if self.open:
+            self._proto.send_binary(data)
+            self._flush()
+
+    @property
+    def writable(self) -> bool:
+        """False while the transport's write buffer is above its high-water mark."""
+        return self._writable.is_set()
+
+    async def drain(self) -> None:
+        """Return once the write buffer is below its high-water mark or the socket is gone."""
+        if not self._writable.is_set():
+            await self._writable.wait()
+
     async def close(self, code: int = CLOSE_NORMAL, reason: str = "", timeout: float = 5.0) -> None:
         """Start the closing handshake and wait (≤ ``timeout``) until the TCP connection is gone."""
         if self._proto.state is State.OPEN:

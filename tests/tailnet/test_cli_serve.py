@@ -12,7 +12,7 @@ from pathlib import Path
 
 from tailnet.cli import main
 from tailnet.config import OPTIONS
-from tailnet.wsrpc import WsRpcClient
+from tailnet.rpc.tailnet_client import TailnetClient
 
 T = 20.0
 ROOT = Path(__file__).resolve().parents[2]
@@ -75,7 +75,7 @@ async def test_serve_sigterm_restart_and_token_create(tmp_path: Path) -> None:
         tokens = json.loads((tmp_path / "tokens.json").read_text())["tokens"]
         agent_tok = next(t for t in tokens if t["kind"] == "agent")
         ws = "ws" + api[len("http"):]
-        c = await WsRpcClient.connect(ws + "/api/v2/workspaceagents/me/rpc", agent_tok["token"])
+        c = await TailnetClient.connect(ws + "/api/v2/workspaceagents/me/rpc", agent_tok["token"])
         assert c.peer_id == agent_tok["id"]
         await c.close()
     finally:

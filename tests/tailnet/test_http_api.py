@@ -20,7 +20,8 @@ from websockets.exceptions import InvalidStatus
 from tailnet.config import StackConfig
 from tailnet.derpmap import derp_map_from_json, embedded_region, new_derp_map
 from tailnet.stack import TailnetStack
-from tailnet.wsrpc import HandshakeRejected, WsRpcClient
+from tailnet.rpc.tailnet_client import TailnetClient
+from tailnet.rpc.websocket import DialError
 
 T = 10.0  # generous per-step timeout
 
@@ -114,8 +115,8 @@ async def test_all_three_credential_forms_work(stack: TailnetStack) -> None:
 )
 async def test_websocket_endpoints_reject_bad_tokens(stack: TailnetStack, path: str) -> None:
     for token in (None, "wrong"):
-        with pytest.raises(HandshakeRejected) as info:
-            await WsRpcClient.connect(stack.ws_url + path, token)
+        with pytest.raises(DialError) as info:
+            await TailnetClient.connect(stack.ws_url + path, token)
         assert info.value.status == 401
         assert info.value.body["message"]
 
@@ -164,8 +165,8 @@ async def test_unknown_or_foreign_agent_is_404(stack: TailnetStack) -> None:
         )
         assert status == 404
         assert "not found" in err(body)["message"]
-        with pytest.raises(HandshakeRejected) as info:
-            await WsRpcClient.connect(
+        with pytest.raises(DialError) as info:
+            await TailnetClient.connect(
                 f"{stack.ws_url}/api/v2/workspaceagents/{agent_id}/coordinate?version=2.0", tok
             )
         assert info.value.status == 404
@@ -186,12 +187,12 @@ async def test_bad_versions_are_400_before_upgrade(stack: TailnetStack, version:
         f"/api/v2/workspaceagents/{agent.agent_id}/coordinate",
         "/api/v2/tailnet",
     ):
-        with pytest.raises(HandshakeRejected) as info:
-            await WsRpcClient.connect(f"{stack.ws_url}{path}?version={version}", stack.admin_token)
+        with pytest.raises(DialError) as info:
+            await TailnetClient.connect(f"{stack.ws_url}{path}?version={version}", stack.admin_token)
         assert info.value.status == 400
         assert info.value.validation_fields == ["version"]
-    with pytest.raises(HandshakeRejected) as info:
-        await WsRpcClient.connect(
+    with pytest.raises(DialError) as info:
+        await TailnetClient.connect(
             f"{stack.ws_url}/api/v2/workspaceagents/me/rpc?version={version}", agent.token
         )
     assert info.value.status == 400
@@ -203,8 +204,8 @@ async def test_invalid_resume_token_is_401_naming_resume_token(
 ) -> None:
     agent = stack.create_agent()
     for path in (f"/api/v2/workspaceagents/{agent.agent_id}/coordinate", "/api/v2/tailnet"):
-        with pytest.raises(HandshakeRejected) as info:
-            await WsRpcClient.connect(
+        with pytest.raises(DialError) as info:
+            await TailnetClient.connect(
                 f"{stack.ws_url}{path}?version=2.3&resume_token={token}", stack.admin_token
             )
         assert info.value.status == 401
@@ -216,14 +217,14 @@ async def test_role_checks_on_rpc_endpoints(stack: TailnetStack) -> None:
     uid, user_token = stack.create_user()
     agent = stack.create_agent(owner_id=uid)
     # users may not use the agent endpoint; agents may not use client endpoints
-    with pytest.raises(HandshakeRejected) as info:
-        await WsRpcClient.connect(f"{stack.ws_url}/api/v2/workspaceagents/me/rpc", user_token)
+    with pytest.raises(DialError) as info:
+        await TailnetClient.connect(f"{stack.ws_url}/api/v2/workspaceagents/me/rpc", user_token)
     assert info.value.status == 403
-    with pytest.raises(HandshakeRejected) as info:
-        await WsRpcClient.connect(f"{stack.ws_url}/api/v2/tailnet", agent.token)
+    with pytest.raises(DialError) as info:
+        await TailnetClient.connect(f"{stack.ws_url}/api/v2/tailnet", agent.token)
     assert info.value.status == 403
-    with pytest.raises(HandshakeRejected) as info:
-        await WsRpcClient.connect(
+    with pytest.raises(DialError) as info:
+        await TailnetClient.connect(
             f"{stack.ws_url}/api/v2/workspaceagents/{agent.agent_id}/coordinate", agent.token
         )
     assert info.value.status == 403
@@ -233,7 +234,7 @@ async def test_role_checks_on_rpc_endpoints(stack: TailnetStack) -> None:
         ("/api/v2/tailnet", user_token),
         (f"/api/v2/workspaceagents/{agent.agent_id}/coordinate", user_token),
     ):
-        client = await WsRpcClient.connect(f"{stack.ws_url}{path}?version=2.3", tok)
+        client = await TailnetClient.connect(f"{stack.ws_url}{path}?version=2.3", tok)
         try:
             assert client.peer_id is not None
             assert client.version == "2.3"
@@ -333,15 +334,18 @@ async def test_invalid_websocket_handshake(stack: TailnetStack) -> None:
 async def test_debug_coordinator_html_and_json(stack: TailnetStack) -> None:
     uid, user_token = stack.create_user()
     agent = stack.create_agent(owner_id=uid)
-    ac = await WsRpcClient.connect(f"{stack.ws_url}/api/v2/workspaceagents/me/rpc", agent.token)
-    cc = await WsRpcClient.connect(
+    ac = await TailnetClient.connect(f"{stack.ws_url}/api/v2/workspaceagents/me/rpc", agent.token)
+    cc = await TailnetClient.connect(
         f"{stack.ws_url}/api/v2/workspaceagents/{agent.agent_id}/coordinate", user_token
     )
     try:
         from tailnet.v2 import tailnet_pb2 as pb
 
-        a = await ac.coordinate()
-        c = await cc.coordinate()
+        a = ac.coordinate()
+        c = cc.coordinate()
+        # Coder's client sends a stream's Invoke with its first message
+        await a.send(pb.CoordinateRequest(update_self=pb.CoordinateRequest.UpdateSelf(
+            node=pb.Node(id=1, key=b"np" + b"\x01" * 32, preferred_derp=999))))
         await c.send(pb.CoordinateRequest(add_tunnel=pb.CoordinateRequest.Tunnel(id=agent.agent_id.bytes)))
         coord = stack.service.coordinator  # type: ignore[union-attr]
 

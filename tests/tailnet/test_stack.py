@@ -16,7 +16,8 @@ from tailnet.config import ConfigError, StackConfig, add_arguments, load_config
 from tailnet.derpmap import StaticDERPMapSource, embedded_region, new_derp_map
 from tailnet.identity import Principal
 from tailnet.stack import DERP_KEY_FILE, RESUME_KEYS_FILE, TOKENS_FILE, TailnetStack
-from tailnet.wsrpc import HandshakeRejected, WsRpcClient
+from tailnet.rpc.tailnet_client import TailnetClient
+from tailnet.rpc.websocket import DialError
 
 T = 10.0
 
@@ -46,10 +47,10 @@ async def test_restart_keeps_relay_key_and_tokens(tmp_path: Path) -> None:
         assert s2.admin_token == admin
         assert s2.derp_server is not None and s2.derp_server.public_key == key1
         # the agent minted before the restart still authenticates and still has its workspace
-        c = await WsRpcClient.connect(f"{s2.ws_url}/api/v2/workspaceagents/me/rpc", agent.token)
+        c = await TailnetClient.connect(f"{s2.ws_url}/api/v2/workspaceagents/me/rpc", agent.token)
         assert c.peer_id == str(agent.agent_id)
         await c.close()
-        c = await WsRpcClient.connect(
+        c = await TailnetClient.connect(
             f"{s2.ws_url}/api/v2/workspaceagents/{agent.agent_id}/coordinate", admin)
         await c.close()
     finally:
@@ -64,9 +65,9 @@ async def test_tokens_minted_by_another_process_are_picked_up(tmp_path: Path) ->
         other.prepare_data_dir()
         uid, tok = other.create_user()
         creds = other.create_agent(owner_id=uid)
-        c = await WsRpcClient.connect(f"{s.ws_url}/api/v2/tailnet", tok)
+        c = await TailnetClient.connect(f"{s.ws_url}/api/v2/tailnet", tok)
         await c.close()
-        c = await WsRpcClient.connect(
+        c = await TailnetClient.connect(
             f"{s.ws_url}/api/v2/workspaceagents/{creds.agent_id}/coordinate", tok)
         await c.close()
     finally:
@@ -103,16 +104,16 @@ async def test_embedding_with_custom_auth_authorizer_and_derp_map() -> None:
     await s.start()
     try:
         assert s.derp_maps is derp_maps
-        c = await WsRpcClient.connect(
+        c = await TailnetClient.connect(
             f"{s.ws_url}/api/v2/workspaceagents/{agent_id}/coordinate", "alice-token")
         await c.close()
         assert (user, agent_id) in seen
-        with pytest.raises(HandshakeRejected) as info:
-            await WsRpcClient.connect(
+        with pytest.raises(DialError) as info:
+            await TailnetClient.connect(
                 f"{s.ws_url}/api/v2/workspaceagents/{uuid.uuid4()}/coordinate", "alice-token")
         assert info.value.status == 404
         # the stack's own admin token still works next to the embedder's authenticator
-        c = await WsRpcClient.connect(f"{s.ws_url}/api/v2/tailnet", s.admin_token)
+        c = await TailnetClient.connect(f"{s.ws_url}/api/v2/tailnet", s.admin_token)
         await c.close()
     finally:
         await s.stop()
@@ -225,12 +226,12 @@ async def test_postgres_url_uses_the_ha_coordinator(pg_dsn: str) -> None:  # noq
         assert s.service is not None and isinstance(s.service.coordinator, PgCoordinator)
         uid, tok = s.create_user()
         agent = s.create_agent(owner_id=uid)
-        ac = await WsRpcClient.connect(f"{s.ws_url}/api/v2/workspaceagents/me/rpc", agent.token)
-        cc = await WsRpcClient.connect(
+        ac = await TailnetClient.connect(f"{s.ws_url}/api/v2/workspaceagents/me/rpc", agent.token)
+        cc = await TailnetClient.connect(
             f"{s.ws_url}/api/v2/workspaceagents/{agent.agent_id}/coordinate", tok)
         try:
-            a = await ac.coordinate()
-            c = await cc.coordinate()
+            a = ac.coordinate()
+            c = cc.coordinate()
             await a.send(pb.CoordinateRequest(update_self=pb.CoordinateRequest.UpdateSelf(
                 node=pb.Node(id=1, key=b"np" + b"\x01" * 32, preferred_derp=999))))
             await c.send(pb.CoordinateRequest(
@@ -238,7 +239,7 @@ async def test_postgres_url_uses_the_ha_coordinator(pg_dsn: str) -> None:  # noq
 
             async def agent_node() -> pb.CoordinateResponse.PeerUpdate:
                 while True:
-                    resp = await c.recv(pb.CoordinateResponse)
+                    resp = await c.recv()
                     assert resp is not None
                     for u in resp.peer_updates:
                         if u.kind == pb.CoordinateResponse.PeerUpdate.NODE:
