@@ -116,7 +116,7 @@ BytesLike: TypeAlias = bytes | bytearray | memoryview
 
 
 class DrpcError(Exception):
-    """Base class of every error raised by this module."""
+    """Base class of this module's DRPC errors (bad arguments raise ValueError)."""
 
 
 class DrpcProtocolError(DrpcError):
