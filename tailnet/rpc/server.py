@@ -181,6 +181,7 @@ class _RpcStream:
         self.ys.close()
 
     def invoke(self, path: str, metadata: Mapping[str, str]) -> None:
+        self.stop_call()  # a newer Invoke supersedes the running call (Go's manager)
         method = self.conn.mux.lookup(path)
         if method is None:
             log.info("rpc %s: unknown method %r", self.conn.name, path[:200])
