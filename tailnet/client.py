@@ -1,8 +1,22 @@
 """Async tailnet client libraries: :class:`AgentConnection` and :class:`ClientConnection`.
 
-Both speak the ``coder.tailnet.v2.Tailnet`` gRPC service (``grpc.aio``; they run
-on any asyncio event loop, uvloop included) and keep a :class:`~tailnet.peers.PeerTable`
-up to date. The pure rules live in :mod:`tailnet.peers`; this module is the I/O
+Both speak the ``coder.tailnet.v2.Tailnet`` service over either transport and
+keep a :class:`~tailnet.peers.PeerTable` up to date; they run on any asyncio
+event loop, uvloop included:
+
+* **gRPC** (``grpc.aio``) when ``target`` is ``host:port``;
+* **Coder's transport** (WebSocket → yamux → DRPC, :mod:`tailnet.rpc`) when
+  ``target`` is an access URL (``http(s)://…``): agents dial
+  ``/api/v2/workspaceagents/me/rpc`` with their token as the
+  ``coder_session_token`` cookie; clients bound to an agent first
+  ``GET /api/v2/workspaceagents/{id}/connection`` and dial
+  ``…/{id}/coordinate``; user-scoped clients dial ``/api/v2/tailnet``. Each
+  session opens Coordinate, StreamDERPMaps and (clients) RefreshResumeToken on
+  their own yamux streams, exactly as Coder's Go dialer does, so the same
+  library coordinates with tailnet-core and with a real Coder deployment.
+  Against a Coder server the client's own peer ID is not announced, so
+  :attr:`TailnetConnection.peer_id` stays the nil UUID there.
+ The pure rules live in :mod:`tailnet.peers`; this module is the I/O
 adapter around them.
 
 Connection flow (one *session*; spec ``coordinator.md`` §2.10, §3, §6.3)::
@@ -44,12 +58,14 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
+from urllib.parse import urlencode
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Protocol
 
 import grpc
 import grpc.aio
@@ -63,6 +79,10 @@ from tailnet.peers import (
     PeerUpdated,
     ReadyForHandshake,
 )
+from tailnet.rpc.client import ClientStream
+from tailnet.rpc.mux import UNIMPLEMENTED, RpcError
+from tailnet.rpc.tailnet_client import TailnetClient
+from tailnet.rpc.websocket import DialError, get_json
 from tailnet.v2 import tailnet_pb2 as pb
 
 __all__ = [
@@ -118,6 +138,43 @@ _DerpMulti = grpc.aio.UnaryStreamMultiCallable[pb.StreamDERPMapsRequest, pb.DERP
 _DerpCall = grpc.aio.UnaryStreamCall[pb.StreamDERPMapsRequest, pb.DERPMap]
 _CoordMulti = grpc.aio.StreamStreamMultiCallable[pb.CoordinateRequest, pb.CoordinateResponse]
 _EOF: Final[object] = grpc.aio.EOF  # type: ignore[attr-defined]  # missing from grpc-stubs
+
+
+class _CallLike(Protocol):
+    """What the writer/reader loops need of a Coordinate call (gRPC or DRPC)."""
+
+    async def write(self, req: pb.CoordinateRequest) -> None: ...
+
+    async def read(self) -> object: ...
+
+    async def done_writing(self) -> None: ...
+
+    def cancel(self) -> bool: ...
+
+
+class _DrpcCoordinate:
+    """A DRPC Coordinate stream shaped like a gRPC call for the session loops.
+
+    Coder's client never half-closes Coordinate: after Disconnect it waits for
+    the server's Close (``done_writing`` does nothing).
+    """
+
+    def __init__(self, stream: ClientStream[pb.CoordinateResponse]) -> None:
+        self._stream = stream
+
+    async def write(self, req: pb.CoordinateRequest) -> None:
+        await self._stream.send(req)
+
+    async def read(self) -> object:
+        resp = await self._stream.recv()
+        return _EOF if resp is None else resp
+
+    async def done_writing(self) -> None:
+        return None
+
+    def cancel(self) -> bool:
+        asyncio.ensure_future(self._stream.close())
+        return True
 
 
 # Events ------------------------------------------------------------------------
@@ -312,9 +369,30 @@ def _tunnel_req(peer: uuid.UUID, *, add: bool) -> pb.CoordinateRequest:
     return pb.CoordinateRequest(add_tunnel=t) if add else pb.CoordinateRequest(remove_tunnel=t)
 
 
+_HTTP_STATUS: Final = {
+    400: grpc.StatusCode.INVALID_ARGUMENT,
+    401: grpc.StatusCode.UNAUTHENTICATED,
+    403: grpc.StatusCode.PERMISSION_DENIED,
+    404: grpc.StatusCode.NOT_FOUND,
+    409: grpc.StatusCode.FAILED_PRECONDITION,
+}
+
+
 def _rpc_error(exc: BaseException) -> tuple[grpc.StatusCode, str] | None:
+    """A transport failure as (status, details); ``None`` for anything else (a bug)."""
     if isinstance(exc, grpc.aio.AioRpcError):
         return exc.code(), exc.details() or ""
+    if isinstance(exc, DialError):
+        code = _HTTP_STATUS.get(exc.status, grpc.StatusCode.UNAVAILABLE)
+        details = str(exc)
+        if exc.field("resume_token"):
+            details += " [resume_token]"
+        return code, details
+    if isinstance(exc, RpcError):
+        code = grpc.StatusCode.UNIMPLEMENTED if exc.code == UNIMPLEMENTED else grpc.StatusCode.UNKNOWN
+        return code, exc.message
+    if isinstance(exc, (ConnectionError, OSError, TimeoutError)):
+        return grpc.StatusCode.UNAVAILABLE, f"{type(exc).__name__}: {exc}"
     return None
 
 
@@ -348,6 +426,8 @@ class ConnectionOptions:
     """Monotonic clock for the peer table (lost timestamps)."""
     wall_clock: Callable[[], float] = time.time
     """Wall clock for resume-token expiry."""
+    ssl_context: ssl.SSLContext | None = None
+    """TLS settings for ``https://`` access URLs (Coder's transport; default: system CAs)."""
     reconnect_gate: Callable[[], Awaitable[None]] | None = None
     """Awaited before every reconnect attempt, after the backoff delay (e.g. "wait
     until the network is up"); tests use it to order events deterministically."""
@@ -364,6 +444,8 @@ class TailnetConnection:
     that started it. ``events()`` is meant for a single consumer; an optional
     ``on_event`` callback sees every event synchronously as well.
     """
+
+    _is_agent = False
 
     def __init__(
         self,
@@ -390,6 +472,12 @@ class TailnetConnection:
         clock = opts.clock
         wall_clock = opts.wall_clock
         self._target = target
+        self._coder_url: str | None = (
+            target.rstrip("/")
+            if target.startswith(("http://", "https://", "ws://", "wss://"))
+            else None
+        )
+        self._connection_checked = False
         self._token = token
         self._credentials = credentials
         self._version = version
@@ -417,7 +505,7 @@ class TailnetConnection:
 
         self._peer_id: uuid.UUID | None = None
         self._outbox: _Outbox | None = None
-        self._call: _CoordCall | None = None
+        self._call: _CallLike | None = None
         self._drop_reason: str | None = None
         self._connected = False
         self._closing = False
@@ -654,16 +742,22 @@ class TailnetConnection:
                 await gate()
 
     async def _session(self) -> None:
+        if self._coder_url is not None:
+            await self._coder_session(self._coder_url)
+            return
         channel = self._new_channel()
         try:
             await self._session_on(channel)
         finally:
-            if self._outbox is not None:
-                self._outbox.end()
-            self._outbox = None
-            self._call = None
+            self._session_over()
             with contextlib.suppress(Exception):
                 await channel.close(None)
+
+    def _session_over(self) -> None:
+        if self._outbox is not None:
+            self._outbox.end()
+        self._outbox = None
+        self._call = None
 
     async def _session_on(self, channel: grpc.aio.Channel) -> None:
         coordinate: _CoordMulti = channel.stream_stream(
@@ -673,23 +767,34 @@ class TailnetConnection:
         )
         presented = self.resume_token
         call: _CoordCall = coordinate(None, metadata=self._metadata(resume=True))
+        prev = self._peer_id
         try:
             md = await call.initial_metadata()
             raw = md.get(MD_PEER_ID) if md is not None else None
             if raw is None and call.done():
                 code = await call.code()
                 raise _SessionEnded(code, await call.details(), established=False)
-            prev = self._peer_id
             if isinstance(raw, str):
-                try:
-                    self._peer_id = uuid.UUID(raw)
-                except ValueError:
-                    log.warning("tailnet client: server sent a bad peer id %r", raw)
+                self._set_peer_id(raw)
         except grpc.aio.AioRpcError as exc:
             call.cancel()
             raise _SessionEnded(exc.code(), exc.details() or "", established=False) from None
+        pid = self._established(call, presented, prev)
+        aux = [self._derp_loop(channel)]
+        if self._use_resume:
+            aux.append(self._refresh_loop(channel, pid))
+        await self._run_streams(call, aux)
 
-        # Established.
+    def _set_peer_id(self, raw: str) -> None:
+        try:
+            self._peer_id = uuid.UUID(raw)
+        except ValueError:
+            log.warning("tailnet client: server sent a bad peer id %r", raw)
+
+    def _established(
+        self, call: _CallLike, presented: str | None, prev: uuid.UUID | None
+    ) -> uuid.UUID:
+        """A session is up: queue tunnels and node, emit Connected/Reconnected."""
         outbox = _Outbox()
         for dst in self._tunnels:
             outbox.put(_tunnel_req(dst, add=True))
@@ -710,14 +815,29 @@ class TailnetConnection:
         else:
             self._emit(Reconnected(pid, resumed=presented is not None and prev == pid))
         log.info("tailnet client %s: connected as %s", self._target, pid)
+        return pid
 
+    async def _run_streams(
+        self,
+        call: _CallLike,
+        aux_coros: list[Coroutine[object, object, None]],
+        *,
+        aux_ends_session: bool = False,
+    ) -> None:
+        """Run the writer, the reader and ``aux_coros`` until the Coordinate stream ends.
+
+        With ``aux_ends_session`` an auxiliary loop returning or failing (Coder's
+        transport: StreamDERPMaps ended) ends the session too, as Coder's client
+        tears the whole connection down then.
+        """
+        outbox = self._outbox
+        assert outbox is not None
         writer = asyncio.ensure_future(self._write_loop(call, outbox))
         reader = asyncio.ensure_future(self._read_loop(call, outbox))
-        aux = [asyncio.ensure_future(self._derp_loop(channel))]
-        if self._use_resume:
-            aux.append(asyncio.ensure_future(self._refresh_loop(channel, pid)))
+        aux = [asyncio.ensure_future(c) for c in aux_coros]
         try:
-            done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+            watched = {reader, writer, *aux} if aux_ends_session else {reader, writer}
+            done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
             if reader not in done:
                 # The writer finished: after Disconnect + half-close (clean close),
                 # or because a write failed. Either way the reader learns how the
@@ -727,6 +847,13 @@ class TailnetConnection:
             failure = reader.exception() if reader.done() and not reader.cancelled() else None
             if failure is None and writer.done() and not writer.cancelled():
                 failure = writer.exception()
+            for t in aux if aux_ends_session else ():
+                if failure is None and t.done() and not t.cancelled():
+                    failure = t.exception()
+                    if failure is None:
+                        raise _SessionEnded(
+                            grpc.StatusCode.UNAVAILABLE, "StreamDERPMaps ended", established=True
+                        )
             if failure is not None:
                 err = _rpc_error(failure)
                 if err is None:
@@ -739,7 +866,110 @@ class TailnetConnection:
             call.cancel()
             await asyncio.gather(reader, writer, *aux, return_exceptions=True)
 
-    async def _write_loop(self, call: _CoordCall, outbox: _Outbox) -> None:
+    # Coder's transport (WebSocket → yamux → DRPC) ------------------------------------
+
+    def _coder_dial_url(self) -> str:
+        base = self._coder_url
+        assert base is not None
+        q = [("version", self._version)]
+        if self._use_resume:
+            tok = self.resume_token
+            if tok is not None:
+                q.append(("resume_token", tok))
+        if self._is_agent:
+            path = "/api/v2/workspaceagents/me/rpc"
+        elif self._agent_id is not None:
+            path = f"/api/v2/workspaceagents/{self._agent_id}/coordinate"
+        else:
+            path = "/api/v2/tailnet"
+        return f"{base}{path}?{urlencode(sorted(q))}"
+
+    async def _coder_session(self, base: str) -> None:
+        """One session the way Coder's Go dialer runs it (coder-transport.md §4.4).
+
+        First session of a client bound to an agent: ``GET …/connection`` (the
+        DERP map and options, as ``DialAgent`` does). Then dial, Coordinate,
+        StreamDERPMaps and (clients) RefreshResumeToken on their own yamux
+        streams; StreamDERPMaps ending ends the session, as in Coder.
+        """
+        ssl_ctx = self.options.ssl_context
+        presented = self.resume_token
+        prev = self._peer_id
+        initial_map: pb.DERPMap | None = None
+        try:
+            if self._agent_id is not None and not self._connection_checked:
+                info = await get_json(
+                    f"{base}/api/v2/workspaceagents/{self._agent_id}/connection",
+                    self._token,
+                    ssl=ssl_ctx,
+                )
+                self._connection_checked = True
+                derp = info.get("derp_map") if isinstance(info, dict) else None
+                if isinstance(derp, dict):
+                    from tailnet.derpmap import derp_map_from_json  # pure, no server code
+
+                    try:
+                        initial_map = derp_map_from_json(derp)
+                    except Exception as exc:  # the stream will bring the map anyway
+                        log.info("tailnet client: unusable derp_map in /connection: %s", exc)
+            client = await TailnetClient.connect(
+                self._coder_dial_url(), self._token, cookie=self._is_agent, ssl=ssl_ctx
+            )
+        except (DialError, OSError, TimeoutError) as exc:
+            err = _rpc_error(exc)
+            assert err is not None
+            raise _SessionEnded(err[0], err[1], established=False) from None
+        try:
+            if client.peer_id is not None:  # tailnet-core says; a Coder server doesn't
+                self._set_peer_id(client.peer_id)
+            coord = _DrpcCoordinate(client.coordinate())
+            self._established(coord, presented, prev)
+            if initial_map is not None:
+                self._set_derp_map(initial_map)
+            aux = [self._coder_derp_loop(client)]
+            if self._use_resume:
+                aux.append(self._coder_refresh_loop(client))
+            await self._run_streams(coord, aux, aux_ends_session=True)
+        finally:
+            self._session_over()
+            await client.close()
+
+    async def _coder_derp_loop(self, client: TailnetClient) -> None:
+        maps = await client.stream_derp_maps()
+        try:
+            async for m in maps:
+                self._set_derp_map(m)
+        finally:
+            await maps.close()
+
+    async def _coder_refresh_loop(self, client: TailnetClient) -> None:
+        """Refresh at once, then after ``refresh_in``; stops on code 12 or an error
+        (the connection stays up), as Coder's resume-token controller does."""
+        while True:
+            try:
+                resp = await client.refresh_resume_token()
+            except RpcError as exc:
+                if exc.code == UNIMPLEMENTED:
+                    log.info("tailnet client: resume tokens not supported by this server")
+                else:
+                    log.warning("tailnet client: RefreshResumeToken failed: %s", exc.message)
+                # the connection stays up; the next session tries again
+                await self._closed.wait()
+                return
+            refresh_in = self._take_resume_token(resp)
+            await asyncio.sleep(refresh_in)
+
+    def _take_resume_token(self, resp: pb.RefreshResumeTokenResponse) -> float:
+        """Store a refreshed token; returns the delay before the next refresh."""
+        expires = (
+            resp.expires_at.ToNanoseconds() / 1e9 if resp.HasField("expires_at") else float("inf")
+        )
+        self._resume = _ResumeToken(resp.token, expires)
+        self._emit(ResumeTokenUpdated(expires))
+        refresh_in = resp.refresh_in.ToNanoseconds() / 1e9 if resp.HasField("refresh_in") else 0.0
+        return refresh_in if refresh_in > 0 else _DEFAULT_REFRESH
+
+    async def _write_loop(self, call: _CallLike, outbox: _Outbox) -> None:
         while True:
             if outbox.control:
                 await call.write(outbox.control.popleft())
@@ -762,7 +992,7 @@ class TailnetConnection:
             outbox.wake.clear()
             await outbox.wake.wait()
 
-    async def _read_loop(self, call: _CoordCall, outbox: _Outbox) -> None:
+    async def _read_loop(self, call: _CallLike, outbox: _Outbox) -> None:
         while True:
             resp = await call.read()
             if resp is _EOF:
@@ -845,17 +1075,7 @@ class TailnetConnection:
                 continue
             assert isinstance(resp, pb.RefreshResumeTokenResponse)
             backoff.reset()
-            expires = (
-                resp.expires_at.ToNanoseconds() / 1e9
-                if resp.HasField("expires_at")
-                else float("inf")
-            )
-            self._resume = _ResumeToken(resp.token, expires)
-            self._emit(ResumeTokenUpdated(expires))
-            refresh_in = (
-                resp.refresh_in.ToNanoseconds() / 1e9 if resp.HasField("refresh_in") else 0.0
-            )
-            await asyncio.sleep(refresh_in if refresh_in > 0 else _DEFAULT_REFRESH)
+            await asyncio.sleep(self._take_resume_token(resp))
 
 
 def _copy_node(node: pb.Node) -> pb.Node:
@@ -872,6 +1092,8 @@ class AgentConnection(TailnetConnection):
     tokens are off (agent connections don't support them). The server derives
     our peer ID from the agent token.
     """
+
+    _is_agent = True
 
     def __init__(
         self,

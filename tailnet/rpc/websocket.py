@@ -19,11 +19,13 @@ import json
 import ssl as ssl_module
 from collections.abc import Mapping, Sequence
 from typing import Any, Final
+from urllib.parse import urlsplit
 
+import h11
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-__all__ = ["DialError", "ClientPipe", "dial"]
+__all__ = ["DialError", "ClientPipe", "dial", "get_json"]
 
 #: Client write buffer: above it writers wait (``drain``); what a message may hold.
 _HIGH_WATER: Final = 1 << 20
@@ -196,3 +198,58 @@ async def dial(
         r = exc.response
         raise _parse_error(r.status_code, bytes(r.body or b"")) from None
     return ClientPipe(ws)
+
+
+async def get_json(
+    url: str,
+    token: str | None,
+    *,
+    ssl: ssl_module.SSLContext | None = None,
+    timeout: float = 10.0,
+) -> Any:
+    """``GET url`` with the session token header; the decoded JSON body.
+
+    For Coder's small JSON endpoints (``/api/v2/workspaceagents/{id}/connection``)
+    before dialing. A status other than 200 raises :class:`DialError` with Coder's
+    error document.
+    """
+    parts = urlsplit(url)
+    secure = parts.scheme in ("https", "wss")
+    host = parts.hostname or "localhost"
+    port = parts.port or (443 if secure else 80)
+    target = parts.path or "/"
+    if parts.query:
+        target += "?" + parts.query
+    headers = [("Host", parts.netloc), ("Accept", "application/json"), ("Connection", "close")]
+    if token is not None:
+        headers.append(("Coder-Session-Token", token))
+    ctx = (ssl or ssl_module.create_default_context()) if secure else None
+
+    async def fetch() -> tuple[int, bytes]:
+        reader, writer = await asyncio.open_connection(host, port, ssl=ctx)
+        try:
+            conn = h11.Connection(h11.CLIENT)
+            writer.write(conn.send(h11.Request(method="GET", target=target, headers=headers)))
+            writer.write(conn.send(h11.EndOfMessage()))
+            status = 0
+            body = bytearray()
+            while True:
+                ev = conn.next_event()
+                if ev is h11.NEED_DATA:
+                    conn.receive_data(await reader.read(65536))
+                    continue
+                if isinstance(ev, h11.Response):
+                    status = ev.status_code
+                elif isinstance(ev, h11.Data):
+                    body += ev.data
+                    if len(body) > _MAX_MESSAGE:
+                        raise DialError(status, "response too large")
+                elif isinstance(ev, (h11.EndOfMessage, h11.ConnectionClosed)):
+                    return status, bytes(body)
+        finally:
+            writer.close()
+
+    status, body = await asyncio.wait_for(fetch(), timeout)
+    if status != 200:
+        raise _parse_error(status, body)
+    return json.loads(body.decode("utf-8"))

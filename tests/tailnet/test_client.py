@@ -1,4 +1,8 @@
-"""Integration tests: tailnet client libraries against a real TailnetGrpcServer on 127.0.0.1.
+"""Integration tests: tailnet client libraries against a real server on 127.0.0.1.
+
+Every test that uses the ``env`` fixture runs twice: over gRPC (a
+``TailnetGrpcServer``) and over Coder's transport (the HTTP API's WebSocket
+endpoints: yamux + DRPC), with the same service underneath.
 
 Every wait is on an event with a generous timeout; nothing sleeps and hopes.
 """
@@ -39,6 +43,7 @@ from tailnet.core import Coordinator
 from tailnet.derpmap import StaticDERPMapSource, embedded_region, new_derp_map
 from tailnet.identity import Principal, StaticTokenAuthenticator
 from tailnet.resume import ResumeTokenProvider
+from tailnet.http import ApiOptions, HttpApiServer, TailnetApi
 from tailnet.server.grpc import TailnetGrpcServer
 from tailnet.service import TailnetService
 from tailnet.v2 import tailnet_pb2 as pb
@@ -102,17 +107,21 @@ def opts(rec: Recorder, **kw: object) -> ConnectionOptions:
 
 @dataclass
 class Env:
-    """A live coordinator (service + gRPC server) that can be restarted on its port."""
+    """A live coordinator (service + gRPC server or HTTP API) restartable on its port."""
 
     auth: StaticTokenAuthenticator
     derp: StaticDERPMapSource
     resume: ResumeTokenProvider
-    srv: TailnetGrpcServer | None = None
+    transport: str = "grpc"
+    srv: TailnetGrpcServer | HttpApiServer | None = None
+    service: TailnetService | None = None
     port: int = 0
     conns: list[AgentConnection | ClientConnection] = field(default_factory=list)
 
     @property
     def target(self) -> str:
+        if self.transport == "drpc":
+            return f"http://127.0.0.1:{self.port}"
         return f"127.0.0.1:{self.port}"
 
     async def start(self) -> None:
@@ -126,13 +135,26 @@ class Env:
             resume=self.resume,
             tunnel_authorizer=allow,
         )
+        self.service = svc
+        if self.transport == "drpc":
+            http = HttpApiServer(
+                TailnetApi(svc, self.derp, agent_lookup=allow, options=ApiOptions())
+            )
+            await http.start("127.0.0.1", self.port)
+            self.srv, self.port = http, http.port
+            return
         srv = TailnetGrpcServer(svc)
         await srv.start("127.0.0.1", self.port)
         self.srv, self.port = srv, srv.port
 
     async def stop(self) -> None:
         if self.srv is not None:
-            await self.srv.stop(0.5)
+            if isinstance(self.srv, HttpApiServer):
+                assert self.service is not None
+                self.service.close()
+                await self.srv.stop(0.5)
+            else:
+                await self.srv.stop(0.5)
             self.srv = None
 
     def agent(self, rec: Recorder, **kw: object) -> AgentConnection:
@@ -155,8 +177,8 @@ class Env:
         return c
 
 
-@pytest.fixture
-async def env() -> AsyncIterator[Env]:
+@pytest.fixture(params=["grpc", "drpc"])
+async def env(request: pytest.FixtureRequest) -> AsyncIterator[Env]:
     auth = StaticTokenAuthenticator(
         {
             "agent-tok": Principal("agent", AGENT, "owner-ws-agent"),
@@ -164,7 +186,7 @@ async def env() -> AsyncIterator[Env]:
         }
     )
     derp = StaticDERPMapSource(new_derp_map(embedded_region("127.0.0.1", 3340, scheme="http")))
-    e = Env(auth, derp, ResumeTokenProvider())
+    e = Env(auth, derp, ResumeTokenProvider(), transport=request.param)
     await e.start()
     try:
         yield e
@@ -298,8 +320,8 @@ async def test_reconnect_after_server_restart(env: Env) -> None:
     await arec.wait(is_node(client.peer_id), since=ma)
     st = client.peers.get(AGENT)
     assert st is not None and not st.lost
-    assert env.srv is not None
-    assert env.srv.service.coordinator.has_tunnel(client.peer_id, AGENT)  # type: ignore[arg-type]
+    assert env.service is not None
+    assert env.service.coordinator.has_tunnel(client.peer_id, AGENT)  # type: ignore[attr-defined]
 
 
 async def test_invalid_resume_token_is_dropped(
@@ -377,7 +399,8 @@ async def test_user_scoped_add_and_remove_tunnel(env: Env) -> None:
     assert AGENT not in user.peers and user.tunnels == []
 
 
-def test_works_on_uvloop() -> None:
+@pytest.mark.parametrize("transport", ["grpc", "drpc"])
+def test_works_on_uvloop(transport: str) -> None:
     """The libraries are loop-agnostic: run an agent/client pair on uvloop."""
     import uvloop
 
@@ -389,7 +412,7 @@ def test_works_on_uvloop() -> None:
             }
         )
         derp = StaticDERPMapSource(new_derp_map(embedded_region("127.0.0.1", 1, scheme="http")))
-        e = Env(auth, derp, ResumeTokenProvider())
+        e = Env(auth, derp, ResumeTokenProvider(), transport=transport)
         await e.start()
         try:
             await connect_pair(e)
