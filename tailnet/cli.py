@@ -80,14 +80,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="show an agent and a client talking through DERP, sealed end to end",
-        description="Without --grpc-target: start an in-memory stack on ephemeral ports, "
-        "mint a user and an agent, coordinate them and exchange NaCl-sealed packets "
-        "through the DERP relay, printing round-trip times. With --grpc-target, use a "
-        "running stack (pass --agent-id, --agent-token and --client-token).",
+        description="Without --grpc-target/--access-url: start an in-memory stack on "
+        "ephemeral ports, mint a user and an agent, coordinate them (over gRPC and over "
+        "Coder's WebSocket/yamux/DRPC transport, see --transport) and exchange NaCl-sealed "
+        "packets through the DERP relay, printing round-trip times. With --grpc-target or "
+        "--access-url, use a running stack (pass --agent-id, --agent-token and --client-token).",
     )
     demo.add_argument("--packets", type=int, default=5, help="packets to exchange (default 5)")
     demo.add_argument("--timeout", type=float, default=10.0, help="per-step timeout in seconds")
+    demo.add_argument("--transport", choices=("grpc", "drpc", "both"), default="both",
+                      help="coordinator transport of the embedded demo (default both)")
     demo.add_argument("--grpc-target", help="host:port of a running stack's gRPC coordinator")
+    demo.add_argument("--access-url",
+                      help="http(s) URL of a running stack (Coder's transport)")
     demo.add_argument("--agent-id", help="agent UUID (with --grpc-target)")
     demo.add_argument("--agent-token", help="agent token (with --grpc-target)")
     demo.add_argument("--client-token", help="user token with access to the agent")
@@ -181,18 +186,21 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from tailnet.demo import run_demo, run_embedded_demo
 
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    if args.grpc_target:
+    if args.grpc_target or args.access_url:
         missing = [n for n in ("agent_id", "agent_token", "client_token") if not getattr(args, n)]
         if missing:
-            raise ConfigError("with --grpc-target also pass " + ", ".join(
+            raise ConfigError("with --grpc-target/--access-url also pass " + ", ".join(
                 "--" + m.replace("_", "-") for m in missing))
         agent_id = uuid.UUID(args.agent_id)
         _run(lambda: run_demo(
-            grpc_target=args.grpc_target, agent_id=agent_id, agent_token=args.agent_token,
-            client_token=args.client_token, packets=args.packets, timeout=args.timeout,
+            grpc_target=args.grpc_target, access_url=args.access_url, agent_id=agent_id,
+            agent_token=args.agent_token, client_token=args.client_token,
+            packets=args.packets, timeout=args.timeout,
         ))
     else:
-        _run(lambda: run_embedded_demo(packets=args.packets, timeout=args.timeout))
+        transports = ("grpc", "drpc") if args.transport == "both" else (args.transport,)
+        _run(lambda: run_embedded_demo(
+            packets=args.packets, timeout=args.timeout, transports=transports))
     print("demo OK: coordinated, exchanged sealed packets through DERP, tampering detected")
     return 0
 

@@ -2,8 +2,9 @@
 
 Flow (:func:`run_demo`)::
 
-    agent  ── AgentConnection(gRPC, agent token, node{key, home region}) ──┐
-    client ── ClientConnection(gRPC, user token, agent_id, node) ─────────┤ coordinator
+    agent  ── AgentConnection(agent token, node{key, home region}) ──┐
+    client ── ClientConnection(user token, agent_id, node) ──────────┤ coordinator
+       (over gRPC, or over Coder's transport: WebSocket → yamux → DRPC)
        client: AddTunnel(agent) → NODE(agent), READY_FOR_HANDSHAKE(agent) ┘
        agent:  NODE(client)  (and acks it with ready_for_handshake)
     both learn the other's node key ("np" ‖ 32 bytes) and home DERP region
@@ -106,7 +107,8 @@ async def _wait_for(
 
 async def run_demo(
     *,
-    grpc_target: str,
+    grpc_target: str | None = None,
+    access_url: str | None = None,
     agent_id: uuid.UUID,
     agent_token: str,
     client_token: str,
@@ -118,6 +120,9 @@ async def run_demo(
 ) -> DemoResult:
     """Run the demo against a running stack (see module docstring).
 
+    The peers coordinate over Coder's transport when ``access_url`` is given
+    (the stack's ``http(s)://`` URL), else over gRPC at ``grpc_target``.
+
     ``derp_url`` overrides the URL taken from the DERP map (tests put a
     recording proxy in between). Raises on any failure.
     """
@@ -127,9 +132,13 @@ async def run_demo(
     client_addr = addr_from_uuid(TAILSCALE_SERVICE_PREFIX, uuid.uuid4())
     client_node = make_node(client_key, client_addr, home_region)
 
-    agent = AgentConnection(grpc_target, agent_token, node=agent_node, options=opts)
+    target = access_url or grpc_target
+    if target is None:
+        raise ValueError("run_demo needs grpc_target or access_url")
+    log(f"coordinating over {'DRPC (Coder transport)' if access_url else 'gRPC'} at {target}")
+    agent = AgentConnection(target, agent_token, node=agent_node, options=opts)
     client = ClientConnection(
-        grpc_target, client_token, agent_id=agent_id, node=client_node,
+        target, client_token, agent_id=agent_id, node=client_node,
         options=ConnectionOptions(version="2.3"),
     )
     derp_agent: DerpClient | None = None
@@ -262,9 +271,14 @@ async def run_demo(
 
 
 async def run_embedded_demo(
-    *, packets: int = 5, timeout: float = 10.0, log: Callable[[str], None] = print
-) -> DemoResult:
-    """Start an in-memory stack on ephemeral loopback ports, run the demo, stop it."""
+    *,
+    packets: int = 5,
+    timeout: float = 10.0,
+    transports: tuple[str, ...] = ("grpc", "drpc"),
+    log: Callable[[str], None] = print,
+) -> list[DemoResult]:
+    """Start an in-memory stack on ephemeral loopback ports, run the demo once per
+    transport (``"grpc"``, ``"drpc"``: Coder's), stop it; one result per run."""
     stack = TailnetStack(
         StackConfig(
             http_addr="127.0.0.1:0",
@@ -277,19 +291,24 @@ async def run_embedded_demo(
         )
     )
     await stack.start()
+    results: list[DemoResult] = []
     try:
         log(f"started an embedded stack: API {stack.access_url}, gRPC {stack.grpc_target}")
-        user_id, user_token = stack.create_user(name="demo-user")
-        agent = stack.create_agent(owner_id=user_id, name="demo-agent")
-        assert stack.grpc_target is not None
-        return await run_demo(
-            grpc_target=stack.grpc_target,
-            agent_id=agent.agent_id,
-            agent_token=agent.token,
-            client_token=user_token,
-            packets=packets,
-            timeout=timeout,
-            log=log,
-        )
+        for transport in transports:
+            if transport not in ("grpc", "drpc"):
+                raise ValueError(f"unknown transport {transport!r}")
+            user_id, user_token = stack.create_user(name="demo-user")
+            agent = stack.create_agent(owner_id=user_id, name="demo-agent")
+            results.append(await run_demo(
+                grpc_target=stack.grpc_target if transport == "grpc" else None,
+                access_url=stack.access_url if transport == "drpc" else None,
+                agent_id=agent.agent_id,
+                agent_token=agent.token,
+                client_token=user_token,
+                packets=packets,
+                timeout=timeout,
+                log=log,
+            ))
+        return results
     finally:
         await stack.stop()

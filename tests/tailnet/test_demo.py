@@ -115,10 +115,15 @@ async def test_demo_relay_sees_only_ciphertext(stack: TailnetStack) -> None:
 
 async def test_embedded_demo() -> None:
     lines: list[str] = []
-    result = await asyncio.wait_for(run_embedded_demo(packets=2, timeout=T, log=lines.append), T * 3)
-    assert result.tampered_rejected and len(result.rtts) == 2
-    assert result.derp_url.endswith("/derp")
+    results = await asyncio.wait_for(
+        run_embedded_demo(packets=2, timeout=T, log=lines.append), T * 3)
+    assert len(results) == 2  # over gRPC, then over Coder's transport (DRPC)
+    for result in results:
+        assert result.tampered_rejected and len(result.rtts) == 2 and result.ready_for_handshake
+        assert result.derp_url.endswith("/derp")
     assert lines[0].startswith("started an embedded stack")
+    assert any(line.startswith("coordinating over gRPC") for line in lines)
+    assert any(line.startswith("coordinating over DRPC") for line in lines)
 
 
 from .pgserver import pg_dsn, pg_server  # noqa: E402,F401  (fixtures; skip without PostgreSQL)
