@@ -9,6 +9,12 @@ accept ``1/true/yes/on`` and ``0/false/no/off`` in the environment.
 Defaults: HTTP API and embedded DERP on ``127.0.0.1:3000``, gRPC coordinator
 on ``127.0.0.1:3001``, STUN on UDP ``127.0.0.1:3478``, data in ``$XDG_STATE_HOME/tailnet-core`` (or
 ``~/.local/state/tailnet-core``), access URL derived from the HTTP address.
+
+Resource limits (:mod:`tailnet.limits`): the per-principal, per-connection and
+per-peer ones are options here (``max_peers_per_principal``,
+``max_streams_per_grpc_connection``, ``max_streams_per_session``,
+``max_tunnels_per_peer``, ``peer_buffer_bytes``); :attr:`StackConfig.limits`
+combines them with the library defaults of the node/request caps.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
+
+from tailnet.limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
     "Option",
@@ -110,6 +118,24 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("health_timeout", float, 5.0, "Timeout of each health check."),
     Option("postgres_url", str, "",
            "PostgreSQL DSN: use the HA coordinator (tailnet.pg) instead of the in-memory one."),
+    Option("max_peers_per_principal", int, DEFAULT_LIMITS.max_peers_per_principal,
+           "Concurrent Coordinate streams one principal (agent, user or control-plane "
+           "token identity) may hold in this process; more are refused with "
+           "RESOURCE_EXHAUSTED."),
+    Option("max_streams_per_grpc_connection", int,
+           DEFAULT_LIMITS.max_streams_per_grpc_connection,
+           "Concurrent RPCs on one gRPC (HTTP/2) connection (grpc.max_concurrent_streams); "
+           "further calls on it wait for a free slot."),
+    Option("max_streams_per_session", int, DEFAULT_LIMITS.max_streams_per_session,
+           "Concurrent RPC streams on one WebSocket RPC session; more are refused with "
+           "RESOURCE_EXHAUSTED."),
+    Option("max_tunnels_per_peer", int, DEFAULT_LIMITS.max_tunnels_per_peer,
+           "Tunnels one coordinator peer may have as their source; an AddTunnel beyond it "
+           "ends that stream with RESOURCE_EXHAUSTED."),
+    Option("peer_buffer_bytes", int, DEFAULT_LIMITS.peer_buffer_bytes,
+           "Bytes of responses waiting for one coordinator peer (besides at most "
+           f"{DEFAULT_LIMITS.peer_buffer_responses} responses) before it is evicted as a "
+           "slow consumer."),
     Option("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING, ERROR."),
 )
 
@@ -141,6 +167,22 @@ class StackConfig:
     health_timeout: float = 5.0
     postgres_url: str = ""
     log_level: str = "INFO"
+    max_peers_per_principal: int = DEFAULT_LIMITS.max_peers_per_principal
+    max_streams_per_grpc_connection: int = DEFAULT_LIMITS.max_streams_per_grpc_connection
+    max_streams_per_session: int = DEFAULT_LIMITS.max_streams_per_session
+    max_tunnels_per_peer: int = DEFAULT_LIMITS.max_tunnels_per_peer
+    peer_buffer_bytes: int = DEFAULT_LIMITS.peer_buffer_bytes
+
+    @property
+    def limits(self) -> Limits:
+        """:class:`~tailnet.limits.Limits` from the limit options (others at defaults)."""
+        return Limits(
+            max_peers_per_principal=self.max_peers_per_principal,
+            max_streams_per_grpc_connection=self.max_streams_per_grpc_connection,
+            max_streams_per_session=self.max_streams_per_session,
+            max_tunnels_per_peer=self.max_tunnels_per_peer,
+            peer_buffer_bytes=self.peer_buffer_bytes,
+        )
 
     def __post_init__(self) -> None:
         try:
@@ -168,6 +210,10 @@ class StackConfig:
             raise ConfigError(f"health_cache must not be negative, got {self.health_cache!r}")
         if self.access_url and not self.access_url.startswith(("http://", "https://")):
             raise ConfigError(f"access_url must start with http:// or https://: {self.access_url!r}")
+        try:
+            self.limits  # noqa: B018 - validates every limit option
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 def _convert(opt: Option, value: Any, source: str) -> Any:

@@ -17,9 +17,10 @@ Flow
     ---------                         -----------                    -----------
     connect(id, name, sink)  ───────► register, replace dup id ────► old.close(overwritten)
                                       "init" batch               ────► sink.send(resp)
-    validate_request(req)             (module function, raises RequestError)
+    validate_request(req, limits)     (module function, raises RequestError; ONCE)
     await policy.authorize(id, req)   (tailnet.auth, raises AuthorizationError)
-    handle(id, sink, req)    ───────► UpdateSelf → AddTunnel → RemoveTunnel
+    handle(id, sink, req,    ───────► UpdateSelf → AddTunnel → RemoveTunnel
+           validated=True)
                                       → Disconnect → ReadyForHandshake
                                                                  ────► tunnel peers' sinks
     lost(id, sink, error)    ───────► LOST "lost" to tunnel peers, sink.close(error)
@@ -27,8 +28,9 @@ Flow
 
 What is sent to whom (spec coordinator.md §2.4)
 -----------------------------------------------
-* connect X: X gets ONE response (chunked at :data:`MAX_UPDATES_PER_RESPONSE`) of
-  NODE "init" for every connected tunnel peer that has a node; nothing if empty.
+* connect X: X gets ONE response (chunked at :data:`MAX_UPDATES_PER_RESPONSE` updates
+  and about :data:`MAX_RESPONSE_BYTES` bytes) of NODE "init" for every connected
+  tunnel peer that has a node; nothing if empty.
 * X UpdateSelf: every connected tunnel peer gets NODE "node update", one update per
   response (the same response object is shared by all recipients).
 * X AddTunnel(D): tunnel X→D recorded even if D is offline. If D is connected:
@@ -78,6 +80,16 @@ Rules / invariants
    (a :class:`RuntimeError` is raised). ``sink.close`` is only called once the
    coordinator is consistent and idle, so it may call back (e.g. ``lost``).
 8. Sinks receive shared, immutable responses; they must not mutate them.
+9. Limits (:class:`tailnet.limits.Limits`): requests are checked by
+   :func:`validate_request` (node and request shape caps) exactly once — by the
+   service before authorization, which then calls ``handle(..., validated=True)``;
+   a direct caller's ``handle`` validates itself. An AddTunnel that would give
+   its source more than ``max_tunnels_per_peer`` tunnels raises
+   :class:`LimitExceeded` before anything is applied.
+10. Re-authorization: :meth:`Coordinator.tunnels_from` and
+   :meth:`Coordinator.revoke_tunnels` let the service check the tunnels a
+   replacing connection would inherit against its own policy (and drop the
+   refused ones, as RemoveTunnel does) before it calls :meth:`Coordinator.connect`.
 
 Cost: O(tunnel peers) per request; a node is serialized once per UpdateSelf.
 """
@@ -85,20 +97,25 @@ Cost: O(tunnel peers) per request; a node is serialized once per UpdateSelf.
 from __future__ import annotations
 
 import logging
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Final, Protocol
 
-from tailnet.errors import CoordinatorClosed, RequestError
+from tailnet.errors import CoordinatorClosed, LimitExceeded, RequestError
+from tailnet.limits import DEFAULT_LIMITS, Limits
 from tailnet.v2 import tailnet_pb2 as pb
 
 __all__ = [
     "CLOSE_ERR_COORDINATOR_CLOSE",
     "CLOSE_ERR_FAILED_UPDATE",
     "CLOSE_ERR_OVERWRITTEN",
+    "DISCO_KEY_LEN",
+    "MAX_RESPONSE_BYTES",
     "MAX_UPDATES_PER_RESPONSE",
+    "NODE_KEY_LEN",
     "READY_FOR_HANDSHAKE_ERROR",
     "REASON_ADD_TUNNEL",
     "REASON_COORDINATOR_CLOSE",
@@ -114,9 +131,11 @@ __all__ = [
     "CoordinatorAPI",
     "CoordinatorClosed",
     "CoordinatorStats",
+    "LimitExceeded",
     "PeerInfo",
     "PeerSink",
     "RequestError",
+    "validate_node",
     "validate_request",
 ]
 
@@ -128,6 +147,16 @@ RESPONSE_BUFFER_SIZE: Final = 512
 REQUEST_BUFFER_SIZE: Final = 32
 #: Largest number of PeerUpdates in one response (keeps "init" below 4 MiB frames).
 MAX_UPDATES_PER_RESPONSE: Final = 1024
+#: Batched responses ("init", resyncs) are cut at about this size (frames are limited
+#: to 4 MiB; with nodes of up to 64 KiB, 1024 updates alone could exceed that).
+MAX_RESPONSE_BYTES: Final = 3 * 1024 * 1024
+#: ``Node.key``: ``b"np"`` + a 32-byte WireGuard public key (tailscale's binary form).
+NODE_KEY_LEN: Final = 34
+#: ``Node.disco``: ``"discokey:"`` + 64 hex digits (tailscale's text form).
+DISCO_KEY_LEN: Final = 73
+_DISCO_RE: Final = re.compile(r"discokey:[0-9a-fA-F]{64}")
+#: Bytes a PeerUpdate adds around its node (id, kind, reason, tags), for chunking.
+_UPDATE_OVERHEAD: Final = 64
 
 CLOSE_ERR_OVERWRITTEN: Final = "peer ID overwritten by new connection"
 CLOSE_ERR_COORDINATOR_CLOSE: Final = "coordinator closed"
@@ -179,6 +208,8 @@ class CoordinatorAPI(Protocol):
 
     The four verbs return at once (an asynchronous implementation schedules its
     work on the running loop); deliveries arrive through each peer's sink.
+    ``tunnels_from``/``revoke_tunnels`` are coroutines (the PostgreSQL one reads
+    and writes the database; the in-memory one never suspends).
     """
 
     @property
@@ -186,11 +217,28 @@ class CoordinatorAPI(Protocol):
 
     def connect(self, peer_id: uuid.UUID, name: str, sink: PeerSink) -> None: ...
 
-    def handle(self, peer_id: uuid.UUID, sink: PeerSink, req: pb.CoordinateRequest) -> None: ...
+    def handle(
+        self,
+        peer_id: uuid.UUID,
+        sink: PeerSink,
+        req: pb.CoordinateRequest,
+        *,
+        validated: bool = False,
+    ) -> None: ...
 
     def lost(self, peer_id: uuid.UUID, sink: PeerSink, error: str | None = None) -> None: ...
 
     def close(self) -> None: ...
+
+    def is_connected(self, peer_id: uuid.UUID) -> bool: ...
+
+    async def tunnels_from(self, peer_id: uuid.UUID) -> set[uuid.UUID]:
+        """Destinations of the tunnels recorded with ``peer_id`` as source."""
+        ...
+
+    async def revoke_tunnels(self, peer_id: uuid.UUID, dsts: Iterable[uuid.UUID]) -> None:
+        """Delete tunnels ``peer_id → dst`` as RemoveTunnel would (both ends told)."""
+        ...
 
     def peers(self) -> list[PeerInfo]: ...
 
@@ -221,36 +269,96 @@ class CoordinatorStats:
     overwrites: int
 
 
-def _uuid_field(raw: bytes, field: str) -> uuid.UUID:
+def _uuid_field(raw: bytes, field: str) -> None:
     if len(raw) != 16:
         raise RequestError(f"{field} must be a 16-byte UUID, got {len(raw)} bytes")
-    return uuid.UUID(bytes=raw)
 
 
-def validate_request(req: pb.CoordinateRequest) -> None:
-    """Check a request's shape before authorization (spec §2.2 step 2).
+def _too_many(owner: str, n: int, field: str, cap: int) -> RequestError:
+    return RequestError(
+        f"{owner} has {n} {field} entries; at most {cap} are allowed (max_{field})"
+    )
+
+
+def validate_node(node: pb.Node, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Check one node's shape against ``limits``; raises :class:`RequestError`.
+
+    * ``key``: empty, or exactly :data:`NODE_KEY_LEN` bytes starting with ``b"np"``;
+    * ``disco``: empty, or ``"discokey:"`` + 64 hex digits;
+    * counts of ``addresses``, ``allowed_ips``, ``endpoints``, ``derp_latency``
+      and ``derp_forced_websocket`` entries;
+    * the serialized size (unknown fields included): ``max_node_bytes``.
+
+    Cheap: a few ``len()`` calls and one size computation (no per-entry loops;
+    the size cap bounds the entries' lengths). Addresses are parsed later, by
+    the policies that need them (:mod:`tailnet.auth`).
+    """
+    key = node.key
+    if key and (len(key) != NODE_KEY_LEN or not key.startswith(b"np")):
+        raise RequestError(
+            f'update_self node key must be {NODE_KEY_LEN} bytes ("np" + 32-byte public key), '
+            f"got {len(key)} bytes"
+        )
+    disco = node.disco
+    if disco and (len(disco) != DISCO_KEY_LEN or _DISCO_RE.fullmatch(disco) is None):
+        raise RequestError(
+            f'update_self node disco must be "discokey:" + 64 hex digits ({DISCO_KEY_LEN} '
+            f"characters), got {min(len(disco), 1000)} characters"
+        )
+    for field, n, cap in (
+        ("addresses", len(node.addresses), limits.max_addresses),
+        ("allowed_ips", len(node.allowed_ips), limits.max_allowed_ips),
+        ("endpoints", len(node.endpoints), limits.max_endpoints),
+        ("derp_latency", len(node.derp_latency), limits.max_derp_latency),
+        ("derp_forced_websocket", len(node.derp_forced_websocket),
+         limits.max_derp_forced_websocket),
+    ):
+        if n > cap:
+            raise _too_many("update_self node", n, field, cap)
+    size = node.ByteSize()
+    if size > limits.max_node_bytes:
+        raise RequestError(
+            f"update_self node is {size} bytes; at most {limits.max_node_bytes} are allowed "
+            "(max_node_bytes)"
+        )
+
+
+def validate_request(req: pb.CoordinateRequest, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Check a request's shape before authorization (spec §2.2 step 2), ONCE per request.
 
     Raises :class:`RequestError` with the text to send to the peer:
 
     * not a ``CoordinateRequest`` → ``"coordinate request is required"``;
     * ``update_self`` without ``node`` → ``"update_self node is required"``
-      (an empty Node is still a Node);
+      (an empty Node is still a Node); a node beyond ``limits`` → see
+      :func:`validate_node`;
+    * more than ``limits.max_ready_for_handshake`` ``ready_for_handshake`` entries;
     * ``add_tunnel.id`` / ``remove_tunnel.id`` / ``ready_for_handshake[i].id`` not
       16 bytes → a message naming the field.
 
     An empty request is a valid no-op. (Protobuf repeated fields cannot hold nil
     entries, so Coder's "ready_for_handshake entries must not be nil" cannot occur.)
+    Cost is bounded by the caps: counts are checked before any per-entry work.
     """
     if not isinstance(req, pb.CoordinateRequest):
         raise RequestError("coordinate request is required")
-    if req.HasField("update_self") and not req.update_self.HasField("node"):
-        raise RequestError("update_self node is required")
+    if req.HasField("update_self"):
+        if not req.update_self.HasField("node"):
+            raise RequestError("update_self node is required")
+        validate_node(req.update_self.node, limits)
     if req.HasField("add_tunnel"):
         _uuid_field(req.add_tunnel.id, "add_tunnel.id")
     if req.HasField("remove_tunnel"):
         _uuid_field(req.remove_tunnel.id, "remove_tunnel.id")
-    for i, rfh in enumerate(req.ready_for_handshake):
-        _uuid_field(rfh.id, f"ready_for_handshake[{i}].id")
+    rfh = req.ready_for_handshake
+    n = len(rfh)
+    if n:
+        if n > limits.max_ready_for_handshake:
+            raise _too_many("request", n, "ready_for_handshake", limits.max_ready_for_handshake)
+        for entry in rfh:
+            if len(entry.id) != 16:
+                bad = next(i for i, e in enumerate(rfh) if len(e.id) != 16)
+                _uuid_field(rfh[bad].id, f"ready_for_handshake[{bad}].id")
 
 
 class _Peer:
@@ -296,6 +404,7 @@ class Coordinator:
         "_closed",
         "_evicted",
         "_evictions",
+        "_limits",
         "_overwrites",
         "_peers",
         "_node_keys",
@@ -305,8 +414,11 @@ class Coordinator:
         "_updates_suppressed",
     )
 
-    def __init__(self, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self, *, clock: Callable[[], float] = time.time, limits: Limits = DEFAULT_LIMITS
+    ) -> None:
         self._clock = clock
+        self._limits = limits
         self._peers: dict[uuid.UUID, _Peer] = {}
         #: ``Node.key`` → number of connected peers whose latest node carries it
         self._node_keys: dict[bytes, int] = {}
@@ -353,21 +465,40 @@ class Coordinator:
             self._exit()
         self._run_closes()
 
-    def handle(self, peer_id: uuid.UUID, sink: PeerSink, req: pb.CoordinateRequest) -> None:
-        """Apply one validated and authorized request from ``peer_id``'s connection ``sink``.
+    @property
+    def limits(self) -> Limits:
+        """The limits this coordinator enforces (``max_tunnels_per_peer``, and
+        :func:`validate_request`'s caps for unvalidated requests)."""
+        return self._limits
+
+    def handle(
+        self,
+        peer_id: uuid.UUID,
+        sink: PeerSink,
+        req: pb.CoordinateRequest,
+        *,
+        validated: bool = False,
+    ) -> None:
+        """Apply one authorized request from ``peer_id``'s connection ``sink``.
 
         Ignored if ``sink`` is not the current connection of ``peer_id`` (replaced,
         removed, or coordinator closed). Order: UpdateSelf → AddTunnel →
         RemoveTunnel → Disconnect → ReadyForHandshake; processing stops early if
-        the peer is removed meanwhile. Re-validates cheaply: raises
-        :class:`RequestError` (state untouched) for a malformed request.
+        the peer is removed meanwhile. Unless ``validated`` (the caller already ran
+        :func:`validate_request` with this coordinator's limits), the request is
+        validated first. Raises :class:`RequestError` (state untouched) for a
+        malformed request and :class:`LimitExceeded` for an AddTunnel beyond
+        ``max_tunnels_per_peer``.
         """
-        validate_request(req)
+        if not validated:
+            validate_request(req, self._limits)
         self._enter()
         try:
             p = self._current(peer_id, sink)
             if p is None:
                 return
+            if req.HasField("add_tunnel"):
+                self._check_tunnel_cap(p.id, uuid.UUID(bytes=req.add_tunnel.id))
             if req.HasField("update_self"):
                 self._update_self(p, req.update_self.node)
                 self._drain()
@@ -470,6 +601,28 @@ class Coordinator:
     def tunnel_peers(self, peer_id: uuid.UUID) -> set[uuid.UUID]:
         """IDs (connected or not) sharing a tunnel with ``peer_id``."""
         return set(self._iter_tunnel_peers(peer_id))
+
+    async def tunnels_from(self, peer_id: uuid.UUID) -> set[uuid.UUID]:
+        """Destinations of the tunnels ``peer_id → dst`` (what a replacing connection
+        inherits). A coroutine for :class:`CoordinatorAPI`; never suspends."""
+        return set(self._by_src.get(peer_id, ()))
+
+    async def revoke_tunnels(self, peer_id: uuid.UUID, dsts: Iterable[uuid.UUID]) -> None:
+        """Delete tunnels ``peer_id → dst`` exactly as RemoveTunnel from ``peer_id``
+        would (DISCONNECTED "remove tunnel" to both ends if they were told about
+        each other), whether or not ``peer_id`` is connected. Never suspends."""
+        self._enter()
+        try:
+            p = self._peers.get(peer_id)
+            for dst in list(dsts):
+                if p is not None and not p.doomed:
+                    self._remove_tunnel(p, dst)
+                    self._drain()
+                else:
+                    self._unlink_tunnel(peer_id, dst)
+        finally:
+            self._exit()
+        self._run_closes()
 
     def peers(self) -> list[PeerInfo]:
         """Snapshot of connected peers (for debug pages)."""
@@ -616,20 +769,29 @@ class Coordinator:
     # ------------------------------------------------------------------ handlers
 
     def _send_init(self, p: _Peer) -> None:
-        updates: list[pb.CoordinateResponse.PeerUpdate] = []
+        """The "init" batch, in responses of at most MAX_UPDATES_PER_RESPONSE updates
+        and (unless one node alone is larger) about MAX_RESPONSE_BYTES bytes."""
+        chunk: list[pb.CoordinateResponse.PeerUpdate] = []
+        size = 0
         for other in self._connected_tunnel_peers(p.id):
             if other.node is None or other.node_bytes is None:
                 continue
+            usize = len(other.node_bytes) + _UPDATE_OVERHEAD
+            if chunk and (
+                len(chunk) >= MAX_UPDATES_PER_RESPONSE or size + usize > MAX_RESPONSE_BYTES
+            ):
+                if not self._send(p, pb.CoordinateResponse(peer_updates=chunk)):
+                    return
+                chunk, size = [], 0
             p.sent[other.id] = other.node_bytes
-            updates.append(
+            chunk.append(
                 pb.CoordinateResponse.PeerUpdate(
                     id=other.id_bytes, kind=_NODE, reason=REASON_INIT, node=other.node
                 )
             )
-        for i in range(0, len(updates), MAX_UPDATES_PER_RESPONSE):
-            resp = pb.CoordinateResponse(peer_updates=updates[i : i + MAX_UPDATES_PER_RESPONSE])
-            if not self._send(p, resp):
-                break
+            size += usize
+        if chunk:
+            self._send(p, pb.CoordinateResponse(peer_updates=chunk))
 
     def _index_node_key(self, old: pb.Node | None, new: pb.Node | None) -> None:
         """Keep :attr:`_node_keys` in step when a peer's node is replaced or dropped."""
@@ -676,19 +838,33 @@ class Coordinator:
         if p.node is not None and p.node_bytes is not None:
             self._send_node(dst, p, self._node_resp(p, REASON_ADD_TUNNEL), p.node_bytes)
 
+    def _check_tunnel_cap(self, src: uuid.UUID, dst: uuid.UUID) -> None:
+        """Raise :class:`LimitExceeded` if AddTunnel(dst) would exceed the cap."""
+        dsts = self._by_src.get(src)
+        cap = self._limits.max_tunnels_per_peer
+        if dsts is not None and len(dsts) >= cap and dst not in dsts and dst != src:
+            raise LimitExceeded(
+                f"add_tunnel refused: this peer already has {len(dsts)} tunnels; at most "
+                f"{cap} are allowed (max_tunnels_per_peer)"
+            )
+
+    def _unlink_tunnel(self, src: uuid.UUID, dst: uuid.UUID) -> None:
+        """Delete ``src → dst`` from both indexes (no messages)."""
+        dsts = self._by_src.get(src)
+        if dsts is not None:
+            dsts.discard(dst)
+            if not dsts:
+                del self._by_src[src]
+        srcs = self._by_dst.get(dst)
+        if srcs is not None:
+            srcs.discard(src)
+            if not srcs:
+                del self._by_dst[dst]
+
     def _remove_tunnel(self, p: _Peer, dst_id: uuid.UUID) -> None:
         if dst_id == p.id:
             return
-        dsts = self._by_src.get(p.id)
-        if dsts is not None:
-            dsts.discard(dst_id)
-            if not dsts:
-                del self._by_src[p.id]
-        srcs = self._by_dst.get(dst_id)
-        if srcs is not None:
-            srcs.discard(p.id)
-            if not srcs:
-                del self._by_dst[dst_id]
+        self._unlink_tunnel(p.id, dst_id)
         if self.has_tunnel(dst_id, p.id):
             return  # rule 6: still share the reverse tunnel
         self._send_gone(

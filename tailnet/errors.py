@@ -5,13 +5,15 @@ Hierarchy::
     TailnetError
     ├── CoordinatorClosed    the coordinator was closed; no new connections
     ├── RequestError         a CoordinateRequest failed validation (ValueError subclass)
+    │   └── LimitExceeded    ... because it would exceed a per-peer resource limit
     └── AuthorizationError   a policy refused a CoordinateRequest
 
 Transport mapping (done in exactly one place per adapter):
 
 * ``RequestError``: end only that peer's stream; ``str(err)`` is Coder's text
   (e.g. ``"update_self node is required"``) and may be sent to the peer as
-  ``CoordinateResponse.error``.
+  ``CoordinateResponse.error``; the status is ``INVALID_ARGUMENT``, or
+  ``RESOURCE_EXHAUSTED`` for a ``LimitExceeded``.
 * ``AuthorizationError``: end only that peer's stream (as LOST); the peer is sent
   ``"authorization: " + str(err)``.
 * ``CoordinatorClosed``: refuse the call (e.g. gRPC ``UNAVAILABLE``).
@@ -25,6 +27,7 @@ from __future__ import annotations
 __all__ = [
     "AuthorizationError",
     "CoordinatorClosed",
+    "LimitExceeded",
     "RequestError",
     "TailnetError",
 ]
@@ -43,6 +46,13 @@ class CoordinatorClosed(TailnetError):
 
 class RequestError(TailnetError, ValueError):
     """A malformed ``CoordinateRequest``; the message is the text sent to the peer."""
+
+
+class LimitExceeded(RequestError):
+    """A request would exceed a resource limit (e.g. ``max_tunnels_per_peer``).
+
+    The message names the limit; nothing of the request was applied.
+    """
 
 
 class AuthorizationError(TailnetError):

@@ -3,18 +3,29 @@
 Flow (Coder's ``tailnet/resume.go``):
 
 1. While a client's Coordinate stream is live it calls ``RefreshResumeToken``;
-   the server answers with a token bound to that stream's peer ID,
-   ``refresh_in`` (half the lifetime) and ``expires_at``.
+   the server answers with a token bound to that stream's peer ID **and to the
+   caller's principal**, ``refresh_in`` (half the lifetime) and ``expires_at``.
 2. On reconnect the client presents the token (gRPC metadata
-   ``tailnet-resume-token``). A valid token makes the server reuse the peer ID
-   (``sub``), so agents see LOST → NODE for the same peer instead of
-   DISCONNECTED plus a new peer. An invalid one is refused with a message
-   naming ``resume_token``; a legacy token without ``kid`` is ignored and the
-   client gets a fresh ID.
+   ``tailnet-resume-token``) with its session token. A valid token presented by
+   the same principal makes the server reuse the peer ID (``sub``), so agents
+   see LOST → NODE for the same peer instead of DISCONNECTED plus a new peer.
+   An invalid one — including one issued to another principal — is refused
+   with a message naming ``resume_token`` (HTTP 401, validation field
+   ``resume_token``; Coder's clients then retry at once without it); a legacy
+   token without ``kid`` is ignored and the client gets a fresh ID.
 
 Token format: compact JWS, algorithm HS512, header ``kid`` = the signing key's
 sequence number as a decimal string; claims ``sub`` (peer UUID string), ``exp``
-and ``iat`` (NumericDate). Default lifetime 24 h, ``refresh_in`` 12 h.
+and ``iat`` (NumericDate), and ``principal`` = ``"<kind>:<id>"`` of the
+principal it was issued to (e.g. ``"user:1111…"``). Default lifetime 24 h,
+``refresh_in`` 12 h.
+
+Binding to the principal (a deliberate difference from Coder, whose tokens
+carry only the peer ID): otherwise anyone holding a token could move that peer
+ID, and the tunnels of it that other peers opened, to their own identity. A
+token that has a ``kid`` but no ``principal`` claim (issued before the claim
+existed) is refused as invalid — the safe choice: the client reconnects without
+it and gets a fresh peer ID, once.
 
 Keys: :class:`ResumeKeyStore` holds 64-byte random secrets numbered 1, 2, …;
 the newest signs. :meth:`ResumeTokenProvider.rotate` adds a key and *retires*
@@ -23,7 +34,8 @@ the previous one, which keeps verifying tokens until ``retired_at + lifetime``
 be persisted as JSON (written atomically, mode 0600) so tokens survive restarts.
 
 Invariant: a token verifies iff its ``kid`` names a key still in the store, its
-signature matches that key, ``exp`` is in the future and ``sub`` is a UUID.
+signature matches that key, ``exp`` is in the future, ``sub`` is a UUID and its
+``principal`` claim names the presenting principal.
 """
 
 from __future__ import annotations
@@ -44,11 +56,14 @@ import jwt
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from tailnet.identity import Principal
 from tailnet.v2 import tailnet_pb2 as pb
 
 __all__ = [
     "DEFAULT_LIFETIME",
     "ALGORITHM",
+    "PRINCIPAL_CLAIM",
+    "principal_claim",
     "InvalidResumeToken",
     "LegacyResumeToken",
     "ResumeKey",
@@ -58,7 +73,14 @@ __all__ = [
 
 DEFAULT_LIFETIME = timedelta(hours=24)
 ALGORITHM = "HS512"
+#: Claim naming the principal a token was issued to (value: :func:`principal_claim`).
+PRINCIPAL_CLAIM = "principal"
 _SECRET_LEN = 64
+
+
+def principal_claim(principal: Principal) -> str:
+    """``"<kind>:<id>"``: the principal's identity (its display name is not part of it)."""
+    return f"{principal.kind}:{principal.id}"
 
 
 class InvalidResumeToken(Exception):
@@ -211,14 +233,20 @@ class ResumeTokenProvider:
     def keys(self) -> ResumeKeyStore:
         return self._keys
 
-    def issue(self, peer_id: uuid.UUID) -> pb.RefreshResumeTokenResponse:
-        """A token for ``peer_id`` with ``refresh_in = lifetime / 2``."""
+    def issue(self, peer_id: uuid.UUID, principal: Principal) -> pb.RefreshResumeTokenResponse:
+        """A token for ``peer_id``, usable only by ``principal``, with
+        ``refresh_in = lifetime / 2``."""
         now = self._clock()
         lifetime_s = self._lifetime.total_seconds()
         exp = now + lifetime_s
         key = self._keys.signing_key
         token = jwt.encode(
-            {"sub": str(peer_id), "iat": int(now), "exp": int(exp)},
+            {
+                "sub": str(peer_id),
+                "iat": int(now),
+                "exp": int(exp),
+                PRINCIPAL_CLAIM: principal_claim(principal),
+            },
             key.secret,
             algorithm=ALGORITHM,
             headers={"kid": str(key.seq)},
@@ -231,11 +259,12 @@ class ResumeTokenProvider:
             token=token, refresh_in=refresh_in, expires_at=expires_at
         )
 
-    def verify(self, token: str) -> uuid.UUID:
-        """Return the peer ID in ``token``.
+    def verify(self, token: str, principal: Principal) -> uuid.UUID:
+        """Return the peer ID in ``token`` if ``principal`` may resume it.
 
         Raises :class:`LegacyResumeToken` for a token without ``kid`` and
-        :class:`InvalidResumeToken` for anything else that is wrong.
+        :class:`InvalidResumeToken` for anything else that is wrong, including a
+        token issued to another principal or one without a ``principal`` claim.
         """
         try:
             header = jwt.get_unverified_header(token)
@@ -268,9 +297,15 @@ class ResumeTokenProvider:
         if not isinstance(exp, (int, float)) or exp <= self._clock():
             raise InvalidResumeToken("has expired")
         try:
-            return uuid.UUID(str(claims["sub"]))
+            peer_id = uuid.UUID(str(claims["sub"]))
         except ValueError:
             raise InvalidResumeToken("has an invalid subject (expected a peer UUID)") from None
+        bound = claims.get(PRINCIPAL_CLAIM)
+        if bound is None:
+            raise InvalidResumeToken("is not bound to a principal (issued by an older server)")
+        if bound != principal_claim(principal):
+            raise InvalidResumeToken("was issued to a different principal")
+        return peer_id
 
     def rotate(self) -> None:
         """Start signing with a new key; old keys verify for one more token lifetime."""

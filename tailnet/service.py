@@ -18,15 +18,24 @@ Coordinate flow (:meth:`TailnetService.coordinate`)::
     # or, cheaper (no async generators; what the gRPC adapter uses):
     await service.run_coordinate(ident, read, write, eof)
 
-* The peer's responses go through a :class:`QueueSink` (bounded, 512 by
-  default). The coordinator writes without blocking; if the queue is full it
-  evicts the peer (slow consumer), which ends only that stream.
-* A reader task runs, for every request: ``validate_request`` →
-  ``await policy.authorize`` → ``coordinator.handle``. A malformed request
+* Opening a stream: at most ``limits.max_peers_per_principal`` concurrent
+  Coordinate streams per principal (kind + id), else ``RESOURCE_EXHAUSTED``
+  naming the limit. A replacing connection (same peer ID still connected) or a
+  resumed one first has the tunnels it would inherit re-authorized against its
+  own policy; refused ones are removed (as RemoveTunnel) before it connects.
+* The peer's responses go through a :class:`QueueSink` (bounded by
+  ``limits.peer_buffer_responses`` responses, 512, and
+  ``limits.peer_buffer_bytes`` serialized bytes, 8 MiB). The coordinator writes
+  without blocking; past either bound it evicts the peer (slow consumer), which
+  ends only that stream.
+* A reader task runs, for every request: ``validate_request`` (once, with
+  ``limits``) → ``await policy.authorize`` → ``coordinator.handle(...,
+  validated=True)``. A malformed request (or one beyond a node/request cap)
   sends ``CoordinateResponse(error=<text>)`` and ends the stream with
-  ``INVALID_ARGUMENT``; an authorization failure sends ``"authorization: …"``
-  and ends with ``PERMISSION_DENIED``; in both cases the peer is reported LOST
-  to its tunnel peers and nothing else is disturbed.
+  ``INVALID_ARGUMENT`` (``RESOURCE_EXHAUSTED`` for ``max_tunnels_per_peer``);
+  an authorization failure sends ``"authorization: …"`` and ends with
+  ``PERMISSION_DENIED``; in every case the peer is reported LOST to its tunnel
+  peers and nothing else is disturbed.
 * ``Disconnect`` → tunnel peers see DISCONNECTED, the stream ends cleanly.
   The request stream ending (or the call being cancelled) without Disconnect
   → LOST, the stream ends.
@@ -42,11 +51,16 @@ ID under ``AgentPolicy``; users get a fresh (or resumed) ID under
 
 Concurrency: everything runs on one event loop; the coordinator core is only
 touched from that loop and never across an ``await``.
+
+Garbage: a stream leaves no reference cycles behind (exceptions stored for
+later are never raised themselves, so no traceback links them back to the
+frames holding them); the servers' tuned GC then never has to find them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import logging
 import uuid
@@ -64,7 +78,7 @@ from tailnet.auth import (
 )
 from tailnet.core import RESPONSE_BUFFER_SIZE, CoordinatorAPI, validate_request
 from tailnet.derpmap import DERPMapSource, derp_maps_equal, with_home_params
-from tailnet.errors import AuthorizationError, CoordinatorClosed, RequestError
+from tailnet.errors import AuthorizationError, CoordinatorClosed, LimitExceeded, RequestError
 from tailnet.identity import (
     MD_AGENT_ID,
     MD_PEER_ID,
@@ -74,6 +88,7 @@ from tailnet.identity import (
     Principal,
     token_from_metadata,
 )
+from tailnet.limits import DEFAULT_LIMITS, Limits
 from tailnet.resume import InvalidResumeToken, LegacyResumeToken, ResumeTokenProvider
 from tailnet.telemetry import InvalidTelemetry, TelemetryBuffer
 from tailnet.v2 import tailnet_pb2 as pb
@@ -96,6 +111,7 @@ __all__ = [
     "QueueSink",
     "TunnelAuthorizer",
     "TailnetService",
+    "response_size",
 ]
 
 log = logging.getLogger(__name__)
@@ -118,6 +134,7 @@ class Status(enum.Enum):
     UNAUTHENTICATED = "unauthenticated"
     PERMISSION_DENIED = "permission denied"
     FAILED_PRECONDITION = "failed precondition"
+    RESOURCE_EXHAUSTED = "resource exhausted"
     UNIMPLEMENTED = "unimplemented"
     UNAVAILABLE = "unavailable"
     INTERNAL = "internal"
@@ -160,30 +177,61 @@ class StreamIdentity:
     resumed: bool = False
 
 
+#: (response, serialized size) of the last response measured by :func:`response_size`.
+_last_size: tuple[pb.CoordinateResponse | None, int] = (None, 0)
+
+
+def response_size(resp: pb.CoordinateResponse) -> int:
+    """Serialized size of ``resp``, computed once per response object.
+
+    The coordinator shares one response object between all recipients of a
+    fan-out and sends it to them one after the other, so a one-entry cache
+    keyed by identity (holding a strong reference, so the identity cannot be
+    reused) measures each response once, not once per recipient.
+    """
+    global _last_size
+    last, size = _last_size
+    if resp is not last:
+        size = resp.ByteSize()
+        _last_size = (resp, size)
+    return size
+
+
 class QueueSink:
     """A bounded per-peer response queue (the coordinator's ``PeerSink``).
 
-    ``send`` never blocks: it returns ``False`` when ``maxsize`` responses are
-    waiting (the coordinator then evicts the peer). After ``close`` further
-    sends are dropped (returning ``True``: the peer is going away anyway).
+    ``send`` never blocks: it returns ``False`` when ``maxsize`` responses, or
+    responses totalling more than ``max_bytes`` serialized bytes, would be
+    waiting (the coordinator then evicts the peer). A response is always
+    accepted into an empty queue, so one large response (an "init" batch) never
+    evicts a peer that keeps up. After ``close`` further sends are dropped
+    (returning ``True``: the peer is going away anyway).
     The single consumer takes responses with :meth:`pop` and sleeps in
     :meth:`wait` while the queue is empty and open; once closed and empty, the
     close error (if any) is the stream's final ``CoordinateResponse(error=…)``.
     :meth:`drain` wraps that protocol as an async iterator.
 
     ``failure`` (set by :meth:`fail`) records a status other than OK for the
-    transport to end the stream with. Owned by the event loop thread. Lean by
-    design (one per connected peer): ``__slots__``, a small list, and at most one
-    waiter future, created only while the consumer sleeps.
+    transport to end the stream with (never raise that object itself: raise a
+    copy, or its traceback would tie this sink into a reference cycle). Owned by
+    the event loop thread. Lean by design (one per connected peer):
+    ``__slots__``, a small list, and at most one waiter future, created only
+    while the consumer sleeps.
     """
 
-    __slots__ = ("_queue", "_maxsize", "_waiter", "closed", "error", "failure")
+    __slots__ = (
+        "_bytes", "_max_bytes", "_maxsize", "_queue", "_waiter", "closed", "error", "failure",
+    )
 
-    def __init__(self, maxsize: int = RESPONSE_QUEUE_SIZE) -> None:
+    def __init__(
+        self, maxsize: int = RESPONSE_QUEUE_SIZE, max_bytes: int = DEFAULT_LIMITS.peer_buffer_bytes
+    ) -> None:
         # A list, not a deque: it usually holds 0-2 responses, and an empty deque
         # costs a 64-slot block (~0.5 KB) per connected peer.
-        self._queue: list[pb.CoordinateResponse] = []
+        self._queue: list[tuple[pb.CoordinateResponse, int]] = []
         self._maxsize = maxsize
+        self._max_bytes = max_bytes
+        self._bytes = 0
         self._waiter: asyncio.Future[None] | None = None
         self.closed = False
         self.error: str | None = None
@@ -199,9 +247,12 @@ class QueueSink:
     def send(self, resp: pb.CoordinateResponse) -> bool:
         if self.closed:
             return True
-        if len(self._queue) >= self._maxsize:
+        size = response_size(resp)
+        q = self._queue
+        if q and (len(q) >= self._maxsize or self._bytes + size > self._max_bytes):
             return False
-        self._queue.append(resp)
+        q.append((resp, size))
+        self._bytes += size
         if self._waiter is not None:
             self._wake()
         return True
@@ -220,13 +271,28 @@ class QueueSink:
             self.failure = ServiceError(status, message)
         self.close(message)
 
+    def raise_failure(self) -> None:
+        """Raise (a copy of) :attr:`failure`, if any."""
+        f = self.failure
+        if f is not None:
+            raise ServiceError(f.status, f.message)
+
     def __len__(self) -> int:
         return len(self._queue)
+
+    @property
+    def queued_bytes(self) -> int:
+        """Serialized bytes of the responses waiting."""
+        return self._bytes
 
     def pop(self) -> pb.CoordinateResponse | None:
         """The oldest queued response, or ``None`` if the queue is empty."""
         q = self._queue
-        return q.pop(0) if q else None
+        if not q:
+            return None
+        resp, size = q.pop(0)
+        self._bytes -= size
+        return resp
 
     async def wait(self) -> None:
         """Return once a response is queued or the sink is closed (single consumer)."""
@@ -243,8 +309,8 @@ class QueueSink:
     async def drain(self) -> AsyncIterator[pb.CoordinateResponse]:
         """Yield responses until closed (see class docstring)."""
         while True:
-            while self._queue:
-                yield self._queue.pop(0)
+            while (resp := self.pop()) is not None:
+                yield resp
             if self.closed:
                 if self.error:
                     yield pb.CoordinateResponse(error=self.error)
@@ -265,6 +331,12 @@ class TailnetService:
     may tunnel to; if omitted and ``workspaces`` is an
     :class:`InMemoryWorkspaceProvider`, its ``authorize_tunnel`` is used,
     otherwise users may tunnel nowhere.
+
+    ``limits`` (:class:`tailnet.limits.Limits`, public as :attr:`limits`) are
+    enforced here and read by the transports (``max_streams_per_session``,
+    ``max_streams_per_grpc_connection``); pass the same object to the
+    coordinator so ``max_tunnels_per_peer`` matches. ``response_queue_size``,
+    if given, overrides ``limits.peer_buffer_responses``.
     """
 
     def __init__(
@@ -278,7 +350,8 @@ class TailnetService:
         tunnel_authorizer: TunnelAuthorizer | None = None,
         telemetry: TelemetryBuffer | None = None,
         server_version: tuple[int, int] = CURRENT_VERSION,
-        response_queue_size: int = RESPONSE_QUEUE_SIZE,
+        limits: Limits = DEFAULT_LIMITS,
+        response_queue_size: int | None = None,
     ) -> None:
         self.coordinator = coordinator
         self._auth = authenticator
@@ -290,8 +363,12 @@ class TailnetService:
         self._tunnel_auth = tunnel_authorizer
         self.telemetry = telemetry if telemetry is not None else TelemetryBuffer()
         self._server_version = server_version
-        self._queue_size = response_queue_size
+        if response_queue_size is not None:
+            limits = dataclasses.replace(limits, peer_buffer_responses=response_queue_size)
+        self.limits = limits
         self._streams: dict[uuid.UUID, _LiveStream] = {}
+        #: open Coordinate streams per principal (kind, id), for max_peers_per_principal
+        self._principal_streams: dict[tuple[str, uuid.UUID], int] = {}
         self._closing = asyncio.Event()
 
     @property
@@ -345,7 +422,7 @@ class TailnetService:
         if not token or self._resume is None:
             return uuid.uuid4(), False
         try:
-            return self._resume.verify(token), True
+            return self._resume.verify(token, call.principal), True
         except LegacyResumeToken:
             return uuid.uuid4(), False
         except InvalidResumeToken as exc:
@@ -374,14 +451,82 @@ class TailnetService:
         return StreamIdentity(p, peer_id, "client", UserPolicy(authorize), resumed)
 
     # -- Coordinate -----------------------------------------------------------
-    def _open_stream(self, ident: StreamIdentity) -> tuple[QueueSink, _LiveStream]:
+    @staticmethod
+    def _principal_key(p: Principal) -> tuple[str, uuid.UUID]:
+        return (p.kind, p.id)
+
+    def principal_streams(self, principal: Principal) -> int:
+        """Coordinate streams of ``principal`` open (or opening) right now."""
+        return self._principal_streams.get(self._principal_key(principal), 0)
+
+    def _release_principal(self, key: tuple[str, uuid.UUID]) -> None:
+        n = self._principal_streams.get(key, 0) - 1
+        if n > 0:
+            self._principal_streams[key] = n
+        else:
+            self._principal_streams.pop(key, None)
+
+    async def _reauthorize_inherited(self, ident: StreamIdentity) -> None:
+        """Check the tunnels ``ident`` would inherit against ``ident.policy``.
+
+        Only a resumed peer ID, or one whose previous connection is still
+        registered (a replacement), can inherit tunnels it did not add itself.
+        Each inherited ``peer → dst`` is checked as an AddTunnel(dst) of the new
+        stream would be; refused ones are revoked (both ends see DISCONNECTED
+        "remove tunnel" if they knew each other) before the new connection
+        registers, so its "init" batch never carries their nodes. A tunnel the
+        replaced connection (same principal: resume tokens and agent IDs are
+        bound to it) adds while this check runs is inherited unchecked; Coder's
+        clients re-add all their tunnels after every reconnect anyway.
+        """
+        coord = self.coordinator
+        if not (ident.resumed or coord.is_connected(ident.peer_id)):
+            return
+        inherited = await coord.tunnels_from(ident.peer_id)
+        if not inherited:
+            return
+        denied: list[uuid.UUID] = []
+        for dst in inherited:
+            req = pb.CoordinateRequest(add_tunnel=pb.CoordinateRequest.Tunnel(id=dst.bytes))
+            try:
+                await ident.policy.authorize(ident.peer_id, req)
+            except AuthorizationError:
+                denied.append(dst)
+        if denied:
+            log.info(
+                "coordinate: peer %s: %d inherited tunnel(s) not authorized for the new "
+                "connection; removed", ident.peer_id, len(denied),
+            )
+            await coord.revoke_tunnels(ident.peer_id, denied)
+
+    async def _open_stream(self, ident: StreamIdentity) -> tuple[QueueSink, _LiveStream]:
         if self.closed:
             raise ServiceError(Status.UNAVAILABLE, "coordinator is closed")
-        sink = QueueSink(self._queue_size)
+        key = self._principal_key(ident.principal)
+        n = self._principal_streams.get(key, 0)
+        cap = self.limits.max_peers_per_principal
+        if n >= cap:
+            log.info("coordinate: %s %s refused: %d streams open (max_peers_per_principal)",
+                     ident.principal.kind, ident.principal.id, n)
+            raise ServiceError(
+                Status.RESOURCE_EXHAUSTED,
+                f"too many concurrent Coordinate streams for this principal: {n} open, "
+                f"at most {cap} allowed (max_peers_per_principal)",
+            )
+        self._principal_streams[key] = n + 1  # reserved across the awaits below
         try:
-            self.coordinator.connect(ident.peer_id, ident.name, sink)
-        except CoordinatorClosed as exc:
-            raise ServiceError(Status.UNAVAILABLE, str(exc)) from None
+            await self._reauthorize_inherited(ident)
+            if self.closed:
+                raise ServiceError(Status.UNAVAILABLE, "coordinator is closed")
+            lim = self.limits
+            sink = QueueSink(lim.peer_buffer_responses, lim.peer_buffer_bytes)
+            try:
+                self.coordinator.connect(ident.peer_id, ident.name, sink)
+            except CoordinatorClosed as exc:
+                raise ServiceError(Status.UNAVAILABLE, str(exc)) from None
+        except BaseException:
+            self._release_principal(key)
+            raise
         live = _LiveStream(ident.principal, sink)
         self._streams[ident.peer_id] = live
         log.debug("coordinate: peer %s (%s) connected", ident.peer_id, ident.name)
@@ -391,6 +536,7 @@ class TailnetService:
         self.coordinator.lost(ident.peer_id, sink)
         if self._streams.get(ident.peer_id) is live:
             del self._streams[ident.peer_id]
+        self._release_principal(self._principal_key(ident.principal))
         log.debug("coordinate: peer %s stream ended (%s)", ident.peer_id, sink.error)
 
     async def coordinate(
@@ -401,15 +547,14 @@ class TailnetService:
         The async-iterator form, for transports that consume generators (WebSocket
         RPC); :meth:`run_coordinate` is the cheaper reader/writer form.
         """
-        sink, live = self._open_stream(ident)
+        sink, live = await self._open_stream(ident)
         reader = asyncio.ensure_future(
             self._read_requests(ident, sink, aiter(requests).__anext__, _END)
         )
         try:
             async for resp in sink.drain():
                 yield resp
-            if sink.failure is not None:
-                raise sink.failure
+            sink.raise_failure()
         finally:
             reader.cancel()
             self._end_stream(ident, sink, live)
@@ -430,7 +575,7 @@ class TailnetService:
         the requests. Returns after a clean end (the close error, if any, was
         written last); raises :class:`ServiceError` for a failure status.
         """
-        sink, live = self._open_stream(ident)
+        sink, live = await self._open_stream(ident)
         reader = asyncio.ensure_future(self._read_requests(ident, sink, read, eof))
         try:
             while True:
@@ -443,8 +588,7 @@ class TailnetService:
                     await sink.wait()
             if sink.error:
                 await write(pb.CoordinateResponse(error=sink.error))
-            if sink.failure is not None:
-                raise sink.failure
+            sink.raise_failure()
         finally:
             reader.cancel()
             self._end_stream(ident, sink, live)
@@ -465,6 +609,7 @@ class TailnetService:
         peer_id = ident.peer_id
         authorize = ident.policy.authorize
         handle = self.coordinator.handle
+        limits = self.limits
         try:
             while True:
                 try:
@@ -478,7 +623,7 @@ class TailnetService:
                 if not isinstance(req, pb.CoordinateRequest):
                     raise TypeError(f"read() returned {type(req).__name__}")
                 try:
-                    validate_request(req)
+                    validate_request(req, limits)
                 except RequestError as exc:
                     self._fail(ident, sink, Status.INVALID_ARGUMENT, str(exc))
                     return
@@ -490,7 +635,10 @@ class TailnetService:
                 if sink.closed:
                     return
                 try:
-                    handle(peer_id, sink, req)
+                    handle(peer_id, sink, req, validated=True)
+                except LimitExceeded as exc:
+                    self._fail(ident, sink, Status.RESOURCE_EXHAUSTED, str(exc))
+                    return
                 except RequestError as exc:
                     self._fail(ident, sink, Status.INVALID_ARGUMENT, str(exc))
                     return
@@ -561,7 +709,7 @@ class TailnetService:
                 Status.FAILED_PRECONDITION,
                 f"no live Coordinate stream of yours has peer ID {peer_id}",
             )
-        return self._resume.issue(peer_id)
+        return self._resume.issue(peer_id, call.principal)
 
     def issue_resume_token(self, ident: StreamIdentity) -> pb.RefreshResumeTokenResponse:
         """A token for the peer ID a connection was given at upgrade time.
@@ -575,7 +723,7 @@ class TailnetService:
             raise ServiceError(
                 Status.UNIMPLEMENTED, "resume tokens not supported on this connection"
             )
-        return self._resume.issue(ident.peer_id)
+        return self._resume.issue(ident.peer_id, ident.principal)
 
     # -- PostTelemetry --------------------------------------------------------
     async def post_telemetry(

@@ -24,8 +24,8 @@ What :meth:`TailnetStack.start` does, in order:
 3. wires :class:`~tailnet.service.TailnetService` (coordinator: ``coordinator``
    if given, else the PostgreSQL HA coordinator when ``postgres_url`` is set,
    else the in-memory core; resume
-   tokens, workspace provider, tunnel authorizer) to the gRPC server and to
-   the HTTP API.
+   tokens, workspace provider, tunnel authorizer, ``config.limits``) to the
+   gRPC server and to the HTTP API.
 
 Credentials: the stack's token file always authenticates (so the admin token
 works for every endpoint); an embedder's ``authenticator`` is consulted first.
@@ -480,7 +480,7 @@ class TailnetStack:
         if cfg.postgres_url and self._coordinator is None:
             from tailnet.pg import create_pg_coordinator
 
-            self._pg = await create_pg_coordinator(cfg.postgres_url)
+            self._pg = await create_pg_coordinator(cfg.postgres_url, limits=cfg.limits)
             self._coordinator = self._pg
         try:
             await self._start_listeners(key, resume_keys)
@@ -510,7 +510,10 @@ class TailnetStack:
             self.stun_server = StunServer()
             await self.stun_server.start(stun_host, stun_port)
 
-        coordinator = self._coordinator if self._coordinator is not None else Coordinator()
+        limits = cfg.limits
+        coordinator = (
+            self._coordinator if self._coordinator is not None else Coordinator(limits=limits)
+        )
         auth_chain: list[Authenticator] = []
         if self._custom_auth is not None:
             auth_chain.append(self._custom_auth)
@@ -536,6 +539,7 @@ class TailnetStack:
             resume=ResumeTokenProvider(resume_keys),
             workspaces=self.workspaces,
             tunnel_authorizer=self._tunnel_authorizer,
+            limits=limits,
         )
         self.health = HealthChecker(
             self._derp_maps,

@@ -149,7 +149,10 @@ class ServerWebSocket(asyncio.Protocol):
         self._wake.set()
         self._writable.set()
         if self._ping_task is not None:
+            # Drop our reference too: the cancelled task keeps its CancelledError, whose
+            # traceback holds _ping_loop's frame and thus this object (a reference cycle).
             self._ping_task.cancel()
+            self._ping_task = None
         if self._close_timer is not None:
             self._close_timer.cancel()
 

@@ -54,6 +54,9 @@ Differences from the in-memory coordinator (deliberate, as pgcoord):
   connection every heartbeat interval (see :mod:`tailnet.pg.mapper`); a refused
   ready-for-handshake is only logged.
 * Delivery is asynchronous and coalescing (see above).
+* ``max_tunnels_per_peer`` is checked against the tunnels added through (or
+  inherited on) this replica, the connection's local view; a peer that resumed
+  on another replica may thus hold up to twice the cap in the database.
 * Graceful :meth:`close` marks this replica's peers ``lost`` (reason
   "coordinator close" for remote tunnel peers); it does not delete rows. A
   remote replica that resynchronises between that commit and the close
@@ -72,7 +75,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -87,7 +90,8 @@ from tailnet.core import (
     PeerSink,
     validate_request,
 )
-from tailnet.errors import CoordinatorClosed
+from tailnet.errors import CoordinatorClosed, LimitExceeded
+from tailnet.limits import DEFAULT_LIMITS, Limits
 from tailnet.pg.mapper import (
     UNTUNNELED,
     Binding,
@@ -182,9 +186,11 @@ class PgCoordinator:
         *,
         coordinator_id: uuid.UUID | None = None,
         clock: Callable[[], float] = time.time,
+        limits: Limits = DEFAULT_LIMITS,
     ) -> None:
         self.dsn = dsn
         self.config = config or PgCoordinatorConfig()
+        self.limits = limits
         self.id = coordinator_id or uuid.uuid4()
         self._local = LocalPeers(clock)
         self._pool: Any = None
@@ -317,16 +323,35 @@ class PgCoordinator:
         self._resync[conn.id] = Trigger.INIT
         self._work_ready.set()
 
-    def handle(self, peer_id: uuid.UUID, sink: PeerSink, req: pb.CoordinateRequest) -> None:
-        """Apply one validated, authorized request (order as :meth:`Coordinator.handle`).
+    def handle(
+        self,
+        peer_id: uuid.UUID,
+        sink: PeerSink,
+        req: pb.CoordinateRequest,
+        *,
+        validated: bool = False,
+    ) -> None:
+        """Apply one authorized request (order as :meth:`Coordinator.handle`).
 
-        Ignored if ``sink`` is not the current connection of ``peer_id``. Raises
-        :class:`~tailnet.errors.RequestError` for a malformed request.
+        Ignored if ``sink`` is not the current connection of ``peer_id``. Unless
+        ``validated``, the request is validated first; raises
+        :class:`~tailnet.errors.RequestError` for a malformed request and
+        :class:`~tailnet.errors.LimitExceeded` for an AddTunnel beyond
+        ``max_tunnels_per_peer`` (nothing applied in both cases).
         """
-        validate_request(req)
+        if not validated:
+            validate_request(req, self.limits)
         conn = self._local.current(peer_id, sink)
         if conn is None or self._closed:
             return
+        if req.HasField("add_tunnel"):
+            dst = uuid.UUID(bytes=req.add_tunnel.id)
+            cap = self.limits.max_tunnels_per_peer
+            if len(conn.tunnels) >= cap and dst not in conn.tunnels and dst != peer_id:
+                raise LimitExceeded(
+                    f"add_tunnel refused: this peer already has {len(conn.tunnels)} tunnels; "
+                    f"at most {cap} are allowed (max_tunnels_per_peer)"
+                )
         if req.HasField("update_self"):
             node = pb.Node()
             node.CopyFrom(req.update_self.node)
@@ -360,6 +385,32 @@ class PgCoordinator:
         if not self._closed:
             self._enqueue(LostOp(peer_id))
         close_sink(sink, error)
+
+    async def tunnels_from(self, peer_id: uuid.UUID) -> set[uuid.UUID]:
+        """Destinations of every tunnel ``peer_id → dst`` in the database (any
+        replica), after the writes queued so far are committed."""
+        if not self._started or self._closed:
+            return set()
+        await self.flush()
+        assert self._store is not None
+        return await self._store.tunnels_from(peer_id, self.config.query_timeout)
+
+    async def revoke_tunnels(self, peer_id: uuid.UUID, dsts: Iterable[uuid.UUID]) -> None:
+        """Delete tunnels ``peer_id → dst`` (recorded by any replica) as RemoveTunnel
+        does, and wait until that is committed (tunnel peers then see DISCONNECTED
+        "remove tunnel" through the usual notifications)."""
+        conn = self._local.conns.get(peer_id)
+        any_op = False
+        for dst in dsts:
+            if dst == peer_id:
+                continue
+            if conn is not None:
+                conn.tunnels.discard(dst)
+            if not self._closed:
+                self._enqueue(RemoveTunnelOp(peer_id, dst))
+                any_op = True
+        if any_op and self._started:
+            await self.flush()
 
     def close(self) -> None:
         """Close every local connection ("coordinator closed"; local tunnel peers see LOST
@@ -733,11 +784,13 @@ async def create_pg_coordinator(dsn: str, **opts: Any) -> PgCoordinator:
     """A started :class:`PgCoordinator` for ``dsn`` (what ``--postgres-url`` uses).
 
     ``opts``: any :class:`PgCoordinatorConfig` field (e.g. ``heartbeat_interval=2.0``),
-    or ``config=PgCoordinatorConfig(...)``, plus ``coordinator_id=uuid``. Call
+    or ``config=PgCoordinatorConfig(...)``, plus ``coordinator_id=uuid`` and
+    ``limits=tailnet.limits.Limits(...)``. Call
     ``await coord.stop()`` on shutdown.
     """
     config = opts.pop("config", None)
     coordinator_id = opts.pop("coordinator_id", None)
+    limits = opts.pop("limits", DEFAULT_LIMITS)
     unknown = set(opts) - _CONFIG_FIELDS
     if unknown:
         raise TypeError(f"unknown PgCoordinator options: {sorted(unknown)}")
@@ -745,6 +798,6 @@ async def create_pg_coordinator(dsn: str, **opts: Any) -> PgCoordinator:
         config = PgCoordinatorConfig(**opts)
     elif opts:
         raise TypeError("pass either config= or individual options, not both")
-    coord = PgCoordinator(dsn, config, coordinator_id=coordinator_id)
+    coord = PgCoordinator(dsn, config, coordinator_id=coordinator_id, limits=limits)
     await coord.start()
     return coord

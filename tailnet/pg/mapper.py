@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 
 from tailnet.core import (
     CLOSE_ERR_OVERWRITTEN,
+    MAX_RESPONSE_BYTES,
     MAX_UPDATES_PER_RESPONSE,
     REASON_ADD_TUNNEL,
     REASON_COORDINATOR_CLOSE,
@@ -75,8 +76,6 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-#: Largest serialized response we build for batched diffs (frames are limited to 4 MiB).
-MAX_RESPONSE_BYTES = 3 * 1024 * 1024
 
 _PU = pb.CoordinateResponse.PeerUpdate
 

@@ -179,6 +179,8 @@ SELECT DISTINCT src_id, dst_id FROM tailnet_tunnels
 WHERE src_id = ANY($1::uuid[]) OR dst_id = ANY($1::uuid[])
 """
 
+_TUNNELS_FROM = "SELECT DISTINCT dst_id FROM tailnet_tunnels WHERE src_id = $1"
+
 _BINDINGS = """
 SELECT p.id, p.coordinator_id, p.node,
        (p.status = 'ok' AND c.heartbeat_at > now() - make_interval(secs => $2)) AS alive,
@@ -311,6 +313,11 @@ class Store:
             return []
         rows = await self.pool.fetch(_TUNNELS_TOUCHING, list(ids))
         return [(r[0], r[1]) for r in rows]
+
+    async def tunnels_from(self, src: uuid.UUID, timeout: float | None = None) -> set[uuid.UUID]:
+        """Destinations of every recorded tunnel (any replica) with source ``src``."""
+        rows = await self.pool.fetch(_TUNNELS_FROM, src, timeout=timeout)
+        return {r[0] for r in rows}
 
     async def bindings(self, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[BindingRow]]:
         """Rows of ``ids`` with their replica's liveness (judged by the DB clock)."""

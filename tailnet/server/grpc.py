@@ -3,10 +3,19 @@
 A thin adapter: every method reads the call metadata, asks
 :class:`~tailnet.service.TailnetService` to authenticate the call, runs the
 matching service method, and maps :class:`~tailnet.service.ServiceError` to
-``context.abort(<status>, <message>)`` — the only place errors become gRPC
-statuses. Method paths are ``/coder.tailnet.v2.Tailnet/<Method>`` (from the
-generated code). On ``Coordinate`` the server sends initial metadata
+the call's status and details (:func:`_end_with_error`, the only place errors
+become gRPC statuses). Method paths are ``/coder.tailnet.v2.Tailnet/<Method>``
+(from the generated code). On ``Coordinate`` the server sends initial metadata
 ``tailnet-peer-id: <uuid>`` before any response.
+
+Errors end a call with ``context.set_code()``/``set_details()`` and a normal
+return, never ``context.abort()``: grpc.aio keeps the ``AbortError`` on the
+call's state, and its traceback (frames holding the context) ties the call into
+a reference cycle that only a full GC pass would free.
+
+Limits: ``grpc.max_concurrent_streams`` = ``service.limits.max_streams_per_grpc_connection``
+(HTTP/2 SETTINGS: a client's further calls on that connection wait until one
+ends); ``RESOURCE_EXHAUSTED`` when a principal has too many Coordinate streams.
 
 Lifecycle: ``await server.start(host, port)`` (port 0 = ephemeral; the bound
 port is in ``server.port``), ``await server.stop(grace)``: first
@@ -21,7 +30,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Any, NoReturn
+from typing import Any
 
 import grpc
 import grpc.aio
@@ -46,16 +55,20 @@ def _status(err: ServiceError) -> grpc.StatusCode:
     return grpc.StatusCode[err.status.name]
 
 
-async def _abort(context: _Ctx[Any, Any], exc: Exception, method: str) -> NoReturn:
-    """The single place where errors become gRPC statuses.
+def _end_with_error(context: _Ctx[Any, Any], exc: Exception, method: str) -> None:
+    """The single place where errors become gRPC statuses; the handler then returns.
 
     :class:`ServiceError` carries its own status and client-safe text; anything
     else is a bug: logged, and reported as INTERNAL without exception text.
+    (grpc.aio discards a unary handler's return value when the code is not OK.)
     """
     if isinstance(exc, ServiceError):
-        await context.abort(_status(exc), exc.message)
-    log.exception("%s failed", method, exc_info=exc)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error")
+        context.set_code(_status(exc))
+        context.set_details(exc.message)
+        return
+    log.error("%s failed", method, exc_info=exc)
+    context.set_code(grpc.StatusCode.INTERNAL)
+    context.set_details("internal error")
 
 
 class TailnetServicer(pb_grpc.TailnetServicer):
@@ -82,10 +95,8 @@ class TailnetServicer(pb_grpc.TailnetServicer):
             ident = await self._resolve(context)  # the CallContext is not kept alive
             await context.send_initial_metadata(((MD_PEER_ID, str(ident.peer_id)),))
             await self._service.run_coordinate(ident, context.read, context.write, _EOF)
-        except grpc.aio.AbortError:
-            raise
         except Exception as exc:
-            await _abort(context, exc, "Coordinate")
+            _end_with_error(context, exc, "Coordinate")
 
     async def StreamDERPMaps(  # noqa: N802
         self,
@@ -96,10 +107,8 @@ class TailnetServicer(pb_grpc.TailnetServicer):
             call = await self._call(context)
             async for m in self._service.stream_derp_maps(call):
                 yield m
-        except grpc.aio.AbortError:
-            raise
         except Exception as exc:
-            await _abort(context, exc, "StreamDERPMaps")
+            _end_with_error(context, exc, "StreamDERPMaps")
 
     async def RefreshResumeToken(  # noqa: N802
         self,
@@ -108,10 +117,9 @@ class TailnetServicer(pb_grpc.TailnetServicer):
     ) -> pb.RefreshResumeTokenResponse:
         try:
             return await self._service.refresh_resume_token(await self._call(context))
-        except grpc.aio.AbortError:
-            raise
         except Exception as exc:
-            await _abort(context, exc, "RefreshResumeToken")
+            _end_with_error(context, exc, "RefreshResumeToken")
+            return pb.RefreshResumeTokenResponse()  # discarded: the status is not OK
 
     async def PostTelemetry(  # noqa: N802
         self,
@@ -120,10 +128,9 @@ class TailnetServicer(pb_grpc.TailnetServicer):
     ) -> pb.TelemetryResponse:
         try:
             return await self._service.post_telemetry(await self._call(context), request)
-        except grpc.aio.AbortError:
-            raise
         except Exception as exc:
-            await _abort(context, exc, "PostTelemetry")
+            _end_with_error(context, exc, "PostTelemetry")
+            return pb.TelemetryResponse()  # discarded: the status is not OK
 
     async def WorkspaceUpdates(  # noqa: N802
         self,
@@ -134,17 +141,24 @@ class TailnetServicer(pb_grpc.TailnetServicer):
             call = await self._call(context)
             async for upd in self._service.workspace_updates(call, request):
                 yield upd
-        except grpc.aio.AbortError:
-            raise
         except Exception as exc:
-            await _abort(context, exc, "WorkspaceUpdates")
+            _end_with_error(context, exc, "WorkspaceUpdates")
 
 
 class TailnetGrpcServer:
-    """A ``grpc.aio`` server hosting one :class:`TailnetService`."""
+    """A ``grpc.aio`` server hosting one :class:`TailnetService`.
 
-    def __init__(self, service: TailnetService) -> None:
+    ``max_concurrent_streams`` (default ``service.limits.max_streams_per_grpc_connection``)
+    caps the concurrent RPCs of one client connection.
+    """
+
+    def __init__(self, service: TailnetService, *, max_concurrent_streams: int | None = None) -> None:
         self.service = service
+        self.max_concurrent_streams = (
+            max_concurrent_streams
+            if max_concurrent_streams is not None
+            else service.limits.max_streams_per_grpc_connection
+        )
         self._server: grpc.aio.Server | None = None
         self.port = 0
         self.host = ""
@@ -163,6 +177,7 @@ class TailnetGrpcServer:
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_SIZE),
                 ("grpc.max_send_message_length", MAX_MESSAGE_SIZE),
+                ("grpc.max_concurrent_streams", self.max_concurrent_streams),
                 ("grpc.so_reuseport", 0),
             ]
         )

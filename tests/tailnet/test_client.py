@@ -328,7 +328,8 @@ async def test_invalid_resume_token_is_dropped(
     env: Env, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="tailnet.client")
-    bogus = ResumeTokenProvider().issue(uuid.uuid4()).token  # signed with another key
+    someone = Principal("user", uuid.uuid4())
+    bogus = ResumeTokenProvider().issue(uuid.uuid4(), someone).token  # signed with another key
     rec = Recorder()
     client = env.client(rec, resume_token=bogus)
     assert client.resume_token == bogus

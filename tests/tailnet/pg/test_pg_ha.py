@@ -238,7 +238,7 @@ async def test_resume_on_another_replica_keeps_id_and_tunnels(replicas: Replicas
     # The agent's node reaches the client asynchronously (across replicas): wait for it.
     await until(lambda: any(u.id == agent.bytes and u.kind == PU.NODE
                             for r in got for u in r.peer_updates), "the agent's node")
-    token = resume.issue(ident.peer_id).token
+    token = resume.issue(ident.peer_id, principal).token
     await q.put(None)  # the stream ends without Disconnect: LOST
     await asyncio.wait_for(task, WAIT)
     await asink.wait_kind(ident.peer_id, PU.LOST, "lost")
