@@ -34,7 +34,8 @@ node / request shape caps       :func:`tailnet.core.validate_request`  ``error``
                                                                     stream refused
 ``max_streams_per_grpc_         ``grpc.max_concurrent_streams``     HTTP/2: further calls
 connection``                    (:mod:`tailnet.server.grpc`)        wait for a free slot
-``max_streams_per_session``     the WebSocket RPC transport         RESOURCE_EXHAUSTED
+``max_streams_per_session``     the WebSocket RPC transport         yamux RST for the extra
+                                (:mod:`tailnet.rpc.server`)         stream (as Go's backlog)
 ==============================  =================================  ==================
 
 Every exceeded limit produces a message naming it, e.g. ``"update_self node has

@@ -562,6 +562,7 @@ class TailnetStack:
                 derp_force_websockets=cfg.derp_force_websockets,
                 disable_direct_connections=cfg.block_direct_connections,
                 hostname_suffix=cfg.hostname_suffix,
+                max_rpc_streams=limits.max_streams_per_session,
             ),
         )
         self.http.app = self.api
