@@ -30,7 +30,14 @@ Rules, both sides:
   closes with 1009; malformed framing closes with 1002; the reason (and the
   close code and reason the peer sent) is logged at INFO;
 * flow control is the TCP transport's: ``pause_writing``/``resume_writing``
-  pass through to the DERP protocol, ``pause_reading`` etc. pass down.
+  pass through to the DERP protocol, ``pause_reading`` etc. pass down;
+* server side only: while the TCP write buffer is above its high-water mark
+  (``pause_writing`` until ``resume_writing``) reading from the socket pauses
+  too, so WebSocket pings (each answered with a pong by the framing layer,
+  below the DERP connection's own write queues) cannot grow the server
+  without bound from a client that never reads; the DERP write timeout then
+  drops such a client as it would over TCP. Reading resumes only when neither
+  this nor the DERP side (rate limit, admission) wants it paused.
 
 :func:`accept_websocket` is the server entry point (called by the HTTP front
 door with the parsed h11 request), :func:`websocket_client` the client one
@@ -137,13 +144,13 @@ class WsTransport(asyncio.Transport):
         return self._pipe.transport.get_extra_info(name, default)
 
     def pause_reading(self) -> None:
-        self._pipe.transport.pause_reading()
+        self._pipe.set_reading_paused(inner=True)
 
     def resume_reading(self) -> None:
-        self._pipe.transport.resume_reading()
+        self._pipe.set_reading_paused(inner=False)
 
     def is_reading(self) -> bool:
-        return bool(self._pipe.transport.is_reading())
+        return not self._pipe.inner_paused and bool(self._pipe.transport.is_reading())
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self._pipe.transport.set_write_buffer_limits(high, low)
@@ -164,13 +171,35 @@ class WsPipe(asyncio.Protocol):
     bytes received before that are buffered in the websockets parser.
     """
 
-    def __init__(self, transport: asyncio.Transport, ws: WsProtocol) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, ws: WsProtocol, *, read_follows_write: bool = False
+    ) -> None:
         self.transport = transport
         self.ws = ws
         self.inner: asyncio.Protocol | None = None
         self.closing = False
         self.close_reason = ""
         self.wst = WsTransport(self)
+        #: pause reading while the socket's writes are backpressured (server side)
+        self.read_follows_write = read_follows_write
+        #: the DERP side asked to pause reading (rate limit, admission)
+        self.inner_paused = False
+        #: the socket is above its write high-water mark
+        self.write_paused = False
+
+    def set_reading_paused(self, *, inner: bool | None = None, write: bool | None = None) -> None:
+        """Record why reading should pause; read from the socket only if nobody wants a pause."""
+        was = self.inner_paused or self.write_paused
+        if inner is not None:
+            self.inner_paused = inner
+        if write is not None:
+            self.write_paused = write
+        now = self.inner_paused or self.write_paused
+        if now != was and not self.closing:
+            if now:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     # ---------------------------------------------------------------- outgoing
 
@@ -272,10 +301,14 @@ class WsPipe(asyncio.Protocol):
             inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        if self.read_follows_write:
+            self.set_reading_paused(write=True)
         if self.inner is not None:
             self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        if self.read_follows_write:
+            self.set_reading_paused(write=False)
         if self.inner is not None:
             self.inner.resume_writing()
 
@@ -344,7 +377,7 @@ def accept_websocket(
     for chunk in ws.data_to_send():
         transport.write(chunk)
     framing = WsProtocol(SERVER, state=OPEN, max_size=MAX_MESSAGE_SIZE, logger=_ws_log)
-    pipe = WsPipe(transport, framing)
+    pipe = WsPipe(transport, framing, read_follows_write=True)
     transport.set_protocol(pipe)
     if stats is not None:
         stats.websocket_accepts += 1

@@ -14,7 +14,9 @@ Endpoints (all ``GET``; JSON errors per :mod:`tailnet.http.errors`):
 ``/api/v2/debug/health``                                health report (``?force=true`` re-runs)
 ``/api/v2/debug/coordinator``                           peers and tunnels (HTML; JSON on
                                                         ``Accept: application/json``)
-``/api/v2/debug/ws``                                    WS echo (used by the health check)
+``/api/v2/debug/ws``                                    WS echo (used by the health check);
+                                                        closed after ``echo_idle_timeout``
+                                                        (30 s) without a message
 ======================================================  ===============================================
 
 Checks, in order, for every endpoint but ``/healthz``:
@@ -97,6 +99,8 @@ class ApiOptions:
     ping_interval: float = 15.0
     max_rpc_streams: int = DEFAULT_MAX_STREAMS
     """yamux streams one RPC WebSocket may have open at once."""
+    #: ``/api/v2/debug/ws`` closes (1001 "idle timeout") after this long without a message.
+    echo_idle_timeout: float = 30.0
 
 
 def _json(status: int, doc: Any) -> Response:
@@ -361,12 +365,24 @@ class TailnetApi:
                 changed.cancel()
 
     async def _echo_ws(self, ws: ServerWebSocket) -> None:
+        """Echo every message (text as its UTF-8 bytes, binary replies).
+
+        Idle = no message received *and* echoed within ``echo_idle_timeout``
+        (a client that never reads blocks the echo, which counts as idle too):
+        the socket is then closed with 1001, or aborted if even that stalls.
+        """
         while True:
-            msg = await ws.recv()
-            if msg is None:
+            try:
+                async with asyncio.timeout(self.options.echo_idle_timeout):
+                    msg = await ws.recv()
+                    if msg is None:
+                        return
+                    await ws.send(msg.encode("utf-8") if isinstance(msg, str) else msg)
+            except TimeoutError:
+                await ws.close(CLOSE_GOING_AWAY, "idle timeout", timeout=1.0)
                 return
-            # replies are binary; text is echoed as its UTF-8 bytes
-            await ws.send(msg.encode("utf-8") if isinstance(msg, str) else msg)
+            except ConnectionError:
+                return
 
     # ------------------------------------------------------------------ debug
 

@@ -294,7 +294,6 @@ class _ApiConnection(asyncio.Protocol):
             trailing=trailing,
             ping_interval=up.ping_interval,
         )
-        transport.resume_reading()
         if ws is None:
             return
         await self._server._run_upgrade(ws, up)

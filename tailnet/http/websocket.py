@@ -14,11 +14,26 @@ request with h11)::
 
 Pings: with ``ping_interval`` the server pings; a pong must arrive within
 ``ping_timeout`` or the connection is closed with 1011. Pings from the client
-are answered by websockets automatically. Incoming messages are queued; when
-more than ``max_queue`` wait, reading pauses (backpressure to the client).
+are answered by websockets automatically.
+
+Byte budget (whatever the client sends or refuses to read): reading from the
+socket is paused while either
+
+* the transport's write buffer is above its high-water mark (``pause_writing``
+  until ``resume_writing``): nothing the client provokes — pongs to its pings,
+  the reply to its close frame, echoes — can pile up unread on our side; at
+  most one read's worth of replies is written past the mark; or
+* the inbound queue holds ``max_queue`` messages or ``max_queue_bytes`` bytes;
+  it resumes when the handler has drained it below half of both.
+
+So per connection we hold at most ``max_queue_bytes`` + one message
+(``max_size``) + one read of queued input, plus the write buffer's high-water
+mark + one read's worth of replies.
 
 Invariants: every write goes through :meth:`_flush`, which writes whatever the
 sans-I/O core produced, and closes the transport when the core signals EOF.
+Reading is switched only by :meth:`_update_reading`, from the two conditions
+above.
 """
 
 from __future__ import annotations
@@ -38,7 +53,14 @@ from websockets.http11 import Request as WsRequest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-__all__ = ["ServerWebSocket", "CLOSE_GOING_AWAY", "CLOSE_PROTOCOL_ERROR", "CLOSE_INTERNAL"]
+__all__ = [
+    "ServerWebSocket",
+    "CLOSE_GOING_AWAY",
+    "CLOSE_PROTOCOL_ERROR",
+    "CLOSE_INTERNAL",
+    "MAX_QUEUE",
+    "MAX_QUEUE_BYTES",
+]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +68,10 @@ CLOSE_NORMAL = 1000
 CLOSE_GOING_AWAY = 1001
 CLOSE_PROTOCOL_ERROR = 1002
 CLOSE_INTERNAL = 1011
+
+#: Default inbound queue bounds: messages, and bytes (whichever is reached first).
+MAX_QUEUE = 64
+MAX_QUEUE_BYTES = 1 << 20
 
 
 class ServerWebSocket(asyncio.Protocol):
@@ -58,16 +84,20 @@ class ServerWebSocket(asyncio.Protocol):
         *,
         ping_interval: float | None = 15.0,
         ping_timeout: float = 30.0,
-        max_queue: int = 64,
+        max_queue: int = MAX_QUEUE,
+        max_queue_bytes: int = MAX_QUEUE_BYTES,
     ) -> None:
         self._proto = proto
         self._transport = transport
         self._messages: collections.deque[bytes | str] = collections.deque()
+        self._queued_bytes = 0
         self._wake = asyncio.Event()
         self._writable = asyncio.Event()
         self._writable.set()
         self._max_queue = max_queue
-        self._paused = False
+        self._max_queue_bytes = max_queue_bytes
+        self._queue_full = False
+        self._reading = True
         self._lost = asyncio.Event()
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
@@ -89,9 +119,14 @@ class ServerWebSocket(asyncio.Protocol):
         max_size: int = 4 << 20,
         ping_interval: float | None = 15.0,
         ping_timeout: float = 30.0,
+        max_queue: int = MAX_QUEUE,
+        max_queue_bytes: int = MAX_QUEUE_BYTES,
     ) -> ServerWebSocket | None:
         """Perform the handshake on ``transport``; ``None`` if it was not a valid
-        WebSocket request (an HTTP error was written and the transport closed)."""
+        WebSocket request (an HTTP error was written and the transport closed).
+
+        ``max_size`` bounds one message; ``max_queue``/``max_queue_bytes`` the
+        inbound queue (see the module docstring)."""
         proto = ServerProtocol(max_size=max_size, logger=log)
         headers = Headers()
         for raw_name, raw_value in request.headers.raw_items():
@@ -115,9 +150,15 @@ class ServerWebSocket(asyncio.Protocol):
             transport.close()
             return None
         ws = cls(
-            proto, transport, ping_interval=ping_interval, ping_timeout=ping_timeout
+            proto,
+            transport,
+            ping_interval=ping_interval,
+            ping_timeout=ping_timeout,
+            max_queue=max_queue,
+            max_queue_bytes=max_queue_bytes,
         )
         transport.set_protocol(ws)
+        transport.resume_reading()  # from here on only _update_reading() switches it
         ws._flush()
         if ping_interval:
             ws._ping_task = asyncio.get_running_loop().create_task(ws._ping_loop())
@@ -158,9 +199,11 @@ class ServerWebSocket(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._writable.clear()
+        self._update_reading()
 
     def resume_writing(self) -> None:
         self._writable.set()
+        self._update_reading()
 
     # ------------------------------------------------------------------ internals
 
@@ -170,8 +213,11 @@ class ServerWebSocket(asyncio.Protocol):
                 continue
             if event.opcode is Opcode.BINARY:
                 self._messages.append(bytes(event.data))
+                self._queued_bytes += len(event.data)
             elif event.opcode is Opcode.TEXT:
-                self._messages.append(bytes(event.data).decode("utf-8", errors="replace"))
+                text = bytes(event.data).decode("utf-8", errors="replace")
+                self._messages.append(text)
+                self._queued_bytes += len(text)  # the same measure recv() subtracts
             elif event.opcode is Opcode.PONG:
                 if self._pong is not None and bytes(event.data) == self._ping_data:
                     if not self._pong.done():
@@ -179,12 +225,27 @@ class ServerWebSocket(asyncio.Protocol):
             # CONT frames never surface: websockets reassembles fragmented messages
         if self._messages:
             self._wake.set()
-            if len(self._messages) >= self._max_queue and not self._paused:
-                self._paused = True
-                self._transport.pause_reading()
+            if (
+                len(self._messages) >= self._max_queue
+                or self._queued_bytes >= self._max_queue_bytes
+            ):
+                self._queue_full = True
         if self._proto.state is State.CLOSED:
             self._wake.set()
         self._flush()
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read from the socket only while the queue has room and writes are not
+        backpressured (module docstring: byte budget)."""
+        want = self._writable.is_set() and not self._queue_full
+        if want == self._reading or self._lost.is_set():
+            return
+        self._reading = want
+        if want:
+            self._transport.resume_reading()
+        else:
+            self._transport.pause_reading()
 
     def _flush(self) -> None:
         for chunk in self._proto.data_to_send():
@@ -228,6 +289,11 @@ class ServerWebSocket(asyncio.Protocol):
         return self._proto.close_code
 
     @property
+    def queued_bytes(self) -> int:
+        """Bytes of received messages waiting for :meth:`recv`."""
+        return self._queued_bytes
+
+    @property
     def remote(self) -> object:
         return self._transport.get_extra_info("peername")
 
@@ -236,9 +302,14 @@ class ServerWebSocket(asyncio.Protocol):
         while True:
             if self._messages:
                 msg = self._messages.popleft()
-                if self._paused and len(self._messages) < self._max_queue // 2:
-                    self._paused = False
-                    self._transport.resume_reading()
+                self._queued_bytes -= len(msg)
+                if (
+                    self._queue_full
+                    and len(self._messages) <= self._max_queue // 2
+                    and self._queued_bytes <= self._max_queue_bytes // 2
+                ):
+                    self._queue_full = False
+                    self._update_reading()
                 return msg
             if self._proto.state is not State.OPEN or self._lost.is_set():
                 return None
