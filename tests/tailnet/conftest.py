@@ -1,16 +1,20 @@
-"""Fixtures for the pure coordinator core tests (``test_core*.py``, ``test_auth.py``).
+"""Fixtures shared by the tailnet tests.
 
-Fixture names start with ``core_`` so they don't clash with other tailnet tests.
+``stack``: a real in-memory :class:`TailnetStack` on 127.0.0.1 ephemeral ports (HTTP
+API + embedded relay; no gRPC, no STUN). The pure coordinator core tests
+(``test_core*.py``, ``test_auth.py``) use the ``core_``-prefixed fixtures.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from tailnet.config import StackConfig
 from tailnet.core import Coordinator
+from tailnet.stack import TailnetStack
 from tailnet.v2 import tailnet_pb2 as pb
 
 Kind = pb.CoordinateResponse.PeerUpdate
@@ -78,3 +82,15 @@ def core_coord(core_clock: CoreClock) -> Coordinator:
 def core_sink() -> Callable[..., CoreFakeSink]:
     """Factory: ``core_sink(capacity=None)`` → a fresh CoreFakeSink."""
     return CoreFakeSink
+
+
+@pytest.fixture
+async def stack() -> AsyncIterator[TailnetStack]:
+    s = TailnetStack(
+        StackConfig(http_addr="127.0.0.1:0", grpc_addr=None, stun_addr=None, data_dir=None)
+    )
+    await s.start()
+    try:
+        yield s
+    finally:
+        await s.stop()

@@ -10,7 +10,6 @@ import json
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -24,18 +23,6 @@ from tailnet.rpc.tailnet_client import TailnetClient
 from tailnet.rpc.websocket import DialError
 
 T = 10.0  # generous per-step timeout
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[TailnetStack]:
-    s = TailnetStack(
-        StackConfig(http_addr="127.0.0.1:0", grpc_addr=None, stun_addr=None, data_dir=None)
-    )
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
 
 
 async def http_get(

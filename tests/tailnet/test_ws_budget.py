@@ -8,13 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
-from tailnet.config import StackConfig
 from tailnet.http import HttpApiServer
 from tailnet.http.request import Request
 from tailnet.http.server import Response, Upgrade
@@ -24,18 +22,6 @@ from tailnet.stack import TailnetStack
 from ..rawws import OP_BINARY, OP_PING, push_until_stalled, ws_connect, ws_frame
 
 T = 10.0
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[TailnetStack]:
-    s = TailnetStack(
-        StackConfig(http_addr="127.0.0.1:0", grpc_addr=None, stun_addr=None, data_dir=None)
-    )
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
 
 
 def _live_websockets(stack: TailnetStack) -> list[ServerWebSocket]:

@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from tailnet.config import StackConfig
 from tailnet.rpc.client import RpcClient
 from tailnet.rpc.mux import MethodKind, RpcError, ServerCall
 from tailnet.rpc.tailnet_client import TailnetClient
@@ -26,18 +24,6 @@ from tailnet.v2 import tailnet_pb2 as pb
 
 T = 10.0
 PU = pb.CoordinateResponse.PeerUpdate
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[TailnetStack]:
-    s = TailnetStack(
-        StackConfig(http_addr="127.0.0.1:0", grpc_addr=None, stun_addr=None, data_dir=None)
-    )
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
 
 
 def h(text: str) -> bytes:
