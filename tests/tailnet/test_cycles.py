@@ -20,6 +20,7 @@ import uuid
 from pathlib import Path
 
 import grpc
+import uvloop
 
 from tailnet.config import StackConfig
 from tailnet.core import Coordinator
@@ -119,3 +120,14 @@ def test_status_codes_are_grpc_names() -> None:
 
     for s in Status:
         assert grpc.StatusCode[s.name].name == s.name
+
+
+def test_no_cycles_on_uvloop() -> None:
+    """The same two checks on uvloop (what ``tailnet serve`` runs)."""
+    async def both() -> None:
+        assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
+        await test_peers_connecting_and_disconnecting_leave_no_cycles()
+        await test_websockets_leave_no_cycles()
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        runner.run(asyncio.wait_for(both(), 120))
