@@ -22,6 +22,7 @@ import pytest
 import tailnet.core
 import tailnet.service
 from tailnet.cli import build_parser
+from tailnet.auth import UnrestrictedPolicy
 from tailnet.config import ConfigError, StackConfig, add_arguments, load_config
 from tailnet.identity import Principal
 from tailnet.limits import DEFAULT_LIMITS, Limits
@@ -463,3 +464,37 @@ def test_serve_help_documents_the_limits() -> None:
                           ("--max-tunnels-per-peer", 4096),
                           ("--peer-buffer-bytes", 8388608)):
         assert f"default {default}]" in text.rsplit(flag, 1)[1][:600]  # the option, not usage
+
+
+async def test_inherited_tunnels_that_cannot_be_checked_refuse_the_stream(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """If the coordinator cannot list inherited tunnels (HA database down), a resumed
+    stream is refused with UNAVAILABLE instead of inheriting them unchecked."""
+
+    class Unreachable(tailnet.core.Coordinator):
+        async def tunnels_from(self, peer_id: uuid.UUID) -> set[uuid.UUID]:
+            raise TimeoutError("database unreachable")
+
+    svc = tailnet.service.TailnetService(
+        coordinator=Unreachable(), authenticator=None, derp_maps=None,  # type: ignore[arg-type]
+    )
+    who = Principal("user", USER)
+    ident = tailnet.service.StreamIdentity(who, uuid.uuid4(), "client", UnrestrictedPolicy(),
+                                           resumed=True)
+
+    async def read() -> object:
+        return None
+
+    async def write(resp: pb.CoordinateResponse) -> None:
+        raise AssertionError("nothing may be written")
+
+    with pytest.raises(tailnet.service.ServiceError) as exc:
+        await svc.run_coordinate(ident, read, write)
+    assert exc.value.status is tailnet.service.Status.UNAVAILABLE
+    assert "inherited tunnels" in exc.value.message
+    assert svc.principal_streams(who) == 0 and svc.coordinator.peers() == []
+    # A fresh (not resumed, not replacing) peer ID needs no check and connects.
+    fresh = tailnet.service.StreamIdentity(who, uuid.uuid4(), "client", UnrestrictedPolicy())
+    await svc.run_coordinate(fresh, read, write)
+    assert svc.principal_streams(who) == 0
