@@ -477,12 +477,21 @@ class TailnetService:
         registers, so its "init" batch never carries their nodes. A tunnel the
         replaced connection (same principal: resume tokens and agent IDs are
         bound to it) adds while this check runs is inherited unchecked; Coder's
-        clients re-add all their tunnels after every reconnect anyway.
+        clients re-add all their tunnels after every reconnect anyway. If the
+        coordinator cannot answer (HA database down), the stream is refused with
+        ``UNAVAILABLE`` rather than inheriting unchecked tunnels.
         """
         coord = self.coordinator
         if not (ident.resumed or coord.is_connected(ident.peer_id)):
             return
-        inherited = await coord.tunnels_from(ident.peer_id)
+        try:
+            inherited = await coord.tunnels_from(ident.peer_id)
+        except Exception as exc:  # e.g. the HA coordinator's database is unreachable
+            log.warning("coordinate: peer %s: cannot read inherited tunnels: %r",
+                        ident.peer_id, exc)
+            raise ServiceError(
+                Status.UNAVAILABLE, "coordinator unavailable: cannot check inherited tunnels"
+            ) from None
         if not inherited:
             return
         denied: list[uuid.UUID] = []
@@ -497,7 +506,14 @@ class TailnetService:
                 "coordinate: peer %s: %d inherited tunnel(s) not authorized for the new "
                 "connection; removed", ident.peer_id, len(denied),
             )
-            await coord.revoke_tunnels(ident.peer_id, denied)
+            try:
+                await coord.revoke_tunnels(ident.peer_id, denied)
+            except Exception as exc:
+                log.warning("coordinate: peer %s: cannot revoke inherited tunnels: %r",
+                            ident.peer_id, exc)
+                raise ServiceError(
+                    Status.UNAVAILABLE, "coordinator unavailable: cannot revoke inherited tunnels"
+                ) from None
 
     async def _open_stream(self, ident: StreamIdentity) -> tuple[QueueSink, _LiveStream]:
         if self.closed:

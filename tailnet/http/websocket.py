@@ -186,6 +186,12 @@ class ServerWebSocket(asyncio.Protocol):
                 self._proto.receive_eof()
             except Exception:  # pragma: no cover - already failing
                 pass
+        # websockets keeps the parser's exception (EOFError on an abrupt end, or the
+        # protocol error) on the protocol; its traceback holds the parser frame, which
+        # holds the protocol: a reference cycle per connection unless we cut it.
+        parser_exc = self._proto.parser_exc
+        if parser_exc is not None:
+            parser_exc.__traceback__ = None
         self._lost.set()
         self._wake.set()
         self._writable.set()

@@ -388,17 +388,20 @@ class PgCoordinator:
 
     async def tunnels_from(self, peer_id: uuid.UUID) -> set[uuid.UUID]:
         """Destinations of every tunnel ``peer_id → dst`` in the database (any
-        replica), after the writes queued so far are committed."""
+        replica), after the writes queued so far are committed. Raises
+        ``TimeoutError`` (or the driver's error) if that takes longer than
+        ``query_timeout`` (the database is unreachable)."""
         if not self._started or self._closed:
             return set()
-        await self.flush()
+        await asyncio.wait_for(self.flush(), self.config.query_timeout)
         assert self._store is not None
         return await self._store.tunnels_from(peer_id, self.config.query_timeout)
 
     async def revoke_tunnels(self, peer_id: uuid.UUID, dsts: Iterable[uuid.UUID]) -> None:
         """Delete tunnels ``peer_id → dst`` (recorded by any replica) as RemoveTunnel
-        does, and wait until that is committed (tunnel peers then see DISCONNECTED
-        "remove tunnel" through the usual notifications)."""
+        does, and wait (at most ``query_timeout``, else ``TimeoutError``; the
+        deletes stay queued) until that is committed (tunnel peers then see
+        DISCONNECTED "remove tunnel" through the usual notifications)."""
         conn = self._local.conns.get(peer_id)
         any_op = False
         for dst in dsts:
@@ -410,7 +413,7 @@ class PgCoordinator:
                 self._enqueue(RemoveTunnelOp(peer_id, dst))
                 any_op = True
         if any_op and self._started:
-            await self.flush()
+            await asyncio.wait_for(self.flush(), self.config.query_timeout)
 
     def close(self) -> None:
         """Close every local connection ("coordinator closed"; local tunnel peers see LOST

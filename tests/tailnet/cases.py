@@ -14,6 +14,8 @@ asynchronously (and may coalesce quick successive node updates), so cases:
 
 A backend places peers on replicas: ``join(..., replica=i)`` uses replica
 ``i % replicas`` so multi-replica backends run the same case across replicas.
+Backends build their coordinators with :data:`CASE_LIMITS` (a tunnel cap the
+cases can reach cheaply).
 """
 
 from __future__ import annotations
@@ -28,13 +30,17 @@ from tailnet.core import (
     CLOSE_ERR_OVERWRITTEN,
     MAX_UPDATES_PER_RESPONSE,
     CoordinatorClosed,
+    LimitExceeded,
     PeerSink,
 )
+from tailnet.limits import Limits
 from tailnet.v2 import tailnet_pb2 as pb
 
-__all__ = ["WAIT", "RecSink", "Backend", "Net", "Peer", "CASES", "node"]
+__all__ = ["WAIT", "CASE_LIMITS", "RecSink", "Backend", "Net", "Peer", "CASES", "node"]
 
 WAIT = 30.0
+#: Limits every backend's coordinators are built with (room for case_big_init_is_chunked).
+CASE_LIMITS = Limits(max_tunnels_per_peer=MAX_UPDATES_PER_RESPONSE + 100)
 
 Req = pb.CoordinateRequest
 PU = pb.CoordinateResponse.PeerUpdate
@@ -144,6 +150,8 @@ class CoordLike(Protocol):
     def handle(self, peer_id: uuid.UUID, sink: PeerSink, req: pb.CoordinateRequest) -> None: ...
     def lost(self, peer_id: uuid.UUID, sink: PeerSink, error: str | None = None) -> None: ...
     def close(self) -> None: ...
+    async def tunnels_from(self, peer_id: uuid.UUID) -> set[uuid.UUID]: ...
+    async def revoke_tunnels(self, peer_id: uuid.UUID, dsts: list[uuid.UUID]) -> None: ...
 
 
 class Backend(Protocol):
@@ -458,6 +466,61 @@ async def case_big_init_is_chunked(net: Net) -> None:
     assert all(r.ByteSize() < 4 * 1024 * 1024 for r in again.sink.responses)
 
 
+async def case_tunnel_cap(net: Net) -> None:
+    """AddTunnel beyond max_tunnels_per_peer raises LimitExceeded; nothing is applied."""
+    cap = CASE_LIMITS.max_tunnels_per_peer
+    client = net.join("client", node(1))
+    dsts = [uuid.uuid4() for _ in range(cap)]
+    for d in dsts:
+        client.add(d)
+    client.add(dsts[0])  # re-adding a recorded tunnel is fine
+    client.add(client.id)  # self-tunnels are ignored and never count
+    extra = uuid.uuid4()
+    try:
+        client.add(extra)
+    except LimitExceeded as exc:
+        assert str(exc) == (
+            f"add_tunnel refused: this peer already has {cap} tunnels; at most {cap} are "
+            "allowed (max_tunnels_per_peer)"
+        )
+    else:
+        raise AssertionError("AddTunnel over the cap must raise LimitExceeded")
+    await net.settle()
+    assert await client.coord.tunnels_from(client.id) == set(dsts)
+    client.req(Req(remove_tunnel=Req.Tunnel(id=dsts[0].bytes)))
+    client.add(extra)  # room again
+    await net.settle()
+    assert await client.coord.tunnels_from(client.id) == set(dsts[1:]) | {extra}
+    assert not client.sink.closed
+
+
+async def case_revoke_inherited_tunnels(net: Net) -> None:
+    """What the service does before a replacing connection registers: the refused
+    inherited tunnels are revoked (both ends hear DISCONNECTED), the rest inherited."""
+    a = net.join("a", node(1))
+    b = net.join("b", node(2))
+    client = net.join("client", node(3))
+    client.add(a)
+    client.add(b)
+    for p, n in ((a, 1), (b, 2)):
+        await client.sink.wait_node(p.id, n)
+        await p.sink.wait_node(client.id, 3)
+    await net.settle()
+    coord = client.coord
+    assert await coord.tunnels_from(client.id) == {a.id, b.id}
+    await coord.revoke_tunnels(client.id, [b.id])
+    await b.sink.wait_kind(client.id, PU.DISCONNECTED, "remove tunnel")
+    await client.sink.wait_kind(b.id, PU.DISCONNECTED, "remove tunnel")
+    assert await coord.tunnels_from(client.id) == {a.id}
+    again = net.join("client", replica=client.replica, peer_id=client.id)
+    await again.sink.wait_node(a.id, 1, "init")
+    await net.settle()
+    a.update(node(4))  # marker
+    await again.sink.wait_node(a.id, 4)
+    assert again.sink.about(b.id) == []
+    assert [k for k, _ in a.sink.kinds_about(client.id)] == ["NODE"]
+
+
 CASES: list[Callable[[Net], Awaitable[None]]] = [
     case_add_tunnel_exchanges_nodes,
     case_tunnel_to_offline_peer_then_init,
@@ -475,4 +538,6 @@ CASES: list[Callable[[Net], Awaitable[None]]] = [
     case_lost_then_back_is_lost_then_node,
     case_close_reports_coordinator_close,
     case_big_init_is_chunked,
+    case_tunnel_cap,
+    case_revoke_inherited_tunnels,
 ]

@@ -16,7 +16,7 @@ import pytest
 from tailnet.core import Coordinator
 from tailnet.pg import PgCoordinator, PgCoordinatorConfig
 
-from .cases import CASES, Backend, CoordLike, Net
+from .cases import CASE_LIMITS, CASES, Backend, CoordLike, Net
 from .pgserver import create_database, drop_database, shared_server
 
 # No case depends on replica death, so the expiry is long (10 s): a replica stalled on a
@@ -29,7 +29,7 @@ class MemoryBackend:
     replicas = 1
 
     def __init__(self) -> None:
-        self.c = Coordinator()
+        self.c = Coordinator(limits=CASE_LIMITS)
 
     def coord(self, i: int) -> CoordLike:
         return self.c
@@ -62,7 +62,7 @@ async def backend(request: pytest.FixtureRequest) -> AsyncIterator[Backend]:
     coords: list[PgCoordinator] = []
     try:
         for _ in range(n):
-            c = PgCoordinator(dsn, FAST)
+            c = PgCoordinator(dsn, FAST, limits=CASE_LIMITS)
             await c.start()
             coords.append(c)
         yield PgBackend(coords)

@@ -21,6 +21,7 @@ from tailnet.auth import TAILSCALE_SERVICE_PREFIX, addr_from_uuid
 from tailnet.core import Coordinator
 from tailnet.derpmap import StaticDERPMapSource, embedded_region, new_derp_map
 from tailnet.identity import Principal, StaticTokenAuthenticator
+from tailnet.limits import DEFAULT_LIMITS, Limits
 from tailnet.resume import ResumeKeyStore, ResumeTokenProvider
 from tailnet.server.grpc import TailnetGrpcServer
 from tailnet.service import TailnetService
@@ -195,9 +196,9 @@ def add_tunnel(dst: uuid.UUID) -> pb.CoordinateRequest:
     return pb.CoordinateRequest(add_tunnel=pb.CoordinateRequest.Tunnel(id=dst.bytes))
 
 
-async def make_stack(**service_kw: object) -> Stack:
+async def make_stack(limits: Limits = DEFAULT_LIMITS, **service_kw: object) -> Stack:
     clock = FakeClock()
-    coordinator = Coordinator()
+    coordinator = Coordinator(limits=limits)
     derp = StaticDERPMapSource(new_derp_map(embedded_region("127.0.0.1", 3340, scheme="http")))
     workspaces = InMemoryWorkspaceProvider()
     workspaces.upsert_workspace(USER, WS, "ws")
@@ -212,6 +213,7 @@ async def make_stack(**service_kw: object) -> Stack:
         derp_maps=derp,
         resume=resume,
         workspaces=workspaces,
+        limits=limits,
         **service_kw,  # type: ignore[arg-type]
     )
     server = TailnetGrpcServer(service)
@@ -546,7 +548,7 @@ async def test_resume_token_keeps_peer_id(stack: Stack) -> None:
     header = jwt.get_unverified_header(resp.token)
     assert header["alg"] == "HS512" and header["kid"] == "1"
     claims = jwt.decode(resp.token, options={"verify_signature": False})
-    assert claims["sub"] == str(cid)
+    assert claims["sub"] == str(cid) and claims["principal"] == f"user:{USER}"
     assert claims["exp"] == int(stack.clock.now) + 24 * 3600
     assert resp.refresh_in.ToSeconds() == 12 * 3600
     assert resp.expires_at.ToSeconds() == int(stack.clock.now) + 24 * 3600

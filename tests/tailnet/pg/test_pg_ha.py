@@ -256,6 +256,77 @@ async def test_resume_on_another_replica_keeps_id_and_tunnels(replicas: Replicas
     await asink.wait_kind(ident.peer_id, PU.DISCONNECTED, "graceful disconnect")
 
 
+async def test_resume_on_another_replica_reauthorizes_inherited_tunnels(
+    replicas: Replicas,
+) -> None:
+    """A lost user peer keeps its tunnels in the database; when it resumes (on another
+    replica) after losing access to one agent, that tunnel is deleted before the new
+    connection's "init" batch is computed; the other is inherited."""
+    a = await replicas()
+    b = await replicas()
+    resume = ResumeTokenProvider()
+    allowed: set[uuid.UUID] = set()
+
+    async def may_reach(p: Principal, agent_id: uuid.UUID) -> bool:
+        return agent_id in allowed
+
+    def service(coord: PgCoordinator) -> TailnetService:
+        return TailnetService(coordinator=coord, authenticator=None, derp_maps=None,  # type: ignore[arg-type]  # noqa: E501
+                              resume=resume, tunnel_authorizer=may_reach)
+
+    svc_a, svc_b = service(a), service(b)
+    ag1, sink1 = join(a, node(1))
+    ag2, sink2 = join(a, node(2))
+    allowed |= {ag1, ag2}
+    user = Principal("user", uuid.uuid4(), "u")
+
+    async def stream(svc: TailnetService, token: str | None) -> tuple[
+        StreamIdentity, asyncio.Queue[Req | None], list[pb.CoordinateResponse], asyncio.Task[None]
+    ]:
+        md = {MD_RESUME_TOKEN: token} if token else {}
+        ident = await svc.resolve_stream(CallContext(user, (2, 0), md))
+        q: asyncio.Queue[Req | None] = asyncio.Queue()
+        got: list[pb.CoordinateResponse] = []
+
+        async def reqs() -> AsyncIterator[Req]:
+            while (r := await q.get()) is not None:
+                yield r
+
+        async def run() -> None:
+            async for resp in svc.coordinate(ident, reqs()):
+                got.append(resp)
+
+        return ident, q, got, asyncio.ensure_future(run())
+
+    ident, q, _, task = await stream(svc_b, None)
+    for r in (add(ag1), add(ag2), upd(node(3))):
+        await q.put(r)
+    await sink1.wait_node(ident.peer_id, 3)
+    await sink2.wait_node(ident.peer_id, 3)
+    token = resume.issue(ident.peer_id, user).token
+    await q.put(None)  # lost: pgcoord keeps the peer's tunnels
+    await asyncio.wait_for(task, WAIT)
+    await sink2.wait_kind(ident.peer_id, PU.LOST, "lost")
+    assert {(s, d) for _, s, d in await a.fetch_tunnels()} == {
+        (ident.peer_id, ag1), (ident.peer_id, ag2)}
+
+    allowed.discard(ag2)
+    ident2, q2, got2, task2 = await stream(svc_a, token)
+    assert ident2.resumed and ident2.peer_id == ident.peer_id
+    await until(lambda: a.is_connected(ident.peer_id), "the resumed connection")
+    assert {(s, d) for _, s, d in await a.fetch_tunnels()} == {(ident.peer_id, ag1)}
+    await until(lambda: any(u.reason == "init" for r in got2 for u in r.peer_updates),
+                "the init batch")
+    assert [(u.id, u.reason) for r in got2 for u in r.peer_updates] == [(ag1.bytes, "init")]
+    await q2.put(upd(node(4)))
+    await sink1.wait_node(ident.peer_id, 4)
+    await b.flush()
+    await a.flush()
+    assert sink2.nodes_about(ident.peer_id) == [3]  # ag2 never hears of the new connection
+    await q2.put(Req(disconnect=Req.Disconnect()))
+    await asyncio.wait_for(task2, WAIT)
+
+
 async def test_many_updates_are_batched(replicas: Replicas) -> None:
     a = await replicas()
     b = await replicas()
