@@ -417,6 +417,10 @@ class Packet:
 _Deliver: TypeAlias = Callable[[int, int, int, bytes], None]
 
 
+def _no_deliver(kind: int, stream_id: int, message_id: int, data: bytes) -> None:
+    raise AssertionError("packet delivered outside feed()")
+
+
 class _Reassembler:
     """Frames in, packets out (``drpcwire.Reader`` semantics); calls
     ``deliver(kind, stream_id, message_id, data)`` for each complete packet of a known kind.
@@ -432,11 +436,11 @@ class _Reassembler:
         "_pdata", "_remaining", "_frame_done", "_error",
     )
 
-    def __init__(self, max_size: int, deliver: _Deliver) -> None:
+    def __init__(self, max_size: int) -> None:
         if max_size <= 0:
             raise ValueError("max_size must be positive")
         self._max = max_size
-        self._deliver = deliver
+        self._deliver: _Deliver = _no_deliver
         self._head = b""
         self._sid = 1
         self._mid = 1
@@ -446,24 +450,32 @@ class _Reassembler:
         self._pdata = bytearray()
         self._remaining = 0
         self._frame_done = False
-        self._error: DrpcProtocolError | None = None
+        self._error: str | None = None  # text only: a stored exception would hold our frames
 
     @property
     def buffered(self) -> int:
         return len(self._head) + len(self._pdata)
 
-    def feed(self, data: BytesLike) -> None:
+    def feed(self, data: BytesLike, deliver: _Deliver) -> None:
+        """Parse ``data``; ``deliver`` is called for each complete packet.
+
+        ``deliver`` is passed per call, not kept: the owner's bound method stored
+        here would make the owner and this reader a reference cycle.
+        """
         if self._error is not None:
-            raise self._error
+            raise DrpcProtocolError(self._error)
+        self._deliver = deliver
         try:
             self._feed(data if type(data) is bytes else bytes(data))
         except DrpcProtocolError as exc:
-            self._error = exc
+            self._error = str(exc)
             self._head = b""
             self._pdata = bytearray()
             self._active = False
             self._remaining = 0
             raise
+        finally:
+            self._deliver = _no_deliver
 
     def _feed(self, data: bytes) -> None:
         n = len(data)
@@ -637,14 +649,14 @@ class PacketReader:
 
     def __init__(self, max_size: int = MAX_MESSAGE_SIZE) -> None:
         self._packets: deque[Packet] = deque()
-        self._reader = _Reassembler(max_size, self._queue)
+        self._reader = _Reassembler(max_size)
 
     def _queue(self, kind: int, stream_id: int, message_id: int, data: bytes) -> None:
         self._packets.append(Packet(_KINDS[kind], stream_id, message_id, data))
 
     def receive_data(self, data: BytesLike) -> None:
         """Feed received bytes; then call ``next_packet()`` until it returns None."""
-        self._reader.feed(data)
+        self._reader.feed(data, self._queue)
 
     def next_packet(self) -> Packet | None:
         """The next complete packet, or None if more data is needed."""
@@ -752,7 +764,7 @@ class _Connection:
     )
 
     def __init__(self, *, max_size: int = MAX_MESSAGE_SIZE, split_size: int = SPLIT_SIZE) -> None:
-        self._reader = _Reassembler(max_size, self._on_packet)
+        self._reader = _Reassembler(max_size)
         self._events: list[Event] = []
         self._out: list[bytes | memoryview] = []
         self._split = split_size
@@ -761,7 +773,7 @@ class _Connection:
         self._live = False
         self._sent_close_send = False
         self._recv_closed = False
-        self._failed: DrpcProtocolError | None = None
+        self._failed: str | None = None  # text only (see _Reassembler._error)
         self._eof = False
 
     # -- input ---------------------------------------------------------------------------
@@ -776,13 +788,13 @@ class _Connection:
         every later ``receive_data()`` raises the same error.
         """
         if self._failed is not None:
-            raise self._failed
+            raise DrpcProtocolError(self._failed)
         if self._eof:
             raise DrpcError("receive_data() after receive_eof()")
         try:
-            self._reader.feed(data)
+            self._reader.feed(data, self._on_packet)
         except DrpcProtocolError as exc:
-            self._failed = exc
+            self._failed = str(exc)
             self._terminate()
             raise
 
@@ -835,7 +847,7 @@ class _Connection:
     @property
     def failed(self) -> DrpcProtocolError | None:
         """The protocol error that ended the transport, if any."""
-        return self._failed
+        return None if self._failed is None else DrpcProtocolError(self._failed)
 
     # -- commands on the current stream ---------------------------------------------------
 

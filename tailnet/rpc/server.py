@@ -193,11 +193,16 @@ class _RpcStream:
 
     def stop_call(self) -> None:
         call = self.call
-        if call is not None and not call.ended:
+        if call is None:
+            return
+        self.call = None  # the call and this stream refer to each other
+        if not call.ended:
             call.ended = True
             call._wake()
-            if call.task is not None:
-                call.task.cancel()
+            task = call.task
+            call.task = None
+            if task is not None:
+                task.cancel()
 
     def protocol_error(self, reason: str) -> None:
         log.info("rpc %s: stream %d: DRPC protocol error: %s", self.conn.name, self.ys.id, reason)
@@ -271,6 +276,8 @@ class _RpcStream:
             d.send_error(0, "internal error")
         finally:
             call.task = None
+            if self.call is call:
+                self.call = None  # the call and this stream refer to each other
         try:
             await self.write_out()
         except ConnectionError:

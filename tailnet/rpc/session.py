@@ -319,10 +319,14 @@ class YamuxConnection:
             write(bytes(view[i : i + MAX_WRITE_MESSAGE]))
 
     def _forget(self, st: YamuxStream) -> None:
+        """Drop ``st``; its consumer's callbacks are released (they usually form a
+        cycle with the consumer, which must not outlive the stream as garbage)."""
         if not st.gone:
             st.gone = True
             self.streams.pop(st.id, None)
             st._wake()
+        st.on_data = _noop_data
+        st.on_end = _noop
 
     def _dispatch(self) -> None:
         streams = self.streams
@@ -349,8 +353,9 @@ class YamuxConnection:
                 st = streams.get(ev.stream_id)
                 if st is not None:
                     st.reset = True
+                    on_end = st.on_end
                     self._forget(st)
-                    st.on_end()
+                    on_end()
             elif isinstance(ev, yamux.StreamClosed):
                 st = streams.get(ev.stream_id)
                 if st is not None:
@@ -392,10 +397,14 @@ class YamuxConnection:
                 fut.set_exception(ConnectionError(f"{self.name} session closed: {reason}"))
         streams = list(self.streams.values())
         self.streams.clear()
+        self.on_stream = None  # usually a bound method of our owner: no cycle left behind
         for st in streams:
             st.gone = True
             st._wake()
-            st.on_end()
+            on_end = st.on_end
+            st.on_data = _noop_data
+            st.on_end = _noop
+            on_end()
         self._done.set()
 
     # keepalive (loop callbacks; no task per connection)

@@ -89,7 +89,10 @@ class _Handlers:
             if not wrote:  # refused before it started (e.g. coordinator closed)
                 await call.send(pb.CoordinateResponse(error=exc.message))
         if bad:
-            raise bad[0]
+            # a fresh error: re-raising the stored one would tie this frame to its traceback
+            code, message = bad[0].code, bad[0].message
+            bad.clear()
+            raise RpcError(code, message)
 
     async def stream_derp_maps(self, call: ServerCall, req: pb.StreamDERPMapsRequest) -> None:
         ctx = _ctx(call)

@@ -6,6 +6,12 @@ against a server set up by the test (tokens ``agent``, ``user``, ``limited``;
 the user may reach agent ``AGENT``; ``max_peers_per_principal`` = 2; a small
 peer buffer).
 
+``python cycles_workload.py drpc BASE_WS_URL TOKEN ROUNDS`` runs Coder-transport
+sessions (yamux + DRPC) on ``/api/v2/tailnet``: Coordinate ended by Disconnect, by
+the client's Close, by a dropped TCP connection and by an unparsable request;
+StreamDERPMaps, RefreshResumeToken, PostTelemetry, an unknown method, a stream
+over the per-session limit, and a yamux protocol error.
+
 ``python cycles_workload.py ws BASE_WS_URL TOKEN ROUNDS`` opens WebSockets on
 the DERP-map endpoint (server pings on) and the echo endpoint, ending them with
 a closing handshake or by dropping TCP.
@@ -110,6 +116,61 @@ async def ws_main(base: str, token: str, rounds: int) -> None:
             else:
                 ws.transport.abort()  # TCP gone without a close frame
                 await asyncio.wait_for(ws.wait_closed(), T)
+    print("ok", flush=True)
+
+
+async def drpc_main(base: str, token: str, rounds: int) -> None:
+    from tailnet.rpc.mux import RpcError
+    from tailnet.rpc.tailnet_client import METHOD_COORDINATE, TailnetClient
+
+    url = base + "/api/v2/tailnet?version=2.3"
+    upd = Req(update_self=Req.UpdateSelf(node=pb.Node(id=1, key=b"np" + b"\x01" * 32,
+                                                      preferred_derp=999)))
+    for _ in range(rounds):
+        for how in ("disconnect", "close", "drop", "garbage"):
+            c = await asyncio.wait_for(TailnetClient.connect(url, token), T)
+            maps = await c.stream_derp_maps()
+            assert await asyncio.wait_for(maps.recv(), T) is not None
+            await asyncio.wait_for(c.refresh_resume_token(), T)
+            await c.post_telemetry(pb.TelemetryRequest())
+            try:
+                await c.rpc.unary("/coder.tailnet.v2.Tailnet/Nope", pb.TelemetryRequest(),
+                                  pb.TelemetryResponse)
+            except RpcError:
+                pass
+            coord = c.coordinate()
+            await coord.send(upd)
+            if how == "disconnect":
+                await coord.send(Req(disconnect=Req.Disconnect()))
+                while await asyncio.wait_for(coord.recv(), T) is not None:
+                    pass
+                await c.close()
+            elif how == "close":
+                await coord.close()
+                await c.close()
+            elif how == "drop":
+                c.rpc.pipe.abort()
+                await asyncio.wait_for(c.rpc.wait_closed(), T)
+            else:
+                st = c.rpc.bidi(METHOD_COORDINATE, pb.CoordinateResponse)
+                st._drpc.send_message(b"\xff\xff")
+                await st._write()
+                try:
+                    await asyncio.wait_for(st.recv(), T)
+                except RpcError:
+                    pass
+                await c.close()
+    # a yamux protocol error (version byte 1) ends the whole session
+    from websockets.asyncio.client import connect
+
+    ws = await asyncio.wait_for(connect(url, additional_headers={"Coder-Session-Token": token},
+                                        compression=None, proxy=None), T)
+    await ws.send(bytes.fromhex("010000000000000100000000"))
+    try:
+        while True:
+            await asyncio.wait_for(ws.recv(), T)
+    except Exception:
+        pass
     print("ok", flush=True)
 
 
@@ -220,5 +281,7 @@ async def main(target: str, rounds: int) -> None:
 if __name__ == "__main__":
     if sys.argv[1] == "ws":
         asyncio.run(ws_main(sys.argv[2], sys.argv[3], int(sys.argv[4])))
+    elif sys.argv[1] == "drpc":
+        asyncio.run(drpc_main(sys.argv[2], sys.argv[3], int(sys.argv[4])))
     else:
         asyncio.run(main(sys.argv[2], int(sys.argv[3])))

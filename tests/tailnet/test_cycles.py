@@ -114,6 +114,25 @@ async def test_websockets_leave_no_cycles() -> None:
         await stack.stop()
 
 
+async def test_drpc_sessions_leave_no_cycles() -> None:
+    """Coder-transport sessions (yamux + DRPC) ended every way leave no cycle of ours."""
+    stack = TailnetStack(StackConfig(http_addr="127.0.0.1:0", grpc_addr=None, stun_addr=None,
+                                     data_dir=None))
+    await stack.start()
+    try:
+        keep = asyncio.all_tasks()
+        args = (sys.executable, str(WORKLOAD), "drpc", stack.ws_url, stack.admin_token)
+        await run_workload(*args, "1")
+        await server_idle(keep)
+        with CycleCheck() as check:
+            await run_workload(*args, "3")
+            await server_idle(keep)
+        check.assert_clean()
+        assert stack.service is not None and stack.service.coordinator.peers() == []
+    finally:
+        await stack.stop()
+
+
 def test_status_codes_are_grpc_names() -> None:
     """Every Status maps to the grpc.StatusCode of the same name (RESOURCE_EXHAUSTED incl.)."""
     from tailnet.service import Status
@@ -128,6 +147,7 @@ def test_no_cycles_on_uvloop() -> None:
         assert isinstance(asyncio.get_running_loop(), uvloop.Loop)
         await test_peers_connecting_and_disconnecting_leave_no_cycles()
         await test_websockets_leave_no_cycles()
+        await test_drpc_sessions_leave_no_cycles()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(both(), 120))
