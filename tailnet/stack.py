@@ -72,6 +72,7 @@ from tailnet.derpmap import (
     new_derp_map,
 )
 from tailnet.health import HealthChecker
+from tailnet.loopmon import LoopMonitor
 from tailnet.http import ApiOptions, HttpApiServer, TailnetApi
 from tailnet.identity import Authenticator, Principal
 from tailnet.resume import ResumeKeyStore, ResumeTokenProvider
@@ -286,6 +287,8 @@ class TailnetStack:
         self._pg: Any = None  # tailnet.pg.PgCoordinator when postgres_url is set
         self._started = False
         self._access_url = ""
+        self.loop_monitor = LoopMonitor()
+        """Event-loop stalls of this stack's loop (``/api/v2/debug/loop``)."""
 
     # ------------------------------------------------------------------ properties
 
@@ -477,6 +480,7 @@ class TailnetStack:
         self._started = True
         cfg = self.config
         key, resume_keys = self.prepare_data_dir()
+        self.loop_monitor.start()
         if cfg.postgres_url and self._coordinator is None:
             from tailnet.pg import create_pg_coordinator
 
@@ -558,6 +562,7 @@ class TailnetStack:
             self._derp_maps,
             agent_lookup=self._agent_lookup,
             health=self.health,
+            loop_monitor=self.loop_monitor,
             options=ApiOptions(
                 derp_force_websockets=cfg.derp_force_websockets,
                 disable_direct_connections=cfg.block_direct_connections,
@@ -580,6 +585,7 @@ class TailnetStack:
 
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful shutdown (see module doc). Idempotent."""
+        self.loop_monitor.stop()
         if self._poll_task is not None:
             self._poll_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

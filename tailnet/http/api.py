@@ -14,7 +14,9 @@ Endpoints (all ``GET``; JSON errors per :mod:`tailnet.http.errors`):
 ``/api/v2/debug/health``                                health report (``?force=true`` re-runs)
 ``/api/v2/debug/coordinator``                           peers and tunnels (HTML; JSON on
                                                         ``Accept: application/json``)
-``/api/v2/debug/ws``                                    WS echo (used by the health check);
+``/api/v2/debug/ws``                                    WS echo (used by the health check)
+``/api/v2/debug/loop``                                  event-loop stalls (JSON; ``?reset=1``
+                                                        starts a new window);
                                                         closed after ``echo_idle_timeout``
                                                         (30 s) without a message
 ======================================================  ===============================================
@@ -58,6 +60,7 @@ from typing import Any, Final
 from tailnet.auth import ClientPolicy
 from tailnet.derpmap import DERPMapSource, derp_map_to_json, derp_maps_equal, with_home_params
 from tailnet.health import HealthChecker
+from tailnet.loopmon import LoopMonitor
 from tailnet.identity import (
     MD_AGENT_ID,
     MD_RESUME_TOKEN,
@@ -118,11 +121,13 @@ class TailnetApi:
         agent_lookup: AgentLookup,
         health: HealthChecker | None = None,
         options: ApiOptions | None = None,
+        loop_monitor: LoopMonitor | None = None,
     ) -> None:
         self.service = service
         self.derp_maps = derp_maps
         self._agent_lookup = agent_lookup
         self.health = health
+        self.loop_monitor = loop_monitor
         self.options = options or ApiOptions()
         self._closing = asyncio.Event()
         self.client_mux = register_tailnet(Mux(), service)
@@ -153,6 +158,9 @@ class TailnetApi:
         if path == "/api/v2/debug/coordinator":
             await self._require_owner(req)
             return self._coordinator_debug(req)
+        if path == "/api/v2/debug/loop":
+            await self._require_owner(req)
+            return self._loop_debug(req)
         if path == "/api/v2/debug/ws":
             await self._authenticate(req)
             return Upgrade(self._echo_ws, ping_interval=None)
@@ -392,6 +400,19 @@ class TailnetApi:
         force = req.query.get("force", "").lower() in ("1", "true", "yes")
         report = await self.health.report(force=force)
         return _json(200, report)
+
+    def _loop_debug(self, req: Request) -> Response:
+        mon = self.loop_monitor
+        if mon is None:
+            raise HttpError(404, "No event-loop monitor.", "This server runs without one.")
+        st = mon.stats(reset=req.query.get("reset") in ("1", "true"))
+        return _json(200, {
+            "window_s": round(time.monotonic() - st.since, 3),
+            "samples": st.samples,
+            "max_stall_ms": round(st.max_stall * 1000, 3),
+            "stalls_over_50ms": st.over_50ms,
+            "stalls_over_250ms": st.over_250ms,
+        })
 
     def _coordinator_debug(self, req: Request) -> Response:
         coord = self.service.coordinator
