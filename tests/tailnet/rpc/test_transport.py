@@ -363,3 +363,118 @@ async def test_shutdown_closes_coordinate_with_error_then_close(stack: TailnetSt
     assert errors == ["coordinator closed"]
     await asyncio.wait_for(stop, T)
     await c.close()
+
+
+@pytest.mark.parametrize("cut", ["byte", "seeded"])
+async def test_go_bytes_split_across_arbitrary_messages(stack: TailnetStack, cut: str) -> None:
+    """Message boundaries mean nothing: §5.2 + a PostTelemetry, cut anywhere."""
+    import random
+
+    path = b"/coder.tailnet.v2.Tailnet/PostTelemetry".hex()
+    req = "03 01 01 27" + path + "05 01 02 00" + "0d 01 03 00"
+    stream = h(
+        "00 01 00 01 00000001 00000000"
+        "00 00 00 00 00000001 00000030" "03 01 01 28" + SDM + "05 01 02 00"
+        "00 00 00 00 00000001 00000004" "0d 01 03 00"
+        "00 01 00 01 00000003 00000000"
+        f"00 00 00 00 00000003 {len(h(req)):08x}" + req
+    )
+    rng = random.Random(7)
+    pieces: list[bytes] = []
+    i = 0
+    while i < len(stream):
+        n = 1 if cut == "byte" else rng.randint(1, 40)
+        pieces.append(stream[i : i + n])
+        i += n
+    raw = await RawYamux.open(f"{stack.ws_url}/api/v2/tailnet?version=2.3", stack.admin_token)
+    for p in pieces:
+        await raw.ws.send(p)
+    got: dict[int, bytes] = {1: b"", 3: b""}
+    while len(got[3]) < 8 or not got[1]:
+        hdr, body = await raw.frame()
+        if hdr[1] == 0:
+            got[int.from_bytes(hdr[4:8], "big")] += body
+    assert got[1][:3] == h("05 01 01")
+    assert got[3] == h("05 01 01 00" "0d 01 02 00")
+    await raw.ws.close()
+
+
+async def test_slow_reader_stalls_only_its_own_stream(stack: TailnetStack) -> None:
+    """A handler that never reads: the client's writes stop at the 256 KiB window,
+    while another stream on the same connection keeps working (and so do others)."""
+    started = asyncio.Event()
+
+    async def never_reads(call: ServerCall) -> None:
+        started.set()
+        await asyncio.Event().wait()  # until cancelled
+
+    path = "/test.Sink/NeverReads"
+    stack.api.client_mux.register(path, MethodKind.BIDI, pb.TelemetryRequest, never_reads)
+    c = await RpcClient.connect(f"{stack.ws_url}/api/v2/tailnet", stack.admin_token)
+    try:
+        st = c.bidi(path, pb.TelemetryResponse)
+        chunk = pb.TelemetryRequest(events=[pb.TelemetryEvent(id=b"\x01" * 16)] * 2000)
+        size = chunk.ByteSize()
+
+        async def flood() -> int:
+            sent = 0
+            while True:
+                await st.send(chunk)
+                sent += size
+
+        pusher = asyncio.ensure_future(flood())
+        await asyncio.wait_for(started.wait(), T)
+        # the window fills and the writer blocks; meanwhile another stream works
+        for _ in range(3):
+            tok = await asyncio.wait_for(
+                c.unary("/coder.tailnet.v2.Tailnet/RefreshResumeToken",
+                        pb.RefreshResumeTokenRequest(), pb.RefreshResumeTokenResponse), T)
+            assert tok.token
+        assert not pusher.done()
+        ys = st._ys
+        assert c.yamux.session.send_window(ys.id) == 0 or c.yamux.session.pending_bytes(ys.id) > 0
+        pusher.cancel()
+        await asyncio.gather(pusher, return_exceptions=True)
+        await st.close()
+    finally:
+        await c.close()
+
+
+async def test_client_that_never_reads_a_stream_does_not_block_the_server(
+    stack: TailnetStack,
+) -> None:
+    """A server-streaming handler blocked on a client that never reads its stream:
+    the client's other streams keep working and so does every other connection."""
+    release = asyncio.Event()
+    blocked = asyncio.Event()
+
+    async def firehose(call: ServerCall, req: pb.TelemetryRequest) -> None:
+        big = pb.TelemetryResponse()
+        msg = pb.TelemetryRequest(events=[pb.TelemetryEvent(id=b"\x02" * 16)] * 4000)
+        for _ in range(100):  # ~8 MB: far beyond one 256 KiB window
+            send = asyncio.ensure_future(call.send(msg))
+            done, _ = await asyncio.wait({send}, timeout=0.5)
+            if not done:
+                blocked.set()
+                await send
+        del big
+        await release.wait()
+
+    path = "/test.Source/Firehose"
+    stack.api.client_mux.register(path, MethodKind.SERVER_STREAM, pb.TelemetryRequest, firehose)
+    c = await RpcClient.connect(f"{stack.ws_url}/api/v2/tailnet", stack.admin_token)
+    other = await TailnetClient.connect(f"{stack.ws_url}/api/v2/tailnet", stack.admin_token)
+    try:
+        st = await c.server_stream(path, pb.TelemetryRequest(), pb.TelemetryRequest)
+        await asyncio.wait_for(blocked.wait(), T)  # the server waits on our window
+        tok = await asyncio.wait_for(
+            c.unary("/coder.tailnet.v2.Tailnet/RefreshResumeToken",
+                    pb.RefreshResumeTokenRequest(), pb.RefreshResumeTokenResponse), T)
+        assert tok.token
+        maps = await other.stream_derp_maps()
+        assert await asyncio.wait_for(maps.recv(), T) is not None
+        await st.close()
+    finally:
+        release.set()
+        await other.close()
+        await c.close()
