@@ -478,3 +478,23 @@ async def test_client_that_never_reads_a_stream_does_not_block_the_server(
         release.set()
         await other.close()
         await c.close()
+
+
+async def test_message_over_4mib_ends_its_stream_only(stack: TailnetStack) -> None:
+    c = await RpcClient.connect(f"{stack.ws_url}/api/v2/tailnet", stack.admin_token)
+    try:
+        st = c.bidi("/coder.tailnet.v2.Tailnet/Coordinate", pb.CoordinateResponse)
+        st._drpc.send_message(b"\x00" * (4 * 1024 * 1024 + 1))
+        writer = asyncio.ensure_future(st._write())
+        with pytest.raises((RpcError, ConnectionError)) as info:
+            await asyncio.wait_for(st.recv(), T)
+        if isinstance(info.value, RpcError):
+            assert "overflow" in info.value.message
+        writer.cancel()
+        await asyncio.gather(writer, return_exceptions=True)
+        tok = await asyncio.wait_for(
+            c.unary("/coder.tailnet.v2.Tailnet/RefreshResumeToken",
+                    pb.RefreshResumeTokenRequest(), pb.RefreshResumeTokenResponse), T)
+        assert tok.token and not c.closed
+    finally:
+        await c.close()
