@@ -26,7 +26,12 @@ HTTP gets a 400 (when possible) and the connection is closed. Headers must
 arrive within the server's handshake timeout.
 
 The only coupling to DERP is the :class:`DerpAcceptor` protocol, so a bigger
-HTTP application can mount the same ``accept`` on its own port.
+HTTP application can mount the same ``accept`` on its own port. Such an
+application decides per request: :func:`front_door_response` gives the answer
+to every non-upgrade request without touching the connection (the host writes
+it and keeps serving its own routes on that connection), and only a request
+for which it returns ``None`` — a DERP upgrade of ``/derp`` — is handed over
+with its transport to an :class:`HttpConnection`, which then owns the socket.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ import asyncio
 import html
 import logging
 import re
+from dataclasses import dataclass
 from typing import Protocol, cast
 
 import h11
@@ -43,7 +49,9 @@ from ..keys import PublicKey
 
 __all__ = [
     "DerpAcceptor",
+    "FrontDoorResponse",
     "HttpConnection",
+    "front_door_response",
     "derp_upgrade_response",
     "is_derp_upgrade",
     "wants_derp_websocket",
@@ -116,6 +124,74 @@ def wants_derp_websocket(req: h11.Request) -> bool:
 def is_derp_upgrade(req: h11.Request) -> bool:
     """``Upgrade: DERP``, or legacy ``Upgrade: websocket`` speaking raw DERP."""
     return _header(req, b"upgrade").lower() in ("derp", "websocket")
+
+
+@dataclass(frozen=True, slots=True)
+class FrontDoorResponse:
+    """A complete answer of the front door (HEAD: the caller omits the body)."""
+
+    status: int
+    body: bytes = b""
+    content_type: str = "text/plain; charset=utf-8"
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+_NOT_FOUND = FrontDoorResponse(404, b"404 page not found\n")
+
+
+def front_door_response(
+    server: DerpAcceptor, req: h11.Request, remote_addr: object = None
+) -> FrontDoorResponse | None:
+    """The front door's answer to ``req`` (routing table in the module docstring).
+
+    ``None`` means a DERP upgrade of ``/derp`` (``Upgrade: DERP``, WebSocket):
+    that needs the transport, see :class:`HttpConnection`. Counts the request
+    in the server's ``stats.http_requests`` unless it returns ``None``. No I/O.
+    """
+    method = req.method.decode("latin-1").upper()
+    path = req.target.decode("latin-1").split("?", 1)[0]
+    if path == "/derp" and (wants_derp_websocket(req) or is_derp_upgrade(req)):
+        return None
+    stats = getattr(server, "stats", None)
+    if stats is not None:
+        stats.http_requests += 1
+    if path in ("/derp/probe", "/derp/latency-check"):
+        if method in ("GET", "HEAD"):
+            return FrontDoorResponse(200, headers=(("Access-Control-Allow-Origin", "*"),))
+        return FrontDoorResponse(405, b"bogus probe method\n")
+    if path == "/derp":
+        return FrontDoorResponse(426, b"DERP requires connection upgrade\n")
+    if path == "/generate_204":
+        extra = [("Cache-Control", GENERATE_204_CACHE_CONTROL)]
+        challenge = _header(req, b"x-tailscale-challenge")
+        if challenge and _CHALLENGE_RE.fullmatch(challenge):
+            extra.append(("X-Tailscale-Response", "response " + challenge))
+        return FrontDoorResponse(204, headers=tuple(extra))
+    if path == "/metrics" or path == "/debug" or path.startswith("/debug/"):
+        hook = getattr(server, "debug_response", None)
+        if hook is None:
+            return _NOT_FOUND
+        status, body, ctype = hook(path, remote_addr)
+        return FrontDoorResponse(status, body, ctype)
+    if path == "/robots.txt":
+        return FrontDoorResponse(200, b"User-agent: *\nDisallow: /")
+    if path == "/":
+        page = _home_page(server).encode("utf-8")
+        return FrontDoorResponse(200, page, "text/html; charset=utf-8")
+    return _NOT_FOUND
+
+
+def _home_page(server: DerpAcceptor) -> str:
+    key = html.escape(server.public_key.text())
+    return (
+        "<!DOCTYPE html>\n<html><head><title>DERP</title></head><body>\n"
+        "<h1>DERP</h1>\n"
+        "<p>This is a <a href=\"https://tailscale.com/kb/1232/derp-servers\">DERP</a>"
+        " relay server (tailnet-core).</p>\n"
+        f"<p>Server key: <code>{key}</code></p>\n"
+        f"<p>Connected clients: {server.client_count}</p>\n"
+        "</body></html>\n"
+    )
 
 
 class HttpConnection(asyncio.Protocol):
@@ -252,60 +328,23 @@ class HttpConnection(asyncio.Protocol):
 
     def _route(self, req: h11.Request) -> bool:
         """Answer ``req``; return True if the transport was handed over."""
-        self._server_stats_request()
-        method = req.method.decode("latin-1").upper()
-        target = req.target.decode("latin-1")
-        path = target.split("?", 1)[0]
-        head = method == "HEAD"
-        if path in ("/derp/probe", "/derp/latency-check"):
-            if method in ("GET", "HEAD"):
-                self._respond(200, b"", head=head, extra=[("Access-Control-Allow-Origin", "*")])
-            else:
-                self._respond(405, "bogus probe method\n", head=False)
-            return False
-        if path == "/derp":
+        answer = front_door_response(self._server, req, self.remote_addr)
+        if answer is None:  # a DERP upgrade of /derp
+            stats = getattr(self._server, "stats", None)
+            if stats is not None:
+                stats.http_requests += 1
             if wants_derp_websocket(req):
                 return self._websocket_upgrade(req)
-            if is_derp_upgrade(req):
-                self._take_over(fast_start=_header(req, b"derp-fast-start") == "1")
-                return True
-            self._respond(426, "DERP requires connection upgrade\n", head=head)
-            return False
-        if path == "/generate_204":
-            extra = [("Cache-Control", GENERATE_204_CACHE_CONTROL)]
-            challenge = _header(req, b"x-tailscale-challenge")
-            if challenge and _CHALLENGE_RE.fullmatch(challenge):
-                extra.append(("X-Tailscale-Response", "response " + challenge))
-            self._respond(204, head=head, extra=extra)
-            return False
-        if path == "/metrics" or path == "/debug" or path.startswith("/debug/"):
-            self._debug(path, head)
-            return False
-        if path == "/robots.txt":
-            self._respond(200, "User-agent: *\nDisallow: /", head=head)
-            return False
-        if path == "/":
-            self._respond(200, self._home_page(), head=head, content_type="text/html; charset=utf-8")
-            return False
-        self._respond(404, "404 page not found\n", head=head)
-        return False
-
-    def _server_stats_request(self) -> None:
-        stats = getattr(self._server, "stats", None)
-        if stats is not None:
-            stats.http_requests += 1
-
-    def _home_page(self) -> str:
-        key = html.escape(self._server.public_key.text())
-        return (
-            "<!DOCTYPE html>\n<html><head><title>DERP</title></head><body>\n"
-            "<h1>DERP</h1>\n"
-            "<p>This is a <a href=\"https://tailscale.com/kb/1232/derp-servers\">DERP</a>"
-            " relay server (tailnet-core).</p>\n"
-            f"<p>Server key: <code>{key}</code></p>\n"
-            f"<p>Connected clients: {self._server.client_count}</p>\n"
-            "</body></html>\n"
+            self._take_over(fast_start=_header(req, b"derp-fast-start") == "1")
+            return True
+        self._respond(
+            answer.status,
+            answer.body,
+            head=req.method.upper() == b"HEAD",
+            content_type=answer.content_type,
+            extra=list(answer.headers),
         )
+        return False
 
     def _websocket_upgrade(self, req: h11.Request) -> bool:
         """DERP over WebSocket (subprotocol ``derp``): handed to :mod:`derp.websocket`."""
@@ -325,15 +364,6 @@ class HttpConnection(asyncio.Protocol):
             self.remote_addr,
             getattr(self._server, "stats", None),
         )
-
-    def _debug(self, path: str, head: bool) -> None:
-        """``/debug/*`` and ``/metrics`` via the server's ``debug_response`` hook (if any)."""
-        hook = getattr(self._server, "debug_response", None)
-        if hook is None:
-            self._respond(404, "404 page not found\n", head=head)
-            return
-        status, body, ctype = hook(path, self.remote_addr)
-        self._respond(status, body, head=head, content_type=ctype)
 
     def _take_over(self, *, fast_start: bool) -> None:
         transport = self._transport

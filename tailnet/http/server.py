@@ -2,14 +2,20 @@
 
 Connection flow::
 
-    TCP accept → ApiConnection (h11 server)
+    TCP accept → ApiConnection (h11 server); every request is routed on its own
       request head + end of message
-        path /derp, /derp/*, /generate_204 → DERP front door: the transport's
-            protocol becomes derp.server.http.HttpConnection(derp_server); the
-            request head (re-serialized by h11) and any bytes read after it are
-            replayed into it, so every DERP behaviour (fast start, probes,
-            WebSocket DERP, …) is the relay's own. After the upgrade the relay's
-            connection owns the socket: no extra layer on the data path.
+        /derp with a DERP upgrade (Upgrade: DERP, or WebSocket) → the relay's
+            front door: the transport's protocol becomes
+            derp.server.http.HttpConnection(derp_server); the request head
+            (re-serialized by h11) and any bytes read after it are replayed into
+            it, so every DERP behaviour (fast start, WebSocket DERP, …) is the
+            relay's own. The relay's connection then owns the socket: no extra
+            layer on the data path, and no later request reaches the API.
+        other /derp, /derp/*, /generate_204 → the relay's answer
+            (derp.server.http.front_door_response: probes, 204 challenge, 426,
+            404) written here; the connection stays ours, so its next request is
+            routed again (the relay's /metrics or /debug/ are never reachable
+            through this port)
         anything else → await app.handle(Request) in a task (reading paused):
             Response → written with h11 (keep-alive as h11 allows)
             Upgrade  → websockets handshake (ServerWebSocket.upgrade), then the
@@ -38,6 +44,7 @@ import h11
 
 from derp.server import DerpServer
 from derp.server.http import HttpConnection as DerpFrontDoor
+from derp.server.http import front_door_response
 
 from .errors import HttpError, error_body
 from .request import Request, request_from_h11
@@ -163,7 +170,9 @@ class _ApiConnection(asyncio.Protocol):
             self._transport.close()
 
     def _write(self, resp: Response, *, close: bool = False, head: bool = False) -> None:
-        headers = [_SERVER, ("Content-Length", str(len(resp.body)))]
+        headers = [_SERVER]
+        if resp.status >= 200 and resp.status not in (204, 304):
+            headers.append(("Content-Length", str(len(resp.body))))
         if resp.body:
             headers.append(("Content-Type", resp.content_type))
         headers.extend(resp.headers)
@@ -221,9 +230,19 @@ class _ApiConnection(asyncio.Protocol):
                 req, self._req = self._req, None
                 self._cancel_timer()
                 path = req.target.split(b"?", 1)[0].decode("latin-1")
-                if self._server.derp is not None and is_derp_path(path):
-                    self._hand_to_derp(req)
-                    return
+                derp = self._server.derp
+                if derp is not None and is_derp_path(path):
+                    answer = front_door_response(derp, req, self.remote)
+                    if answer is None:  # a DERP upgrade: the relay takes the socket
+                        self._hand_to_derp(req)
+                        return
+                    self._write(
+                        Response(
+                            answer.status, answer.body, answer.content_type, list(answer.headers)
+                        ),
+                        head=req.method.upper() == b"HEAD",
+                    )
+                    continue  # keep-alive: the next request is routed afresh
                 assert self._transport is not None
                 self._transport.pause_reading()
                 self._task = asyncio.get_running_loop().create_task(self._handle(req))
