@@ -75,6 +75,7 @@ from .frames import (
     FrameType,
     PeerGoneReason,
     PeerPresentFlags,
+    decode_json_payload,
     encode_client_info,
     encode_close_peer,
     encode_forward_packet,
@@ -386,7 +387,7 @@ class ClientConnection:
         except nacl.exceptions.CryptoError:
             raise HandshakeError("ServerInfo box does not open with the server key") from None
         try:
-            info = json.loads(blob)
+            info = decode_json_payload(blob)
         except ValueError as exc:
             raise HandshakeError(f"ServerInfo is not JSON: {exc}") from None
         if not isinstance(info, dict):

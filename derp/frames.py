@@ -36,14 +36,21 @@ them; that is what keeps the protocol forward compatible.
 
 Error contract: decoding either returns a frame or raises :class:`FrameError`
 (a :class:`derp.errors.ProtocolError`); anything else is a bug.
+
+The JSON inside ClientInfo/ServerInfo boxes is decoded with
+:func:`decode_json_payload`: nesting deeper than :data:`MAX_JSON_DEPTH` or more
+than :data:`MAX_JSON_CONTAINERS` arrays/objects is a ``ValueError`` like any
+other bad JSON (never a ``RecursionError``).
 """
 
 from __future__ import annotations
 
+import json
+import re
 import struct
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
-from typing import Iterator, NamedTuple, Union
+from typing import Any, Iterator, NamedTuple, Union
 
 from .errors import FrameError
 
@@ -58,6 +65,8 @@ __all__ = [
     "MAX_SERVER_INFO_LEN",
     "MAX_CLIENT_FRAME_SIZE",
     "KEEPALIVE_INTERVAL",
+    "MAX_JSON_DEPTH",
+    "MAX_JSON_CONTAINERS",
     "DISCO_MAGIC",
     "FrameType",
     "PeerGoneReason",
@@ -83,6 +92,7 @@ __all__ = [
     "encode_health",
     "encode_restarting",
     "looks_like_disco",
+    "decode_json_payload",
     "ServerKey",
     "ClientInfo",
     "ServerInfo",
@@ -123,8 +133,15 @@ KEEPALIVE_INTERVAL = 60.0
 DISCO_MAGIC = b"TS\xf0\x9f\x92\xac"
 _DISCO_MIN_LEN = 62  # magic(6) + sender disco key(32) + nonce(24)
 
+#: Deepest JSON nesting accepted in ClientInfo/ServerInfo (real ones are one flat object).
+MAX_JSON_DEPTH = 32
+#: Most arrays + objects accepted in one ClientInfo/ServerInfo JSON document.
+MAX_JSON_CONTAINERS = 256
+
 _HDR = struct.Struct(">BI")
 _U32X2 = struct.Struct(">II")
+_JSON_STRING = re.compile(rb'"[^"\\]*+(?:\\.[^"\\]*+)*+"', re.DOTALL)
+_NOT_BRACKETS = bytes(b for b in range(256) if b not in b"[]{}")
 
 
 class FrameType(IntEnum):
@@ -297,6 +314,39 @@ def encode_restarting(reconnect_in_ms: int, try_for_ms: int) -> bytes:
 def looks_like_disco(packet: bytes | memoryview) -> bool:
     """True if ``packet`` is a disco message (selects the disco queue and NotHere)."""
     return len(packet) >= _DISCO_MIN_LEN and packet[:6] == DISCO_MAGIC
+
+
+def decode_json_payload(
+    data: bytes, max_depth: int = MAX_JSON_DEPTH, max_containers: int = MAX_JSON_CONTAINERS
+) -> Any:
+    """``json.loads(data)`` with its shape bounded: ``ValueError`` when arrays and
+    objects nest deeper than ``max_depth`` or number more than ``max_containers``.
+
+    The shape is checked before decoding: strings are cut out and everything
+    but brackets deleted (C-speed passes), the opening brackets counted, and
+    (when there are more than ``max_depth``) the brackets walked, stopping at
+    the first one too deep or unbalanced (at most ``2 × max_containers + 1``
+    steps). So the decoder never recurses deeper than ``max_depth``, never
+    builds a huge tree of containers, and never raises ``RecursionError``.
+    Errors: ``ValueError`` (``UnicodeDecodeError`` and ``JSONDecodeError``
+    included) for anything that is not acceptable JSON.
+    """
+    brackets = _JSON_STRING.sub(b"", data).translate(None, _NOT_BRACKETS)
+    opens = brackets.count(b"[") + brackets.count(b"{")
+    if opens > max_containers:
+        raise ValueError(f"JSON has more than {max_containers} arrays and objects")
+    if opens > max_depth:
+        depth = 0
+        for c in brackets:
+            if c == 0x5B or c == 0x7B:  # [ {
+                depth += 1
+                if depth > max_depth:
+                    raise ValueError(f"JSON nested deeper than {max_depth} levels")
+            else:
+                depth -= 1
+                if depth < 0:
+                    raise ValueError("JSON brackets are unbalanced")
+    return json.loads(data)
 
 
 # --------------------------------------------------------------------------- decoding

@@ -13,7 +13,10 @@ or raises :class:`derp.errors.HandshakeError` with a reason for the log. Rules:
 * 56 ≤ payload length ≤ 256 KiB (checked by the caller from the frame header too);
 * the claimed client key must not be all zero;
 * the box must authenticate (it proves the client owns the key);
-* the JSON must be an object; keys match case-insensitively (like Go's
+* the JSON must be an object, nested at most :data:`~derp.frames.MAX_JSON_DEPTH`
+  deep with at most :data:`~derp.frames.MAX_JSON_CONTAINERS` arrays/objects
+  (:func:`~derp.frames.decode_json_payload`; otherwise a clean
+  :class:`~derp.errors.HandshakeError`, never a ``RecursionError``); keys match case-insensitively (like Go's
   ``encoding/json``), unknown keys are ignored, ``null`` values are ignored,
   a value of the wrong type rejects the whole ClientInfo;
 * ``meshKey``, when present, must be exactly 64 hex digits (an empty string is
@@ -24,13 +27,18 @@ or raises :class:`derp.errors.HandshakeError` with a reason for the log. Rules:
 from __future__ import annotations
 
 import hmac
-import json
 from dataclasses import dataclass
 
 import nacl.exceptions
 
 from ..errors import HandshakeError, InvalidKeyError
-from ..frames import KEY_LEN, MAX_CLIENT_INFO_LEN, NONCE_LEN, PROTOCOL_VERSION
+from ..frames import (
+    KEY_LEN,
+    MAX_CLIENT_INFO_LEN,
+    NONCE_LEN,
+    PROTOCOL_VERSION,
+    decode_json_payload,
+)
 from ..keys import PrivateKey, open_sealed, seal
 
 __all__ = [
@@ -79,8 +87,8 @@ def parse_client_info_json(
 ) -> ClientInfoData:
     """Parse the decrypted ClientInfo JSON of client ``key``."""
     try:
-        doc = json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = decode_json_payload(data)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError included
         raise HandshakeError(f"ClientInfo is not valid JSON: {exc}") from None
     if not isinstance(doc, dict):
         raise HandshakeError("ClientInfo JSON is not an object")
