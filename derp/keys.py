@@ -13,12 +13,20 @@ The box is NaCl ``crypto_box`` (X25519 + XSalsa20-Poly1305). ``seal`` returns
 The server key file is derper's JSON ``{"PrivateKey": "privkey:<hex>"}``;
 :func:`load_or_create_server_key` creates it (mode 0600) when missing and
 returns the same key on every later start.
+
+Secret files (this key, and the tailnet data dir's token and resume-key files)
+are written with :func:`write_secret_file`: a fresh temporary name opened
+``O_CREAT|O_EXCL|O_NOFOLLOW`` with mode 0600, written and fsynced, renamed
+over (or linked to) the target, and the directory fsynced. Nothing that
+already exists — a stale ``.tmp``, a symlink planted there — can give the
+result another mode or redirect the write.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +43,7 @@ __all__ = [
     "seal",
     "open_sealed",
     "load_or_create_server_key",
+    "write_secret_file",
 ]
 
 PUBLIC_PREFIX = "nodekey:"
@@ -143,6 +152,64 @@ def open_sealed(private: PrivateKey, peer: PublicKey | bytes, sealed: bytes) -> 
     return bytes(private.box(peer).decrypt(sealed))
 
 
+def write_secret_file(path: str | os.PathLike[str], data: bytes, *, replace: bool = True) -> None:
+    """Atomically write ``data`` to ``path`` with mode 0600 (see the module docstring).
+
+    Readers see the old content or the new, never a partial file. With
+    ``replace=False`` an existing ``path`` is left alone and
+    ``FileExistsError`` raised (first writer wins, for create-once files).
+    The parent directory is created (mode 0700) if missing.
+    """
+    p = Path(path)
+    parent = p.parent
+    parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+    while True:
+        tmp = parent / f".{p.name}.{secrets.token_hex(8)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o600)
+            break
+        except FileExistsError:  # pragma: no cover - 64 random bits collided
+            continue
+    try:
+        try:
+            os.fchmod(fd, 0o600)  # exactly 0600 whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if replace:
+            os.replace(tmp, p)
+        else:
+            try:
+                os.link(tmp, p)  # FileExistsError if p exists
+            except FileExistsError:
+                raise
+            except OSError:  # pragma: no cover - no hard links here (some FUSE, SMB)
+                if p.exists():
+                    raise FileExistsError(f"{p} exists") from None
+                os.replace(tmp, p)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone after a rename; a second name after a link
+    _fsync_dir(parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable (best effort where directories cannot be opened)."""
+    try:
+        dfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - e.g. Windows
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:  # pragma: no cover - filesystems without directory fsync
+        pass
+    finally:
+        os.close(dfd)
+
+
 def load_or_create_server_key(path: str | os.PathLike[str]) -> PrivateKey:
     """Load derper's JSON key file, creating it with a new key when it is missing.
 
@@ -153,14 +220,12 @@ def load_or_create_server_key(path: str | os.PathLike[str]) -> PrivateKey:
         data = p.read_bytes()
     except FileNotFoundError:
         key = PrivateKey.generate()
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.with_name(p.name + ".tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            json.dump({"PrivateKey": key.text()}, f, indent="\t")
-            f.write("\n")
-        os.replace(tmp, p)
-        return key
+        text = json.dumps({"PrivateKey": key.text()}, indent="\t") + "\n"
+        try:
+            write_secret_file(p, text.encode("ascii"), replace=False)
+            return key
+        except FileExistsError:  # another process created it first: use theirs
+            data = p.read_bytes()
     try:
         doc = json.loads(data.decode("utf-8"))
         value = doc["PrivateKey"]

@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import tempfile
 import time
 import uuid
 from collections.abc import Callable
@@ -56,6 +55,7 @@ import jwt
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from derp.keys import write_secret_file
 from tailnet.identity import Principal
 from tailnet.v2 import tailnet_pb2 as pb
 
@@ -137,8 +137,11 @@ class ResumeKeyStore:
         p = Path(path)
         if not p.exists():
             store = cls.generate(now=now, path=p)
-            store.save()
-            return store
+            try:
+                store._write(replace=False)
+                return store
+            except FileExistsError:  # another process created it first: load theirs
+                pass
         try:
             data = json.loads(p.read_text())
             keys = [
@@ -155,7 +158,12 @@ class ResumeKeyStore:
         return cls(keys, p)
 
     def save(self) -> None:
-        """Write the keys to the store's path (no-op for in-memory stores)."""
+        """Write the keys to the store's path (no-op for in-memory stores).
+
+        Atomic, mode 0600 (:func:`derp.keys.write_secret_file`)."""
+        self._write(replace=True)
+
+    def _write(self, *, replace: bool) -> None:
         if self._path is None:
             return
         data = {
@@ -169,16 +177,7 @@ class ResumeKeyStore:
                 for k in sorted(self._keys.values(), key=lambda k: k.seq)
             ]
         }
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".resume-keys-")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump(data, f)
-            os.replace(tmp, self._path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_secret_file(self._path, json.dumps(data).encode("utf-8"), replace=replace)
 
     @property
     def signing_key(self) -> ResumeKey:
