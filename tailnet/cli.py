@@ -1,4 +1,4 @@
-"""``tailnet`` command line: ``serve``, ``demo``, ``token create``.
+"""``tailnet`` command line: ``serve``, ``demo``, ``token create|list|revoke``.
 
 ``tailnet serve`` runs :class:`~tailnet.stack.TailnetStack` on uvloop until
 SIGINT/SIGTERM (clean shutdown, exit 0). It prints, on stdout::
@@ -13,8 +13,10 @@ SIGINT/SIGTERM (clean shutdown, exit 0). It prints, on stdout::
       (created on first start; keep it secret)
       try:         curl -H 'Coder-Session-Token: <admin token>' http://127.0.0.1:3000/api/v2/debug/health
 
-On later starts the token line reads ``admin token: in <data dir>/tokens.json``;
-with ``--stun-addr off`` / ``--grpc-addr off`` those lines read ``off``.
+The admin token is printed only when this start created it (``tokens.json``
+keeps only hashes); otherwise the line reads ``admin token: created at first
+start (tailnet token create --admin mints another)``. With ``--stun-addr off``
+/ ``--grpc-addr off`` those lines read ``off``.
 
 The serve process tunes CPython's cyclic GC before serving
 (:func:`tailnet.tuning.tune_gc`: ``gc.freeze()`` of the startup heap and
@@ -24,8 +26,12 @@ the interpreter defaults. The library never touches the GC of an embedding host.
 ``tailnet demo`` starts an in-memory stack on ephemeral ports (or uses
 ``--grpc-target`` + tokens of a running one) and runs :func:`tailnet.demo.run_demo`.
 
-``tailnet token create --agent [UUID] | --user [UUID]`` mints a token into the
-data dir's ``tokens.json``; a running server picks it up at once.
+``tailnet token create --agent [UUID] | --user [UUID] | --admin`` mints a token
+into the data dir's ``tokens.json`` (its hash; the token is printed once);
+``tailnet token list`` prints every token's id, kind, principal, name and
+creation time; ``tailnet token revoke ID`` removes one. A running server with
+the same data dir accepts new tokens at once, and stops accepting a revoked
+one on the next request, closing its open connections within a second.
 
 Exit codes: 0 ok, 1 runtime/config error, 2 usage error (argparse).
 """
@@ -38,6 +44,7 @@ import contextlib
 import logging
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -109,10 +116,28 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mint an agent token (new agent ID unless given)")
     kind.add_argument("--user", nargs="?", const="", metavar="UUID",
                       help="mint a user token (new user ID unless given)")
+    kind.add_argument("--admin", action="store_true",
+                      help="mint another admin (control plane) token")
     create.add_argument("--owner", metavar="UUID",
                         help="owner (user ID) of the agent's workspace (default: the admin)")
     create.add_argument("--name", default="", help="display name")
     create.add_argument("--data-dir", help="data directory (default: as 'serve')")
+    lst = tsub.add_parser(
+        "list",
+        help="list the tokens in <data-dir>/tokens.json",
+        description="One line per token: ID, KIND, PRINCIPAL (agent/user ID), NAME, CREATED. "
+        "Tokens themselves are not stored, so they cannot be shown.",
+    )
+    lst.add_argument("--data-dir", help="data directory (default: as 'serve')")
+    revoke = tsub.add_parser(
+        "revoke",
+        help="revoke a token by its ID",
+        description="Remove the token from <data-dir>/tokens.json. A running server stops "
+        "accepting it on the next request and closes its connections within a second.",
+    )
+    revoke.add_argument("id", metavar="ID", help="token ID (first column of 'token list', "
+                        "or the part of the token before the first '-')")
+    revoke.add_argument("--data-dir", help="data directory (default: as 'serve')")
     return parser
 
 
@@ -123,7 +148,7 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, _T]]) -> _T:
         return runner.run(coro_fn())
 
 
-def _print_banner(stack: TailnetStack, config: StackConfig, first_admin: str | None) -> None:
+def _print_banner(stack: TailnetStack, config: StackConfig, new_admin: str | None) -> None:
     lines = [
         "tailnet-core is running",
         f"  API:         {stack.access_url}",
@@ -132,11 +157,13 @@ def _print_banner(stack: TailnetStack, config: StackConfig, first_admin: str | N
         f"  STUN:        {'udp port %d' % stack.stun_port if stack.stun_port is not None else 'off'}",
         f"  data dir:    {config.data_dir if config.data_dir is not None else '(in memory)'}",
     ]
-    if first_admin is not None:
-        lines.append(f"  admin token: {first_admin}")
-        lines.append("  (created on first start; keep it secret)")
+    if new_admin is not None:
+        lines.append(f"  admin token: {new_admin}")
+        lines.append("  (shown once: only its hash is stored; keep it secret)")
     elif config.data_dir is not None:
-        lines.append(f"  admin token: in {config.data_dir / TOKENS_FILE}")
+        lines.append(
+            "  admin token: created at first start (tailnet token create --admin mints another)"
+        )
     lines.append(
         f"  try:         curl -H 'Coder-Session-Token: <admin token>' {stack.access_url}/api/v2/debug/health"
     )
@@ -144,8 +171,6 @@ def _print_banner(stack: TailnetStack, config: StackConfig, first_admin: str | N
 
 
 async def _serve(config: StackConfig) -> int:
-    tokens_path = config.data_dir / TOKENS_FILE if config.data_dir is not None else None
-    first_start = tokens_path is None or not tokens_path.exists()
     stack = TailnetStack(config)
     try:
         await stack.start()
@@ -157,7 +182,7 @@ async def _serve(config: StackConfig) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, stop.set)
-    _print_banner(stack, config, stack.admin_token if first_start else None)
+    _print_banner(stack, config, stack.new_admin_token)
     try:
         await stop.wait()
         log.info("signal received, shutting down")
@@ -210,11 +235,34 @@ def _cmd_token(args: argparse.Namespace) -> int:
     if data_dir is None:
         data_dir = load_config(None).data_dir or default_data_dir()
     stack = TailnetStack(StackConfig(data_dir=data_dir))
-    stack.prepare_data_dir()
-    if args.agent is not None:
+    if args.token_command == "list":
+        if not (data_dir / TOKENS_FILE).exists():
+            raise ConfigError(f"no tokens in {data_dir} (no {TOKENS_FILE})")
+        stack.prepare_data_dir(create_admin=False)
+        rows = [("ID", "KIND", "PRINCIPAL", "NAME", "CREATED")]
+        for t in stack.list_tokens():
+            created = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t.created_at))
+            rows.append((t.id, t.kind, str(t.principal_id), t.name, created))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+        for r in rows:
+            print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+        return 0
+    if args.token_command == "revoke":
+        stack.prepare_data_dir(create_admin=False)
+        if not stack.revoke_token(args.id):
+            raise ConfigError(f"no token with ID {args.id!r} in {data_dir / TOKENS_FILE}")
+        print(f"revoked {args.id}")
+        return 0
+    stack.prepare_data_dir(create_admin=False)
+    if args.admin:
+        tok = stack.create_admin(name=args.name or "admin")
+        print(f"id={tok.split('-', 1)[0]}")
+        print(f"token={tok}")
+    elif args.agent is not None:
         agent_id = uuid.UUID(args.agent) if args.agent else None
         owner = uuid.UUID(args.owner) if args.owner else None
         creds = stack.create_agent(owner, agent_id=agent_id, name=args.name or "main")
+        print(f"id={creds.token_id}")
         print(f"agent_id={creds.agent_id}")
         print(f"workspace_id={creds.workspace_id}")
         print(f"owner_id={creds.owner_id}")
@@ -222,6 +270,7 @@ def _cmd_token(args: argparse.Namespace) -> int:
     else:
         user_id = uuid.UUID(args.user) if args.user else None
         uid, tok = stack.create_user(user_id, name=args.name or "user")
+        print(f"id={tok.split('-', 1)[0]}")
         print(f"user_id={uid}")
         print(f"token={tok}")
     return 0

@@ -27,12 +27,20 @@ peer ID under UnrestrictedPolicy.
 
 Tokens are opaque to this module: an :class:`Authenticator` maps a token to a
 :class:`Principal` or ``None`` (unknown token).
+
+Revocation: every long-lived session a token opens (an API WebSocket, a gRPC
+stream) registers with a :class:`SessionRegistry` under the token's
+:func:`token_hash`; revoking the hash runs each session's ``close`` callback
+once (and any session registered later for that hash is closed at once, so a
+session authenticated just before a revocation cannot outlive it).
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
 
@@ -49,7 +57,11 @@ __all__ = [
     "MD_PEER_ID",
     "token_from_metadata",
     "metadata_dict",
+    "token_hash",
+    "SessionRegistry",
 ]
+
+log = logging.getLogger(__name__)
 
 MD_AUTHORIZATION: Final = "authorization"
 MD_SESSION_TOKEN: Final = "coder-session-token"
@@ -127,3 +139,64 @@ def token_from_metadata(md: Mapping[str, str]) -> str | None:
             return rest.strip()
     session = md.get(MD_SESSION_TOKEN, "").strip()
     return session or None
+
+
+def token_hash(token: str) -> str:
+    """SHA-256 (hex) of a token: how tokens are stored and how sessions are keyed."""
+    return hashlib.sha256(token.encode("utf-8")).hexdigest()
+
+
+class SessionRegistry:
+    """Open sessions by the hash of the token that opened them (see module docstring).
+
+    Pure bookkeeping, no I/O: ``close`` callbacks are synchronous and must not
+    block (schedule the actual closing). Everything runs on one event loop.
+    """
+
+    def __init__(self) -> None:
+        self._open: dict[str, dict[int, Callable[[], None]]] = {}
+        self._revoked: set[str] = set()
+        self._next = 0
+
+    def __len__(self) -> int:
+        return sum(len(v) for v in self._open.values())
+
+    def open(self, token: str, close: Callable[[], None]) -> Callable[[], None]:
+        """Register a session of ``token``; returns the function that unregisters it.
+
+        If the token is already revoked, ``close`` runs now.
+        """
+        h = token_hash(token)
+        if h in self._revoked:
+            close()
+            return _noop
+        self._next += 1
+        n = self._next
+        sessions = self._open.setdefault(h, {})
+        sessions[n] = close
+
+        def unregister() -> None:
+            live = self._open.get(h)
+            if live is not None:
+                live.pop(n, None)
+                if not live:
+                    del self._open[h]
+
+        return unregister
+
+    def revoke(self, hashes: Iterable[str]) -> int:
+        """Close every session of these token hashes (now and future); returns how many."""
+        closed = 0
+        for h in hashes:
+            self._revoked.add(h)
+            for close in list(self._open.pop(h, {}).values()):
+                closed += 1
+                try:
+                    close()
+                except Exception:  # one failing session must not keep the others open
+                    log.exception("closing a revoked session failed")
+        return closed
+
+
+def _noop() -> None:
+    pass

@@ -14,8 +14,10 @@
 What :meth:`TailnetStack.start` does, in order:
 
 1. data directory (``config.data_dir``; ``None`` = in memory): ``derp-server.key``
-   (derper's JSON format), ``resume-keys.json`` and ``tokens.json`` — all mode
-   0600; the tokens file gets an admin (``control_plane``) token on first start;
+   (derper's JSON format), ``resume-keys.json`` and ``tokens.json`` (token
+   hashes only, :mod:`tailnet.tokens`) — all mode 0600, written atomically; the
+   tokens file gets an admin (``control_plane``) token on first start (its
+   plaintext exists only in this process: :attr:`TailnetStack.new_admin_token`);
 2. binds the HTTP port (API + embedded DERP under ``/derp``), the STUN socket
    and the gRPC port; builds the default DERP map (embedded region
    ``derp_region_id`` pointing at the access URL, ``ForceHTTP`` for ``http``,
@@ -29,8 +31,13 @@ What :meth:`TailnetStack.start` does, in order:
 
 Credentials: the stack's token file always authenticates (so the admin token
 works for every endpoint); an embedder's ``authenticator`` is consulted first.
-Tokens added with ``tailnet token create`` while the server runs are picked
-up on the next unknown-token lookup (the file's mtime is checked).
+The file is checked (one ``stat``) on every authentication and twice a second,
+so tokens added or revoked by ``tailnet token create|revoke`` while the server
+runs count from the next request on. Revocation (:meth:`TailnetStack.revoke_token`,
+the CLI, or removing the entry) also closes the token's open sessions — API
+WebSockets with 1008 "session token revoked", gRPC streams with
+UNAUTHENTICATED — within a second: every such session is registered in
+:attr:`TailnetStack.sessions` (:class:`~tailnet.identity.SessionRegistry`).
 
 Agents minted with :meth:`TailnetStack.create_agent` get a workspace in the
 in-memory provider (persisted with their token), so users can tunnel to them.
@@ -46,9 +53,7 @@ import asyncio
 import contextlib
 import json
 import logging
-import os
 import secrets
-import tempfile
 import urllib.parse
 import uuid
 from collections.abc import Sequence
@@ -74,10 +79,11 @@ from tailnet.derpmap import (
 from tailnet.health import HealthChecker
 from tailnet.loopmon import LoopMonitor
 from tailnet.http import ApiOptions, HttpApiServer, TailnetApi
-from tailnet.identity import Authenticator, Principal
+from tailnet.identity import Authenticator, Principal, SessionRegistry, StaticTokenAuthenticator
 from tailnet.resume import ResumeKeyStore, ResumeTokenProvider
 from tailnet.server.grpc import TailnetGrpcServer
 from tailnet.service import TailnetService, TunnelAuthorizer
+from tailnet.tokens import TokenInfo, TokenRecord, TokenStore
 from tailnet.v2 import tailnet_pb2 as pb
 from tailnet.workspaces import InMemoryWorkspaceProvider, WorkspaceProvider
 
@@ -85,6 +91,7 @@ __all__ = [
     "TailnetStack",
     "TokenStore",
     "TokenRecord",
+    "TokenInfo",
     "AgentCredentials",
     "DERP_KEY_FILE",
     "RESUME_KEYS_FILE",
@@ -102,44 +109,6 @@ ADMIN_ID = uuid.UUID(int=1)
 
 
 @dataclass(frozen=True, slots=True)
-class TokenRecord:
-    """One issued token. Agent records carry their workspace for the in-memory provider."""
-
-    token: str
-    principal: Principal
-    workspace_id: uuid.UUID | None = None
-    owner_id: uuid.UUID | None = None
-    workspace_name: str = ""
-
-    def to_json(self) -> dict[str, Any]:
-        doc: dict[str, Any] = {
-            "token": self.token,
-            "kind": self.principal.kind,
-            "id": str(self.principal.id),
-            "name": self.principal.name,
-        }
-        if self.workspace_id is not None:
-            doc["workspace_id"] = str(self.workspace_id)
-            doc["owner_id"] = str(self.owner_id)
-            doc["workspace_name"] = self.workspace_name
-        return doc
-
-    @classmethod
-    def from_json(cls, doc: dict[str, Any]) -> TokenRecord:
-        kind = doc["kind"]
-        if kind not in ("agent", "user", "control_plane"):
-            raise ValueError(f"unknown principal kind {kind!r}")
-        ws = doc.get("workspace_id")
-        return cls(
-            token=str(doc["token"]),
-            principal=Principal(kind, uuid.UUID(doc["id"]), str(doc.get("name", ""))),
-            workspace_id=uuid.UUID(ws) if ws else None,
-            owner_id=uuid.UUID(doc["owner_id"]) if ws else None,
-            workspace_name=str(doc.get("workspace_name", "")),
-        )
-
-
-@dataclass(frozen=True, slots=True)
 class AgentCredentials:
     """What :meth:`TailnetStack.create_agent` returns."""
 
@@ -147,91 +116,8 @@ class AgentCredentials:
     workspace_id: uuid.UUID
     owner_id: uuid.UUID
     token: str
-
-
-class TokenStore:
-    """Tokens → principals, optionally persisted to a JSON file (mode 0600).
-
-    An :class:`~tailnet.identity.Authenticator`. With a path, an unknown token
-    triggers a reload if the file changed (tokens minted by another process).
-    ``on_load(records)`` runs after every (re)load.
-    """
-
-    def __init__(self, path: Path | None = None) -> None:
-        self._path = path
-        self._records: dict[str, TokenRecord] = {}
-        self._mtime: int | None = None
-        self.on_load: list[Any] = []
-        if path is not None and path.exists():
-            self._load()
-
-    @property
-    def records(self) -> list[TokenRecord]:
-        return list(self._records.values())
-
-    def _load(self) -> None:
-        assert self._path is not None
-        try:
-            doc = json.loads(self._path.read_text(encoding="utf-8"))
-            records = [TokenRecord.from_json(d) for d in doc.get("tokens", [])]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"cannot load tokens from {self._path}: {exc}") from exc
-        self._records = {r.token: r for r in records}
-        self._mtime = self._path.stat().st_mtime_ns
-        for cb in self.on_load:
-            cb(self.records)
-
-    def _save(self) -> None:
-        if self._path is None:
-            return
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self._path.parent, prefix=".tokens-")
-        try:
-            os.fchmod(fd, 0o600)
-            with os.fdopen(fd, "w") as f:
-                json.dump({"tokens": [r.to_json() for r in self._records.values()]}, f, indent=2)
-            os.replace(tmp, self._path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        self._mtime = self._path.stat().st_mtime_ns
-
-    def add(self, record: TokenRecord) -> None:
-        """Store (and persist) ``record``."""
-        if self._path is not None and self._path.exists():
-            self._maybe_reload()
-        self._records[record.token] = record
-        self._save()
-
-    def first(self, kind: str) -> TokenRecord | None:
-        for r in self._records.values():
-            if r.principal.kind == kind:
-                return r
-        return None
-
-    def _maybe_reload(self) -> None:
-        if self._path is None:
-            return
-        try:
-            mtime = self._path.stat().st_mtime_ns
-        except OSError:
-            return
-        if mtime != self._mtime:
-            try:
-                self._load()
-            except ValueError:
-                log.exception("tokens file changed but cannot be read; keeping the old tokens")
-
-    async def authenticate(self, token: str) -> Principal | None:
-        rec = self._records.get(token)
-        if rec is None:
-            self._maybe_reload()
-            rec = self._records.get(token)
-        return rec.principal if rec is not None else None
-
-
-def new_token() -> str:
-    return secrets.token_urlsafe(32)
+    #: the token's public id (``tailnet token list`` / :meth:`TailnetStack.revoke_token`)
+    token_id: str = ""
 
 
 class _ChainAuthenticator:
@@ -274,6 +160,15 @@ class TailnetStack:
         self._custom_derp_maps = derp_maps
         self._coordinator = coordinator
         self.tokens: TokenStore = TokenStore(None)
+        #: open sessions by token; revoking a token (here or in the file) closes them
+        self.sessions = SessionRegistry()
+        #: plaintext of the admin token minted by :meth:`prepare_data_dir` in this
+        #: process (first start), else ``None``: only its hash is stored
+        self.new_admin_token: str | None = None
+        # a control-plane token for this process only (never stored): the health checks'
+        self._process_token = ""
+        self._process_auth = StaticTokenAuthenticator()
+        self._token_watch: asyncio.Task[None] | None = None
         self.derp_server: DerpServer | None = None
         self.stun_server: StunServer | None = None
         self.http: HttpApiServer | None = None
@@ -331,19 +226,40 @@ class TailnetStack:
 
     @property
     def admin_token(self) -> str:
-        rec = self.tokens.first("control_plane")
-        if rec is None:
+        """A control-plane token valid while this stack runs.
+
+        The persisted admin token when this process minted it (first start with
+        this data dir, or in memory); otherwise a token for this process only
+        (never stored), since the file keeps only hashes.
+        """
+        if self.new_admin_token is not None:
+            return self.new_admin_token
+        if not self._process_token:
             raise RuntimeError("no admin token (stack not started)")
-        return rec.token
+        return self._process_token
 
     # ------------------------------------------------------------------ tokens
 
     def create_user(self, user_id: uuid.UUID | None = None, name: str = "user") -> tuple[uuid.UUID, str]:
-        """Mint a user token; returns ``(user_id, token)``."""
+        """Mint a user token; returns ``(user_id, token)`` (the token's id is its
+        prefix up to the first ``-``)."""
         uid = user_id or uuid.uuid4()
-        token = new_token()
-        self.tokens.add(TokenRecord(token, Principal("user", uid, name)))
+        _, token = self.tokens.issue(Principal("user", uid, name))
         return uid, token
+
+    def create_admin(self, name: str = "admin") -> str:
+        """Mint another admin (``control_plane``) token; returns it."""
+        _, token = self.tokens.issue(Principal("control_plane", ADMIN_ID, name))
+        return token
+
+    def list_tokens(self) -> list[TokenInfo]:
+        """Every stored token: id, kind, principal id, name, created, last used (this process)."""
+        return self.tokens.list()
+
+    def revoke_token(self, token_id: str) -> bool:
+        """Revoke a stored token: it stops authenticating now and its open sessions
+        close. Returns False if there is no such token."""
+        return self.tokens.revoke(token_id)
 
     def create_agent(
         self,
@@ -358,11 +274,14 @@ class TailnetStack:
         owner = owner_id or ADMIN_ID
         ws_id = uuid.uuid4()
         ws_name = workspace_name or f"ws-{str(aid)[:8]}"
-        token = new_token()
-        rec = TokenRecord(token, Principal("agent", aid, name), ws_id, owner, ws_name)
-        self.tokens.add(rec)
+        rec, token = self.tokens.issue(
+            Principal("agent", aid, name),
+            workspace_id=ws_id,
+            owner_id=owner,
+            workspace_name=ws_name,
+        )
         self._register_agents([rec])
-        return AgentCredentials(aid, ws_id, owner, token)
+        return AgentCredentials(aid, ws_id, owner, token, rec.id)
 
     def _register_agents(self, records: list[TokenRecord]) -> None:
         provider = self.workspaces
@@ -382,8 +301,9 @@ class TailnetStack:
         d = self.config.data_dir
         return None if d is None else d / name
 
-    def prepare_data_dir(self) -> tuple[PrivateKey, ResumeKeyStore]:
-        """Create/load the data dir: DERP key, resume keys, tokens (+ admin token)."""
+    def prepare_data_dir(self, *, create_admin: bool = True) -> tuple[PrivateKey, ResumeKeyStore]:
+        """Create/load the data dir: DERP key, resume keys, tokens (+ an admin token
+        if there is none and ``create_admin``: its plaintext is :attr:`new_admin_token`)."""
         d = self.config.data_dir
         if d is not None:
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -392,10 +312,17 @@ class TailnetStack:
         resume_keys = ResumeKeyStore.load_or_create(self._data_path(RESUME_KEYS_FILE))
         self.tokens = TokenStore(self._data_path(TOKENS_FILE))
         self.tokens.on_load.append(self._register_agents)
+        self.tokens.on_revoke.append(self.sessions.revoke)
         self._register_agents(self.tokens.records)
-        if self.tokens.first("control_plane") is None:
-            self.tokens.add(TokenRecord(new_token(), Principal("control_plane", ADMIN_ID, "admin")))
+        if create_admin and self.tokens.first("control_plane") is None:
+            self.new_admin_token = self.create_admin()
         return key, resume_keys
+
+    async def _watch_tokens(self, period: float = 0.5) -> None:
+        """Notice tokens revoked by another process (CLI) even without requests."""
+        while True:
+            await asyncio.sleep(period)
+            self.tokens.check()
 
     def _default_derp_map(self) -> pb.DERPMap:
         cfg = self.config
@@ -518,10 +445,16 @@ class TailnetStack:
         coordinator = (
             self._coordinator if self._coordinator is not None else Coordinator(limits=limits)
         )
+        self._process_token = secrets.token_urlsafe(32)
+        self._process_auth.add(
+            self._process_token, Principal("control_plane", ADMIN_ID, "this process")
+        )
         auth_chain: list[Authenticator] = []
         if self._custom_auth is not None:
             auth_chain.append(self._custom_auth)
-        auth_chain.append(self.tokens)
+        auth_chain += [self.tokens, self._process_auth]
+        if self.config.data_dir is not None:
+            self._token_watch = asyncio.get_running_loop().create_task(self._watch_tokens())
         # The map needs the bound HTTP port: bind first with a placeholder app.
         self.http = HttpApiServer(_Unready(), derp=self.derp_server)
         await self.http.start(http_host, http_port)
@@ -549,7 +482,7 @@ class TailnetStack:
             self._derp_maps,
             access_url=self._access_url,
             websocket_url=self.ws_url + "/api/v2/debug/ws",
-            token=lambda: self.admin_token,
+            token=lambda: self._process_token,
             timeout=cfg.health_timeout,
             cache_ttl=cfg.health_cache,
             mesh_keys=(
@@ -569,11 +502,12 @@ class TailnetStack:
                 hostname_suffix=cfg.hostname_suffix,
                 max_rpc_streams=limits.max_streams_per_session,
             ),
+            sessions=self.sessions,
         )
         self.http.app = self.api
         if cfg.grpc_addr is not None:
             grpc_host, grpc_port = parse_addr(cfg.grpc_addr)
-            self.grpc = TailnetGrpcServer(self.service)
+            self.grpc = TailnetGrpcServer(self.service, sessions=self.sessions)
             await self.grpc.start(grpc_host or "0.0.0.0", grpc_port)
         log.info(
             "tailnet: API %s, gRPC %s, DERP %s, STUN %s",
@@ -586,6 +520,11 @@ class TailnetStack:
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful shutdown (see module doc). Idempotent."""
         self.loop_monitor.stop()
+        if self._token_watch is not None:
+            self._token_watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._token_watch
+            self._token_watch = None
         if self._poll_task is not None:
             self._poll_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

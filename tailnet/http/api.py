@@ -14,11 +14,11 @@ Endpoints (all ``GET``; JSON errors per :mod:`tailnet.http.errors`):
 ``/api/v2/debug/health``                                health report (``?force=true`` re-runs)
 ``/api/v2/debug/coordinator``                           peers and tunnels (HTML; JSON on
                                                         ``Accept: application/json``)
-``/api/v2/debug/ws``                                    WS echo (used by the health check)
-``/api/v2/debug/loop``                                  event-loop stalls (JSON; ``?reset=1``
-                                                        starts a new window);
+``/api/v2/debug/ws``                                    WS echo (used by the health check);
                                                         closed after ``echo_idle_timeout``
                                                         (30 s) without a message
+``/api/v2/debug/loop``                                  event-loop stalls (JSON; ``?reset=1``
+                                                        starts a new window)
 ======================================================  ===============================================
 
 Checks, in order, for every endpoint but ``/healthz``:
@@ -32,6 +32,10 @@ Checks, in order, for every endpoint but ``/healthz``:
    access (the tunnel authorizer says no) → 404;
 5. ``?resume_token=``: invalid → 401 with ``validations[0].field == "resume_token"``;
 6. non-WebSocket request to a WS endpoint → 426.
+
+Every accepted WebSocket is registered, for its lifetime, under the token that
+opened it (``sessions``, a :class:`~tailnet.identity.SessionRegistry`): when
+that token is revoked the socket is closed with 1008 "session token revoked".
 
 RPC WebSockets speak Coder's transport: the binary messages are one byte stream
 carrying a yamux server session, each yamux stream one DRPC connection
@@ -67,6 +71,7 @@ from tailnet.identity import (
     MD_SESSION_TOKEN,
     MD_VERSION,
     Principal,
+    SessionRegistry,
 )
 from tailnet.rpc.mux import Mux
 from tailnet.rpc.server import DEFAULT_MAX_STREAMS, RpcServerConnection
@@ -90,6 +95,7 @@ _AGENTS: Final = "/api/v2/workspaceagents/"
 #: Informational headers on the 101 of RPC endpoints.
 HEADER_PEER_ID: Final = "Tailnet-Peer-Id"
 HEADER_VERSION: Final = "Tailnet-Version"
+CLOSE_POLICY_VIOLATION: Final = 1008
 
 
 @dataclass(slots=True)
@@ -122,6 +128,7 @@ class TailnetApi:
         health: HealthChecker | None = None,
         options: ApiOptions | None = None,
         loop_monitor: LoopMonitor | None = None,
+        sessions: SessionRegistry | None = None,
     ) -> None:
         self.service = service
         self.derp_maps = derp_maps
@@ -129,7 +136,9 @@ class TailnetApi:
         self.health = health
         self.loop_monitor = loop_monitor
         self.options = options or ApiOptions()
+        self.sessions = sessions if sessions is not None else SessionRegistry()
         self._closing = asyncio.Event()
+        self._closers: set[asyncio.Task[None]] = set()
         self.client_mux = register_tailnet(Mux(), service)
         """Methods served on the client endpoints (``/coordinate``, ``/api/v2/tailnet``)."""
         self.agent_mux = register_tailnet(Mux(), service)
@@ -142,6 +151,35 @@ class TailnetApi:
     # ------------------------------------------------------------------ routing
 
     async def handle(self, req: Request) -> Response | Upgrade:
+        result = await self._route(req)
+        if isinstance(result, Upgrade):
+            token = extract_token(req)
+            if token is not None:  # every WebSocket endpoint authenticated it
+                result.handler = self._revocable(token, result.handler)
+        return result
+
+    def _revocable(
+        self, token: str, handler: Callable[[ServerWebSocket], Awaitable[None]]
+    ) -> Callable[[ServerWebSocket], Awaitable[None]]:
+        """``handler`` with the socket registered under ``token`` while it runs."""
+
+        async def run(ws: ServerWebSocket) -> None:
+            def close() -> None:
+                task = asyncio.ensure_future(
+                    ws.close(CLOSE_POLICY_VIOLATION, "session token revoked", timeout=1.0)
+                )
+                self._closers.add(task)
+                task.add_done_callback(self._closers.discard)
+
+            unregister = self.sessions.open(token, close)
+            try:
+                await handler(ws)
+            finally:
+                unregister()
+
+        return run
+
+    async def _route(self, req: Request) -> Response | Upgrade:
         path = req.path.rstrip("/") or "/"
         if req.method not in ("GET", "HEAD"):
             raise HttpError(405, f"Method {req.method} not allowed.")

@@ -13,6 +13,12 @@ return, never ``context.abort()``: grpc.aio keeps the ``AbortError`` on the
 call's state, and its traceback (frames holding the context) ties the call into
 a reference cycle that only a full GC pass would free.
 
+Revocation: each streaming call (Coordinate, StreamDERPMaps, WorkspaceUpdates)
+is registered under its token in ``sessions``
+(:class:`~tailnet.identity.SessionRegistry`) while it runs; revoking the token
+cancels the call's task and the call ends with UNAUTHENTICATED "session token
+revoked" (a Coordinate peer is then LOST to its tunnel peers).
+
 Limits: ``grpc.max_concurrent_streams`` = ``service.limits.max_streams_per_grpc_connection``
 (HTTP/2 SETTINGS: a client's further calls on that connection wait until one
 ends); ``RESOURCE_EXHAUSTED`` when a principal has too many Coordinate streams.
@@ -28,6 +34,7 @@ Works on any asyncio loop, including uvloop.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from typing import Any
@@ -35,7 +42,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from tailnet.identity import MD_PEER_ID, metadata_dict
+from tailnet.identity import MD_PEER_ID, SessionRegistry, metadata_dict, token_from_metadata
 from tailnet.service import CallContext, ServiceError, StreamIdentity, TailnetService
 from tailnet.v2 import tailnet_pb2 as pb
 from tailnet.v2 import tailnet_pb2_grpc as pb_grpc
@@ -71,11 +78,54 @@ def _end_with_error(context: _Ctx[Any, Any], exc: Exception, method: str) -> Non
     context.set_details("internal error")
 
 
+_REVOKED = "session token revoked"
+
+
+class _Revocation:
+    """Registers the running call's task under its token; revoking cancels the task.
+
+    Released by :meth:`close` (the registry then holds nothing of the call).
+    """
+
+    __slots__ = ("fired", "_task", "_unregister")
+
+    def __init__(self, sessions: SessionRegistry | None, context: _Ctx[Any, Any]) -> None:
+        self.fired = False
+        self._task = asyncio.current_task()
+        token = token_from_metadata(metadata_dict(context.invocation_metadata()))
+        self._unregister = (
+            sessions.open(token, self._fire) if sessions is not None and token else None
+        )
+
+    def _fire(self) -> None:
+        self.fired = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def ended_by_revocation(self, context: _Ctx[Any, Any]) -> bool:
+        """After a CancelledError: if this revocation caused it, take the cancellation
+        back and set UNAUTHENTICATED on the call (the handler then returns)."""
+        if not self.fired:
+            return False
+        task = asyncio.current_task()
+        if task is not None:
+            task.uncancel()
+        context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        context.set_details(_REVOKED)
+        return True
+
+    def close(self) -> None:
+        if self._unregister is not None:
+            self._unregister()
+        self._unregister = self._task = None
+
+
 class TailnetServicer(pb_grpc.TailnetServicer):
     """``coder.tailnet.v2.Tailnet`` servicer delegating to a :class:`TailnetService`."""
 
-    def __init__(self, service: TailnetService) -> None:
+    def __init__(self, service: TailnetService, sessions: SessionRegistry | None = None) -> None:
         self._service = service
+        self._sessions = sessions
 
     async def _call(self, context: _Ctx[Any, Any]) -> CallContext:
         return await self._service.authenticate(metadata_dict(context.invocation_metadata()))
@@ -91,24 +141,36 @@ class TailnetServicer(pb_grpc.TailnetServicer):
         # A coroutine (not an async generator): grpc.aio then hands the stream to
         # us through context.read()/context.write(), without its own request and
         # response generators; the service runs one reader task and writes from here.
+        rev = _Revocation(self._sessions, context)
         try:
             ident = await self._resolve(context)  # the CallContext is not kept alive
             await context.send_initial_metadata(((MD_PEER_ID, str(ident.peer_id)),))
             await self._service.run_coordinate(ident, context.read, context.write, _EOF)
+        except asyncio.CancelledError:
+            if not rev.ended_by_revocation(context):
+                raise
         except Exception as exc:
             _end_with_error(context, exc, "Coordinate")
+        finally:
+            rev.close()
 
     async def StreamDERPMaps(  # noqa: N802
         self,
         request: pb.StreamDERPMapsRequest,
         context: _Ctx[pb.StreamDERPMapsRequest, pb.DERPMap],
     ) -> AsyncIterator[pb.DERPMap]:
+        rev = _Revocation(self._sessions, context)
         try:
             call = await self._call(context)
             async for m in self._service.stream_derp_maps(call):
                 yield m
+        except asyncio.CancelledError:
+            if not rev.ended_by_revocation(context):
+                raise
         except Exception as exc:
             _end_with_error(context, exc, "StreamDERPMaps")
+        finally:
+            rev.close()
 
     async def RefreshResumeToken(  # noqa: N802
         self,
@@ -137,23 +199,37 @@ class TailnetServicer(pb_grpc.TailnetServicer):
         request: pb.WorkspaceUpdatesRequest,
         context: _Ctx[pb.WorkspaceUpdatesRequest, pb.WorkspaceUpdate],
     ) -> AsyncIterator[pb.WorkspaceUpdate]:
+        rev = _Revocation(self._sessions, context)
         try:
             call = await self._call(context)
             async for upd in self._service.workspace_updates(call, request):
                 yield upd
+        except asyncio.CancelledError:
+            if not rev.ended_by_revocation(context):
+                raise
         except Exception as exc:
             _end_with_error(context, exc, "WorkspaceUpdates")
+        finally:
+            rev.close()
 
 
 class TailnetGrpcServer:
     """A ``grpc.aio`` server hosting one :class:`TailnetService`.
 
     ``max_concurrent_streams`` (default ``service.limits.max_streams_per_grpc_connection``)
-    caps the concurrent RPCs of one client connection.
+    caps the concurrent RPCs of one client connection. ``sessions``: where
+    streaming calls register for revocation (see module docstring).
     """
 
-    def __init__(self, service: TailnetService, *, max_concurrent_streams: int | None = None) -> None:
+    def __init__(
+        self,
+        service: TailnetService,
+        *,
+        max_concurrent_streams: int | None = None,
+        sessions: SessionRegistry | None = None,
+    ) -> None:
         self.service = service
+        self.sessions = sessions
         self.max_concurrent_streams = (
             max_concurrent_streams
             if max_concurrent_streams is not None
@@ -182,7 +258,7 @@ class TailnetGrpcServer:
             ]
         )
         pb_grpc.add_TailnetServicer_to_server(  # type: ignore[no-untyped-call]
-            TailnetServicer(self.service), server
+            TailnetServicer(self.service, self.sessions), server
         )
         bind_host = f"[{host}]" if ":" in host else host
         bound = server.add_insecure_port(f"{bind_host}:{port}")

@@ -44,7 +44,8 @@ async def test_restart_keeps_relay_key_and_tokens(tmp_path: Path) -> None:
     s2 = TailnetStack(_cfg(tmp_path))
     await s2.start()
     try:
-        assert s2.admin_token == admin
+        assert s2.new_admin_token is None  # the admin minted by s1 still exists
+        assert s2.admin_token != admin  # s1's plaintext is not stored: a per-process token
         assert s2.derp_server is not None and s2.derp_server.public_key == key1
         # the agent minted before the restart still authenticates and still has its workspace
         c = await TailnetClient.connect(f"{s2.ws_url}/api/v2/workspaceagents/me/rpc", agent.token)
