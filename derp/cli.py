@@ -77,8 +77,21 @@ def parse_addr(addr: str) -> tuple[str, int]:
     except ValueError:
         raise ValueError(f"bad port {port_text!r} in address {addr!r}") from None
     if not 0 <= port <= 65535:
-        raise ValueError(f"port {port} out of range in address {addr!r}")
+        raise ValueError(f"port {port} out of range 0-65535 in address {addr!r} (0 = any free port)")
     return host, port
+
+
+def _stun_port(text: str) -> int:
+    """``--stun-port``: 1..65535, 0 (any free port) or -1 (STUN off)."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not -1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(
+            f"port {port} out of range: use 1-65535 (0 = any free port, -1 disables STUN)"
+        )
+    return port
 
 
 def default_key_path() -> Path:
@@ -129,9 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--stun-port",
-        type=int,
+        type=_stun_port,
         default=None,
-        help=f"UDP port of the STUN responder (default {DEFAULT_STUN_PORT}; -1 disables)",
+        help=f"UDP port of the STUN responder, 1-65535 (default {DEFAULT_STUN_PORT}; "
+        "0 = any free port; -1 disables)",
     )
     p.add_argument(
         "--stun",
@@ -344,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         try:
             host, port = parse_addr(addr)
         except ValueError as exc:
-            raise _CliError(str(exc)) from None
+            raise _CliError(f"-a/--addr: {exc}") from None
         key = _load_key(args)
         mesh_key = _load_mesh_key(args.mesh_psk_file)
         mesh_with, admission = _mesh_and_admission(args, mesh_key)

@@ -214,7 +214,13 @@ def parse_mesh_peer(entry: str, scheme: str = "https") -> MeshPeer:
         u = urllib.parse.urlsplit(entry)
         if u.scheme not in ("http", "https") or not u.hostname:
             raise ValueError(f"bad mesh peer URL {entry!r}")
-        port = u.port or (443 if u.scheme == "https" else 80)
+        try:
+            port_given = u.port
+        except ValueError as exc:
+            raise ValueError(f"bad mesh peer {entry!r}: {exc}") from None
+        if port_given == 0:
+            raise ValueError(f"bad mesh peer {entry!r}: port must be 1-65535")
+        port = port_given or (443 if u.scheme == "https" else 80)
         return MeshPeer(u.scheme, u.hostname, port, u.hostname)
     if scheme not in ("http", "https"):
         raise ValueError(f"bad mesh scheme {scheme!r}")
@@ -226,6 +232,8 @@ def parse_mesh_peer(entry: str, scheme: str = "https") -> MeshPeer:
         raise ValueError(f"bad mesh peer {entry!r}: {exc}") from None
     if not u.hostname:
         raise ValueError(f"bad mesh peer {entry!r}")
+    if port_opt == 0:
+        raise ValueError(f"bad mesh peer {entry!r}: port must be 1-65535")
     port = port_opt or (443 if scheme == "https" else 80)
     dial = dial.strip().strip("[]") or u.hostname
     return MeshPeer(scheme, u.hostname, port, dial)

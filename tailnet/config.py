@@ -67,9 +67,14 @@ def parse_addr(text: str) -> tuple[str, int]:
         host, sep, port_text = t.rpartition(":")
         if not sep:
             raise ValueError(f"invalid address {text!r}: expected host:port")
-    if not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ValueError(f"invalid port in address {text!r}")
-    return host, int(port_text)
+    if not port_text.isdigit():
+        raise ValueError(f"invalid port {port_text!r} in address {text!r}")
+    port = int(port_text)
+    if not 0 <= port <= 65535:
+        raise ValueError(
+            f"port {port} out of range 0-65535 in address {text!r} (0 = any free port)"
+        )
+    return host, port
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,13 +190,14 @@ class StackConfig:
         )
 
     def __post_init__(self) -> None:
-        try:
-            parse_addr(self.http_addr)
-            for addr in (self.grpc_addr, self.stun_addr):
-                if addr is not None:
-                    parse_addr(addr)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
+        for name in ("http_addr", "grpc_addr", "stun_addr"):
+            addr = getattr(self, name)
+            if addr is None:
+                continue
+            try:
+                parse_addr(addr)
+            except ValueError as exc:
+                raise ConfigError(f"{name}: {exc}") from None
         if not 0 < self.derp_region_id < 2**31:
             raise ConfigError(f"derp_region_id must be positive, got {self.derp_region_id}")
         if self.derp_admission not in ("any", "known"):
@@ -263,6 +269,7 @@ def load_config(
     """Merge flags (``args``), environment, TOML and defaults into a :class:`StackConfig`."""
     environ = os.environ if env is None else env
     values: dict[str, Any] = {opt.name: opt.default for opt in OPTIONS}
+    sources: dict[str, str] = {}  # option -> where its value came from (for errors)
     cfg_path = getattr(args, "config", None) or environ.get(ENV_PREFIX + "CONFIG")
     known = {opt.name: opt for opt in OPTIONS}
     if cfg_path:
@@ -277,17 +284,28 @@ def load_config(
             if name not in known:
                 raise ConfigError(f"config file {cfg_path}: unknown option {key!r}")
             values[name] = _convert(known[name], value, f"config file {cfg_path}")
+            sources[name] = f"config file {cfg_path}: {name}"
     for opt in OPTIONS:
         env_name = ENV_PREFIX + opt.name.upper()
         if env_name in environ:
             values[opt.name] = _convert(opt, environ[env_name], f"environment {env_name}")
+            sources[opt.name] = f"environment {env_name}"
     if args is not None:
         for opt in OPTIONS:
             value = getattr(args, opt.name, None)
             if value is not None:
                 values[opt.name] = _convert(opt, value, "--" + opt.name.replace("_", "-"))
+                sources[opt.name] = "--" + opt.name.replace("_", "-")
     for name, value in (overrides or {}).items():
         values[name] = value
+    for name in ("http_addr", "grpc_addr", "stun_addr"):  # errors name the flag/env/key
+        text = str(values[name])
+        if name != "http_addr" and _addr_or_off(text) is None:
+            continue  # 'off'
+        try:
+            parse_addr(text)
+        except ValueError as exc:
+            raise ConfigError(f"{sources.get(name, name)}: {exc}") from None
     data_dir = values.pop("data_dir")
     grpc = values.pop("grpc_addr")
     stun = values.pop("stun_addr")
