@@ -50,6 +50,7 @@ from derp.client import DerpClient
 from derp.events import PacketReceived
 from derp.keys import PrivateKey
 from derp.stunserver import stun_request
+from tailnet import redact as _redact  # noqa: F401 - websockets' client header dump (token)
 from tailnet.derpmap import DERPMapSource, derp_map_to_json
 from tailnet.v2 import tailnet_pb2 as pb
 

@@ -30,6 +30,10 @@ So per connection we hold at most ``max_queue_bytes`` + one message
 (``max_size``) + one read of queued input, plus the write buffer's high-water
 mark + one read's worth of replies.
 
+Logging: the ``websockets`` core logs through
+:data:`tailnet.redact.WS_PROTOCOL_LOG`, whose filter removes credentials
+(headers, query values, message contents) from its DEBUG output.
+
 Invariants: every write goes through :meth:`_flush`, which writes whatever the
 sans-I/O core produced, and closes the transport when the core signals EOF.
 Reading is switched only by :meth:`_update_reading`, from the two conditions
@@ -52,6 +56,8 @@ from websockets.frames import Frame, Opcode
 from websockets.http11 import Request as WsRequest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
+
+from tailnet.redact import WS_PROTOCOL_LOG
 
 __all__ = [
     "ServerWebSocket",
@@ -127,7 +133,7 @@ class ServerWebSocket(asyncio.Protocol):
 
         ``max_size`` bounds one message; ``max_queue``/``max_queue_bytes`` the
         inbound queue (see the module docstring)."""
-        proto = ServerProtocol(max_size=max_size, logger=log)
+        proto = ServerProtocol(max_size=max_size, logger=WS_PROTOCOL_LOG)
         headers = Headers()
         for raw_name, raw_value in request.headers.raw_items():
             headers[raw_name.decode("latin-1")] = raw_value.decode("latin-1")
