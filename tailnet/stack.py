@@ -254,7 +254,7 @@ class TailnetStack:
 
     def list_tokens(self) -> list[TokenInfo]:
         """Every stored token: id, kind, principal id, name, created, last used (this process)."""
-        return self.tokens.list()
+        return self.tokens.infos()
 
     def revoke_token(self, token_id: str) -> bool:
         """Revoke a stored token: it stops authenticating now and its open sessions

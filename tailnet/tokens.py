@@ -152,7 +152,7 @@ class TokenRecord:
 
 @dataclass(frozen=True, slots=True)
 class TokenInfo:
-    """What :meth:`TokenStore.list` reports (``last_used``: in this process, else ``None``)."""
+    """What :meth:`TokenStore.infos` reports (``last_used``: in this process, else ``None``)."""
 
     id: str
     kind: str
@@ -198,7 +198,7 @@ class TokenStore:
                 return r
         return None
 
-    def list(self) -> list[TokenInfo]:
+    def infos(self) -> list[TokenInfo]:
         """Every token (oldest first), with its last use in this process if any."""
         self.check()
         return [
