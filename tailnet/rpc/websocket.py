@@ -25,6 +25,8 @@ import h11
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from tailnet import redact as _redact  # noqa: F401 - the client's DEBUG header dump (token)
+
 __all__ = ["DialError", "ClientPipe", "dial", "get_json"]
 
 #: Client write buffer: above it writers wait (``drain``); what a message may hold.

@@ -16,7 +16,9 @@ from websockets.asyncio.client import connect
 
 from tailnet.config import StackConfig
 from tailnet.redact import REDACTED, redact_target
+from tailnet.rpc.tailnet_client import TailnetClient
 from tailnet.stack import TailnetStack
+from tailnet.v2 import tailnet_pb2 as pb
 
 from ..rawws import OP_CLOSE, OP_TEXT, read_http_head, ws_frame
 
@@ -113,11 +115,22 @@ async def test_tokens_never_logged_at_debug(stack: TailnetStack, debug_logs: _Ca
     ) as ws:
         await ws.send(f"again {token}")
         assert token in str(await asyncio.wait_for(ws.recv(), T))
+    # Coder's transport: a Coordinate stream, a resume token issued and presented
+    url = stack.ws_url + "/api/v2/tailnet?version=2.3"
+    c = await TailnetClient.connect(url, token)
+    coord = c.coordinate()
+    await coord.send(pb.CoordinateRequest())
+    issued = (await asyncio.wait_for(c.refresh_resume_token(), T)).token
+    await c.close()
+    c = await TailnetClient.connect(url + f"&resume_token={issued}", token, cookie=True)
+    await c.close()
     text = debug_logs.text()
     # the dumps did happen, redacted
     assert "Coder-Session-Token: " + REDACTED in text
     assert "resume_token=" + REDACTED in text
-    for secret in (token, token.split("-", 1)[1], resume, "resume-secret-part", stack.admin_token):
+    secrets = (token, token.split("-", 1)[1], resume, "resume-secret-part", stack.admin_token,
+               issued, issued.rsplit(".", 1)[1])
+    for secret in secrets:
         assert secret not in text, f"{secret[:6]}… logged"
 
 
