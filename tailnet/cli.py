@@ -1,7 +1,9 @@
 """``tailnet`` command line: ``serve``, ``demo``, ``token create``.
 
 ``tailnet serve`` runs :class:`~tailnet.stack.TailnetStack` on uvloop until
-SIGINT/SIGTERM (clean shutdown, exit 0). It prints, on stdout::
+SIGINT/SIGTERM (clean shutdown within :data:`SHUTDOWN_GRACE` seconds, even
+with PostgreSQL unreachable — pending database writes are then dropped and
+counted in a warning — exit 0). It prints, on stdout::
 
     tailnet-core is running
       API:         http://127.0.0.1:3000
@@ -11,7 +13,12 @@ SIGINT/SIGTERM (clean shutdown, exit 0). It prints, on stdout::
       data dir:    /home/me/.local/state/tailnet-core
       admin token: <token>
       (created on first start; keep it secret)
+      dashboard:   http://127.0.0.1:3000/dashboard  (log in with the admin token)
+      metrics:     http://127.0.0.1:3000/metrics
       try:         curl -H 'Coder-Session-Token: <admin token>' http://127.0.0.1:3000/api/v2/debug/health
+
+A startup failure prints one line on stderr naming what failed (the address
+and port, the file, the PostgreSQL URL without its password) and exits 1.
 
 On later starts the token line reads ``admin token: in <data dir>/tokens.json``;
 with ``--stun-addr off`` / ``--grpc-addr off`` those lines read ``off``.
@@ -44,12 +51,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tailnet.config import ConfigError, StackConfig, add_arguments, default_data_dir, load_config
-from tailnet.stack import TOKENS_FILE, TailnetStack
+from tailnet.stack import TOKENS_FILE, StartupError, TailnetStack
 from tailnet.tuning import DEFAULT_GC_THRESHOLDS, parse_thresholds, tune_gc
 
 __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("tailnet.cli")
+
+#: seconds ``tailnet serve`` gives a graceful shutdown (SIGINT/SIGTERM), all included
+SHUTDOWN_GRACE = 5.0
 _T = TypeVar("_T")
 
 
@@ -137,6 +147,8 @@ def _print_banner(stack: TailnetStack, config: StackConfig, first_admin: str | N
         lines.append("  (created on first start; keep it secret)")
     elif config.data_dir is not None:
         lines.append(f"  admin token: in {config.data_dir / TOKENS_FILE}")
+    lines.append(f"  dashboard:   {stack.access_url}/dashboard  (log in with the admin token)")
+    lines.append(f"  metrics:     {stack.access_url}/metrics")
     lines.append(
         f"  try:         curl -H 'Coder-Session-Token: <admin token>' {stack.access_url}/api/v2/debug/health"
     )
@@ -149,8 +161,8 @@ async def _serve(config: StackConfig) -> int:
     stack = TailnetStack(config)
     try:
         await stack.start()
-    except OSError as exc:
-        print(f"tailnet: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+    except StartupError as exc:
+        print(f"tailnet: {exc}", file=sys.stderr)
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -162,7 +174,7 @@ async def _serve(config: StackConfig) -> int:
         await stop.wait()
         log.info("signal received, shutting down")
     finally:
-        await stack.stop()
+        await stack.stop(SHUTDOWN_GRACE)
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)

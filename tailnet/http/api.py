@@ -53,7 +53,7 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from tailnet.auth import ClientPolicy
 from tailnet.derpmap import DERPMapSource, derp_map_to_json, derp_maps_equal, with_home_params
@@ -73,15 +73,23 @@ from tailnet.version import AGENT_API_VERSION, format_version
 
 from .errors import HttpError, Validation
 from .request import Request, extract_token
-from .server import Response, Upgrade
+from .server import Response, Stream, Upgrade
 from .websocket import CLOSE_GOING_AWAY, ServerWebSocket
 
-__all__ = ["ApiOptions", "TailnetApi", "AgentLookup"]
+__all__ = ["ApiOptions", "TailnetApi", "AgentLookup", "Pages"]
 
 log = logging.getLogger(__name__)
 
 #: ``(principal, agent_id) -> may this principal reach this (existing) agent?``
 AgentLookup = Callable[[Principal, uuid.UUID], Awaitable[bool]]
+
+
+class Pages(Protocol):
+    """Extra (non-API) routes consulted before the API's; ``None`` = not mine."""
+
+    async def handle(self, req: Request) -> Response | Stream | None: ...
+
+    def close(self) -> None: ...
 
 _AGENTS: Final = "/api/v2/workspaceagents/"
 #: Informational headers on the 101 of RPC endpoints.
@@ -118,12 +126,16 @@ class TailnetApi:
         agent_lookup: AgentLookup,
         health: HealthChecker | None = None,
         options: ApiOptions | None = None,
+        pages: Pages | None = None,
     ) -> None:
         self.service = service
         self.derp_maps = derp_maps
         self._agent_lookup = agent_lookup
         self.health = health
         self.options = options or ApiOptions()
+        self.pages = pages
+        """Answers non-API paths first (``tailnet.dashboard.OperatorPages``: /, /login,
+        /dashboard, /metrics …); ``None`` from it falls through to the API routes."""
         self._closing = asyncio.Event()
         self.client_mux = register_tailnet(Mux(), service)
         """Methods served on the client endpoints (``/coordinate``, ``/api/v2/tailnet``)."""
@@ -131,13 +143,19 @@ class TailnetApi:
         """Methods served on ``/api/v2/workspaceagents/me/rpc``; register more here."""
 
     def close(self) -> None:
-        """Stop DERP-map streams (called at shutdown, before the server closes sockets)."""
+        """Stop DERP-map streams and dashboard feeds (at shutdown, before sockets close)."""
         self._closing.set()
+        if self.pages is not None:
+            self.pages.close()
 
     # ------------------------------------------------------------------ routing
 
-    async def handle(self, req: Request) -> Response | Upgrade:
+    async def handle(self, req: Request) -> Response | Upgrade | Stream:
         path = req.path.rstrip("/") or "/"
+        if self.pages is not None and not path.startswith("/api/"):
+            answer = await self.pages.handle(req)
+            if answer is not None:
+                return answer
         if req.method not in ("GET", "HEAD"):
             raise HttpError(405, f"Method {req.method} not allowed.")
         if path == "/healthz":
@@ -192,6 +210,7 @@ class TailnetApi:
     ) -> CallContext:
         md = self._metadata(req, rpc=rpc)
         if MD_SESSION_TOKEN not in md:
+            log.info("auth failed: %s from %s: no credentials", req.path, _remote_text(req.remote))
             raise HttpError(
                 401,
                 "You must be authenticated to use this endpoint.",
@@ -201,6 +220,7 @@ class TailnetApi:
         try:
             return await self.service.authenticate(md, server_version=server_version)
         except ServiceError as exc:
+            log.info("auth failed: %s from %s: %s", req.path, _remote_text(req.remote), exc.message)
             if exc.status is Status.UNAUTHENTICATED:
                 raise HttpError(401, "Invalid or unknown session token.") from None
             if exc.status in (Status.INVALID_ARGUMENT, Status.FAILED_PRECONDITION):
@@ -233,6 +253,9 @@ class TailnetApi:
         try:
             return await self.service.resolve_stream(call)
         except ServiceError as exc:
+            log.info(
+                "rpc refused: %s %s: %s", call.principal.kind, call.principal.id, exc.message
+            )
             if exc.status is Status.UNAUTHENTICATED:
                 raise HttpError(
                     401,
@@ -247,7 +270,7 @@ class TailnetApi:
             raise HttpError(503, exc.message) from None
 
     def _rpc_upgrade(
-        self, call: CallContext, ident: StreamIdentity, *, agent_api: bool = False
+        self, req: Request, call: CallContext, ident: StreamIdentity, *, agent_api: bool = False
     ) -> Upgrade:
         headers = [
             (HEADER_VERSION, format_version(call.version)),
@@ -256,17 +279,27 @@ class TailnetApi:
         conns: dict[ServerWebSocket, RpcServerConnection] = {}
         mux = self.agent_mux if agent_api else self.client_mux
         context = TailnetContext(call, ident, agent_api)
-        name = f"{ident.name} {ident.peer_id}"
+        p = call.principal
+        # Everything an operator needs to find this connection; never the token.
+        name = (
+            f"{req.path} {p.kind} {p.id} ({p.name or ident.name}) peer {ident.peer_id}"
+            f"{' resumed' if ident.resumed else ''} from {_remote_text(req.remote)}"
+        )
 
         async def run(ws: ServerWebSocket) -> None:
             conn = RpcServerConnection(
                 ws, mux, context, max_streams=self.options.max_rpc_streams, name=name
             )
             conns[ws] = conn
+            started = time.monotonic()
+            log.info("rpc connection open: %s version %s", name, format_version(call.version))
             try:
                 await conn.run()
             finally:
                 conns.pop(ws, None)
+                log.info(
+                    "rpc connection closed: %s after %.1fs", name, time.monotonic() - started
+                )
 
         async def shutdown(ws: ServerWebSocket) -> None:
             conn = conns.get(ws)
@@ -294,7 +327,7 @@ class TailnetApi:
         ident = await self._resolve(call)
         if not isinstance(ident.policy, ClientPolicy):
             ident = dataclasses.replace(ident, name="client", policy=ClientPolicy(agent_id))
-        return self._rpc_upgrade(call, ident)
+        return self._rpc_upgrade(req, call, ident)
 
     async def _tailnet(self, req: Request) -> Upgrade:
         call = await self._call(req, rpc=True)
@@ -304,14 +337,14 @@ class TailnetApi:
                 "Agents coordinate on /api/v2/workspaceagents/me/rpc.",
             )
         ident = await self._resolve(call)
-        return self._rpc_upgrade(call, ident)
+        return self._rpc_upgrade(req, call, ident)
 
     async def _agent_rpc(self, req: Request) -> Upgrade:
         call = await self._call(req, rpc=True, server_version=AGENT_API_VERSION)
         if call.principal.kind != "agent":
             raise HttpError(403, "This endpoint requires a workspace agent token.")
         ident = await self._resolve(call)
-        return self._rpc_upgrade(call, ident, agent_api=True)
+        return self._rpc_upgrade(req, call, ident, agent_api=True)
 
     # ------------------------------------------------------------------ DERP map
 
@@ -435,6 +468,13 @@ class TailnetApi:
             "</body></html>\n"
         )
         return Response(200, page.encode("utf-8"), "text/html; charset=utf-8")
+
+
+def _remote_text(remote: object) -> str:
+    if isinstance(remote, tuple) and len(remote) >= 2:
+        host = str(remote[0])
+        return f"[{host}]:{remote[1]}" if ":" in host else f"{host}:{remote[1]}"
+    return "?" if remote is None else str(remote)
 
 
 def _node_text(node: object) -> str:
