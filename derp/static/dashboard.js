@@ -272,6 +272,9 @@
     }
     setText("foot", "server key " + relay.key + " · up " + ago(now - snap.uptime, now).replace(" ago", "") +
       " · updated " + new Date(now * 1000).toLocaleTimeString());
+    // Raw totals for scripts and tests (the cards show rounded numbers).
+    document.body.dataset.packetsOut = String(relay.totals.packets_out);
+    document.body.dataset.derpConnections = String(relay.connections);
     document.body.dataset.updates = String(Number(document.body.dataset.updates || 0) + 1);
   }
 
