@@ -589,6 +589,7 @@ class TailnetService:
         read: Callable[[], Awaitable[object]],
         write: Callable[[pb.CoordinateResponse], Awaitable[object]],
         eof: object = None,
+        on_open: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         """Run one Coordinate stream over reader/writer callables; same semantics as
         :meth:`coordinate`.
@@ -598,10 +599,15 @@ class TailnetService:
         sends one response. The calling task is the writer; one reader task runs
         the requests. Returns after a clean end (the close error, if any, was
         written last); raises :class:`ServiceError` for a failure status.
+        ``on_open()`` runs once the stream is accepted (the gRPC adapter sends its
+        initial metadata then, so a refused stream never looks accepted).
         """
         sink, live = await self._open_stream(ident)
-        reader = asyncio.ensure_future(self._read_requests(ident, sink, read, eof))
+        reader: asyncio.Future[None] | None = None
         try:
+            if on_open is not None:
+                await on_open()
+            reader = asyncio.ensure_future(self._read_requests(ident, sink, read, eof))
             while True:
                 resp = sink.pop()
                 if resp is not None:
@@ -614,7 +620,8 @@ class TailnetService:
                 await write(pb.CoordinateResponse(error=sink.error))
             sink.raise_failure()
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             self._end_stream(ident, sink, live)
 
     def _fail(self, ident: StreamIdentity, sink: QueueSink, status: Status, msg: str) -> None:

@@ -272,6 +272,26 @@ class TailnetApi:
     def _rpc_upgrade(
         self, req: Request, call: CallContext, ident: StreamIdentity, *, agent_api: bool = False
     ) -> Upgrade:
+        coord = self.service.coordinator
+        if coord.closed or not getattr(coord, "healthy", True):
+            # Refuse before upgrading, so clients see a refusal with a status (503),
+            # never a session that then fails.
+            log.info("rpc refused: %s from %s: coordinator not accepting peers",
+                     req.path, _remote_text(req.remote))
+            raise HttpError(
+                503, "coordinator unhealthy",
+                "The coordinator is not accepting peers right now (shutting down, or its "
+                "database is unreachable).",
+            )
+        n = self.service.principal_streams(call.principal)
+        cap = self.service.limits.max_peers_per_principal
+        if n >= cap:
+            log.info("rpc refused: %s from %s: %s %s has %d streams (max_peers_per_principal)",
+                     req.path, _remote_text(req.remote), call.principal.kind, call.principal.id, n)
+            raise HttpError(
+                429, "Too many concurrent Coordinate streams.",
+                f"{n} open, at most {cap} allowed for this principal (max_peers_per_principal).",
+            )
         headers = [
             (HEADER_VERSION, format_version(call.version)),
             (HEADER_PEER_ID, str(ident.peer_id)),

@@ -93,8 +93,17 @@ class TailnetServicer(pb_grpc.TailnetServicer):
         # response generators; the service runs one reader task and writes from here.
         try:
             ident = await self._resolve(context)  # the CallContext is not kept alive
-            await context.send_initial_metadata(((MD_PEER_ID, str(ident.peer_id)),))
-            await self._service.run_coordinate(ident, context.read, context.write, _EOF)
+            md = ((MD_PEER_ID, str(ident.peer_id)),)
+
+            async def accepted() -> None:
+                # Only an accepted stream gets the peer ID: a refused one (limit,
+                # coordinator closed or unhealthy) ends with its status and no
+                # initial metadata, so clients never mistake it for a session.
+                await context.send_initial_metadata(md)
+
+            await self._service.run_coordinate(
+                ident, context.read, context.write, _EOF, on_open=accepted
+            )
         except Exception as exc:
             _end_with_error(context, exc, "Coordinate")
 
