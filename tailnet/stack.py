@@ -114,11 +114,18 @@ def redact_dsn(dsn: str) -> str:
         split = urllib.parse.urlsplit(dsn)
     except ValueError:
         return "<unparsable PostgreSQL URL>"
-    if split.password is None:
+    if split.password is None and "password=" not in split.query:
         return dsn
-    netloc = split.netloc.rsplit("@", 1)[1]
-    user = split.username or ""
-    return urllib.parse.urlunsplit(split._replace(netloc=f"{user}:***@{netloc}"))
+    if "password=" in split.query:
+        query = "&".join(
+            "password=***" if part.startswith("password=") else part
+            for part in split.query.split("&")
+        )
+        split = split._replace(query=query)
+    if split.password is not None:
+        netloc = split.netloc.rsplit("@", 1)[1]
+        split = split._replace(netloc=f"{split.username or ''}:***@{netloc}")
+    return urllib.parse.urlunsplit(split)
 
 
 def _os_reason(exc: BaseException) -> str:
@@ -317,6 +324,8 @@ class TailnetStack:
         self._derp_maps: DERPMapSource | None = None
         self._poll_task: asyncio.Task[None] | None = None
         self._pg: Any = None  # tailnet.pg.PgCoordinator when postgres_url is set
+        #: the PostgreSQL coordinator in use (ours or an embedder's): health's database check
+        self._db: Any = None
         self._started = False
         self._access_url = ""
 
@@ -540,6 +549,8 @@ class TailnetStack:
         if cfg.postgres_url and self._coordinator is None:
             self._pg = await self._connect_postgres()
             self._coordinator = self._pg
+        if self._coordinator is not None and hasattr(self._coordinator, "ping"):
+            self._db = self._coordinator
         try:
             await self._start_listeners(key, resume_keys)
         except BaseException:
@@ -649,7 +660,7 @@ class TailnetStack:
                 {cfg.derp_region_id: self._probe_mesh_key} if self._probe_mesh_key else None
             ),
             websocket=cfg.derp_force_websockets,
-            database_ping=self._pg.ping if self._pg is not None else None,
+            database_ping=self._db.ping if self._db is not None else None,
             coordinator=self._coordinator_section,
         )
         self.pages = OperatorPages(
@@ -710,12 +721,12 @@ class TailnetStack:
             )
         stats = coord.stats() if hasattr(coord, "stats") else None
         extra: dict[str, Any] = {}
-        if self._pg is not None:
-            extra["replica"] = str(self._pg.id)
-            extra["heartbeat_failures"] = self._pg.heartbeat_failures
+        if self._db is not None:
+            extra["replica"] = str(self._db.id)
+            extra["heartbeat_failures"] = self._db.heartbeat_failures
         return coordinator_section(
             accepting=healthy and not closed,
-            backend="postgres" if self._pg is not None else "in-memory",
+            backend="postgres" if self._db is not None else "in-memory",
             peers=stats.peers if stats is not None else len(coord.peers()),
             error=error,
             **extra,
