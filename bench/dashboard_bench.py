@@ -1,0 +1,197 @@
+"""Does an open dashboard slow the relay? Relay packets/s with and without a live feed.
+
+One DERP server process (uvloop, the same ``serve_until_signal`` as ``derp_bench.py``)
+serves both conditions; the runs alternate (off, on, off, on, …) so drift and the
+other jobs on the machine hit both alike. "On" means a dashboard is open and
+streaming: a reader in the runner process holds ``GET /dashboard/events`` and
+checks that snapshots keep arriving (at least one per second during the window,
+each a JSON document whose relay packet total keeps rising). Load is the usual
+generator (``bench/derp_loadgen.py``, 2 worker processes, every delivered packet
+verified):
+
+* ``closed-32x64 window 1`` — per-packet clients: every write carries exactly one
+  packet and waits for it to arrive before the next, so the relay sees one packet
+  per read (the case most sensitive to anything added per read);
+* ``closed-8x1400`` — the throughput case of ``derp_bench.py`` (32 in flight per pair).
+
+Target: packets/s with the dashboard ≥ 0.97 × without (medians). The dashboard's
+numbers come from counters the hot path already keeps (``ServerStats``) and the
+kernel's per-socket ``TCP_INFO`` byte counters, read once per second; nothing is
+added per packet.
+
+Usage::
+
+    python bench/dashboard_bench.py --runs 5          # ~2.5 min
+    python bench/dashboard_bench.py --runs 3 --duration 2 --cases closed-32x64/1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from derp_bench import ServerProcess, parse_case  # noqa: E402
+from derp_loadgen import LoadSpec, Target, run_load  # noqa: E402
+
+DEFAULT_CASES = ["closed-32x64/1", "closed-8x1400/32"]
+
+
+class FeedReader(threading.Thread):
+    """Holds ``/dashboard/events`` open; records each snapshot's arrival and packet total."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.snapshots: list[tuple[float, int]] = []
+        self.error: str | None = None
+        self._halt = threading.Event()
+        self._sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self._sock.sendall(b"GET /dashboard/events HTTP/1.1\r\nHost: bench\r\n\r\n")
+
+    def run(self) -> None:
+        buf = b""
+        try:
+            while not self._halt.is_set():
+                chunk = self._sock.recv(1 << 16)
+                if not chunk:
+                    if not self._halt.is_set():
+                        self.error = "feed closed by the server"
+                    return
+                buf += chunk
+                while b"\n\n" in buf:
+                    event, buf = buf.split(b"\n\n", 1)
+                    if b"event: snapshot" not in event:
+                        continue
+                    data = event[event.index(b"data: ") + 6 :].split(b"\r\n", 1)[0]
+                    snap = json.loads(data)
+                    self.snapshots.append(
+                        (time.monotonic(), int(snap["relay"]["totals"]["packets_out"]))
+                    )
+        except OSError as exc:
+            if not self._halt.is_set():
+                self.error = repr(exc)
+
+    def close(self) -> None:
+        self._halt.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+
+
+def start_server() -> ServerProcess:
+    return ServerProcess("dashboard-bench-derp", [sys.executable, str(HERE / "derp_bench.py"), "--serve-derp"])
+
+
+def one_run(srv: ServerProcess, case: str, dashboard: bool, args: argparse.Namespace) -> dict[str, Any]:
+    name, _, window = case.partition("/")
+    mode, pairs, size = parse_case(name)
+    spec = LoadSpec(pairs=pairs, size=size, mode=mode, warmup=args.warmup,
+                    duration=args.duration, window=int(window or 32))
+    reader = FeedReader(srv.port) if dashboard else None
+    if reader is not None:
+        reader.start()
+        time.sleep(1.2)  # the feed is live (first snapshot + one tick) before the load starts
+    marks: dict[str, float] = {}
+
+    def start_mark() -> tuple[float, float]:
+        marks["t0"] = time.monotonic()
+        return srv.schedstat()
+
+    def end_mark() -> tuple[float, float]:
+        marks["t1"] = time.monotonic()
+        return srv.schedstat()
+
+    try:
+        res = run_load(Target("derp", "127.0.0.1", srv.port), spec, workers=args.workers,
+                       on_window_start=start_mark, on_window_end=end_mark)
+    finally:
+        if reader is not None:
+            reader.close()
+            reader.join(5)
+    (c0, _), (c1, _) = res.pop("start_sample"), res.pop("end_sample")
+    row = {
+        "case": case,
+        "dashboard": dashboard,
+        "pps": res["pps"],
+        "loss": res["loss"],
+        "us_per_pkt": (c1 - c0) / res["win_recv"] * 1e6 if res["win_recv"] else float("nan"),
+    }
+    if reader is not None:
+        inside = [(t, n) for t, n in reader.snapshots if marks["t0"] <= t <= marks["t1"]]
+        gaps = [b[0] - a[0] for a, b in zip(inside, inside[1:])]
+        row["snapshots"] = len(inside)
+        row["max_gap_s"] = max(gaps) if gaps else float("nan")
+        rising = all(b[1] > a[1] for a, b in zip(inside, inside[1:]))
+        if reader.error or len(inside) < args.duration - 1 or not rising:
+            raise RuntimeError(
+                f"dashboard feed not live during the window: {len(inside)} snapshots, "
+                f"rising={rising}, error={reader.error}"
+            )
+    return row
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--runs", type=int, default=5, help="runs per condition (alternating)")
+    p.add_argument("--cases", nargs="+", default=DEFAULT_CASES,
+                   help="closed-PAIRSxSIZE[/WINDOW] (default: %(default)s)")
+    p.add_argument("--duration", type=float, default=3.0, help="measured seconds per run")
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--json", help="write all rows here")
+    args = p.parse_args(argv)
+    srv = start_server()
+    rows: list[dict[str, Any]] = []
+    try:
+        with open("/proc/loadavg") as f:
+            load_before = f.read().split()[:3]
+        for case in args.cases:
+            for i in range(args.runs):
+                for dashboard in ((False, True) if i % 2 == 0 else (True, False)):
+                    row = one_run(srv, case, dashboard, args)
+                    rows.append(row)
+                    extra = (f" snapshots {row['snapshots']} max gap {row['max_gap_s']:.2f}s"
+                             if dashboard else "")
+                    print(f"{case:<18} dashboard={'on ' if dashboard else 'off'} "
+                          f"{row['pps']:>10,.0f} pkt/s  {row['us_per_pkt']:.2f} µs/pkt "
+                          f"loss {row['loss']:.4f}{extra}", flush=True)
+        with open("/proc/loadavg") as f:
+            load_after = f.read().split()[:3]
+    finally:
+        srv.stop()
+    print()
+    print(f"load average before {' '.join(load_before)}, after {' '.join(load_after)}")
+    print(f"{'case':<18} {'off pkt/s':>12} {'on pkt/s':>12} {'on/off':>7} "
+          f"{'off µs/pkt':>10} {'on µs/pkt':>10} {'CPU on/off':>10}  (medians of {args.runs})")
+    ok = True
+    for case in args.cases:
+        off = [r for r in rows if r["case"] == case and not r["dashboard"]]
+        on = [r for r in rows if r["case"] == case and r["dashboard"]]
+        off_pps = statistics.median(r["pps"] for r in off)
+        on_pps = statistics.median(r["pps"] for r in on)
+        ratio = on_pps / off_pps
+        ok = ok and ratio >= 0.97
+        off_us = statistics.median(r["us_per_pkt"] for r in off)
+        on_us = statistics.median(r["us_per_pkt"] for r in on)
+        print(f"{case:<18} {off_pps:>12,.0f} {on_pps:>12,.0f} {ratio:>7.3f} "
+              f"{off_us:>10.2f} {on_us:>10.2f} {on_us / off_us:>10.3f}")
+    print("target on/off >= 0.97:", "met" if ok else "MISSED")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
