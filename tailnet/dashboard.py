@@ -417,6 +417,7 @@ kept in the data directory's <code>tokens.json</code>).</p>
             report = self.health.cached_report()
             if self.health.stale() and (self._health_task is None or self._health_task.done()):
                 self._health_task = asyncio.ensure_future(self.health.report())
+                self._health_task.add_done_callback(_consume)
         out = summarize(report) if report is not None else {"severity": "ok", "healthy": True, "sections": {}}
         sections: dict[str, Any] = {}
         prior = out.get("sections")
@@ -432,6 +433,11 @@ kept in the data directory's <code>tokens.json</code>).</p>
             out["severity"], out["healthy"] = "error", False
         out["link"] = "/api/v2/debug/health"
         return out
+
+
+def _consume(fut: asyncio.Future[Any]) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        log.warning("background health check failed: %r", fut.exception())
 
 
 def _remote(req: Request) -> str:

@@ -26,6 +26,14 @@ What :meth:`TailnetStack.start` does, in order:
    else the in-memory core; resume
    tokens, workspace provider, tunnel authorizer, ``config.limits``) to the
    gRPC server and to the HTTP API.
+4. mounts the operator pages on the HTTP port (:mod:`tailnet.dashboard`: ``/``,
+   ``/login``, ``/dashboard``, ``/metrics``, ``/debug/``) and the health checks
+   (with a ``database`` section for a PostgreSQL coordinator and a live
+   ``coordinator`` section).
+
+Every startup failure raises :class:`StartupError` with one line naming what
+failed (address and port, file, PostgreSQL URL without its password); the
+PostgreSQL connection is bounded by ``postgres_connect_timeout``.
 
 Credentials: the stack's token file always authenticates (so the admin token
 works for every endpoint); an embedder's ``authenticator`` is consulted first.
@@ -37,7 +45,9 @@ in-memory provider (persisted with their token), so users can tunnel to them.
 
 :meth:`stop` is the reverse: DERP-map streams and Coordinate streams end
 (peers see LOST "coordinator close"), WebSockets close with 1001, then the
-gRPC, DERP and STUN listeners stop. Works on any asyncio loop; the CLI uses uvloop.
+gRPC, DERP and STUN listeners stop, all within ``grace`` seconds (a PostgreSQL
+coordinator that cannot flush during an outage drops its pending writes and says
+how many). Works on any asyncio loop; the CLI uses uvloop.
 """
 
 from __future__ import annotations
