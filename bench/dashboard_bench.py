@@ -14,6 +14,10 @@ verified):
   per read (the case most sensitive to anything added per read);
 * ``closed-8x1400`` — the throughput case of ``derp_bench.py`` (32 in flight per pair).
 
+``--target stack`` runs the same against ``tailnet serve``'s embedded relay (a
+:class:`~tailnet.stack.TailnetStack` process; the load reaches ``/derp`` through its
+HTTP port, the feed is the admin dashboard's, with coordinator and health data).
+
 Target: packets/s with the dashboard ≥ 0.97 × without (medians). The dashboard's
 numbers come from counters the hot path already keeps (``ServerStats``) and the
 kernel's per-socket ``TCP_INFO`` byte counters, read once per second; nothing is
@@ -49,14 +53,17 @@ DEFAULT_CASES = ["closed-32x64/1", "closed-8x1400/32"]
 class FeedReader(threading.Thread):
     """Holds ``/dashboard/events`` open; records each snapshot's arrival and packet total."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, token: str = "") -> None:
         super().__init__(daemon=True)
         self.port = port
         self.snapshots: list[tuple[float, int]] = []
         self.error: str | None = None
         self._halt = threading.Event()
         self._sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self._sock.sendall(b"GET /dashboard/events HTTP/1.1\r\nHost: bench\r\n\r\n")
+        auth = f"Coder-Session-Token: {token}\r\n" if token else ""
+        self._sock.sendall(
+            f"GET /dashboard/events HTTP/1.1\r\nHost: bench\r\n{auth}\r\n".encode()
+        )
 
     def run(self) -> None:
         buf = b""
@@ -90,8 +97,47 @@ class FeedReader(threading.Thread):
         self._sock.close()
 
 
-def start_server() -> ServerProcess:
+def start_server(target: str, token_file: Path) -> ServerProcess:
+    if target == "stack":
+        return ServerProcess(
+            "dashboard-bench-stack",
+            [sys.executable, str(Path(__file__).resolve()), "--serve-stack", str(token_file)],
+        )
     return ServerProcess("dashboard-bench-derp", [sys.executable, str(HERE / "derp_bench.py"), "--serve-derp"])
+
+
+def serve_stack(token_file: str) -> None:
+    """A TailnetStack (in memory, HTTP on 127.0.0.1:0, GC tuned as ``tailnet serve``)
+    until SIGTERM; writes the admin token to ``token_file`` and prints ``PORT n``."""
+    import asyncio
+    import logging
+    import signal
+
+    import uvloop
+
+    from derp_loadgen import raise_nofile_limit
+    from tailnet.config import StackConfig
+    from tailnet.stack import TailnetStack
+    from tailnet.tuning import tune_gc
+
+    raise_nofile_limit()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    tune_gc()
+
+    async def run() -> None:
+        stack = TailnetStack(StackConfig(http_addr="127.0.0.1:0", grpc_addr=None,
+                                         stun_addr=None, data_dir=None))
+        await stack.start()
+        Path(token_file).write_text(stack.admin_token)
+        print(f"PORT {stack.http_port}", flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await stop.wait()
+        await stack.stop(grace=1.0)
+
+    uvloop.run(run())
 
 
 def one_run(srv: ServerProcess, case: str, dashboard: bool, args: argparse.Namespace) -> dict[str, Any]:
@@ -99,7 +145,7 @@ def one_run(srv: ServerProcess, case: str, dashboard: bool, args: argparse.Names
     mode, pairs, size = parse_case(name)
     spec = LoadSpec(pairs=pairs, size=size, mode=mode, warmup=args.warmup,
                     duration=args.duration, window=int(window or 32))
-    reader = FeedReader(srv.port) if dashboard else None
+    reader = FeedReader(srv.port, args.token) if dashboard else None
     if reader is not None:
         reader.start()
         time.sleep(1.2)  # the feed is live (first snapshot + one tick) before the load starts
@@ -151,8 +197,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=float, default=1.0)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--json", help="write all rows here")
+    p.add_argument("--target", choices=("derp", "stack"), default="derp",
+                   help="derper's relay (default) or tailnet serve's embedded relay")
+    p.add_argument("--serve-stack", metavar="TOKEN_FILE", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    srv = start_server()
+    if args.serve_stack:
+        serve_stack(args.serve_stack)
+        return 0
+    import tempfile
+
+    token_file = Path(tempfile.mkdtemp(prefix="dash-bench-")) / "token"
+    srv = start_server(args.target, token_file)
+    args.token = token_file.read_text() if args.target == "stack" else ""
     rows: list[dict[str, Any]] = []
     try:
         with open("/proc/loadavg") as f:
@@ -172,7 +228,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         srv.stop()
     print()
-    print(f"load average before {' '.join(load_before)}, after {' '.join(load_after)}")
+    print(f"target {args.target}; load average before {' '.join(load_before)}, "
+          f"after {' '.join(load_after)}")
     print(f"{'case':<18} {'off pkt/s':>12} {'on pkt/s':>12} {'on/off':>7} "
           f"{'off µs/pkt':>10} {'on µs/pkt':>10} {'CPU on/off':>10}  (medians of {args.runs})")
     ok = True
