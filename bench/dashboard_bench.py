@@ -1,8 +1,16 @@
 """Does an open dashboard slow the relay? Relay packets/s with and without a live feed.
 
 One DERP server process (uvloop, the same ``serve_until_signal`` as ``derp_bench.py``)
-serves both conditions; the runs alternate (off, on, off, on, …) so drift and the
-other jobs on the machine hit both alike. "On" means a dashboard is open and
+serves both conditions. Two ways to compare them:
+
+* ``--mode interleaved`` (default): one long load run per case, cut into
+  ``--windows`` windows of ``--window`` seconds in ABBA order (off, on, on, off,
+  …): the feed is opened or closed at each boundary and the relay's own
+  ``packets_sent`` counter (``/debug/vars``, read at every boundary in both
+  conditions) gives each window's rate. Neighbouring windows share the same
+  clients and nearly the same machine load, so drift and other jobs cancel out
+  far better than between separate runs;
+* ``--mode runs``: separate load runs, alternating off/on (``--runs`` each). "On" means a dashboard is open and
 streaming: a reader in the runner process holds ``GET /dashboard/events`` and
 checks that snapshots keep arriving (at least one per second during the window,
 each a JSON document whose relay packet total keeps rising). Load is the usual
@@ -188,9 +196,83 @@ def one_run(srv: ServerProcess, case: str, dashboard: bool, args: argparse.Names
     return row
 
 
+def _relay_packets_sent(port: int) -> int:
+    """The relay's ``packets_sent`` counter from ``/debug/vars`` (derper or the stack)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(b"GET /debug/vars HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+        data = b""
+        while chunk := s.recv(1 << 16):
+            data += chunk
+    doc = json.loads(data.split(b"\r\n\r\n", 1)[1])
+    return int(doc.get("derp", doc)["packets_sent"])
+
+
+def interleaved(srv: ServerProcess, case: str, args: argparse.Namespace) -> list[dict[str, Any]]:
+    """One load run; ABBA windows with the feed closed/open (see the module docstring)."""
+    name, _, window = case.partition("/")
+    mode, pairs, size = parse_case(name)
+    n = args.windows
+    order = [(i % 4) in (1, 2) for i in range(n)]  # off, on, on, off, ...
+    spec = LoadSpec(pairs=pairs, size=size, mode=mode, warmup=args.warmup,
+                    duration=n * args.window + 0.5, window=int(window or 32))
+    rows: list[dict[str, Any]] = []
+    errors: list[BaseException] = []
+    go = threading.Event()
+
+    def windows() -> None:
+        try:
+            go.wait(120)
+            reader: FeedReader | None = None
+            for on in order:
+                if on and reader is None:
+                    reader = FeedReader(srv.port, args.token)
+                    reader.start()
+                elif not on and reader is not None:
+                    reader.close()
+                    reader.join(5)
+                    reader = None
+                t0, c0, p0 = time.monotonic(), srv.cpu_s(), _relay_packets_sent(srv.port)
+                time.sleep(args.window)  # the window itself: wall time is the measure
+                t1, c1, p1 = time.monotonic(), srv.cpu_s(), _relay_packets_sent(srv.port)
+                row: dict[str, Any] = {
+                    "case": case, "dashboard": on, "pps": (p1 - p0) / (t1 - t0),
+                    "us_per_pkt": (c1 - c0) / (p1 - p0) * 1e6 if p1 > p0 else float("nan"),
+                }
+                if reader is not None:
+                    row["snapshots"] = sum(1 for t, _ in reader.snapshots if t0 <= t <= t1)
+                    if reader.error:
+                        raise RuntimeError(f"dashboard feed failed: {reader.error}")
+                rows.append(row)
+            if reader is not None:
+                reader.close()
+                reader.join(5)
+        except BaseException as exc:  # reported by the caller
+            errors.append(exc)
+
+    t = threading.Thread(target=windows, daemon=True)
+    t.start()
+    res = run_load(Target("derp", "127.0.0.1", srv.port), spec, workers=args.workers,
+                   on_window_start=go.set)
+    t.join(30)
+    if errors:
+        raise errors[0]
+    on_rows = [r for r in rows if r["dashboard"]]
+    if any(r["snapshots"] < args.window - 1 for r in on_rows):
+        raise RuntimeError(f"dashboard feed not live in every window: {on_rows}")
+    for r in rows:
+        extra = f" snapshots {r['snapshots']}" if r["dashboard"] else ""
+        print(f"{case:<18} dashboard={'on ' if r['dashboard'] else 'off'} "
+              f"{r['pps']:>10,.0f} pkt/s  {r['us_per_pkt']:.2f} µs/pkt{extra}", flush=True)
+    print(f"{case:<18} load loss {res['loss']:.4f}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
-    p.add_argument("--runs", type=int, default=5, help="runs per condition (alternating)")
+    p.add_argument("--mode", choices=("interleaved", "runs"), default="interleaved")
+    p.add_argument("--windows", type=int, default=16, help="interleaved: windows per case")
+    p.add_argument("--window", type=float, default=2.0, help="interleaved: seconds per window")
+    p.add_argument("--runs", type=int, default=5, help="runs mode: runs per condition")
     p.add_argument("--cases", nargs="+", default=DEFAULT_CASES,
                    help="closed-PAIRSxSIZE[/WINDOW] (default: %(default)s)")
     p.add_argument("--duration", type=float, default=3.0, help="measured seconds per run")
@@ -214,6 +296,9 @@ def main(argv: list[str] | None = None) -> int:
         with open("/proc/loadavg") as f:
             load_before = f.read().split()[:3]
         for case in args.cases:
+            if args.mode == "interleaved":
+                rows.extend(interleaved(srv, case, args))
+                continue
             for i in range(args.runs):
                 for dashboard in ((False, True) if i % 2 == 0 else (True, False)):
                     row = one_run(srv, case, dashboard, args)
@@ -230,8 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(f"target {args.target}; load average before {' '.join(load_before)}, "
           f"after {' '.join(load_after)}")
+    per = args.windows // 2 if args.mode == "interleaved" else args.runs
+    unit = f"{args.window:g} s windows" if args.mode == "interleaved" else "runs"
     print(f"{'case':<18} {'off pkt/s':>12} {'on pkt/s':>12} {'on/off':>7} "
-          f"{'off µs/pkt':>10} {'on µs/pkt':>10} {'CPU on/off':>10}  (medians of {args.runs})")
+          f"{'off µs/pkt':>10} {'on µs/pkt':>10} {'CPU on/off':>10}  (medians of {per} {unit})")
     ok = True
     for case in args.cases:
         off = [r for r in rows if r["case"] == case and not r["dashboard"]]
