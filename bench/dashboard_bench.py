@@ -10,7 +10,13 @@ serves both conditions. Two ways to compare them:
   conditions) gives each window's rate. Neighbouring windows share the same
   clients and nearly the same machine load, so drift and other jobs cancel out
   far better than between separate runs;
-* ``--mode runs``: separate load runs, alternating off/on (``--runs`` each). "On" means a dashboard is open and
+* ``--mode runs``: separate load runs, alternating off/on (``--runs`` each).
+
+On a shared machine both are noisy (other jobs move the rate by tens of percent
+from one second to the next), so the bench also prints the deterministic cost:
+``--tick-cost`` times one dashboard tick (sample + JSON + fan-out) in-process with
+16 and 1,000 connected DERP clients, which bounds what an open dashboard can take
+from the relay's event loop (tick time / tick interval). "On" means a dashboard is open and
 streaming: a reader in the runner process holds ``GET /dashboard/events`` and
 checks that snapshots keep arriving (at least one per second during the window,
 each a JSON document whose relay packet total keeps rising). Load is the usual
@@ -267,6 +273,44 @@ def interleaved(srv: ServerProcess, case: str, args: argparse.Namespace) -> list
     return rows
 
 
+def tick_cost(conns: int, rounds: int = 200) -> tuple[float, float]:
+    """Mean µs of one derper and one stack dashboard tick with ``conns`` DERP clients."""
+    import asyncio
+
+    import uvloop
+
+    from derp.client import DerpClient
+    from derp.keys import PrivateKey
+    from derp_loadgen import raise_nofile_limit
+    from tailnet.config import StackConfig
+    from tailnet.stack import TailnetStack
+
+    raise_nofile_limit()
+
+    async def run() -> tuple[float, float]:
+        stack = TailnetStack(StackConfig(http_addr="127.0.0.1:0", grpc_addr=None,
+                                         stun_addr=None, data_dir=None))
+        await stack.start()
+        assert stack.derp_server is not None and stack.pages is not None
+        clients = [DerpClient(stack.derp_url, PrivateKey.generate()) for _ in range(conns)]
+        try:
+            for i in range(0, conns, 100):
+                await asyncio.gather(*(c.connect() for c in clients[i:i + 100]))
+            out = []
+            for build in (stack.derp_server.dashboard._build, stack.pages._build):
+                build()  # first sample: no rates yet
+                t0 = time.perf_counter()
+                for _ in range(rounds):
+                    build()
+                out.append((time.perf_counter() - t0) / rounds * 1e6)
+            return out[0], out[1]
+        finally:
+            await asyncio.gather(*(c.close() for c in clients), return_exceptions=True)
+            await stack.stop(grace=1.0)
+
+    return uvloop.run(run())
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--mode", choices=("interleaved", "runs"), default="interleaved")
@@ -282,7 +326,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--target", choices=("derp", "stack"), default="derp",
                    help="derper's relay (default) or tailnet serve's embedded relay")
     p.add_argument("--serve-stack", metavar="TOKEN_FILE", help=argparse.SUPPRESS)
+    p.add_argument("--tick-cost", action="store_true",
+                   help="only time one dashboard tick in-process (16 and 1,000 clients)")
     args = p.parse_args(argv)
+    if args.tick_cost:
+        for n in (16, 1000):
+            relay_us, stack_us = tick_cost(n)
+            print(f"{n:>5} DERP clients: one tick {relay_us:,.0f} µs (derper), "
+                  f"{stack_us:,.0f} µs (stack, incl. coordinator) = "
+                  f"{relay_us / 1e4:.3f} % / {stack_us / 1e4:.3f} % of one core at 1 tick/s")
+        return 0
     if args.serve_stack:
         serve_stack(args.serve_stack)
         return 0
