@@ -471,21 +471,32 @@ class TailnetApi:
                     "tunnels": [{"src": str(s), "dst": str(d)} for s, d in tunnels],
                 },
             )
+        names = {p.id: p.name for p in peers}
         rows = "".join(
-            f"<tr><td>{html.escape(p.name)}</td><td><code>{p.id}</code></td>"
+            f"<tr><td>{html.escape(p.name)}</td><td class=mono>{p.id}</td>"
+            f"<td class=mono>{html.escape(_node_key_text(p.node))}</td>"
+            f"<td>{p.node.preferred_derp if p.node is not None else ''}</td>"
+            f"<td class=mono>{html.escape(', '.join(p.node.addresses) if p.node else '')}</td>"
             f"<td>{now - p.created:.0f}s ago</td><td>{now - p.last_write:.0f}s ago</td>"
-            f"<td>{p.overwrites}</td><td><code>{html.escape(_node_text(p.node))}</code></td></tr>"
+            f"<td>{p.overwrites}</td></tr>"
             for p in peers
         )
-        trows = "".join(f"<tr><td><code>{s}</code></td><td><code>{d}</code></td></tr>" for s, d in tunnels)
+        trows = "".join(
+            f"<tr><td>{html.escape(names.get(s, '?'))} <span class=mono>{s}</span></td>"
+            f"<td>{html.escape(names.get(d, '(offline)'))} <span class=mono>{d}</span></td></tr>"
+            for s, d in tunnels
+        )
         page = (
-            "<!DOCTYPE html>\n<html><head><title>coordinator</title></head><body>\n"
-            f"<h2 id=peers>peers: total {len(peers)}</h2>\n"
-            "<table><tr><th>Name</th><th>ID</th><th>Created</th><th>Last write</th>"
-            f"<th>Overwrites</th><th>Node</th></tr>{rows}</table>\n"
-            f"<h2 id=tunnels>tunnels: total {len(tunnels)}</h2>\n"
-            f"<table><tr><th>Source</th><th>Destination</th></tr>{trows}</table>\n"
-            "</body></html>\n"
+            "<!DOCTYPE html>\n<html><head><meta charset=utf-8><title>coordinator</title>"
+            '<link rel="stylesheet" href="/dashboard/static/dashboard.css"></head><body><main>\n'
+            '<p><a href="/dashboard">live dashboard</a> · <a href="?">refresh</a></p>\n'
+            f"<section class=panel><h2 id=peers>peers: total {len(peers)}</h2>\n"
+            "<table><tr><th>Name</th><th>ID</th><th>Node key</th><th>Home region</th>"
+            "<th>Addresses</th><th>Created</th><th>Last write</th><th>Overwrites</th></tr>"
+            f"{rows}</table></section>\n"
+            f"<section class=panel><h2 id=tunnels>tunnels: total {len(tunnels)}</h2>\n"
+            f"<table><tr><th>Source</th><th>Destination</th></tr>{trows}</table></section>\n"
+            "</main></body></html>\n"
         )
         return Response(200, page.encode("utf-8"), "text/html; charset=utf-8")
 
@@ -497,14 +508,12 @@ def _remote_text(remote: object) -> str:
     return "?" if remote is None else str(remote)
 
 
-def _node_text(node: object) -> str:
-    if node is None:
-        return "(no node)"
-    from google.protobuf.json_format import MessageToJson
-    from google.protobuf.message import Message
-
-    assert isinstance(node, Message)
-    return MessageToJson(node, indent=None)
+def _node_key_text(node: object) -> str:
+    """A node's WireGuard key as ``nodekey:<hex>`` (Coder sends ``np`` + 32 bytes)."""
+    key = getattr(node, "key", b"")
+    if isinstance(key, bytes) and len(key) == 34 and key.startswith(b"np"):
+        key = key[2:]
+    return "nodekey:" + key.hex() if isinstance(key, bytes) and len(key) == 32 else ""
 
 
 def _parse_agent_id(text: str) -> uuid.UUID:

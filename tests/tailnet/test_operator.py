@@ -78,6 +78,12 @@ async def test_landing_and_docs(stack: TailnetStack) -> None:
     assert "default-src 'self'" in headers["content-security-policy"]
     status, _, body = await http(stack.access_url, "GET", "/docs")
     assert status == 200 and b"/api/v2/workspaceagents/me/rpc" in body
+    # The coordinator page is readable in a browser (cookie) and styled from the package.
+    status, _, body = await http(
+        stack.access_url, "GET", "/api/v2/debug/coordinator",
+        headers={"Cookie": f"coder_session_token={stack.admin_token}"},
+    )
+    assert status == 200 and b"/dashboard/static/dashboard.css" in body and b"Node key" in body
 
 
 async def test_login_sets_httponly_strict_cookie_and_logout_clears_it(stack: TailnetStack) -> None:
