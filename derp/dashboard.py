@@ -36,6 +36,7 @@ import ctypes
 import heapq
 import html
 import json
+import logging
 import socket
 import struct
 import time
@@ -66,6 +67,8 @@ __all__ = [
     "static_asset",
     "tcp_byte_counters",
 ]
+
+log = logging.getLogger("derp.dashboard")
 
 #: Content type of the live feed.
 EVENT_STREAM: Final = "text/event-stream; charset=utf-8"
@@ -246,10 +249,8 @@ class EventFeed:
         self.ticks += 1
         try:
             event = self._build()
-        except Exception:  # noqa: BLE001 - logged by the builder's owner; try again next tick
-            import logging
-
-            logging.getLogger("derp.dashboard").exception("dashboard snapshot failed")
+        except Exception:  # noqa: BLE001 - logged; try again next tick
+            log.exception("dashboard snapshot failed")
             return
         for sid, cb in list(self._subs.items()):
             try:
@@ -326,7 +327,7 @@ class RelaySampler:
             r: (0.0 if first else _rate(n, self._prev_drops.get(r, n), dt)) for r, n in drops.items()
         }
         self._prev_t, self._prev, self._prev_drops = now, dict(totals), drops
-        conns = self._connections(now, wall, dt if not first else 0.0, key_names or {})
+        conns = self._connections(now, wall, key_names or {})
         point = {
             "t": wall,
             "packets_in": rates["packets_in"],
@@ -369,7 +370,7 @@ class RelaySampler:
         return {"relay": relay, "point": point}
 
     def _connections(
-        self, now: float, wall: float, dt: float, names: Mapping[bytes, str]
+        self, now: float, wall: float, names: Mapping[bytes, str]
     ) -> list[dict[str, Any]]:
         """The :data:`MAX_CONN_ROWS` busiest connections (by socket byte rate) as rows.
 
