@@ -189,9 +189,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # asyncpg logs its pool's reconnect attempts during a database outage with a
+    # full traceback: keep those to one line each (the exception's repr).
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_one_line)
     if args.gc_tuning:
         tune_gc(parse_thresholds(args.gc_thresholds))
     return _run(lambda: _serve(config))
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    """Handler filter: an ``asyncpg`` record's exception folded into its message."""
+    if record.name.startswith("asyncpg") and record.exc_info and record.exc_info[1] is not None:
+        record.msg = f"{record.getMessage()}: {record.exc_info[1]!r}"
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -6,7 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -78,3 +82,36 @@ async def test_health_database_and_outage_verdict_and_bounded_stop(
         if not stopped:
             await stack.stop(grace=2.0)
         await asyncio.wait_for(coord.stop(timeout=2.0), 10)
+
+
+async def test_sigterm_during_database_outage_exits_within_grace(
+    pg_server: PgServer, pg_dsn: str, tmp_path: Path  # noqa: F811
+) -> None:
+    root = Path(__file__).resolve().parents[3]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "tailnet", "serve", "--http-addr", "127.0.0.1:0",
+        "--grpc-addr", "off", "--stun-addr", "off", "--data-dir", str(tmp_path / "d"),
+        "--postgres-url", pg_dsn, "--log-level", "WARNING",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(root)}, cwd=root,
+    )
+    assert proc.stdout is not None
+    try:
+        async with asyncio.timeout(30):
+            while not (await proc.stdout.readline()).strip().startswith(b"try:"):
+                pass
+        pg_server.stop()
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        out, err = await asyncio.wait_for(proc.communicate(), 15)
+        elapsed = time.monotonic() - t0
+    finally:
+        pg_server.start()
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert elapsed < 5.0 + 2.0, elapsed  # SHUTDOWN_GRACE, plus interpreter exit
+    text = err.decode()
+    assert "dropped" in text and "pending write" in text, text[-2000:]
+    assert "Traceback" not in text
