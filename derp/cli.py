@@ -1,9 +1,18 @@
 """``derper``: run a DERP relay server from the command line.
 
-Flags follow Tailscale's ``cmd/derper`` where they apply::
+Flags follow Tailscale's ``cmd/derper`` where they apply, in either syntax:
+Go's (``-dev``, ``-a :443``, ``-a=:443``, ``-hostname=derp.example.com``,
+``-stun=false``) or GNU's (``--dev``, ``--hostname derp.example.com``,
+``--no-stun``); :func:`go_style_args` rewrites the Go forms before parsing::
 
-    derper [-a ADDR] [-c KEYFILE] [--dev] [--hostname NAME] [--mesh-psk-file FILE]
-           [--stats-interval SECONDS] [-v] [--log-level LEVEL]
+    derper [-a ADDR] [-c KEYFILE] [-dev] [-hostname NAME] [-mesh-psk-file FILE]
+           [-http-port N] [-stats-interval SECONDS] [-v] [-log-level LEVEL] [-version]
+
+Every flag derper has is accepted. Those that need what this relay does not have
+(ACME certificates, a local tailscaled, a secrets service) stop it with a one-line
+error naming the flag; those that only tune derper internals it does not share
+(``-tcp-keepalive-time``, ``-tcp-user-timeout``, ``-bootstrap-dns-names``, ``-home``,
+``-socket``, ``-ace``) are accepted and reported as ignored.
 
 * ``-a/--addr`` listen address, ``host:port``, ``:port`` (all interfaces) or
   ``[v6]:port``; default ``:443``, or ``127.0.0.1:3340`` with ``--dev``. Port 0
@@ -15,6 +24,12 @@ Flags follow Tailscale's ``cmd/derper`` where they apply::
   ``--dev`` without ``-c`` uses a fresh random key.
 * ``--hostname`` the name clients use for this server; with ``--certmode manual``
   the certificate is ``<certdir>/<hostname>.crt``/``.key``; default ``localhost``. Set it to the public DNS name in production.
+* ``--http-port`` (TLS only; default 80, ``-1`` off): a plain-HTTP listener beside
+  TLS (:mod:`derp.port80`): ``/generate_204``, ``/debug/``, everything else
+  redirected to https. The default port is best effort (a warning if it cannot be
+  bound); an explicit one must bind.
+* ``-derp=false``: STUN only, no DERP listener (as derper).
+* ``--version``: print the version and exit.
 * TLS (``--certmode manual``), accept/receive limits, the write timeout,
   ``/debug/`` access and the SIGTERM Restarting notice: see
   :mod:`derp.prodflags`. Without ``--certmode`` the server speaks plain HTTP
@@ -44,16 +59,118 @@ from . import prodflags
 from .admission import Admission, VerifyClientURL
 from .keys import PrivateKey, load_or_create_server_key
 from .mesh import MeshPeer, parse_mesh_with
+from .port80 import Port80Server
 from .server import DerpServer, ServerConfig
 from .stunserver import DEFAULT_STUN_PORT, StunServer
 
-__all__ = ["DEFAULT_ADDR", "DEV_ADDR", "build_parser", "default_key_path", "main", "parse_addr"]
+__all__ = [
+    "DEFAULT_ADDR",
+    "DEV_ADDR",
+    "build_parser",
+    "default_key_path",
+    "go_style_args",
+    "main",
+    "parse_addr",
+    "version",
+]
 
 log = logging.getLogger("derper")
 
 DEFAULT_ADDR = ":443"
 DEV_ADDR = "127.0.0.1:3340"
 DEFAULT_HOSTNAME = "localhost"
+
+
+#: derper flags this relay cannot honour: flag → why (a set value stops startup)
+_UNSUPPORTED: dict[str, str] = {
+    "verify_clients": "needs a local tailscaled; use -verify-client-url",
+    "secrets_url": "secrets services are not supported; use -mesh-psk-file",
+    "secrets_path_prefix": "secrets services are not supported; use -mesh-psk-file",
+    "secrets_cache_dir": "secrets services are not supported; use -mesh-psk-file",
+    "acme_eab_kid": "ACME is not supported; use -certmode manual",
+    "acme_eab_key": "ACME is not supported; use -certmode manual",
+    "acme_email": "ACME is not supported; use -certmode manual",
+    "acme_ip_certs": "ACME is not supported; use -certmode manual",
+}
+#: derper flags accepted but without effect here
+_IGNORED: tuple[str, ...] = (
+    "tcp_keepalive_time",
+    "tcp_user_timeout",
+    "bootstrap_dns_names",
+    "unpublished_bootstrap_dns_names",
+    "home",
+    "socket",
+    "ace",
+)
+#: single-letter flags (Go's ``-a=:443`` means ``-a :443``)
+_SHORT = frozenset("acv")
+
+
+def go_style_args(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
+    """Rewrite Go ``flag`` syntax into what ``parser`` (argparse) understands.
+
+    ``-name`` → ``--name``; ``-name=value`` → ``--name=value``; ``-a=:443`` →
+    ``-a :443``; a boolean given a value (``-dev=true``, ``--stun=false``) becomes
+    the flag or its ``--no-`` form (or nothing, for a false ``store_true``).
+    Negative numbers (``-stun-port -1``) and everything after ``--`` pass through.
+    """
+    booleans: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if action.nargs == 0:
+            for opt in action.option_strings:
+                booleans[opt] = action
+    out: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--":
+            out.append(arg)
+            out.extend(it)
+            break
+        if not arg.startswith("-") or arg == "-" or _is_number(arg):
+            out.append(arg)
+            continue
+        body = arg[2:] if arg.startswith("--") else arg[1:]
+        name, sep, value = body.partition("=")
+        if len(name) == 1 and name in _SHORT:
+            flag = "-" + name
+        else:
+            flag = "--" + name
+        if flag in booleans and sep:
+            truth = value.strip().lower()
+            if truth in ("1", "t", "true", "yes", "on"):
+                out.append(flag)
+            elif truth in ("0", "f", "false", "no", "off"):
+                no = "--no-" + name
+                if no in booleans:
+                    out.append(no)
+            else:
+                out.append(arg)  # argparse reports the bad value
+            continue
+        if sep:
+            out.extend([flag, value] if len(flag) == 2 else [f"{flag}={value}"])
+        else:
+            out.append(flag)
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def version() -> str:
+    """``derper (tailnet-core) <version>``."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        v = dist_version("tailnet-core")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree
+        v = "unknown"
+    return f"derper (tailnet-core) {v}"
 
 
 class _CliError(Exception):
@@ -120,6 +237,20 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"JSON key file, created if missing (default: {default_key_path()})",
     )
     p.add_argument(
+        "--http-port",
+        type=int,
+        default=None,
+        help="with TLS: plain-HTTP port for /generate_204, /debug/ and redirects to https "
+        "(default 80, best effort; -1 off)",
+    )
+    p.add_argument(
+        "--derp",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run the DERP server (-derp=false: STUN only; default on)",
+    )
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    p.add_argument(
         "--dev",
         action="store_true",
         help=f"development mode: plain HTTP on {DEV_ADDR}, random key unless -c is given",
@@ -171,6 +302,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between stats log lines at INFO; 0 disables (default %(default)s)",
     )
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    g = p.add_argument_group("derper flags without an equivalent here")
+    for name, why in _UNSUPPORTED.items():
+        flag = "--" + name.replace("_", "-")
+        if name in ("verify_clients", "acme_ip_certs"):
+            g.add_argument(flag, action="store_true", help=f"not supported: {why}")
+        else:
+            g.add_argument(flag, default=None, help=f"not supported: {why}")
+    for name in _IGNORED:
+        flag = "--" + name.replace("_", "-")
+        if name == "ace":
+            g.add_argument(flag, action="store_true", help="accepted, ignored")
+        else:
+            g.add_argument(flag, default=None, help="accepted, ignored")
     p.add_argument(
         "--log-level",
         default=None,
@@ -267,6 +411,8 @@ async def _serve(
     admission: Admission | None = None,
     stun_port: int | None = -1,
     prod: prodflags.ServerOptions | None = None,
+    http_port: int | None = None,
+    derp: bool = True,
 ) -> int:
     prod = prod or prodflags.ServerOptions()
     server = DerpServer(
@@ -279,11 +425,27 @@ async def _serve(
             **prod.config,
         )
     )
+    shown = f"[{host}]:{port}" if ":" in host else f"{host or '0.0.0.0'}:{port}"
     try:
-        await server.start(host=host, port=port)
+        await server.start(host=host, port=port, listen=derp)
     except OSError as exc:
-        shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        raise _CliError(f"cannot listen on {shown}: {exc.strerror or exc}") from None
+        raise _CliError(f"cannot listen on {shown} (TCP, -a): {exc.strerror or exc}") from None
+    port80: Port80Server | None = None
+    if derp and prod.scheme == "https" and (http_port is None or http_port >= 0):
+        port80 = Port80Server(hostname=hostname, tls_port=server.port, debug=server.debug_response)
+        p80 = 80 if http_port is None else http_port
+        try:
+            await port80.start(host, p80)
+        except OSError as exc:
+            port80 = None
+            if http_port is None:
+                log.warning("plain-HTTP listener disabled: cannot listen on TCP port 80 "
+                            "(-http-port): %s", exc.strerror or exc)
+            else:
+                await server.stop()
+                raise _CliError(
+                    f"cannot listen on TCP port {p80} (-http-port): {exc.strerror or exc}"
+                ) from None
     stun: StunServer | None = None
     if stun_port is None or stun_port >= 0:
         stun = StunServer(stats=server.metrics.stun)
@@ -294,8 +456,13 @@ async def _serve(
                 log.warning("STUN disabled: cannot listen on UDP %d: %s", DEFAULT_STUN_PORT, exc)
                 stun = None
             else:
+                if port80 is not None:
+                    await port80.stop()
                 await server.stop()
-                raise _CliError(f"cannot listen on UDP port {stun_port} for STUN: {exc}") from None
+                raise _CliError(
+                    f"cannot listen on UDP port {stun_port} (STUN, -stun-port): "
+                    f"{exc.strerror or exc}"
+                ) from None
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -314,11 +481,18 @@ async def _serve(
         shown_host = f"[{shown_host}]"
     for note in prod.notes:
         print(f"derper: {note}", flush=True)
-    print(
-        f"derper: listening on {prod.scheme}://{shown_host}:{server.port}/derp "
-        f"server key {server.public_key}",
-        flush=True,
-    )
+    if derp:
+        print(
+            f"derper: listening on {prod.scheme}://{shown_host}:{server.port}/derp "
+            f"server key {server.public_key}",
+            flush=True,
+        )
+    else:
+        print(f"derper: STUN only (-derp=false) on UDP port {stun.port if stun else '?'}",
+              flush=True)
+    if port80 is not None:
+        print(f"derper: plain HTTP on port {port80.port} (/generate_204, /debug/, redirects)",
+              flush=True)
     stats_task = (
         loop.create_task(_log_stats(server, stats_interval), name="derper-stats")
         if stats_interval > 0
@@ -334,6 +508,8 @@ async def _serve(
                 await stats_task
         if stun is not None:
             await stun.stop()
+        if port80 is not None:
+            await port80.stop()
         # SIGTERM (a managed restart) tells clients when to come back (Restarting frame).
         restarting = prod.restart_on_sigterm and signal.SIGTERM in got
         await server.stop(restarting=restarting)
@@ -344,9 +520,23 @@ async def _serve(
     return 0
 
 
+def _check_derper_only_flags(args: argparse.Namespace) -> None:
+    for name, why in _UNSUPPORTED.items():
+        if getattr(args, name, None):
+            raise _CliError(f"-{name.replace('_', '-')}: {why}")
+    for name in _IGNORED:
+        if getattr(args, name, None):
+            log.warning("-%s is accepted for derper compatibility but has no effect here",
+                        name.replace("_", "-"))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``derper`` / ``python -m derp``; returns the exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(go_style_args(sys.argv[1:] if argv is None else list(argv), parser))
+    if args.version:
+        print(version())
+        return 0
     level = args.log_level or ("DEBUG" if args.verbose else "INFO")
     logging.basicConfig(
         level=level,
@@ -355,10 +545,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     addr = args.addr if args.addr is not None else (DEV_ADDR if args.dev else DEFAULT_ADDR)
     try:
+        _check_derper_only_flags(args)
         try:
             host, port = parse_addr(addr)
         except ValueError as exc:
             raise _CliError(f"-a/--addr: {exc}") from None
+        if args.http_port is not None and not -1 <= args.http_port <= 65535:
+            raise _CliError(f"-http-port {args.http_port}: must be a port number or -1 (off)")
+        if not args.derp and not args.stun:
+            raise _CliError("-derp=false and -stun=false: nothing to serve")
         key = _load_key(args)
         mesh_key = _load_mesh_key(args.mesh_psk_file)
         mesh_with, admission = _mesh_and_admission(args, mesh_key)
@@ -387,6 +582,8 @@ def main(argv: list[str] | None = None) -> int:
                     admission=admission,
                     stun_port=args.stun_port if args.stun else -1,  # None: 3478, best effort
                     prod=prod,
+                    http_port=args.http_port,
+                    derp=args.derp,
                 )
             )
     except _CliError as exc:

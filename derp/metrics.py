@@ -28,9 +28,17 @@ metric                                          type     source
 ``derp_current_mesh_peers``                     gauge    set by the mesh code (see below)
 ``derp_stun_requests{disposition}``             counter  :class:`StunStats` (STUN server)
 ``derp_stun_addrfamily{family}``                counter  :class:`StunStats`
-``derp_<other field>``                          counter  any other ``ServerStats`` number
-                                                / gauge  (gauge if named ``current_*``)
+``derp_dup_client_conns``                       counter  connections for a key already
+                                                         connected (derper's
+                                                         ``total_dup_client_conns``)
+``derp_<other field>``                          counter  every other ``ServerStats`` number,
+                                                / gauge  each with its own help text
+``process_*``, ``python_*``                              ``prometheus_client``'s process,
+                                                         platform and GC collectors
 ==============================================  =======  ===============================
+
+Every family has a real help text; a counter's samples carry exactly one
+``_total`` suffix (no name already ends in ``_total``).
 
 Other modules publish through :class:`DerpMetrics`: the STUN server
 increments ``metrics.stun.requests["success"]`` (keys
@@ -53,7 +61,13 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Final
 
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    GCCollector,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
@@ -111,7 +125,71 @@ _KNOWN: Final[dict[str, tuple[str, str, str]]] = {
         "gauge",
         "Moving average of how long queued packets waited before being written (ms)",
     ),
-    "total_dup_client_conns": ("total_dup_client_conns", "counter", "Duplicate-key connections"),
+    "total_dup_client_conns": (
+        "dup_client_conns",
+        "counter",
+        "Connections admitted for a node key that already had a connection",
+    ),
+    "http_requests": ("http_requests", "counter", "Plain HTTP requests answered by the front door"),
+    "handshake_failures": (
+        "handshake_failures",
+        "counter",
+        "Connections closed during the DERP handshake (bad ClientInfo, timeout, refused)",
+    ),
+    "packets_received_disco": (
+        "packets_received_disco",
+        "counter",
+        "Packets received that carry a disco (NAT traversal) message",
+    ),
+    "got_ping": ("got_ping", "counter", "Ping frames received from clients"),
+    "sent_pong": ("sent_pong", "counter", "Pong frames sent to clients"),
+    "peer_gone_disconnected_frames": (
+        "peer_gone_disconnected_frames",
+        "counter",
+        "PeerGone(Disconnected) frames sent: a peer a client heard from went away",
+    ),
+    "peer_gone_not_here_frames": (
+        "peer_gone_not_here_frames",
+        "counter",
+        "PeerGone(NotHere) frames sent: a client sent to a key that is not connected",
+    ),
+    "unknown_frames": ("unknown_frames", "counter", "Frames of unknown type received (ignored)"),
+    "keepalives_sent": ("keepalives_sent", "counter", "KeepAlive frames sent"),
+    "protocol_errors": (
+        "protocol_errors",
+        "counter",
+        "Connections closed for a malformed or oversized frame",
+    ),
+    "home_moves_in": (
+        "home_moves_in",
+        "counter",
+        "Clients that declared this server their home (NotePreferred true)",
+    ),
+    "home_moves_out": (
+        "home_moves_out",
+        "counter",
+        "Clients that stopped calling this server their home (NotePreferred false)",
+    ),
+    "admission_rejected": (
+        "admission_rejected",
+        "counter",
+        "Clients refused by admission control (--verify-client-url, known keys)",
+    ),
+    "health_frames_sent": (
+        "health_frames_sent",
+        "counter",
+        "Health frames sent (problem announcements and clears)",
+    ),
+    "restarting_frames_sent": (
+        "restarting_frames_sent",
+        "counter",
+        "Restarting frames sent at graceful shutdown",
+    ),
+}
+
+#: help texts of the gauges other modules register in DerpMetrics.gauges
+_GAUGE_HELP: Final[dict[str, str]] = {
+    "current_mesh_peers": "Mesh links currently logged in to their peer",
 }
 
 
@@ -155,9 +233,9 @@ class ServerStatsCollector(Collector):
             if known is not None:
                 name, kind, doc = known
             else:
-                name = field
+                name = field.removesuffix("_total")
                 kind = "gauge" if field.startswith(("current_", "gauge_")) else "counter"
-                doc = f"ServerStats.{field}"
+                doc = "DERP server counter " + field.replace("_", " ")
             m = _metric(f"derp_{name}", kind, doc)
             m.add_sample(_sample(kind, f"derp_{name}"), {}, value)
             yield m
@@ -175,21 +253,28 @@ class ServerStatsCollector(Collector):
                 v = float(fn())
             except Exception:  # a broken gauge callback must not break the scrape
                 continue
-            m = _metric(f"derp_{name}", "gauge", name)
+            m = _metric(f"derp_{name}", "gauge", _GAUGE_HELP.get(name, "DERP gauge " + name.replace("_", " ")))
             m.add_sample(f"derp_{name}", {}, v)
             yield m
 
 
 class DerpMetrics:
-    """One server's Prometheus registry: :class:`ServerStats` + STUN + extra gauges."""
+    """One server's Prometheus registry: :class:`ServerStats` + STUN + extra gauges,
+    plus the process collectors unless ``process=False`` (an embedding process
+    that exports its own, e.g. :mod:`tailnet.metrics`, registers :attr:`collector`)."""
 
-    def __init__(self, stats: ServerStats) -> None:
+    def __init__(self, stats: ServerStats, *, process: bool = True) -> None:
         self.stats = stats
         self.stun = StunStats()
         #: extra gauges: ``derp_<name>`` → callable returning the current value
         self.gauges: dict[str, Callable[[], float]] = {}
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(ServerStatsCollector(stats, self.stun, self.gauges))
+        self.collector = ServerStatsCollector(stats, self.stun, self.gauges)
+        self.registry.register(self.collector)
+        if process:
+            ProcessCollector(registry=self.registry)
+            PlatformCollector(registry=self.registry)
+            GCCollector(registry=self.registry)
 
     def render(self) -> bytes:
         """The Prometheus text exposition (content type :data:`CONTENT_TYPE`)."""

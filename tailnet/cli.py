@@ -1,7 +1,9 @@
 """``tailnet`` command line: ``serve``, ``demo``, ``token create|list|revoke``.
 
 ``tailnet serve`` runs :class:`~tailnet.stack.TailnetStack` on uvloop until
-SIGINT/SIGTERM (clean shutdown, exit 0). It prints, on stdout::
+SIGINT/SIGTERM (clean shutdown within :data:`SHUTDOWN_GRACE` seconds, even
+with PostgreSQL unreachable — pending database writes are then dropped and
+counted in a warning — exit 0). It prints, on stdout::
 
     tailnet-core is running
       API:         http://127.0.0.1:3000
@@ -11,12 +13,17 @@ SIGINT/SIGTERM (clean shutdown, exit 0). It prints, on stdout::
       data dir:    /home/me/.local/state/tailnet-core
       admin token: <token>
       (created on first start; keep it secret)
+      dashboard:   http://127.0.0.1:3000/dashboard  (log in with the admin token)
+      metrics:     http://127.0.0.1:3000/metrics
       try:         curl -H 'Coder-Session-Token: <admin token>' http://127.0.0.1:3000/api/v2/debug/health
 
 The admin token is printed only when this start created it (``tokens.json``
 keeps only hashes); otherwise the line reads ``admin token: created at first
 start (tailnet token create --admin mints another)``. With ``--stun-addr off``
 / ``--grpc-addr off`` those lines read ``off``.
+
+A startup failure prints one line on stderr naming what failed (the address
+and port, the file, the PostgreSQL URL without its password) and exits 1.
 
 The serve process tunes CPython's cyclic GC before serving
 (:func:`tailnet.tuning.tune_gc`: ``gc.freeze()`` of the startup heap and
@@ -51,12 +58,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tailnet.config import ConfigError, StackConfig, add_arguments, default_data_dir, load_config
-from tailnet.stack import TOKENS_FILE, TailnetStack
+from tailnet.stack import TOKENS_FILE, StartupError, TailnetStack
 from tailnet.tuning import DEFAULT_GC_THRESHOLDS, parse_thresholds, tune_gc
 
 __all__ = ["main", "build_parser"]
 
 log = logging.getLogger("tailnet.cli")
+
+#: seconds ``tailnet serve`` gives a graceful shutdown (SIGINT/SIGTERM), all included
+SHUTDOWN_GRACE = 5.0
 _T = TypeVar("_T")
 
 
@@ -164,6 +174,8 @@ def _print_banner(stack: TailnetStack, config: StackConfig, new_admin: str | Non
         lines.append(
             "  admin token: created at first start (tailnet token create --admin mints another)"
         )
+    lines.append(f"  dashboard:   {stack.access_url}/dashboard  (log in with the admin token)")
+    lines.append(f"  metrics:     {stack.access_url}/metrics")
     lines.append(
         f"  try:         curl -H 'Coder-Session-Token: <admin token>' {stack.access_url}/api/v2/debug/health"
     )
@@ -174,8 +186,8 @@ async def _serve(config: StackConfig) -> int:
     stack = TailnetStack(config)
     try:
         await stack.start()
-    except OSError as exc:
-        print(f"tailnet: cannot listen: {exc.strerror or exc}", file=sys.stderr)
+    except StartupError as exc:
+        print(f"tailnet: {exc}", file=sys.stderr)
         return 1
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -187,7 +199,7 @@ async def _serve(config: StackConfig) -> int:
         await stop.wait()
         log.info("signal received, shutting down")
     finally:
-        await stack.stop()
+        await stack.stop(SHUTDOWN_GRACE)
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
@@ -202,9 +214,23 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    # asyncpg logs its pool's reconnect attempts during a database outage with a
+    # full traceback: keep those to one line each (the exception's repr).
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_one_line)
     if args.gc_tuning:
         tune_gc(parse_thresholds(args.gc_thresholds))
     return _run(lambda: _serve(config))
+
+
+def _one_line(record: logging.LogRecord) -> bool:
+    """Handler filter: an ``asyncpg`` record's exception folded into its message."""
+    if record.name.startswith("asyncpg") and record.exc_info and record.exc_info[1] is not None:
+        record.msg = f"{record.getMessage()}: {record.exc_info[1]!r}"
+        record.args = ()
+        record.exc_info = None
+        record.exc_text = None
+    return True
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

@@ -375,6 +375,8 @@ _HTTP_STATUS: Final = {
     403: grpc.StatusCode.PERMISSION_DENIED,
     404: grpc.StatusCode.NOT_FOUND,
     409: grpc.StatusCode.FAILED_PRECONDITION,
+    429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    503: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -508,6 +510,8 @@ class TailnetConnection:
         self._call: _CallLike | None = None
         self._drop_reason: str | None = None
         self._connected = False
+        #: ``"CODE: details"`` of the last refused session attempt (None once connected)
+        self.last_refusal: str | None = None
         self._closing = False
         self._closed = asyncio.Event()
         self._run_task: asyncio.Task[None] | None = None
@@ -570,7 +574,16 @@ class TailnetConnection:
             self._first = loop.create_future()
             self._run_task = loop.create_task(self._run(), name=f"tailnet-client {self._target}")
         assert self._first is not None
-        return await asyncio.wait_for(asyncio.shield(self._first), timeout)
+        try:
+            return await asyncio.wait_for(asyncio.shield(self._first), timeout)
+        except TimeoutError:
+            refused = self.last_refusal
+            if refused is None:
+                raise
+            raise TimeoutError(
+                f"not connected after {timeout:g}s: the coordinator refused the stream "
+                f"({refused})"
+            ) from None
 
     async def __aenter__(self) -> TailnetConnection:
         await self.start()
@@ -702,6 +715,9 @@ class TailnetConnection:
                 reason = self._drop_reason or "stream ended by server"
             except _SessionEnded as exc:
                 reason = str(exc)
+                if not exc.established:
+                    self.last_refusal = reason
+                    reason = f"refused: {reason}"
                 if (
                     exc.code == grpc.StatusCode.UNAUTHENTICATED
                     and "resume_token" in exc.details
@@ -771,9 +787,13 @@ class TailnetConnection:
         try:
             md = await call.initial_metadata()
             raw = md.get(MD_PEER_ID) if md is not None else None
-            if raw is None and call.done():
-                code = await call.code()
-                raise _SessionEnded(code, await call.details(), established=False)
+            if raw is None:
+                # tailnet-core sends the peer ID only once it accepted the stream:
+                # without it the call is (about to be) ended with the refusal status.
+                with contextlib.suppress(TimeoutError):
+                    code = await asyncio.wait_for(asyncio.shield(call.code()), 1.0)
+                    if code != grpc.StatusCode.OK or call.done():
+                        raise _SessionEnded(code, await call.details(), established=False)
             if isinstance(raw, str):
                 self._set_peer_id(raw)
         except grpc.aio.AioRpcError as exc:
@@ -805,6 +825,7 @@ class TailnetConnection:
         self._outbox = outbox
         self._call = call
         self._connected = True
+        self.last_refusal = None
         self._backoff.reset()
         self.sessions += 1
         pid = self._peer_id or uuid.UUID(int=0)

@@ -141,6 +141,11 @@ OPTIONS: Final[tuple[Option, ...]] = (
            "Bytes of responses waiting for one coordinator peer (besides at most "
            f"{DEFAULT_LIMITS.peer_buffer_responses} responses) before it is evicted as a "
            "slow consumer."),
+    Option("debug_allow", str, "",
+           "Comma-separated networks (CIDRs) allowed to read /metrics and /debug/ "
+           "(default: loopback only, as derper's --debug-allow)."),
+    Option("postgres_connect_timeout", float, 10.0,
+           "Seconds to wait for PostgreSQL at startup before giving up with an error."),
     Option("log_level", str, "INFO", "Log level: DEBUG, INFO, WARNING, ERROR."),
 )
 
@@ -171,12 +176,20 @@ class StackConfig:
     health_cache: float = 10.0
     health_timeout: float = 5.0
     postgres_url: str = ""
+    postgres_connect_timeout: float = 10.0
+    debug_allow: str = ""
     log_level: str = "INFO"
     max_peers_per_principal: int = DEFAULT_LIMITS.max_peers_per_principal
     max_streams_per_grpc_connection: int = DEFAULT_LIMITS.max_streams_per_grpc_connection
     max_streams_per_session: int = DEFAULT_LIMITS.max_streams_per_session
     max_tunnels_per_peer: int = DEFAULT_LIMITS.max_tunnels_per_peer
     peer_buffer_bytes: int = DEFAULT_LIMITS.peer_buffer_bytes
+
+    @property
+    def debug_networks(self) -> tuple[str, ...] | None:
+        """``debug_allow`` as a tuple of networks (``None``: loopback only)."""
+        nets = tuple(n.strip() for n in self.debug_allow.split(",") if n.strip())
+        return nets or None
 
     @property
     def limits(self) -> Limits:
@@ -208,12 +221,19 @@ class StackConfig:
                 "PostgreSQL coordinator only sees its own peers"
             )
         # A zero poll interval would spin the DERP-config poller on the event loop.
-        for name in ("derp_map_poll", "health_timeout"):
+        for name in ("derp_map_poll", "health_timeout", "postgres_connect_timeout"):
             seconds = getattr(self, name)
             if not seconds > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {seconds!r}")
         if not self.health_cache >= 0:
             raise ConfigError(f"health_cache must not be negative, got {self.health_cache!r}")
+        if self.debug_allow:
+            from derp.metrics import DebugAccess
+
+            try:
+                DebugAccess(self.debug_networks)
+            except ValueError as exc:
+                raise ConfigError(f"debug_allow: {exc}") from None
         if self.access_url and not self.access_url.startswith(("http://", "https://")):
             raise ConfigError(f"access_url must start with http:// or https://: {self.access_url!r}")
         try:

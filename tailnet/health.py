@@ -30,6 +30,18 @@ Severity rules (``ok`` < ``warning`` < ``error``):
   region severity;
 * report: the worst section severity. ``healthy`` everywhere means
   ``severity != "error"`` (Coder keeps it for backward compatibility).
+
+Two more sections when the stack provides them:
+
+* ``database`` (Coder's ``DatabaseReport``, only with PostgreSQL): the median of
+  :data:`DB_PINGS` ``SELECT 1`` round trips; ``reachable``, ``latency`` (Go
+  duration text), ``latency_ms``, ``threshold_ms`` (15); error ``EDB01`` when
+  the database does not answer within the timeout, warning ``EDB02`` when the
+  median is at or above the threshold;
+* ``coordinator``: evaluated live on *every* call, even when the rest comes
+  from the cache, so the verdict turns to ``error`` the moment the coordinator
+  refuses peers (closed, or a PostgreSQL replica that cannot write its
+  heartbeat: ``ECOORD01``), with ``accepting_peers``, ``backend``, ``peers``.
 """
 
 from __future__ import annotations
@@ -73,6 +85,13 @@ __all__ = [
     "check_websocket",
     "HealthChecker",
     "report_json",
+    "CODE_DB_UNREACHABLE",
+    "CODE_DB_SLOW",
+    "CODE_COORDINATOR_REFUSING",
+    "DB_THRESHOLD_MS",
+    "check_database",
+    "coordinator_section",
+    "summarize",
 ]
 
 SEVERITY_OK: Final = "ok"
@@ -83,6 +102,13 @@ _RANK: Final = {SEVERITY_OK: 0, SEVERITY_WARNING: 1, SEVERITY_ERROR: 2}
 CODE_DERP_WEBSOCKET: Final = "EDERP01"
 CODE_DERP_NODE_UNHEALTHY: Final = "EDERP02"
 CODE_STUN_FAILED: Final = "ESTUN01"
+CODE_DB_UNREACHABLE: Final = "EDB01"
+CODE_DB_SLOW: Final = "EDB02"
+CODE_COORDINATOR_REFUSING: Final = "ECOORD01"
+#: ``SELECT 1`` round trips per database check (the median is reported)
+DB_PINGS: Final = 3
+#: median database latency at or above which the section warns (Coder: 15 ms)
+DB_THRESHOLD_MS: Final = 15
 
 
 def _worst(severities: Iterable[str]) -> str:
@@ -239,19 +265,74 @@ def derp_report(regions: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+_SECTIONS: Final = ("derp", "access_url", "websocket", "database", "coordinator")
+
+
 def health_report(
-    *, derp: dict[str, Any], access_url: dict[str, Any], websocket: dict[str, Any], now: float
+    *,
+    derp: dict[str, Any],
+    access_url: dict[str, Any],
+    websocket: dict[str, Any],
+    now: float,
+    database: dict[str, Any] | None = None,
+    coordinator: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The whole report; top-level severity is the worst section's."""
-    severity = _worst([derp["severity"], access_url["severity"], websocket["severity"]])
-    return {
+    report: dict[str, Any] = {
         "time": datetime.fromtimestamp(now, timezone.utc).isoformat().replace("+00:00", "Z"),
-        "healthy": severity != SEVERITY_ERROR,
-        "severity": severity,
+        "healthy": True,
+        "severity": SEVERITY_OK,
         "derp": derp,
         "access_url": access_url,
         "websocket": websocket,
         "coder_version": "tailnet-core",
+    }
+    if database is not None:
+        report["database"] = database
+    if coordinator is not None:
+        report["coordinator"] = coordinator
+    return _rejudge(report)
+
+
+def _rejudge(report: dict[str, Any]) -> dict[str, Any]:
+    severity = _worst(report[k]["severity"] for k in _SECTIONS if k in report)
+    report["severity"] = severity
+    report["healthy"] = severity != SEVERITY_ERROR
+    return report
+
+
+def summarize(report: Mapping[str, Any]) -> dict[str, Any]:
+    """Verdict and one line per section (for the dashboard)."""
+    return {
+        "severity": report.get("severity", SEVERITY_OK),
+        "healthy": report.get("healthy", True),
+        "time": report.get("time"),
+        "sections": {
+            k: {"severity": report[k]["severity"], "error": report[k].get("error")}
+            for k in _SECTIONS
+            if isinstance(report.get(k), dict)
+        },
+    }
+
+
+def coordinator_section(
+    *, accepting: bool, backend: str, peers: int, error: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    """The ``coordinator`` section: an error while the coordinator refuses peers."""
+    warnings: list[dict[str, str]] = []
+    if not accepting:
+        error = error or "the coordinator refuses new peers"
+        warnings.append(_warning(CODE_COORDINATOR_REFUSING, error))
+    return {
+        "healthy": accepting,
+        "severity": SEVERITY_OK if accepting else SEVERITY_ERROR,
+        "warnings": warnings,
+        "dismissed": False,
+        "error": None if accepting else error,
+        "accepting_peers": accepting,
+        "backend": backend,
+        "peers": peers,
+        **extra,
     }
 
 
@@ -452,6 +533,55 @@ async def check_websocket(url: str, token: str | None, *, timeout: float = 5.0) 
     return _section(error is None, error, body=body, code=code)
 
 
+async def check_database(
+    ping: Callable[[float], Awaitable[float]],
+    *,
+    timeout: float = 5.0,
+    threshold_ms: int = DB_THRESHOLD_MS,
+    pings: int = DB_PINGS,
+) -> dict[str, Any]:
+    """Coder's ``database`` section: ``ping(timeout)`` returns one round trip in seconds."""
+    samples: list[float] = []
+    error: str | None = None
+    try:
+        async with asyncio.timeout(timeout):
+            for _ in range(pings):
+                samples.append(await ping(timeout))
+    except TimeoutError:
+        error = f"database ping: no answer within {timeout:g}s"
+    except Exception as exc:  # asyncpg / OS errors: report, never raise
+        error = f"database ping: {type(exc).__name__}: {exc}"
+    warnings: list[dict[str, str]] = []
+    if error is not None or not samples:
+        severity = SEVERITY_ERROR
+        warnings.append(_warning(CODE_DB_UNREACHABLE, error or "database ping failed"))
+        latency = 0.0
+    else:
+        samples.sort()
+        latency = samples[len(samples) // 2]
+        severity = SEVERITY_OK
+        if latency * 1000 >= threshold_ms:
+            severity = SEVERITY_WARNING
+            warnings.append(
+                _warning(
+                    CODE_DB_SLOW,
+                    f"median database ping {latency * 1000:.1f} ms is at or above "
+                    f"{threshold_ms} ms",
+                )
+            )
+    return {
+        "healthy": severity != SEVERITY_ERROR,
+        "severity": severity,
+        "warnings": warnings,
+        "dismissed": False,
+        "error": error,
+        "reachable": error is None and bool(samples),
+        "latency": _go_duration(latency) if samples and error is None else "",
+        "latency_ms": round(latency * 1000) if samples and error is None else 0,
+        "threshold_ms": threshold_ms,
+    }
+
+
 @dataclass(slots=True)
 class _Cached:
     at: float
@@ -463,7 +593,10 @@ class HealthChecker:
 
     ``access_url`` and ``websocket_url`` are optional: without them those
     sections report ``ok`` with ``error`` null and nothing checked. Concurrent
-    callers share one run.
+    callers share one run. ``database_ping`` (PostgreSQL in use) adds the
+    ``database`` section; ``coordinator`` (a callable returning
+    :func:`coordinator_section`) adds a section that is re-evaluated on every
+    call, cached report or not.
     """
 
     def __init__(
@@ -479,6 +612,8 @@ class HealthChecker:
         node_checker: Callable[..., Awaitable[NodeCheck]] = check_node,
         mesh_keys: Mapping[int, bytes] | None = None,
         websocket: bool = False,
+        database_ping: Callable[[float], Awaitable[float]] | None = None,
+        coordinator: Callable[[], dict[str, Any]] | None = None,
     ) -> None:
         self._derp_maps = derp_maps
         self.access_url = access_url
@@ -493,16 +628,34 @@ class HealthChecker:
         self._websocket = websocket
         self._cached: _Cached | None = None
         self._running: asyncio.Future[dict[str, Any]] | None = None
+        self._database_ping = database_ping
+        self._coordinator = coordinator
 
     async def report(self, *, force: bool = False) -> dict[str, Any]:
-        """The cached report, or a fresh one if forced/expired."""
+        """The cached report, or a fresh one if forced/expired (coordinator: always live)."""
         now = self._clock()
         cached = self._cached
         if not force and cached is not None and now - cached.at < self._ttl:
-            return cached.report
+            return self._with_live(cached.report)
         if self._running is None or self._running.done():
             self._running = asyncio.ensure_future(self._run())
-        return await asyncio.shield(self._running)
+        return self._with_live(await asyncio.shield(self._running))
+
+    def _with_live(self, report: dict[str, Any]) -> dict[str, Any]:
+        if self._coordinator is None:
+            return report
+        out = dict(report)
+        out["coordinator"] = self._coordinator()
+        return _rejudge(out)
+
+    def cached_report(self) -> dict[str, Any] | None:
+        """The last report (with the live coordinator section), or ``None`` before the first."""
+        return self._with_live(self._cached.report) if self._cached is not None else None
+
+    def stale(self) -> bool:
+        """True if the next :meth:`report` would run the checks (no report, or expired)."""
+        c = self._cached
+        return c is None or self._clock() - c.at >= self._ttl
 
     async def _run(self) -> dict[str, Any]:
         m = self._derp_maps.current()
@@ -536,13 +689,19 @@ class HealthChecker:
             if self.websocket_url
             else skipped("websocket")
         )
-        results = await asyncio.gather(access, ws, *(one_region(r) for _, r in regions))
-        access_section, ws_section = results[0], results[1]
-        region_reports = {rid: rep for (rid, _), rep in zip(regions, results[2:])}
+        db = (
+            check_database(self._database_ping, timeout=self._timeout)
+            if self._database_ping is not None
+            else skipped("database")
+        )
+        results = await asyncio.gather(access, ws, db, *(one_region(r) for _, r in regions))
+        access_section, ws_section, db_section = results[0], results[1], results[2]
+        region_reports = {rid: rep for (rid, _), rep in zip(regions, results[3:])}
         report = health_report(
             derp=derp_report(region_reports),
             access_url=access_section,
             websocket=ws_section,
+            database=db_section if self._database_ping is not None else None,
             now=self._clock(),
         )
         self._cached = _Cached(self._clock(), report)

@@ -63,6 +63,7 @@ import asyncio
 import dataclasses
 import enum
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ from tailnet.identity import (
     token_from_metadata,
 )
 from tailnet.limits import DEFAULT_LIMITS, Limits
+from tailnet.metrics import ServiceStats
 from tailnet.resume import InvalidResumeToken, LegacyResumeToken, ResumeTokenProvider
 from tailnet.telemetry import InvalidTelemetry, TelemetryBuffer
 from tailnet.v2 import tailnet_pb2 as pb
@@ -370,10 +372,25 @@ class TailnetService:
         #: open Coordinate streams per principal (kind, id), for max_peers_per_principal
         self._principal_streams: dict[tuple[str, uuid.UUID], int] = {}
         self._closing = asyncio.Event()
+        #: counters for metrics and the dashboard (tailnet.metrics)
+        self.stats = ServiceStats()
 
     @property
     def closed(self) -> bool:
         return self._closing.is_set()
+
+    def peer_principal(self, peer_id: uuid.UUID) -> Principal | None:
+        """The principal of ``peer_id``'s open Coordinate stream on this process, if any."""
+        live = self._streams.get(peer_id)
+        return live.principal if live is not None else None
+
+    def peers_by_kind(self) -> dict[str, int]:
+        """Open Coordinate streams by principal kind (``agent``, ``user``, ``control_plane``)."""
+        out: dict[str, int] = {}
+        for live in self._streams.values():
+            kind = live.principal.kind
+            out[kind] = out.get(kind, 0) + 1
+        return out
 
     # -- identity -----------------------------------------------------------
     async def authenticate(
@@ -386,6 +403,7 @@ class TailnetService:
         """
         token = token_from_metadata(metadata)
         if token is None:
+            self.stats.auth_failures += 1
             raise ServiceError(
                 Status.UNAUTHENTICATED,
                 "missing session token: send metadata 'authorization: Bearer <token>' "
@@ -397,6 +415,7 @@ class TailnetService:
             log.exception("authenticator failed")
             raise ServiceError(Status.UNAVAILABLE, "authentication backend unavailable") from None
         if principal is None:
+            self.stats.auth_failures += 1
             raise ServiceError(Status.UNAUTHENTICATED, "invalid or unknown session token")
         try:
             version = check_version(
@@ -426,6 +445,7 @@ class TailnetService:
         except LegacyResumeToken:
             return uuid.uuid4(), False
         except InvalidResumeToken as exc:
+            self.stats.resume_refused += 1
             raise ServiceError(Status.UNAUTHENTICATED, str(exc)) from None
 
     async def resolve_stream(self, call: CallContext) -> StreamIdentity:
@@ -442,6 +462,7 @@ class TailnetService:
         if agent_text:
             agent_id = _metadata_uuid(MD_AGENT_ID, agent_text)
             if not await self._authorize_tunnel(p, agent_id):
+                self.stats.denied_connect += 1
                 raise ServiceError(Status.PERMISSION_DENIED, TUNNEL_DENIED)
             return StreamIdentity(p, peer_id, "client", ClientPolicy(agent_id), resumed)
 
@@ -517,6 +538,7 @@ class TailnetService:
 
     async def _open_stream(self, ident: StreamIdentity) -> tuple[QueueSink, _LiveStream]:
         if self.closed:
+            self.stats.streams_refused["closed"] += 1
             raise ServiceError(Status.UNAVAILABLE, "coordinator is closed")
         key = self._principal_key(ident.principal)
         n = self._principal_streams.get(key, 0)
@@ -524,6 +546,7 @@ class TailnetService:
         if n >= cap:
             log.info("coordinate: %s %s refused: %d streams open (max_peers_per_principal)",
                      ident.principal.kind, ident.principal.id, n)
+            self.stats.streams_refused["limit"] += 1
             raise ServiceError(
                 Status.RESOURCE_EXHAUSTED,
                 f"too many concurrent Coordinate streams for this principal: {n} open, "
@@ -539,6 +562,7 @@ class TailnetService:
             try:
                 self.coordinator.connect(ident.peer_id, ident.name, sink)
             except CoordinatorClosed as exc:
+                self.stats.streams_refused["closed"] += 1
                 raise ServiceError(Status.UNAVAILABLE, str(exc)) from None
         except BaseException:
             self._release_principal(key)
@@ -581,6 +605,7 @@ class TailnetService:
         read: Callable[[], Awaitable[object]],
         write: Callable[[pb.CoordinateResponse], Awaitable[object]],
         eof: object = None,
+        on_open: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         """Run one Coordinate stream over reader/writer callables; same semantics as
         :meth:`coordinate`.
@@ -590,10 +615,15 @@ class TailnetService:
         sends one response. The calling task is the writer; one reader task runs
         the requests. Returns after a clean end (the close error, if any, was
         written last); raises :class:`ServiceError` for a failure status.
+        ``on_open()`` runs once the stream is accepted (the gRPC adapter sends its
+        initial metadata then, so a refused stream never looks accepted).
         """
         sink, live = await self._open_stream(ident)
-        reader = asyncio.ensure_future(self._read_requests(ident, sink, read, eof))
+        reader: asyncio.Future[None] | None = None
         try:
+            if on_open is not None:
+                await on_open()
+            reader = asyncio.ensure_future(self._read_requests(ident, sink, read, eof))
             while True:
                 resp = sink.pop()
                 if resp is not None:
@@ -606,7 +636,8 @@ class TailnetService:
                 await write(pb.CoordinateResponse(error=sink.error))
             sink.raise_failure()
         finally:
-            reader.cancel()
+            if reader is not None:
+                reader.cancel()
             self._end_stream(ident, sink, live)
 
     def _fail(self, ident: StreamIdentity, sink: QueueSink, status: Status, msg: str) -> None:
@@ -626,6 +657,8 @@ class TailnetService:
         authorize = ident.policy.authorize
         handle = self.coordinator.handle
         limits = self.limits
+        stats = self.stats
+        clock = time.perf_counter
         try:
             while True:
                 try:
@@ -646,10 +679,15 @@ class TailnetService:
                 try:
                     await authorize(peer_id, req)
                 except AuthorizationError as exc:
+                    stats.denied_request += 1
                     self._fail(ident, sink, Status.PERMISSION_DENIED, exc.wire_message)
                     return
                 if sink.closed:
                     return
+                stats.requests_received += 1
+                if req.HasField("update_self"):
+                    stats.node_updates_received += 1
+                t0 = clock()
                 try:
                     handle(peer_id, sink, req, validated=True)
                 except LimitExceeded as exc:
@@ -658,6 +696,7 @@ class TailnetService:
                 except RequestError as exc:
                     self._fail(ident, sink, Status.INVALID_ARGUMENT, str(exc))
                     return
+                stats.fanout.observe(clock() - t0)
                 if req.HasField("disconnect"):
                     sink.close()
                     return
@@ -725,6 +764,7 @@ class TailnetService:
                 Status.FAILED_PRECONDITION,
                 f"no live Coordinate stream of yours has peer ID {peer_id}",
             )
+        self.stats.resume_issued += 1
         return self._resume.issue(peer_id, call.principal)
 
     def issue_resume_token(self, ident: StreamIdentity) -> pb.RefreshResumeTokenResponse:
@@ -739,6 +779,7 @@ class TailnetService:
             raise ServiceError(
                 Status.UNIMPLEMENTED, "resume tokens not supported on this connection"
             )
+        self.stats.resume_issued += 1
         return self._resume.issue(ident.peer_id, ident.principal)
 
     # -- PostTelemetry --------------------------------------------------------

@@ -28,6 +28,14 @@ What :meth:`TailnetStack.start` does, in order:
    else the in-memory core; resume
    tokens, workspace provider, tunnel authorizer, ``config.limits``) to the
    gRPC server and to the HTTP API.
+4. mounts the operator pages on the HTTP port (:mod:`tailnet.dashboard`: ``/``,
+   ``/login``, ``/dashboard``, ``/metrics``, ``/debug/``) and the health checks
+   (with a ``database`` section for a PostgreSQL coordinator and a live
+   ``coordinator`` section).
+
+Every startup failure raises :class:`StartupError` with one line naming what
+failed (address and port, file, PostgreSQL URL without its password); the
+PostgreSQL connection is bounded by ``postgres_connect_timeout``.
 
 Credentials: the stack's token file always authenticates (so the admin token
 works for every endpoint); an embedder's ``authenticator`` is consulted first.
@@ -44,7 +52,9 @@ in-memory provider (persisted with their token), so users can tunnel to them.
 
 :meth:`stop` is the reverse: DERP-map streams and Coordinate streams end
 (peers see LOST "coordinator close"), WebSockets close with 1001, then the
-gRPC, DERP and STUN listeners stop. Works on any asyncio loop; the CLI uses uvloop.
+gRPC, DERP and STUN listeners stop, all within ``grace`` seconds (a PostgreSQL
+coordinator that cannot flush during an outage drops its pending writes and says
+how many). Works on any asyncio loop; the CLI uses uvloop.
 """
 
 from __future__ import annotations
@@ -76,7 +86,8 @@ from tailnet.derpmap import (
     embedded_region,
     new_derp_map,
 )
-from tailnet.health import HealthChecker
+from tailnet.dashboard import OperatorPages
+from tailnet.health import HealthChecker, coordinator_section
 from tailnet.loopmon import LoopMonitor
 from tailnet.http import ApiOptions, HttpApiServer, TailnetApi
 from tailnet.identity import Authenticator, Principal, SessionRegistry, StaticTokenAuthenticator
@@ -88,6 +99,8 @@ from tailnet.v2 import tailnet_pb2 as pb
 from tailnet.workspaces import InMemoryWorkspaceProvider, WorkspaceProvider
 
 __all__ = [
+    "StartupError",
+    "redact_dsn",
     "TailnetStack",
     "TokenStore",
     "TokenRecord",
@@ -106,6 +119,42 @@ TOKENS_FILE = "tokens.json"
 
 #: Stable principal ID of the stack's admin.
 ADMIN_ID = uuid.UUID(int=1)
+
+
+class StartupError(Exception):
+    """:meth:`TailnetStack.start` failed; ``str()`` is one line naming what failed
+    (which address and port, which file, which database URL)."""
+
+
+def redact_dsn(dsn: str) -> str:
+    """``dsn`` with any password replaced by ``***`` (safe to print and log)."""
+    try:
+        split = urllib.parse.urlsplit(dsn)
+    except ValueError:
+        return "<unparsable PostgreSQL URL>"
+    if split.password is None and "password=" not in split.query:
+        return dsn
+    if "password=" in split.query:
+        query = "&".join(
+            "password=***" if part.startswith("password=") else part
+            for part in split.query.split("&")
+        )
+        split = split._replace(query=query)
+    if split.password is not None:
+        netloc = split.netloc.rsplit("@", 1)[1]
+        split = split._replace(netloc=f"{split.username or ''}:***@{netloc}")
+    return urllib.parse.urlunsplit(split)
+
+
+def _os_reason(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    text = str(exc)
+    return text or type(exc).__name__
+
+
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host or '0.0.0.0'}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,9 +226,12 @@ class TailnetStack:
         self.service: TailnetService | None = None
         self._probe_mesh_key: bytes | None = None
         self.health: HealthChecker | None = None
+        self.pages: OperatorPages | None = None
         self._derp_maps: DERPMapSource | None = None
         self._poll_task: asyncio.Task[None] | None = None
         self._pg: Any = None  # tailnet.pg.PgCoordinator when postgres_url is set
+        #: the PostgreSQL coordinator in use (ours or an embedder's): health's database check
+        self._db: Any = None
         self._started = False
         self._access_url = ""
         self.loop_monitor = LoopMonitor()
@@ -303,9 +355,28 @@ class TailnetStack:
 
     def prepare_data_dir(self, *, create_admin: bool = True) -> tuple[PrivateKey, ResumeKeyStore]:
         """Create/load the data dir: DERP key, resume keys, tokens (+ an admin token
-        if there is none and ``create_admin``: its plaintext is :attr:`new_admin_token`)."""
+        if there is none and ``create_admin``: its plaintext is :attr:`new_admin_token`).
+
+        Raises :class:`StartupError` naming the directory or file that failed.
+        """
+        d = self.config.data_dir
+        try:
+            return self._prepare_data_dir(create_admin)
+        except StartupError:
+            raise
+        except (OSError, ValueError) as exc:
+            where = f"data dir {d}" if d is not None else "in-memory state"
+            if isinstance(exc, OSError) and exc.filename:
+                where = f"data dir file {exc.filename}"
+                if d is not None and Path(str(exc.filename)) == d:
+                    where = f"data dir {d}"
+            raise StartupError(f"{where}: {_os_reason(exc)}") from None
+
+    def _prepare_data_dir(self, create_admin: bool) -> tuple[PrivateKey, ResumeKeyStore]:
         d = self.config.data_dir
         if d is not None:
+            if d.exists() and not d.is_dir():
+                raise StartupError(f"data dir {d}: exists but is not a directory")
             d.mkdir(parents=True, exist_ok=True, mode=0o700)
         key_path = self._data_path(DERP_KEY_FILE)
         key = load_or_create_server_key(key_path) if key_path else PrivateKey.generate()
@@ -340,9 +411,17 @@ class TailnetStack:
         )
         m = new_derp_map(region)
         if cfg.derp_config_path:
-            extra = derp_map_from_json(
-                json.loads(Path(cfg.derp_config_path).read_text(encoding="utf-8"))
-            )
+            path = cfg.derp_config_path
+            try:
+                doc = json.loads(Path(path).read_text(encoding="utf-8"))
+            except OSError as exc:
+                raise ValueError(f"derp_config_path {path}: cannot read: {_os_reason(exc)}") from None
+            except ValueError as exc:
+                raise ValueError(f"derp_config_path {path}: not valid JSON: {exc}") from None
+            try:
+                extra = derp_map_from_json(doc)
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"derp_config_path {path}: not a DERP map: {exc}") from None
             for rid, r in extra.regions.items():
                 if rid in m.regions:
                     raise ValueError(
@@ -409,15 +488,37 @@ class TailnetStack:
         key, resume_keys = self.prepare_data_dir()
         self.loop_monitor.start()
         if cfg.postgres_url and self._coordinator is None:
-            from tailnet.pg import create_pg_coordinator
-
-            self._pg = await create_pg_coordinator(cfg.postgres_url, limits=cfg.limits)
+            self._pg = await self._connect_postgres()
             self._coordinator = self._pg
+        if self._coordinator is not None and hasattr(self._coordinator, "ping"):
+            self._db = self._coordinator
         try:
             await self._start_listeners(key, resume_keys)
         except BaseException:
-            await self.stop()
+            await self.stop(grace=1.0)
             raise
+
+    async def _connect_postgres(self) -> Any:
+        from tailnet.pg import create_pg_coordinator
+
+        cfg = self.config
+        where = redact_dsn(cfg.postgres_url)
+        limit = cfg.postgres_connect_timeout
+        try:
+            return await asyncio.wait_for(
+                create_pg_coordinator(cfg.postgres_url, limits=cfg.limits),
+                limit,
+            )
+        except TimeoutError:
+            raise StartupError(
+                f"PostgreSQL at {where}: no answer within {limit:g}s (postgres_connect_timeout)"
+            ) from None
+        except (OSError, ValueError) as exc:
+            raise StartupError(f"PostgreSQL at {where}: {_os_reason(exc)}") from None
+        except Exception as exc:  # asyncpg errors (auth, missing database, ...)
+            raise StartupError(
+                f"PostgreSQL at {where}: {type(exc).__name__}: {_os_reason(exc)}"
+            ) from None
 
     async def _start_listeners(self, key: PrivateKey, resume_keys: ResumeKeyStore) -> None:
         cfg = self.config
@@ -438,8 +539,15 @@ class TailnetStack:
         await self.derp_server.start(listen=False)
         if cfg.stun_addr is not None:
             stun_host, stun_port = parse_addr(cfg.stun_addr)
-            self.stun_server = StunServer()
-            await self.stun_server.start(stun_host, stun_port)
+            self.stun_server = StunServer(stats=self.derp_server.metrics.stun)
+            try:
+                await self.stun_server.start(stun_host, stun_port)
+            except OSError as exc:
+                self.stun_server = None
+                raise StartupError(
+                    f"cannot listen on STUN address {_where(stun_host, stun_port)} (UDP, "
+                    f"stun_addr): {_os_reason(exc)}; pick another port or 'off'"
+                ) from None
 
         limits = cfg.limits
         coordinator = (
@@ -457,13 +565,23 @@ class TailnetStack:
             self._token_watch = asyncio.get_running_loop().create_task(self._watch_tokens())
         # The map needs the bound HTTP port: bind first with a placeholder app.
         self.http = HttpApiServer(_Unready(), derp=self.derp_server)
-        await self.http.start(http_host, http_port)
+        try:
+            await self.http.start(http_host, http_port)
+        except OSError as exc:
+            self.http = None
+            raise StartupError(
+                f"cannot listen on HTTP address {_where(http_host, http_port)} (TCP, "
+                f"http_addr): {_os_reason(exc)}"
+            ) from None
         self._access_url = (cfg.access_url or f"http://{_url_host(http_host)}:{self.http.port}").rstrip("/")
 
         if self._custom_derp_maps is not None:
             self._derp_maps = self._custom_derp_maps
         else:
-            src = StaticDERPMapSource(self._default_derp_map())
+            try:
+                src = StaticDERPMapSource(self._default_derp_map())
+            except ValueError as exc:
+                raise StartupError(str(exc)) from None
             self._derp_maps = src
             if cfg.derp_config_path:
                 self._poll_task = asyncio.get_running_loop().create_task(
@@ -489,6 +607,15 @@ class TailnetStack:
                 {cfg.derp_region_id: self._probe_mesh_key} if self._probe_mesh_key else None
             ),
             websocket=cfg.derp_force_websockets,
+            database_ping=self._db.ping if self._db is not None else None,
+            coordinator=self._coordinator_section,
+        )
+        self.pages = OperatorPages(
+            self.service,
+            derp_server=self.derp_server,
+            health=self.health,
+            access_url=self._access_url,
+            debug_allow=cfg.debug_networks,
         )
         self.api = TailnetApi(
             self.service,
@@ -503,12 +630,20 @@ class TailnetStack:
                 max_rpc_streams=limits.max_streams_per_session,
             ),
             sessions=self.sessions,
+            pages=self.pages,
         )
         self.http.app = self.api
         if cfg.grpc_addr is not None:
             grpc_host, grpc_port = parse_addr(cfg.grpc_addr)
             self.grpc = TailnetGrpcServer(self.service, sessions=self.sessions)
-            await self.grpc.start(grpc_host or "0.0.0.0", grpc_port)
+            try:
+                await self.grpc.start(grpc_host or "0.0.0.0", grpc_port)
+            except (OSError, RuntimeError) as exc:
+                self.grpc = None
+                raise StartupError(
+                    f"cannot listen on gRPC address {_where(grpc_host, grpc_port)} (TCP, "
+                    f"grpc_addr): {_os_reason(exc)}"
+                ) from None
         log.info(
             "tailnet: API %s, gRPC %s, DERP %s, STUN %s",
             self._access_url,
@@ -517,8 +652,44 @@ class TailnetStack:
             self.stun_port if self.stun_port is not None else "off",
         )
 
+    def _coordinator_section(self) -> dict[str, Any]:
+        """The health report's live ``coordinator`` section."""
+        coord = self.service.coordinator if self.service is not None else None
+        if coord is None:
+            return coordinator_section(accepting=False, backend="none", peers=0,
+                                       error="the stack is not running")
+        healthy = bool(getattr(coord, "healthy", True))
+        closed = coord.closed
+        error = None
+        if closed:
+            error = "the coordinator is closed (shutting down)"
+        elif not healthy:
+            error = (
+                "coordinator unhealthy: this replica cannot write its heartbeat to "
+                "PostgreSQL and refuses every Coordinate"
+            )
+        stats = coord.stats() if hasattr(coord, "stats") else None
+        extra: dict[str, Any] = {}
+        if self._db is not None:
+            extra["replica"] = str(self._db.id)
+            extra["heartbeat_failures"] = self._db.heartbeat_failures
+        return coordinator_section(
+            accepting=healthy and not closed,
+            backend="postgres" if self._db is not None else "in-memory",
+            peers=stats.peers if stats is not None else len(coord.peers()),
+            error=error,
+            **extra,
+        )
+
     async def stop(self, grace: float = 5.0) -> None:
-        """Graceful shutdown (see module doc). Idempotent."""
+        """Graceful shutdown (see module doc), bounded by ``grace`` seconds overall.
+        Idempotent."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+
+        def left() -> float:
+            return max(0.1, deadline - loop.time())
+
         self.loop_monitor.stop()
         if self._token_watch is not None:
             self._token_watch.cancel()
@@ -535,17 +706,17 @@ class TailnetStack:
         if self.service is not None:
             self.service.close()
         if self.http is not None:
-            await self.http.stop(grace)
+            await self.http.stop(left() / 2)
             self.http = None
         if self._pg is not None:
             pg, self._pg = self._pg, None
-            await pg.stop()
+            await pg.stop(timeout=left() / 2)
         if self.grpc is not None:
-            await self.grpc.stop(min(grace, 1.0))
+            await self.grpc.stop(min(left() / 2, 1.0))
             self.grpc = None
         if self.derp_server is not None:
             # Clients get a Restarting frame first (reconnect soon), as derper --restart-* does.
-            await self.derp_server.stop(grace, restarting=True)
+            await self.derp_server.stop(left(), restarting=True)
             self.derp_server = None
         if self.stun_server is not None:
             await self.stun_server.stop()

@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..admission import Admission, AdmissionGate
+from ..dashboard import RelayDashboard, SseStart
 from ..frames import encode_restarting, encode_server_key
 from ..keys import PrivateKey, PublicKey
 from ..mesh import Mesh, MeshPeer
@@ -224,6 +225,7 @@ class DerpServer:
         self._upgrade_response = derp_upgrade_response(config.private_key.public)
         self._mesh: Mesh | None = None
         self._metrics: DerpMetrics | None = None
+        self._dashboard: RelayDashboard | None = None
         self._debug_access = DebugAccess(config.debug_allow)
         self._gate = AcceptGate(
             self,
@@ -294,6 +296,19 @@ class DerpServer:
     def debug_response(self, path: str, remote_addr: object) -> tuple[int, bytes, str]:
         """HTTP front-door hook for ``/debug/*`` and ``/metrics`` (derp.metrics)."""
         return self._debug_access.respond(self.metrics, path, remote_addr)
+
+    @property
+    def dashboard(self) -> RelayDashboard:
+        """The relay-only live dashboard (:mod:`derp.dashboard`), created on first use."""
+        if self._dashboard is None:
+            self._dashboard = RelayDashboard(self, self._debug_access)
+        return self._dashboard
+
+    def dashboard_response(
+        self, path: str, remote_addr: object
+    ) -> tuple[int, bytes, str, list[tuple[str, str]]] | SseStart:
+        """HTTP front-door hook for ``/dashboard…`` (same access rule as ``/debug/``)."""
+        return self.dashboard.respond(path, remote_addr)
 
     def _context(self) -> ConnContext:
         if self._ctx is None:
@@ -382,6 +397,8 @@ class DerpServer:
         (:meth:`announce_restart`), written before its connection is closed.
         """
         self._gate.close()
+        if self._dashboard is not None:
+            self._dashboard.feed.close()
         if restarting:
             self.announce_restart()
         if self._sweep is not None:

@@ -18,6 +18,9 @@ Every accepted TCP connection starts here. The request head is parsed with
 ``/metrics``,              the server's ``debug_response(path, remote_addr)`` hook
 ``/debug/*``               (Prometheus text, loopback/allow-listed clients only); 404
                            if the acceptor has none
+``/dashboard``,            the server's ``dashboard_response(path, remote_addr)`` hook
+``/dashboard/*``           (:mod:`derp.dashboard`): a page, or a server-sent event
+                           stream that keeps the connection until the client leaves
 anything else              404
 =========================  ==============================================================
 
@@ -40,6 +43,7 @@ import asyncio
 import html
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -63,6 +67,8 @@ log = logging.getLogger("derp.server")
 GENERATE_204_CACHE_CONTROL = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
 _CHALLENGE_RE = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 _SERVER_HEADER = ("Server", "tailnet-core-derp")
+#: an event-stream reader with more than this much unsent is dropped
+_STREAM_BACKLOG = 1 << 20
 
 
 class DerpAcceptor(Protocol):
@@ -197,7 +203,7 @@ def _home_page(server: DerpAcceptor) -> str:
 class HttpConnection(asyncio.Protocol):
     """Serves HTTP on one accepted connection until it is upgraded or closed."""
 
-    __slots__ = ("_server", "_h11", "_transport", "_timer", "_upgraded", "remote_addr")
+    __slots__ = ("_server", "_h11", "_transport", "_timer", "_upgraded", "remote_addr", "_detach")
 
     def __init__(self, server: DerpAcceptor) -> None:
         self._server = server
@@ -206,6 +212,8 @@ class HttpConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._upgraded = False
         self.remote_addr: object = None
+        #: set while this connection streams dashboard events (derp.dashboard)
+        self._detach: Callable[[], None] | None = None
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -219,12 +227,15 @@ class HttpConnection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
+        self._end_stream()
         if not self._upgraded:
             self._server._http_closed(self, False)
 
     def data_received(self, data: bytes) -> None:
         if self._upgraded:  # pragma: no cover - protocol is swapped before more data
             return
+        if self._detach is not None:
+            return  # an event stream: the client has nothing more to say
         try:
             self._h11.receive_data(data)
             self._process()
@@ -328,6 +339,13 @@ class HttpConnection(asyncio.Protocol):
 
     def _route(self, req: h11.Request) -> bool:
         """Answer ``req``; return True if the transport was handed over."""
+        path = req.target.decode("latin-1").split("?", 1)[0]
+        if path == "/dashboard" or path.startswith("/dashboard/"):
+            stats = getattr(self._server, "stats", None)
+            if stats is not None:
+                stats.http_requests += 1
+            self._dashboard(path, req.method.upper() == b"HEAD")
+            return False
         answer = front_door_response(self._server, req, self.remote_addr)
         if answer is None:  # a DERP upgrade of /derp
             stats = getattr(self._server, "stats", None)
@@ -364,6 +382,51 @@ class HttpConnection(asyncio.Protocol):
             self.remote_addr,
             getattr(self._server, "stats", None),
         )
+
+    def _dashboard(self, path: str, head: bool) -> None:
+        """``/dashboard…`` via the server's ``dashboard_response`` hook (derp.dashboard)."""
+        hook = getattr(self._server, "dashboard_response", None)
+        if hook is None:
+            self._respond(404, "404 page not found\n", head=head)
+            return
+        answer = hook(path, self.remote_addr)
+        if isinstance(answer, tuple):
+            status, body, ctype, extra = answer
+            self._respond(status, body, head=head, content_type=ctype, extra=extra)
+            return
+        # A server-sent event stream: chunked body, no handshake deadline, kept
+        # until the client goes away or falls behind (then the connection closes).
+        self._cancel_timer()
+        self._send(
+            h11.Response(
+                status_code=200,
+                headers=[
+                    _SERVER_HEADER,
+                    ("Content-Type", "text/event-stream; charset=utf-8"),
+                    ("Cache-Control", "no-store"),
+                    ("X-Accel-Buffering", "no"),
+                ],
+            )
+        )
+        if head:
+            self._send(h11.EndOfMessage())
+            return
+        self._detach = answer.attach(self._stream_write)
+
+    def _stream_write(self, chunk: bytes) -> bool:
+        t = self._transport
+        if t is None or t.is_closing():
+            return False
+        if not chunk or t.get_write_buffer_size() > _STREAM_BACKLOG:
+            t.close()  # feed closed, or a reader that stopped reading
+            return False
+        self._send(h11.Data(data=chunk))
+        return True
+
+    def _end_stream(self) -> None:
+        detach, self._detach = self._detach, None
+        if detach is not None:
+            detach()
 
     def _take_over(self, *, fast_start: bool) -> None:
         transport = self._transport

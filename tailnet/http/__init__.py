@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from .api import AgentLookup, ApiOptions, TailnetApi
 from .errors import HttpError, Validation
-from .server import HttpApiServer, Response, Upgrade
+from .server import HttpApiServer, Response, Stream, Upgrade
 
 __all__ = [
     "AgentLookup",
@@ -24,5 +24,6 @@ __all__ = [
     "Validation",
     "HttpApiServer",
     "Response",
+    "Stream",
     "Upgrade",
 ]

@@ -59,10 +59,11 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from tailnet.auth import ClientPolicy
 from tailnet.derpmap import DERPMapSource, derp_map_to_json, derp_maps_equal, with_home_params
+from tailnet.errors import CoordinatorClosed
 from tailnet.health import HealthChecker
 from tailnet.loopmon import LoopMonitor
 from tailnet.identity import (
@@ -81,15 +82,23 @@ from tailnet.version import AGENT_API_VERSION, format_version
 
 from .errors import HttpError, Validation
 from .request import Request, extract_token
-from .server import Response, Upgrade
+from .server import Response, Stream, Upgrade
 from .websocket import CLOSE_GOING_AWAY, ServerWebSocket
 
-__all__ = ["ApiOptions", "TailnetApi", "AgentLookup"]
+__all__ = ["ApiOptions", "TailnetApi", "AgentLookup", "Pages"]
 
 log = logging.getLogger(__name__)
 
 #: ``(principal, agent_id) -> may this principal reach this (existing) agent?``
 AgentLookup = Callable[[Principal, uuid.UUID], Awaitable[bool]]
+
+
+class Pages(Protocol):
+    """Extra (non-API) routes consulted before the API's; ``None`` = not mine."""
+
+    async def handle(self, req: Request) -> Response | Stream | None: ...
+
+    def close(self) -> None: ...
 
 _AGENTS: Final = "/api/v2/workspaceagents/"
 #: Informational headers on the 101 of RPC endpoints.
@@ -129,6 +138,7 @@ class TailnetApi:
         options: ApiOptions | None = None,
         loop_monitor: LoopMonitor | None = None,
         sessions: SessionRegistry | None = None,
+        pages: Pages | None = None,
     ) -> None:
         self.service = service
         self.derp_maps = derp_maps
@@ -137,6 +147,9 @@ class TailnetApi:
         self.loop_monitor = loop_monitor
         self.options = options or ApiOptions()
         self.sessions = sessions if sessions is not None else SessionRegistry()
+        self.pages = pages
+        """Answers non-API paths first (``tailnet.dashboard.OperatorPages``: /, /login,
+        /dashboard, /metrics …); ``None`` from it falls through to the API routes."""
         self._closing = asyncio.Event()
         self._closers: set[asyncio.Task[None]] = set()
         self.client_mux = register_tailnet(Mux(), service)
@@ -145,12 +158,14 @@ class TailnetApi:
         """Methods served on ``/api/v2/workspaceagents/me/rpc``; register more here."""
 
     def close(self) -> None:
-        """Stop DERP-map streams (called at shutdown, before the server closes sockets)."""
+        """Stop DERP-map streams and dashboard feeds (at shutdown, before sockets close)."""
         self._closing.set()
+        if self.pages is not None:
+            self.pages.close()
 
     # ------------------------------------------------------------------ routing
 
-    async def handle(self, req: Request) -> Response | Upgrade:
+    async def handle(self, req: Request) -> Response | Upgrade | Stream:
         result = await self._route(req)
         if isinstance(result, Upgrade):
             token = extract_token(req)
@@ -179,8 +194,12 @@ class TailnetApi:
 
         return run
 
-    async def _route(self, req: Request) -> Response | Upgrade:
+    async def _route(self, req: Request) -> Response | Upgrade | Stream:
         path = req.path.rstrip("/") or "/"
+        if self.pages is not None and not path.startswith("/api/"):
+            answer = await self.pages.handle(req)
+            if answer is not None:
+                return answer
         if req.method not in ("GET", "HEAD"):
             raise HttpError(405, f"Method {req.method} not allowed.")
         if path == "/healthz":
@@ -238,6 +257,7 @@ class TailnetApi:
     ) -> CallContext:
         md = self._metadata(req, rpc=rpc)
         if MD_SESSION_TOKEN not in md:
+            log.info("auth failed: %s from %s: no credentials", req.path, _remote_text(req.remote))
             raise HttpError(
                 401,
                 "You must be authenticated to use this endpoint.",
@@ -247,6 +267,7 @@ class TailnetApi:
         try:
             return await self.service.authenticate(md, server_version=server_version)
         except ServiceError as exc:
+            log.info("auth failed: %s from %s: %s", req.path, _remote_text(req.remote), exc.message)
             if exc.status is Status.UNAUTHENTICATED:
                 raise HttpError(401, "Invalid or unknown session token.") from None
             if exc.status in (Status.INVALID_ARGUMENT, Status.FAILED_PRECONDITION):
@@ -279,6 +300,9 @@ class TailnetApi:
         try:
             return await self.service.resolve_stream(call)
         except ServiceError as exc:
+            log.info(
+                "rpc refused: %s %s: %s", call.principal.kind, call.principal.id, exc.message
+            )
             if exc.status is Status.UNAUTHENTICATED:
                 raise HttpError(
                     401,
@@ -293,8 +317,28 @@ class TailnetApi:
             raise HttpError(503, exc.message) from None
 
     def _rpc_upgrade(
-        self, call: CallContext, ident: StreamIdentity, *, agent_api: bool = False
+        self, req: Request, call: CallContext, ident: StreamIdentity, *, agent_api: bool = False
     ) -> Upgrade:
+        coord = self.service.coordinator
+        if coord.closed or not getattr(coord, "healthy", True):
+            # Refuse before upgrading, so clients see a refusal with a status (503),
+            # never a session that then fails.
+            log.info("rpc refused: %s from %s: coordinator not accepting peers",
+                     req.path, _remote_text(req.remote))
+            raise HttpError(
+                503, str(CoordinatorClosed()) if coord.closed else "coordinator unhealthy",
+                "The coordinator is not accepting peers right now (shutting down, or its "
+                "database is unreachable).",
+            )
+        n = self.service.principal_streams(call.principal)
+        cap = self.service.limits.max_peers_per_principal
+        if n >= cap:
+            log.info("rpc refused: %s from %s: %s %s has %d streams (max_peers_per_principal)",
+                     req.path, _remote_text(req.remote), call.principal.kind, call.principal.id, n)
+            raise HttpError(
+                429, "Too many concurrent Coordinate streams.",
+                f"{n} open, at most {cap} allowed for this principal (max_peers_per_principal).",
+            )
         headers = [
             (HEADER_VERSION, format_version(call.version)),
             (HEADER_PEER_ID, str(ident.peer_id)),
@@ -302,17 +346,27 @@ class TailnetApi:
         conns: dict[ServerWebSocket, RpcServerConnection] = {}
         mux = self.agent_mux if agent_api else self.client_mux
         context = TailnetContext(call, ident, agent_api)
-        name = f"{ident.name} {ident.peer_id}"
+        p = call.principal
+        # Everything an operator needs to find this connection; never the token.
+        name = (
+            f"{req.path} {p.kind} {p.id} ({p.name or ident.name}) peer {ident.peer_id}"
+            f"{' resumed' if ident.resumed else ''} from {_remote_text(req.remote)}"
+        )
 
         async def run(ws: ServerWebSocket) -> None:
             conn = RpcServerConnection(
                 ws, mux, context, max_streams=self.options.max_rpc_streams, name=name
             )
             conns[ws] = conn
+            started = time.monotonic()
+            log.info("rpc connection open: %s version %s", name, format_version(call.version))
             try:
                 await conn.run()
             finally:
                 conns.pop(ws, None)
+                log.info(
+                    "rpc connection closed: %s after %.1fs", name, time.monotonic() - started
+                )
 
         async def shutdown(ws: ServerWebSocket) -> None:
             conn = conns.get(ws)
@@ -340,7 +394,7 @@ class TailnetApi:
         ident = await self._resolve(call)
         if not isinstance(ident.policy, ClientPolicy):
             ident = dataclasses.replace(ident, name="client", policy=ClientPolicy(agent_id))
-        return self._rpc_upgrade(call, ident)
+        return self._rpc_upgrade(req, call, ident)
 
     async def _tailnet(self, req: Request) -> Upgrade:
         call = await self._call(req, rpc=True)
@@ -350,14 +404,14 @@ class TailnetApi:
                 "Agents coordinate on /api/v2/workspaceagents/me/rpc.",
             )
         ident = await self._resolve(call)
-        return self._rpc_upgrade(call, ident)
+        return self._rpc_upgrade(req, call, ident)
 
     async def _agent_rpc(self, req: Request) -> Upgrade:
         call = await self._call(req, rpc=True, server_version=AGENT_API_VERSION)
         if call.principal.kind != "agent":
             raise HttpError(403, "This endpoint requires a workspace agent token.")
         ident = await self._resolve(call)
-        return self._rpc_upgrade(call, ident, agent_api=True)
+        return self._rpc_upgrade(req, call, ident, agent_api=True)
 
     # ------------------------------------------------------------------ DERP map
 
@@ -477,33 +531,49 @@ class TailnetApi:
                     "tunnels": [{"src": str(s), "dst": str(d)} for s, d in tunnels],
                 },
             )
+        names = {p.id: p.name for p in peers}
         rows = "".join(
-            f"<tr><td>{html.escape(p.name)}</td><td><code>{p.id}</code></td>"
+            f"<tr><td>{html.escape(p.name)}</td><td class=mono>{p.id}</td>"
+            f"<td class=mono>{html.escape(_node_key_text(p.node))}</td>"
+            f"<td>{p.node.preferred_derp if p.node is not None else ''}</td>"
+            f"<td class=mono>{html.escape(', '.join(p.node.addresses) if p.node else '')}</td>"
             f"<td>{now - p.created:.0f}s ago</td><td>{now - p.last_write:.0f}s ago</td>"
-            f"<td>{p.overwrites}</td><td><code>{html.escape(_node_text(p.node))}</code></td></tr>"
+            f"<td>{p.overwrites}</td></tr>"
             for p in peers
         )
-        trows = "".join(f"<tr><td><code>{s}</code></td><td><code>{d}</code></td></tr>" for s, d in tunnels)
+        trows = "".join(
+            f"<tr><td>{html.escape(names.get(s, '?'))} <span class=mono>{s}</span></td>"
+            f"<td>{html.escape(names.get(d, '(offline)'))} <span class=mono>{d}</span></td></tr>"
+            for s, d in tunnels
+        )
         page = (
-            "<!DOCTYPE html>\n<html><head><title>coordinator</title></head><body>\n"
-            f"<h2 id=peers>peers: total {len(peers)}</h2>\n"
-            "<table><tr><th>Name</th><th>ID</th><th>Created</th><th>Last write</th>"
-            f"<th>Overwrites</th><th>Node</th></tr>{rows}</table>\n"
-            f"<h2 id=tunnels>tunnels: total {len(tunnels)}</h2>\n"
-            f"<table><tr><th>Source</th><th>Destination</th></tr>{trows}</table>\n"
-            "</body></html>\n"
+            "<!DOCTYPE html>\n<html><head><meta charset=utf-8><title>coordinator</title>"
+            '<link rel="stylesheet" href="/dashboard/static/dashboard.css"></head><body><main>\n'
+            '<p><a href="/dashboard">live dashboard</a> · <a href="?">refresh</a></p>\n'
+            f"<section class=panel><h2 id=peers>peers: total {len(peers)}</h2>\n"
+            "<table><tr><th>Name</th><th>ID</th><th>Node key</th><th>Home region</th>"
+            "<th>Addresses</th><th>Created</th><th>Last write</th><th>Overwrites</th></tr>"
+            f"{rows}</table></section>\n"
+            f"<section class=panel><h2 id=tunnels>tunnels: total {len(tunnels)}</h2>\n"
+            f"<table><tr><th>Source</th><th>Destination</th></tr>{trows}</table></section>\n"
+            "</main></body></html>\n"
         )
         return Response(200, page.encode("utf-8"), "text/html; charset=utf-8")
 
 
-def _node_text(node: object) -> str:
-    if node is None:
-        return "(no node)"
-    from google.protobuf.json_format import MessageToJson
-    from google.protobuf.message import Message
+def _remote_text(remote: object) -> str:
+    if isinstance(remote, tuple) and len(remote) >= 2:
+        host = str(remote[0])
+        return f"[{host}]:{remote[1]}" if ":" in host else f"{host}:{remote[1]}"
+    return "?" if remote is None else str(remote)
 
-    assert isinstance(node, Message)
-    return MessageToJson(node, indent=None)
+
+def _node_key_text(node: object) -> str:
+    """A node's WireGuard key as ``nodekey:<hex>`` (Coder sends ``np`` + 32 bytes)."""
+    key = getattr(node, "key", b"")
+    if isinstance(key, bytes) and len(key) == 34 and key.startswith(b"np"):
+        key = key[2:]
+    return "nodekey:" + key.hex() if isinstance(key, bytes) and len(key) == 32 else ""
 
 
 def _parse_agent_id(text: str) -> uuid.UUID:

@@ -20,7 +20,7 @@ SESSION_COOKIE = "coder_session_token"
 
 @dataclass(slots=True)
 class Request:
-    """A parsed HTTP request head (bodies are not used by this API)."""
+    """A parsed HTTP request (only the login form has a body)."""
 
     method: str
     target: str
@@ -29,6 +29,8 @@ class Request:
     headers: dict[str, str]  # lower-case names; repeated headers joined with ", "
     cookies: dict[str, str] = field(default_factory=dict)
     remote: object = None
+    body: bytes = b""
+    """The request body (at most :data:`tailnet.http.server.MAX_BODY` bytes)."""
 
     def header(self, name: str) -> str:
         return self.headers.get(name.lower(), "")
@@ -41,7 +43,7 @@ class Request:
         return "application/json" in self.header("accept").lower()
 
 
-def request_from_h11(ev: h11.Request, remote: object = None) -> Request:
+def request_from_h11(ev: h11.Request, remote: object = None, body: bytes = b"") -> Request:
     """Build a :class:`Request` from an h11 event (query: first value wins)."""
     target = ev.target.decode("latin-1")
     split = urllib.parse.urlsplit(target)
@@ -66,7 +68,9 @@ def request_from_h11(ev: h11.Request, remote: object = None) -> Request:
         for k, morsel in jar.items():
             cookies.setdefault(k, morsel.value)
     path = urllib.parse.unquote(split.path) or "/"
-    return Request(ev.method.decode("latin-1").upper(), target, path, query, headers, cookies, remote)
+    return Request(
+        ev.method.decode("latin-1").upper(), target, path, query, headers, cookies, remote, body
+    )
 
 
 def extract_token(req: Request) -> str | None:

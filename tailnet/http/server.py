@@ -20,11 +20,13 @@ Connection flow::
             Response → written with h11 (keep-alive as h11 allows)
             Upgrade  → websockets handshake (ServerWebSocket.upgrade), then the
                        upgrade's handler runs until the socket closes
+            Stream   → the head, then chunks pushed by the producer (server-sent
+                       events) until it stops, the peer leaves or falls behind
             HttpError → Coder-style JSON error; other exceptions → 500 JSON
                         "Internal error" (logged, no exception text)
 
 Malformed HTTP → 400 and close (only that connection). Request heads must
-arrive within ``header_timeout``; bodies are read and ignored (≤ 1 MiB).
+arrive within ``header_timeout``; bodies are kept for the handler (≤ 1 MiB).
 
 Shutdown (:meth:`HttpApiServer.stop`): stop accepting, close idle HTTP
 connections, run every live upgrade's ``on_shutdown`` (WebSockets: close 1001)
@@ -50,7 +52,7 @@ from .errors import HttpError, error_body
 from .request import Request, request_from_h11
 from .websocket import CLOSE_GOING_AWAY, ServerWebSocket
 
-__all__ = ["Response", "Upgrade", "App", "HttpApiServer", "is_derp_path", "MAX_BODY"]
+__all__ = ["Response", "Upgrade", "Stream", "App", "HttpApiServer", "is_derp_path", "MAX_BODY"]
 
 log = logging.getLogger(__name__)
 
@@ -83,8 +85,29 @@ class Upgrade:
     on_shutdown: Callable[[ServerWebSocket], Awaitable[None]] | None = None
 
 
+@dataclass(slots=True)
+class Stream:
+    """Answer with a streamed (chunked) body, e.g. server-sent events.
+
+    After the head is written the server calls ``attach(write)`` and keeps the
+    connection until ``write`` returns ``False``: the producer passed ``b""``
+    (end), the peer went away, or more than :data:`STREAM_BACKLOG` bytes are
+    waiting to be sent (a reader that stopped reading). ``attach`` returns the
+    function that detaches the producer; it is called exactly once, when the
+    stream ends for any reason. The connection is closed afterwards.
+    """
+
+    attach: Callable[[Callable[[bytes], bool]], Callable[[], None]]
+    content_type: str = "text/event-stream; charset=utf-8"
+    headers: list[tuple[str, str]] = field(default_factory=list)
+
+
+#: unsent bytes above which a streamed response's reader is dropped
+STREAM_BACKLOG = 1 << 20
+
+
 class App(Protocol):
-    async def handle(self, req: Request) -> Response | Upgrade: ...
+    async def handle(self, req: Request) -> Response | Upgrade | Stream: ...
 
 
 class _ApiConnection(asyncio.Protocol):
@@ -93,7 +116,7 @@ class _ApiConnection(asyncio.Protocol):
         self._h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=16 * 1024)
         self._transport: asyncio.Transport | None = None
         self._req: h11.Request | None = None
-        self._body = 0
+        self._body = bytearray()
         self._task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._handed_off = False
@@ -216,11 +239,11 @@ class _ApiConnection(asyncio.Protocol):
                     self._transport.close()
                 return
             if isinstance(event, h11.Request):
-                self._req, self._body = event, 0
+                self._req, self._body = event, bytearray()
                 continue
             if isinstance(event, h11.Data):
-                self._body += len(event.data)
-                if self._body > MAX_BODY:
+                self._body += event.data
+                if len(self._body) > MAX_BODY:
                     self._write(Response(413, error_body("Request body too large.")), close=True)
                     if self._transport is not None:
                         self._transport.close()
@@ -245,7 +268,8 @@ class _ApiConnection(asyncio.Protocol):
                     continue  # keep-alive: the next request is routed afresh
                 assert self._transport is not None
                 self._transport.pause_reading()
-                self._task = asyncio.get_running_loop().create_task(self._handle(req))
+                body, self._body = bytes(self._body), bytearray()
+                self._task = asyncio.get_running_loop().create_task(self._handle(req, body))
                 return
 
     def _hand_to_derp(self, req: h11.Request) -> None:
@@ -267,8 +291,8 @@ class _ApiConnection(asyncio.Protocol):
         front.connection_made(transport)
         front.data_received(head + trailing)
 
-    async def _handle(self, ev: h11.Request) -> None:
-        req = request_from_h11(ev, self.remote)
+    async def _handle(self, ev: h11.Request, body: bytes = b"") -> None:
+        req = request_from_h11(ev, self.remote, body)
         head = req.method == "HEAD"
         try:
             try:
@@ -280,6 +304,11 @@ class _ApiConnection(asyncio.Protocol):
             except Exception:
                 log.exception("http: %s %s failed", req.method, req.path)
                 result = Response(500, error_body("Internal error."))
+            if isinstance(result, Stream):
+                if not head:
+                    await self._stream(result)
+                    return
+                result = Response(200, b"", result.content_type, result.headers)
             if isinstance(result, Upgrade):
                 if not req.is_websocket:
                     result = Response(
@@ -299,6 +328,40 @@ class _ApiConnection(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self._transport.resume_reading()
             self._process()
+
+    async def _stream(self, st: Stream) -> None:
+        """Write the head of ``st``, then its chunks (see :class:`Stream`); close after."""
+        transport = self._transport
+        assert transport is not None
+        headers = [_SERVER, ("Content-Type", st.content_type), ("Cache-Control", "no-store")]
+        headers.extend(st.headers)
+        # No Content-Length: h11 frames the body with chunked encoding (HTTP/1.1).
+        transport.write(
+            self._h11.send(h11.Response(status_code=200, headers=headers, reason=b"OK")) or b""
+        )
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        conn = self._h11
+
+        def write(chunk: bytes) -> bool:
+            t = self._transport
+            if (
+                t is None
+                or t.is_closing()
+                or not chunk
+                or t.get_write_buffer_size() > STREAM_BACKLOG
+            ):
+                if not done.done():
+                    done.set_result(None)
+                return False
+            t.write(conn.send(h11.Data(data=chunk)) or b"")
+            return True
+
+        detach = st.attach(write)
+        try:
+            await done
+        finally:
+            detach()
+            transport.close()
 
     async def _upgrade(self, ev: h11.Request, up: Upgrade) -> None:
         transport = self._transport

@@ -92,6 +92,7 @@ from tailnet.core import (
 )
 from tailnet.errors import CoordinatorClosed, LimitExceeded
 from tailnet.limits import DEFAULT_LIMITS, Limits
+from tailnet.metrics import Histogram
 from tailnet.pg.mapper import (
     UNTUNNELED,
     Binding,
@@ -223,6 +224,11 @@ class PgCoordinator:
         self.write_batches = 0
         self.write_failures = 0
         self.query_batches = 0
+        #: heartbeat writes [succeeded, failed] (tailnet.metrics)
+        self.heartbeats = [0, 0]
+        #: own heartbeat statement → its NOTIFY arriving here (tailnet.metrics)
+        self.notification_lag = Histogram()
+        self._hb_started: float | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -272,17 +278,32 @@ class PgCoordinator:
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
         return asyncio.get_running_loop().create_task(coro, name=name)
 
-    async def stop(self) -> None:
-        """:meth:`close`, flush pending writes (≤ ``close_timeout``), release connections."""
+    async def stop(self, timeout: float | None = None) -> int:
+        """:meth:`close`, flush pending writes, release connections; return writes dropped.
+
+        Everything is bounded by ``timeout`` (default ``close_timeout``): during a
+        database outage the pending writes (peers marked lost, tunnel changes) are
+        dropped with a warning naming how many, and the connections are
+        terminated instead of closed politely.
+        """
         if self._stopped:
-            return
+            return 0
         self._stopped = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (self.config.close_timeout if timeout is None else timeout)
         self.close()
+        dropped = 0
         if self._started:
             try:
-                await asyncio.wait_for(self.flush(), self.config.close_timeout)
+                await asyncio.wait_for(self.flush(), max(0.0, deadline - loop.time()))
             except TimeoutError:
-                _log.warning("pg coordinator %s: pending writes dropped at stop", self.id)
+                dropped = max(0, self._enqueued - self._written)
+                _log.warning(
+                    "pg coordinator %s: database unreachable at stop; dropped %d pending "
+                    "write(s) (peer/tunnel updates not recorded; other replicas see "
+                    "this replica's peers as lost once its heartbeat expires)",
+                    self.id, dropped,
+                )
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -290,12 +311,16 @@ class PgCoordinator:
                 await t
         self._tasks.clear()
         if self._listener is not None:
-            await self._listener.stop()
+            try:
+                await asyncio.wait_for(self._listener.stop(), max(0.1, deadline - loop.time()))
+            except TimeoutError:
+                _log.warning("pg coordinator %s: LISTEN connection did not close in time", self.id)
         if self._pool is not None:
             try:
-                await asyncio.wait_for(self._pool.close(), 5.0)
+                await asyncio.wait_for(self._pool.close(), max(0.1, min(5.0, deadline - loop.time())))
             except Exception:
                 self._pool.terminate()
+        return dropped
 
     async def flush(self) -> None:
         """Wait until every op queued so far is committed."""
@@ -438,6 +463,22 @@ class PgCoordinator:
         """False while heartbeat writes keep failing (connections are refused)."""
         return not self._unhealthy
 
+    @property
+    def heartbeat_failures(self) -> int:
+        """Consecutive failed heartbeat writes (0 after a success)."""
+        return self._heartbeat_failures
+
+    async def ping(self, timeout: float) -> float:
+        """One ``SELECT 1`` round trip in seconds (the health report's database check)."""
+        start = time.monotonic()
+        async with self._pool.acquire(timeout=timeout) as conn:
+            await conn.fetchval("SELECT 1", timeout=timeout)
+        return time.monotonic() - start
+
+    def live_replicas(self) -> int:
+        """Replicas alive at the last liveness check (this one included)."""
+        return len(self._alive) if self._alive is not None else 0
+
     def is_connected(self, peer_id: uuid.UUID) -> bool:
         """True if ``peer_id`` has a live connection on THIS replica."""
         return peer_id in self._local.conns
@@ -576,6 +617,9 @@ class PgCoordinator:
                 return
             elif channel == CHAN_HEARTBEAT:
                 coord = decode_heartbeat(payload)
+                if coord == self.id and self._hb_started is not None:
+                    self.notification_lag.observe(time.monotonic() - self._hb_started)
+                    self._hb_started = None
                 if self._alive is not None and coord not in self._alive:
                     self._liveness_kick.set()
                 return
@@ -713,17 +757,21 @@ class PgCoordinator:
         last_refresh = time.monotonic()
         while True:
             await asyncio.sleep(cfg.heartbeat_interval)  # periodic timer
+            self._hb_started = time.monotonic()
             try:
                 await self._store.heartbeat(cfg.expiry)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                self._hb_started = None
+                self.heartbeats[1] += 1
                 self._heartbeat_failures += 1
                 _log.warning("pg coordinator %s: heartbeat failed (%d in a row): %r",
                              self.id, self._heartbeat_failures, exc)
                 if self._heartbeat_failures >= cfg.unhealthy_after and not self._unhealthy:
                     self._become_unhealthy()
             else:
+                self.heartbeats[0] += 1
                 self._heartbeat_failures = 0
                 if self._unhealthy:
                     self._unhealthy = False

@@ -128,7 +128,11 @@ class TailnetServicer(pb_grpc.TailnetServicer):
         self._sessions = sessions
 
     async def _call(self, context: _Ctx[Any, Any]) -> CallContext:
-        return await self._service.authenticate(metadata_dict(context.invocation_metadata()))
+        try:
+            return await self._service.authenticate(metadata_dict(context.invocation_metadata()))
+        except ServiceError as exc:
+            log.info("auth failed: grpc from %s: %s", context.peer(), exc.message)
+            raise
 
     async def _resolve(self, context: _Ctx[Any, Any]) -> StreamIdentity:
         return await self._service.resolve_stream(await self._call(context))
@@ -144,8 +148,30 @@ class TailnetServicer(pb_grpc.TailnetServicer):
         rev = _Revocation(self._sessions, context)
         try:
             ident = await self._resolve(context)  # the CallContext is not kept alive
-            await context.send_initial_metadata(((MD_PEER_ID, str(ident.peer_id)),))
-            await self._service.run_coordinate(ident, context.read, context.write, _EOF)
+            md = ((MD_PEER_ID, str(ident.peer_id)),)
+            p = ident.principal
+            # One line per stream: endpoint, principal (never the token), peer, remote.
+            name = (
+                f"grpc Coordinate {p.kind} {p.id} ({p.name or ident.name}) peer {ident.peer_id}"
+                f"{' resumed' if ident.resumed else ''} from {context.peer()}"
+            )
+
+            async def accepted() -> None:
+                # Only an accepted stream gets the peer ID: a refused one (limit,
+                # coordinator closed or unhealthy) ends with its status and no
+                # initial metadata, so clients never mistake it for a session.
+                await context.send_initial_metadata(md)
+                opened.append(True)
+                log.info("coordinate stream open: %s", name)
+
+            opened: list[bool] = []
+            try:
+                await self._service.run_coordinate(
+                    ident, context.read, context.write, _EOF, on_open=accepted
+                )
+            finally:
+                if opened:
+                    log.info("coordinate stream closed: %s", name)
         except asyncio.CancelledError:
             if not rev.ended_by_revocation(context):
                 raise

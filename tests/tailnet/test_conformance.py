@@ -113,8 +113,9 @@ async def test_case(backend: Backend, case: Callable[[Net], Awaitable[None]]) ->
 
 @pytest.mark.parametrize("kind", TRANSPORT_BACKENDS)
 async def test_transport_connect_after_close_is_refused_on_the_stream(kind: str) -> None:
-    """The transport form of ``case_connect_after_close_raises``: the server takes
-    the call, and the stream ends at once with CoordinatorClosed's text."""
+    """The transport form of ``case_connect_after_close_raises``: the server refuses
+    the stream at once (DRPC: HTTP 503 before the upgrade; gRPC: UNAVAILABLE before
+    any metadata) with CoordinatorClosed's text."""
     tb: TransportBackend = await open_transport_backend(kind)
     try:
         net = Net(tb)

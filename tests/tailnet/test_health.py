@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 
@@ -136,3 +137,36 @@ async def test_all_regions_down_is_error() -> None:
     report = await HealthChecker(src, timeout=3.0).report()
     assert report["derp"]["severity"] == "error"
     assert report["severity"] == "error" and report["healthy"] is False
+
+
+# ----------------------------------------------------------------------------- database
+
+
+async def test_database_section_ok_slow_and_unreachable() -> None:
+    from tailnet.health import check_database
+
+    async def fast(timeout: float) -> float:
+        return 0.002
+
+    async def slow(timeout: float) -> float:
+        return 0.020
+
+    async def down(timeout: float) -> float:
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    async def silent(timeout: float) -> float:
+        await asyncio.Event().wait()
+        return 0.0
+
+    ok = await check_database(fast)
+    assert ok["severity"] == "ok" and ok["healthy"] and ok["reachable"]
+    assert ok["latency"] == "2ms" and ok["latency_ms"] == 2 and ok["threshold_ms"] == 15
+    assert ok["error"] is None and ok["warnings"] == []
+    warn = await check_database(slow)
+    assert warn["severity"] == "warning" and warn["healthy"] and warn["latency_ms"] == 20
+    assert warn["warnings"][0]["code"] == "EDB02"
+    bad = await check_database(down)
+    assert bad["severity"] == "error" and not bad["healthy"] and not bad["reachable"]
+    assert "Connection refused" in bad["error"] and bad["warnings"][0]["code"] == "EDB01"
+    hung = await asyncio.wait_for(check_database(silent, timeout=0.2), 5)
+    assert hung["severity"] == "error" and "no answer within 0.2s" in hung["error"]

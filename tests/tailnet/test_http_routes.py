@@ -91,10 +91,11 @@ async def test_probe_then_api_on_one_keepalive_connection(stack: TailnetStack) -
             assert status == 200
             status, _, body = c.get("/derp")  # no upgrade: the relay's 426, still ours
             assert status == 426
-            # /metrics is an API path on this port (404 JSON), never the relay's exposition
+            # /metrics is the stack's own exposition (coordinator + relay + process),
+            # answered on this connection, which keeps serving the API afterwards
             status, headers, body = c.get("/metrics")
-            assert status == 404 and headers["content-type"] == "application/json"
-            assert b"derp_" not in body
+            assert status == 200 and headers["content-type"].startswith("text/plain")
+            assert b"tailnet_coordinator_" in body
             status, _, body = c.get("/api/v2/debug/coordinator", {**tok, "Accept": "application/json"})
             assert status == 200 and "peers" in json.loads(body)
         finally:

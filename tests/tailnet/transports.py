@@ -64,6 +64,7 @@ from tailnet.core import READY_FOR_HANDSHAKE_ERROR, PeerSink
 from tailnet.identity import MD_AUTHORIZATION, MD_PEER_ID, MD_RESUME_TOKEN, MD_VERSION
 from tailnet.rpc.mux import RpcError
 from tailnet.rpc.tailnet_client import TailnetClient
+from tailnet.rpc.websocket import DialError
 from tailnet.service import StreamIdentity, TailnetService
 from tailnet.stack import TailnetStack
 from tailnet.v2 import tailnet_pb2 as pb
@@ -210,7 +211,12 @@ class _Conn:
                     fut.set_result(None)
 
     async def op_connect(self) -> None:
-        self.stream = await self.backend.open(self.peer_id)
+        try:
+            self.stream = await self.backend.open(self.peer_id)
+        except _Refused as exc:  # the server refused the stream: it ends at once
+            self.ended.set()
+            self.sink.close(exc.message)
+            return
         self._reader = asyncio.get_running_loop().create_task(self._read(self.stream))
 
     async def op_send(self, req: pb.CoordinateRequest) -> None:
@@ -414,10 +420,13 @@ class TransportBackend:
         async with self._dials:
             if self.kind == "drpc":
                 query = urllib.parse.urlencode({"version": version, "resume_token": token})
-                client = await TailnetClient.connect(
-                    f"{self.stack.ws_url}/api/v2/tailnet?{query}", self.stack.admin_token,
-                    open_timeout=OP_TIMEOUT,
-                )
+                try:
+                    client = await TailnetClient.connect(
+                        f"{self.stack.ws_url}/api/v2/tailnet?{query}", self.stack.admin_token,
+                        open_timeout=OP_TIMEOUT,
+                    )
+                except DialError as exc:  # refused before the upgrade (503, 429)
+                    raise _Refused(exc.message) from None
                 if client.peer_id != str(peer_id):
                     await client.close()
                     raise AssertionError(f"server assigned peer {client.peer_id}, not {peer_id}")
@@ -428,7 +437,9 @@ class TransportBackend:
                 (MD_RESUME_TOKEN, token),
                 (MD_VERSION, version),
             ))
-            md = dict(await stream.call.initial_metadata())
+            md = dict(await stream.call.initial_metadata() or ())
+            if MD_PEER_ID not in md and stream.call.done():  # refused: status, no metadata
+                raise _Refused(await stream.call.details() or "refused")
             if md.get(MD_PEER_ID) != str(peer_id):
                 await stream.close()
                 raise AssertionError(f"server assigned peer {md.get(MD_PEER_ID)}, not {peer_id}")
@@ -452,6 +463,14 @@ class TransportBackend:
         for c in self.conns:
             if c.sink.close_calls > 1:
                 self.failures.append(f"{c!r}: sink closed {c.sink.close_calls} times")
+
+
+class _Refused(Exception):
+    """The server refused a Coordinate stream (its message is the refusal's text)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
 
 
 async def open_transport_backend(kind: str) -> TransportBackend:
