@@ -216,6 +216,9 @@ class PgCoordinator:
         self._resync: dict[uuid.UUID, Trigger] = {}
         self._resync_all = False
         self._work_ready = asyncio.Event()
+        self._work_seq = 0  # mapping work queued so far (see quiesce)
+        self._work_done = 0
+        self._work_progress = asyncio.Event()
         # liveness
         self._alive: set[uuid.UUID] | None = None
         self._liveness_kick = asyncio.Event()
@@ -329,6 +332,19 @@ class PgCoordinator:
             ev = self._progress
             await ev.wait()
 
+    async def quiesce(self) -> None:
+        """Wait until every op queued so far is committed and every mapping query
+        queued so far (init batches, notifications already received) has run.
+
+        For tests and benchmarks that order actions across replicas: after it, a
+        connection's "init" batch can no longer include what is written next.
+        """
+        await self.flush()
+        target = self._work_seq
+        while self._work_done < target:
+            ev = self._work_progress
+            await ev.wait()
+
     # ------------------------------------------------------------------ verbs
 
     def connect(self, peer_id: uuid.UUID, name: str, sink: PeerSink) -> None:
@@ -346,7 +362,7 @@ class PgCoordinator:
             raise RuntimeError("PgCoordinator.start() was not awaited")
         conn = self._local.add(peer_id, name, sink)
         self._resync[conn.id] = Trigger.INIT
-        self._work_ready.set()
+        self._more_work()
 
     def handle(
         self,
@@ -628,7 +644,7 @@ class PgCoordinator:
         except PayloadError as exc:
             _log.warning("undecodable notification on %s (%s); resynchronising", channel, exc)
             self._resync_all = True
-        self._work_ready.set()
+        self._more_work()
 
     def _deliver_rfh(self, to: uuid.UUID, frm: uuid.UUID) -> None:
         conn = self._local.conns.get(to)
@@ -644,6 +660,10 @@ class PgCoordinator:
 
     def _request_resync_all(self) -> None:
         self._resync_all = True
+        self._more_work()
+
+    def _more_work(self) -> None:
+        self._work_seq += 1
         self._work_ready.set()
 
     # ------------------------------------------------------------------ querier
@@ -653,6 +673,7 @@ class PgCoordinator:
         while True:
             await self._work_ready.wait()
             self._work_ready.clear()
+            target = self._work_seq
             peer_work, self._peer_work = self._peer_work, {}
             tunnel_work, self._tunnel_work = self._tunnel_work, {}
             resync, self._resync = self._resync, {}
@@ -660,6 +681,9 @@ class PgCoordinator:
             try:
                 await self._process(peer_work, tunnel_work, resync, resync_all)
                 delay = 0.05
+                self._work_done = target
+                ev, self._work_progress = self._work_progress, asyncio.Event()
+                ev.set()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -785,7 +809,7 @@ class PgCoordinator:
                 for x in dirty:
                     self._resync.setdefault(x, Trigger.RESYNC)
                 if dirty:
-                    self._work_ready.set()
+                    self._more_work()
 
     def _become_unhealthy(self) -> None:
         self._unhealthy = True

@@ -65,7 +65,7 @@ class PgBackend:
 
     async def settle(self) -> None:
         for c in self.coords:
-            await c.flush()
+            await c.quiesce()
 
 
 def _skip_reason(request: pytest.FixtureRequest, kind: str) -> str | None:
