@@ -78,6 +78,8 @@ class ReplicaMesh:
         self._bad_urls: set[str] = set()
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        #: reconciliation rounds run so far
+        self.rounds = 0
 
     def start(self) -> None:
         """Start the reconciling task (needs a running loop)."""
@@ -134,6 +136,7 @@ class ReplicaMesh:
                 raise
             except Exception:  # never let one bad update stop the mesh from following
                 log.exception("replica mesh: reconciliation failed")
+            self.rounds += 1
             self._changed()
 
     async def _reconcile(self) -> None:
