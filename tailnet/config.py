@@ -152,6 +152,15 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("derp_mesh_key_file", str, "",
            "File holding the 64-hex-digit DERP mesh key of the embedded relay's region "
            "(default with PostgreSQL: one key shared through the database)."),
+    Option("derp_tls_addr", str, "",
+           "Also serve the embedded DERP relay over TLS on this address (derper's "
+           "meta-certificate included, so Go clients use fast start); the DERP map's embedded "
+           "node then points at it. Default: off."),
+    Option("derp_tls_cert_file", str, "",
+           "PEM certificate chain for --derp-tls-addr (with --derp-tls-key-file). Without "
+           "both, an IP access-URL host gets a self-signed certificate kept in the data "
+           "directory and its CertName pin in the DERP map."),
+    Option("derp_tls_key_file", str, "", "PEM private key of --derp-tls-cert-file."),
     Option("derp_mesh_with", str, "",
            "Comma-separated relays (derper or tailnet-core) the embedded relay meshes with: "
            "URLs, or host[:port] (http). Needs a mesh key: --derp-mesh-key-file or PostgreSQL."),
@@ -214,6 +223,9 @@ class StackConfig:
     derp_relay_url: str = ""
     derp_mesh_key_file: str = ""
     derp_mesh_with: str = ""
+    derp_tls_addr: str = ""
+    derp_tls_cert_file: str = ""
+    derp_tls_key_file: str = ""
     log_level: str = "INFO"
     max_peers_per_principal: int = DEFAULT_LIMITS.max_peers_per_principal
     max_streams_per_grpc_connection: int = DEFAULT_LIMITS.max_streams_per_grpc_connection
@@ -239,9 +251,9 @@ class StackConfig:
         )
 
     def __post_init__(self) -> None:
-        for name in ("http_addr", "grpc_addr", "stun_addr"):
+        for name in ("http_addr", "grpc_addr", "stun_addr", "derp_tls_addr"):
             addr = getattr(self, name)
-            if addr is None:
+            if addr is None or (name == "derp_tls_addr" and not addr):  # off
                 continue
             try:
                 parse_addr(addr)
@@ -272,6 +284,10 @@ class StackConfig:
             raise ConfigError(
                 f"derp_relay_url must start with http:// or https://: {self.derp_relay_url!r}"
             )
+        if bool(self.derp_tls_cert_file) != bool(self.derp_tls_key_file):
+            raise ConfigError("derp_tls_cert_file and derp_tls_key_file go together")
+        if self.derp_tls_cert_file and not self.derp_tls_addr:
+            raise ConfigError("derp_tls_cert_file needs derp_tls_addr")
         if self.derp_mesh_with:
             try:
                 parse_mesh_with(self.derp_mesh_with, "http")

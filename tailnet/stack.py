@@ -37,6 +37,16 @@ Every startup failure raises :class:`StartupError` with one line naming what
 failed (address and port, file, PostgreSQL URL without its password); the
 PostgreSQL connection is bounded by ``postgres_connect_timeout``.
 
+TLS (``derp_tls_addr``): the embedded relay also listens on that address with
+TLS (its own listener, :mod:`derp.server.listener`), serving the configured
+certificate chain (or a self-signed certificate for an IP host, created once
+in ``<data_dir>/derp-tls/``) followed by derper's meta-certificate
+(:func:`derp.tls.server_ssl_context`), so Go clients use fast start. The DERP
+map's embedded node then points at it: ``HostName`` = the access URL's host,
+``DERPPort`` = the TLS port, no ``ForceHTTP``, and ``CertName`` = the
+``sha256-raw`` pin of a self-signed certificate. ``/derp`` on the HTTP port
+keeps working.
+
 HA (a coordinator with ``register_replica``, i.e. :class:`tailnet.pg.PgCoordinator`):
 the embedded relay gets a fresh key per process (replicas may share a data
 directory; equal relay keys would read as a self-connection in the mesh) and
@@ -78,6 +88,7 @@ import json
 import logging
 import secrets
 import socket
+import tempfile
 import urllib.parse
 import uuid
 from collections.abc import Sequence
@@ -90,6 +101,7 @@ from derp.keys import PrivateKey, load_or_create_server_key
 from derp.mesh import Mesh, parse_mesh_with
 from derp.server import DerpServer, ServerConfig
 from derp.stunserver import StunServer
+from derp.tls import load_manual_cert, server_ssl_context
 from tailnet.admission import KnownNodeKeys
 from tailnet.config import ConfigError, StackConfig, parse_addr, read_mesh_key
 from tailnet.core import Coordinator, CoordinatorAPI
@@ -122,6 +134,7 @@ __all__ = [
     "TokenInfo",
     "AgentCredentials",
     "DERP_KEY_FILE",
+    "DERP_TLS_DIR",
     "RESUME_KEYS_FILE",
     "TOKENS_FILE",
 ]
@@ -129,6 +142,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DERP_KEY_FILE = "derp-server.key"
+#: self-signed certificates of the embedded relay's TLS listener (``<host>.crt/.key``)
+DERP_TLS_DIR = "derp-tls"
 RESUME_KEYS_FILE = "resume-keys.json"
 TOKENS_FILE = "tokens.json"
 
@@ -251,6 +266,9 @@ class TailnetStack:
         self._pg: Any = None  # tailnet.pg.PgCoordinator when postgres_url is set
         #: the PostgreSQL coordinator in use (ours or an embedder's): health's database check
         self._db: Any = None
+        self._tls_host = ""  # DERP map host of the TLS listener (derp_tls_addr)
+        self._tls_pin: str | None = None  # CertName of a self-signed TLS certificate
+        self._tls_tmp: tempfile.TemporaryDirectory[str] | None = None
         self._started = False
         self._access_url = ""
         self.loop_monitor = LoopMonitor()
@@ -283,6 +301,19 @@ class TailnetStack:
     def derp_url(self) -> str:
         """URL of the embedded DERP relay."""
         return self._access_url + "/derp"
+
+    @property
+    def derp_tls_url(self) -> str | None:
+        """``https://host:port/derp`` of the relay's TLS listener (``None`` without one)."""
+        if not self.config.derp_tls_addr or self.derp_server is None:
+            return None
+        host = f"[{self._tls_host}]" if ":" in self._tls_host else self._tls_host
+        return f"https://{host}:{self.derp_server.port}/derp"
+
+    @property
+    def derp_cert_name(self) -> str | None:
+        """``sha256-raw:<hex>`` pin of the relay's self-signed TLS certificate, if any."""
+        return self._tls_pin
 
     @property
     def stun_port(self) -> int | None:
@@ -433,8 +464,11 @@ class TailnetStack:
         split = urllib.parse.urlsplit(self._access_url)
         scheme = split.scheme
         port = split.port or (443 if scheme == "https" else 80)
+        host = split.hostname or "127.0.0.1"
+        if cfg.derp_tls_addr and self.derp_server is not None:
+            scheme, host, port = "https", self._tls_host, self.derp_server.port
         region = embedded_region(
-            split.hostname or "127.0.0.1",
+            host,
             port,
             region_id=cfg.derp_region_id,
             scheme=scheme,
@@ -442,6 +476,8 @@ class TailnetStack:
             region_code=cfg.derp_region_code,
             region_name=cfg.derp_region_name,
         )
+        if self._tls_pin is not None and cfg.derp_tls_addr:
+            region.nodes[0].cert_name = self._tls_pin
         m = new_derp_map(region)
         if cfg.derp_config_path:
             path = cfg.derp_config_path
@@ -562,16 +598,28 @@ class TailnetStack:
         http_host, http_port = parse_addr(cfg.http_addr)
         admission = self._derp_admission()
         self._probe_mesh_key = await self._mesh_key(admission is not None)
+        ssl_ctx = self._derp_tls(key, http_host) if cfg.derp_tls_addr else None
         self.derp_server = DerpServer(
             ServerConfig(
                 private_key=key,
                 hostname=_url_host(http_host),
                 admission=admission,
                 mesh_key=self._probe_mesh_key,
+                ssl_context=ssl_ctx,
             )
         )
-        # No listener of its own: clients reach the relay through the HTTP port's /derp.
-        await self.derp_server.start(listen=False)
+        if cfg.derp_tls_addr:
+            tls_host, tls_port = parse_addr(cfg.derp_tls_addr)
+            try:
+                await self.derp_server.start(tls_host, tls_port)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on DERP TLS address {_where(tls_host, tls_port)} (TCP, "
+                    f"derp_tls_addr): {_os_reason(exc)}"
+                ) from None
+        else:
+            # No listener of its own: clients reach the relay through the HTTP port's /derp.
+            await self.derp_server.start(listen=False)
         if self._ha is not None or cfg.derp_mesh_with:
             self.mesh = Mesh(self.derp_server, parse_mesh_with(cfg.derp_mesh_with, "http"))
             self.mesh.start()
@@ -686,10 +734,11 @@ class TailnetStack:
         if self._ha is not None:
             await self._join_replicas(http_host)
         log.info(
-            "tailnet: API %s, gRPC %s, DERP %s, STUN %s",
+            "tailnet: API %s, gRPC %s, DERP %s%s, STUN %s",
             self._access_url,
             self.grpc_target or "off",
             self.derp_url,
+            f" and {self.derp_tls_url}" if self.derp_tls_url else "",
             self.stun_port if self.stun_port is not None else "off",
         )
 
@@ -721,6 +770,33 @@ class TailnetStack:
             error=error,
             **extra,
         )
+
+    def _derp_tls(self, key: PrivateKey, http_host: str) -> Any:
+        """The TLS context of the relay's own listener (module docstring)."""
+        cfg = self.config
+        host = urllib.parse.urlsplit(cfg.access_url).hostname if cfg.access_url else None
+        self._tls_host = host or _url_host(http_host).strip("[]")
+        if cfg.derp_tls_cert_file:
+            cert, tls_key = cfg.derp_tls_cert_file, cfg.derp_tls_key_file
+        else:
+            if cfg.data_dir is not None:
+                certdir = cfg.data_dir / DERP_TLS_DIR
+            else:
+                self._tls_tmp = tempfile.TemporaryDirectory(prefix="tailnet-derp-tls-")
+                certdir = Path(self._tls_tmp.name)
+            try:
+                mc = load_manual_cert(certdir, self._tls_host)
+            except FileNotFoundError:
+                raise ConfigError(
+                    f"derp_tls_addr: {self._tls_host!r} is not an IP address, so no "
+                    "self-signed certificate: give derp_tls_cert_file and derp_tls_key_file"
+                ) from None
+            cert, tls_key = str(mc.cert_file), str(mc.key_file)
+            self._tls_pin = mc.pin
+        try:
+            return server_ssl_context(cert, tls_key, key.public)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"derp TLS certificate {cert}: {exc}") from None
 
     # ------------------------------------------------------------------ mesh / HA
 
@@ -850,6 +926,9 @@ class TailnetStack:
         if self.stun_server is not None:
             await self.stun_server.stop()
             self.stun_server = None
+        if self._tls_tmp is not None:
+            self._tls_tmp.cleanup()
+            self._tls_tmp = None
 
     async def __aenter__(self) -> TailnetStack:
         await self.start()
