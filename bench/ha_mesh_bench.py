@@ -517,23 +517,30 @@ class ServeReplica:
 
 
 def mint_tokens(data_dir: Path, peers: int) -> tuple[str, list[str], list[str]]:
-    """Write tokens.json at once: an admin, and per i a user and agent i in its workspace."""
-    from tailnet.stack import TokenRecord, new_token
+    """Write tokens.json at once (hashes only, as ``tailnet.tokens`` stores them): an
+    admin, and per i a user and agent i in that user's workspace."""
+    from tailnet.identity import token_hash
+    from tailnet.tokens import TokenRecord, new_token
 
-    admin = TokenRecord(new_token(), Principal("control_plane", uuid.UUID(int=1), "admin"))
-    records = [admin]
+    def record(principal: Principal, **ws: Any) -> tuple[TokenRecord, str]:
+        tid, token = new_token()
+        return TokenRecord(tid, token_hash(token), principal, time.time(), **ws), token
+
+    admin_rec, admin = record(Principal("control_plane", uuid.UUID(int=1), "admin"))
+    records = [admin_rec]
     users, agents = [], []
     for i in range(peers):
-        u = TokenRecord(new_token(), Principal("user", user_id(i), f"user-{i}"))
-        a = TokenRecord(new_token(), Principal("agent", agent_id(i), "main"),
-                        uuid.uuid5(NS, f"ws-{i}"), user_id(i), f"ws-{i}")
+        u, ut = record(Principal("user", user_id(i), f"user-{i}"))
+        a, at = record(Principal("agent", agent_id(i), "main"),
+                       workspace_id=uuid.uuid5(NS, f"ws-{i}"), owner_id=user_id(i),
+                       workspace_name=f"ws-{i}")
         records += [u, a]
-        users.append(u.token)
-        agents.append(a.token)
+        users.append(ut)
+        agents.append(at)
     path = data_dir / "tokens.json"
-    path.write_text(json.dumps({"tokens": [r.to_json() for r in records]}))
+    path.write_text(json.dumps({"version": 2, "tokens": [r.to_json() for r in records]}))
     path.chmod(0o600)
-    return admin.token, users, agents
+    return admin, users, agents
 
 
 def wait_meshed(a: ServeReplica, token: str, timeout: float = 60) -> None:

@@ -20,6 +20,7 @@ import os
 import signal
 import sys
 import urllib.request
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,8 +107,14 @@ async def start_replica(
 
 
 def admin_token(data_dir: Path) -> str:
-    tokens = json.loads((data_dir / "tokens.json").read_text())["tokens"]
-    return str(next(t["token"] for t in tokens if t["kind"] == "control_plane"))
+    """Mint an admin (control-plane) token into the shared tokens file (the file keeps
+    only hashes; running replicas pick the new entry up)."""
+    from tailnet.identity import Principal
+    from tailnet.tokens import TokenStore
+
+    _, token = TokenStore(data_dir / "tokens.json").issue(
+        Principal("control_plane", uuid.UUID(int=1), "test admin"))
+    return token
 
 
 def _get_json(url: str, token: str) -> dict[str, Any]:

@@ -50,7 +50,7 @@ def mint(data_dir: Path) -> tuple[str, AgentCredentials]:
     """A user token and an agent owned by that user, written to the shared tokens file
     (running replicas reload it on the first unknown token)."""
     stack = TailnetStack(StackConfig(data_dir=data_dir))
-    stack.prepare_data_dir()
+    stack.prepare_data_dir(create_admin=False)
     uid, user_token = stack.create_user()
     return user_token, stack.create_agent(owner_id=uid)
 
