@@ -40,7 +40,10 @@ send); "lost" counts agents whose last update never reached their client
 
 Machine load: the 1-minute load average before and after each run and the
 host's busy cores during each measured window (every process on the machine,
-other people's benchmarks included) are printed next to the figures.
+other people's benchmarks included) are printed next to the figures, and for
+the fan-out the largest event-loop stall of each replica during the window
+(``/api/v2/debug/loop``): a tail that coincides with a long stall of an
+otherwise idle loop is CPU starvation, not queueing in the coordinator.
 """
 
 from __future__ import annotations
@@ -560,6 +563,15 @@ def wait_meshed(a: ServeReplica, token: str, timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
+def loop_stalls(r: ServeReplica, token: str, reset: bool = False) -> float:
+    """The replica's largest event-loop stall (ms) since the last reset
+    (``/api/v2/debug/loop``): tells a stalled replica from a slow database."""
+    req = urllib.request.Request(r.api + "/api/v2/debug/loop" + ("?reset=1" if reset else ""),
+                                 headers={"Coder-Session-Token": token})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return float(json.loads(resp.read()).get("max_stall_ms", float("nan")))
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -614,7 +626,7 @@ def derp_case(
 
 
 def coord_case(a: ServeReplica, b: ServeReplica, users: list[str], agents: list[str],
-               args: argparse.Namespace) -> dict[str, Any]:
+               args: argparse.Namespace, admin: str) -> dict[str, Any]:
     n = args.peers
     ag = Child("agents", {"kind": "agents", "peers": n, "tokens": agents, "target": a.grpc})
     cl = None
@@ -626,12 +638,15 @@ def coord_case(a: ServeReplica, b: ServeReplica, users: list[str], agents: list[
         ag.recv()  # ready: every agent has its client's node
         cl.send({"go": True})
         cl.recv()  # measuring
+        for r in (a, b):
+            loop_stalls(r, admin, reset=True)
         c0, h0 = a.cpu() + b.cpu(), host_cpu()
         t0 = time.monotonic()
         ag.send({"rate": args.rate, "duration": args.duration})
         sent = ag.recv()
         window = time.monotonic() - t0
         c1, h1 = a.cpu() + b.cpu(), host_cpu()
+        stalls = [loop_stalls(r, admin) for r in (a, b)]
         cl.send({"total": sent["sent"]})
         res = cl.recv()
     finally:
@@ -649,6 +664,7 @@ def coord_case(a: ServeReplica, b: ServeReplica, users: list[str], agents: list[
         "lost_final": res["lost_final"], "p50_ms": _pct(lat, 0.5), "p99_ms": _pct(lat, 0.99),
         "max_ms": max(lat) if lat else float("nan"),
         "replicas_cpu_cores": (c1 - c0) / window, "host_busy_cores": (h1 - h0) / window,
+        "loop_max_stall_ms": stalls,
     }
 
 
@@ -677,7 +693,7 @@ def one_run(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
                           f"lost {r['lost']}/{r['sent']}  relays {r['relay_us_per_pkt']:.1f} "
                           f"µs/pkt  host {r['host_busy_cores']:.2f} cores busy", flush=True)
             if args.only in (None, "coord"):
-                out["coord"] = coord_case(a, b, users, agents, args)
+                out["coord"] = coord_case(a, b, users, agents, args, admin)
                 print("  coordinator " + json.dumps(
                     {k: round(v, 2) if isinstance(v, float) else v
                      for k, v in out["coord"].items()}), flush=True)
@@ -724,6 +740,11 @@ def report(runs: list[dict[str, Any]]) -> str:
             f"{sum(r['coord']['sent'] for r in runs):,} | "
             f"{sum(r['coord']['lost_final'] for r in runs)} | {cmed('replicas_cpu_cores'):.2f} | "
             f"{cmed('host_busy_cores'):.2f} |",
+            "",
+            "per run: p50/p99 ms, largest event-loop stall of replica A / B (ms): " + "; ".join(
+                f"{r['coord']['p50_ms']:.1f}/{r['coord']['p99_ms']:.1f}, "
+                f"{r['coord']['loop_max_stall_ms'][0]:.0f}/{r['coord']['loop_max_stall_ms'][1]:.0f}"
+                for r in runs),
         ]
     loads = ", ".join(f"{r['load_before']:.1f}→{r['load_after']:.1f}" for r in runs)
     lines += ["", f"1-min load average per run (before→after): {loads}"]
