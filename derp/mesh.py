@@ -32,6 +32,12 @@ Rules (each mirrors derper; see :class:`RouteTable` and :class:`Mesh`):
   wins; ForwardPackets received from a peer are never re-forwarded).
 * When a key loses its last route and has no local connection, local clients
   that received packets from it get PeerGone(K, Disconnected) (spec §3.4).
+* Peers may be added and removed while the mesh runs (:meth:`Mesh.add_peer`,
+  :meth:`Mesh.remove_link`; the HA stack follows the live replicas this way).
+  Removing a link drops its routes as a broken link does. Every link records
+  when it last went up or down (:attr:`MeshLink.since`) and why it went down
+  (:attr:`MeshLink.last_error`); ``Mesh.on_link_change`` callbacks run on
+  each transition.
 
 The route table is pure (no sockets) and tested on its own; :class:`Mesh`
 and :class:`MeshLink` are the asyncio adapter. ClosePeer and the mesh-key check
@@ -44,8 +50,9 @@ import asyncio
 import logging
 import ssl
 import struct
+import time
 import urllib.parse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, Hashable, TypeVar, cast
 
@@ -377,6 +384,10 @@ class MeshLink:
         self.is_self = False
         #: Number of successful logins so far.
         self.generation = 0
+        #: Wall-clock time (``time.time()``) of the last up/down transition (or creation).
+        self.since = time.time()
+        #: Why the link last went down or failed to come up (``None`` while up / never tried).
+        self.last_error: str | None = None
         self._proto: _LinkProtocol | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -423,15 +434,18 @@ class MeshLink:
             except _SelfConnection:
                 self.is_self = True
                 log.info("mesh: %s is this server (self-connection); not meshing with it", peer.url)
+                self._drop("self-connection")
                 return
             except asyncio.CancelledError:
                 self._drop("mesh stopping")
                 raise
             except (OSError, TimeoutError, DerpError) as exc:
+                reason = f"cannot reach: {exc or type(exc).__name__}"
                 log.info("mesh: cannot reach %s: %s", peer.url, exc or type(exc).__name__)
-            except Exception:  # keep the mesh alive whatever went wrong with one dial
+            except Exception as exc:  # keep the mesh alive whatever went wrong with one dial
+                reason = f"failed: {type(exc).__name__}"
                 log.warning("mesh: link to %s failed unexpectedly", peer.url, exc_info=True)
-            self._drop("link down")
+            self._drop(reason)
             await asyncio.sleep(mesh.retry_interval)
 
     async def _connect_once(self) -> str:
@@ -463,7 +477,10 @@ class MeshLink:
             raise _SelfConnection()
         self._proto = proto
         self.generation += 1
+        self.since = time.time()
+        self.last_error = None
         proto.watch()
+        mesh._link_changed(self)
         log.info("mesh: watching %s (server key %s)", peer.url, server_key.hex()[:8])
         try:
             return await asyncio.shield(proto.lost)
@@ -473,9 +490,14 @@ class MeshLink:
 
     def _drop(self, reason: str) -> None:
         proto, self._proto = self._proto, None
+        changed = proto is not None or self.last_error != reason
         if proto is not None:
             proto.abort(reason)
+            self.since = time.time()
+        self.last_error = reason
         self.mesh._link_dropped(self)
+        if changed:
+            self.mesh._link_changed(self)
 
 
 class Mesh:
@@ -512,6 +534,9 @@ class Mesh:
         self._ctx: ConnContext | None = None
         self.routes: RouteTable[MeshLink] = RouteTable()
         self.links = [MeshLink(self, p) for p in peers]
+        #: called with a link each time it comes up or goes down (event loop thread)
+        self.on_link_change: list[Callable[[MeshLink], None]] = []
+        self._started = False
 
     def start(self) -> None:
         """Install the forward hook and start every link (needs a running loop)."""
@@ -520,8 +545,26 @@ class Mesh:
         self.routes = RouteTable(ctx.relay.forwarders)
         ctx.forward_hook = self._forward
         self.server.metrics.gauges["current_mesh_peers"] = self.connected_links
+        self._started = True
         for link in self.links:
             link.start()
+
+    def add_peer(self, peer: MeshPeer) -> MeshLink:
+        """Add a link to ``peer`` (started at once if the mesh runs) and return it."""
+        link = MeshLink(self, peer)
+        self.links.append(link)
+        if self._started:
+            link.start()
+        return link
+
+    async def remove_link(self, link: MeshLink) -> None:
+        """Stop ``link`` and forget its routes (local receivers of keys that only it
+        reached get PeerGone, as when a link breaks). No-op for an unknown link."""
+        if link not in self.links:
+            return
+        self.links.remove(link)
+        await link.stop()
+        self._link_dropped(link)
 
     def _client_ssl(self) -> ssl.SSLContext:
         """The TLS context for ``https`` links: the configured one, else the system
@@ -537,6 +580,8 @@ class Mesh:
 
     async def stop(self) -> None:
         """Stop every link and forget all routes."""
+        self._started = False
+        self.on_link_change.clear()
         for link in self.links:
             await link.stop()
         if self._ctx is not None and self._ctx.forward_hook == self._forward:
@@ -565,6 +610,13 @@ class Mesh:
         gone = self.routes.drop_link(link)
         if gone:
             self._unreachable(gone)
+
+    def _link_changed(self, link: MeshLink) -> None:
+        for cb in list(self.on_link_change):
+            try:
+                cb(link)
+            except Exception:  # a broken observer must not break the mesh
+                log.exception("mesh: link-change callback failed")
 
     def _unreachable(self, keys: list[bytes]) -> None:
         """Keys that lost their last route: PeerGone(Disconnected) to local

@@ -27,6 +27,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Final
 
+from derp.mesh import parse_mesh_with
 from tailnet.limits import DEFAULT_LIMITS, Limits
 
 __all__ = [
@@ -36,6 +37,7 @@ __all__ = [
     "ConfigError",
     "default_data_dir",
     "parse_addr",
+    "read_mesh_key",
     "add_arguments",
     "load_config",
     "ENV_PREFIX",
@@ -77,6 +79,22 @@ def parse_addr(text: str) -> tuple[str, int]:
     return host, port
 
 
+def read_mesh_key(path: str) -> bytes:
+    """The 32-byte mesh key in ``path`` (64 hex digits, derper's ``--mesh-psk-file``
+    format); :class:`ConfigError` names the file (never the content)."""
+    try:
+        text = Path(path).read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"derp_mesh_key_file {path}: cannot read: {exc}") from None
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        key = b""
+    if len(key) != 32:
+        raise ConfigError(f"derp_mesh_key_file {path}: must hold 64 hex digits")
+    return key
+
+
 @dataclass(frozen=True, slots=True)
 class Option:
     name: str
@@ -107,8 +125,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
            "Optional JSON file (Go tailcfg.DERPMap) with extra DERP regions to advertise."),
     Option("derp_admission", str, "any",
            "Which clients the embedded DERP relay admits: 'any' (like Coder's embedded relay) "
-           "or 'known' (only node keys the coordinator currently knows; in-memory "
-           "coordinator only)."),
+           "or 'known' (only node keys the coordinator currently knows; with PostgreSQL, "
+           "keys known to any replica)."),
     Option("derp_verify_client_url", str, "",
            "Also ask this URL (derper's --verify-client-url protocol) before admitting a "
            "DERP client; fails closed when the URL is unreachable."),
@@ -122,7 +140,30 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option("health_cache", float, 10.0, "Seconds a health report is cached (?force=true re-runs)."),
     Option("health_timeout", float, 5.0, "Timeout of each health check."),
     Option("postgres_url", str, "",
-           "PostgreSQL DSN: use the HA coordinator (tailnet.pg) instead of the in-memory one."),
+           "PostgreSQL DSN: use the HA coordinator (tailnet.pg) instead of the in-memory one; "
+           "replicas on the same database also mesh their embedded DERP relays."),
+    Option("replica_heartbeat", float, 2.0,
+           "Seconds between this replica's heartbeats in PostgreSQL; a replica silent for 3 "
+           "heartbeats is dead (its peers are LOST, it leaves the mesh)."),
+    Option("derp_relay_url", str, "",
+           "With PostgreSQL: the URL other replicas dial to reach this replica's embedded "
+           "relay (http[s]://host:port; default http://<http-addr> unless it is a wildcard "
+           "address). Clients keep using the access URL (one node per region)."),
+    Option("derp_mesh_key_file", str, "",
+           "File holding the 64-hex-digit DERP mesh key of the embedded relay's region "
+           "(default with PostgreSQL: one key shared through the database)."),
+    Option("derp_tls_addr", str, "",
+           "Also serve the embedded DERP relay over TLS on this address (derper's "
+           "meta-certificate included, so Go clients use fast start); the DERP map's embedded "
+           "node then points at it. Default: off."),
+    Option("derp_tls_cert_file", str, "",
+           "PEM certificate chain for --derp-tls-addr (with --derp-tls-key-file). Without "
+           "both, an IP access-URL host gets a self-signed certificate kept in the data "
+           "directory and its CertName pin in the DERP map."),
+    Option("derp_tls_key_file", str, "", "PEM private key of --derp-tls-cert-file."),
+    Option("derp_mesh_with", str, "",
+           "Comma-separated relays (derper or tailnet-core) the embedded relay meshes with: "
+           "URLs, or host[:port] (http). Needs a mesh key: --derp-mesh-key-file or PostgreSQL."),
     Option("max_peers_per_principal", int, DEFAULT_LIMITS.max_peers_per_principal,
            "Concurrent Coordinate streams one principal (agent, user or control-plane "
            "token identity) may hold in this process; more are refused with "
@@ -178,6 +219,13 @@ class StackConfig:
     postgres_url: str = ""
     postgres_connect_timeout: float = 10.0
     debug_allow: str = ""
+    replica_heartbeat: float = 2.0
+    derp_relay_url: str = ""
+    derp_mesh_key_file: str = ""
+    derp_mesh_with: str = ""
+    derp_tls_addr: str = ""
+    derp_tls_cert_file: str = ""
+    derp_tls_key_file: str = ""
     log_level: str = "INFO"
     max_peers_per_principal: int = DEFAULT_LIMITS.max_peers_per_principal
     max_streams_per_grpc_connection: int = DEFAULT_LIMITS.max_streams_per_grpc_connection
@@ -203,9 +251,9 @@ class StackConfig:
         )
 
     def __post_init__(self) -> None:
-        for name in ("http_addr", "grpc_addr", "stun_addr"):
+        for name in ("http_addr", "grpc_addr", "stun_addr", "derp_tls_addr"):
             addr = getattr(self, name)
-            if addr is None:
+            if addr is None or (name == "derp_tls_addr" and not addr):  # off
                 continue
             try:
                 parse_addr(addr)
@@ -215,13 +263,9 @@ class StackConfig:
             raise ConfigError(f"derp_region_id must be positive, got {self.derp_region_id}")
         if self.derp_admission not in ("any", "known"):
             raise ConfigError(f"derp_admission must be 'any' or 'known', got {self.derp_admission!r}")
-        if self.derp_admission == "known" and self.postgres_url:
-            raise ConfigError(
-                "derp_admission 'known' needs the in-memory coordinator: a replica of the "
-                "PostgreSQL coordinator only sees its own peers"
-            )
         # A zero poll interval would spin the DERP-config poller on the event loop.
-        for name in ("derp_map_poll", "health_timeout", "postgres_connect_timeout"):
+        for name in ("derp_map_poll", "health_timeout", "postgres_connect_timeout",
+                     "replica_heartbeat"):
             seconds = getattr(self, name)
             if not seconds > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {seconds!r}")
@@ -236,6 +280,24 @@ class StackConfig:
                 raise ConfigError(f"debug_allow: {exc}") from None
         if self.access_url and not self.access_url.startswith(("http://", "https://")):
             raise ConfigError(f"access_url must start with http:// or https://: {self.access_url!r}")
+        if self.derp_relay_url and not self.derp_relay_url.startswith(("http://", "https://")):
+            raise ConfigError(
+                f"derp_relay_url must start with http:// or https://: {self.derp_relay_url!r}"
+            )
+        if bool(self.derp_tls_cert_file) != bool(self.derp_tls_key_file):
+            raise ConfigError("derp_tls_cert_file and derp_tls_key_file go together")
+        if self.derp_tls_cert_file and not self.derp_tls_addr:
+            raise ConfigError("derp_tls_cert_file needs derp_tls_addr")
+        if self.derp_mesh_with:
+            try:
+                parse_mesh_with(self.derp_mesh_with, "http")
+            except ValueError as exc:
+                raise ConfigError(f"derp_mesh_with: {exc}") from None
+            if not (self.derp_mesh_key_file or self.postgres_url):
+                raise ConfigError(
+                    "derp_mesh_with needs a mesh key: derp_mesh_key_file, or postgres_url "
+                    "(the replicas' shared key)"
+                )
         try:
             self.limits  # noqa: B018 - validates every limit option
         except ValueError as exc:

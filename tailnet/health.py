@@ -42,6 +42,14 @@ Two more sections when the stack provides them:
   from the cache, so the verdict turns to ``error`` the moment the coordinator
   refuses peers (closed, or a PostgreSQL replica that cannot write its
   heartbeat: ``ECOORD01``), with ``accepting_peers``, ``backend``, ``peers``.
+
+Mesh (``derp.mesh``, when the embedded relay meshes: HA replicas or
+``derp_mesh_with``): :func:`mesh_report` lists, per replica relay, its mesh
+links (``up``/``down``, ``since``, ``error``) as that replica last reported
+them, and warns (``EMESH01``) when a live replica is not meshed with another
+live replica of its region, has no relay URL, or a static link is down. The
+section sits in ``derp.mesh``; its warnings also count for the DERP section
+(warning at most: clients on one replica still relay among themselves).
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ import json
 import os
 import time
 import urllib.parse
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Final
@@ -73,11 +81,13 @@ __all__ = [
     "CODE_DERP_WEBSOCKET",
     "CODE_DERP_NODE_UNHEALTHY",
     "CODE_STUN_FAILED",
+    "CODE_DERP_MESH",
     "NodeCheck",
     "node_url",
     "node_report",
     "region_report",
     "derp_report",
+    "mesh_report",
     "health_report",
     "check_node",
     "check_stun",
@@ -109,6 +119,8 @@ CODE_COORDINATOR_REFUSING: Final = "ECOORD01"
 DB_PINGS: Final = 3
 #: median database latency at or above which the section warns (Coder: 15 ms)
 DB_THRESHOLD_MS: Final = 15
+#: tailnet-core's own code (Coder has none for meshes): a replica relay is not meshed
+CODE_DERP_MESH: Final = "EMESH01"
 
 
 def _worst(severities: Iterable[str]) -> str:
@@ -121,6 +133,12 @@ def _worst(severities: Iterable[str]) -> str:
 
 def _warning(code: str, message: str) -> dict[str, str]:
     return {"code": code, "message": message}
+
+
+def _iso(ts: float | None) -> str | None:
+    if ts is None:
+        return None
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 def _go_duration(seconds: float) -> str:
@@ -233,8 +251,95 @@ def region_report(region: pb.DERPMap.Region, nodes: list[dict[str, Any]]) -> dic
     }
 
 
-def derp_report(regions: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
-    """The ``derp`` section from region reports (keys: region id)."""
+def mesh_report(relays: Sequence[Mapping[str, Any]], *, self_id: str | None) -> dict[str, Any]:
+    """The ``derp.mesh`` section from each live replica relay's own view of its links.
+
+    ``relays``: one mapping per live replica relay with ``id``, ``hostname``,
+    ``relay_url``, ``region_id``, ``started_at``/``heartbeat_at`` (Unix seconds
+    or ``None``) and ``links`` (its list of link mappings — ``url``,
+    ``replica_id`` or ``None`` for a static link, ``state``, ``since``,
+    ``error`` — or ``None`` when it has not reported any yet). ``self_id`` is
+    the replica answering. Warnings: see the module docstring.
+    """
+    warnings: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
+
+    def name(r: Mapping[str, Any]) -> str:
+        host = r.get("hostname") or ""
+        return f"{host} ({r['id']})" if host else str(r["id"])
+
+    for r in relays:
+        links = r.get("links")
+        peers = [
+            o for o in relays
+            if o["id"] != r["id"] and o.get("region_id") == r.get("region_id")
+        ]
+        if not r.get("relay_url") and peers:
+            warnings.append(_warning(
+                CODE_DERP_MESH,
+                f"Replica {name(r)} has no relay URL (set --derp-relay-url): the other "
+                "replicas cannot mesh with its relay.",
+            ))
+        by_replica = {
+            str(link.get("replica_id")): link for link in links or () if link.get("replica_id")
+        }
+        missing: list[str] = []
+        for o in peers:
+            if not o.get("relay_url"):
+                continue
+            link = by_replica.get(str(o["id"]))
+            if link is not None and link.get("state") == "up":
+                continue
+            missing.append(str(o["id"]))
+            if links is None:
+                why = "it has not reported its mesh links yet"
+            elif link is None:
+                why = "no link"
+            else:
+                why = f"link down since {_iso(link.get('since'))}"
+                if link.get("error"):
+                    why += f": {link['error']}"
+            warnings.append(_warning(
+                CODE_DERP_MESH,
+                f"Replica {name(r)} is not meshed with replica {name(o)} "
+                f"({o['relay_url']}): {why}.",
+            ))
+        for link in links or ():
+            if link.get("replica_id") is None and link.get("state") != "up":
+                warnings.append(_warning(
+                    CODE_DERP_MESH,
+                    f"Mesh link of replica {name(r)} to {link.get('url')} is down since "
+                    f"{_iso(link.get('since'))}: {link.get('error')}.",
+                ))
+        out.append({
+            "id": str(r["id"]),
+            "hostname": r.get("hostname") or "",
+            "relay_url": r.get("relay_url") or "",
+            "region_id": r.get("region_id"),
+            "started_at": _iso(r.get("started_at")),
+            "heartbeat_at": _iso(r.get("heartbeat_at")),
+            "links": [
+                {**link, "since": _iso(link.get("since"))} for link in links or ()
+            ],
+            "links_reported": links is not None,
+            "not_meshed_with": missing,
+        })
+    severity = SEVERITY_WARNING if warnings else SEVERITY_OK
+    return {
+        "healthy": True,
+        "severity": severity,
+        "warnings": warnings,
+        "error": None,
+        "replica_id": self_id,
+        "relays": out,
+    }
+
+
+def derp_report(
+    regions: Mapping[int, dict[str, Any]], mesh: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``derp`` section from region reports (keys: region id) and, when the
+    relay meshes, the :func:`mesh_report` section."""
     failing = sorted(rid for rid, r in regions.items() if r["severity"] == SEVERITY_ERROR)
     warnings: list[dict[str, str]] = [w for r in regions.values() for w in r["warnings"]]
     error: str | None = None
@@ -252,7 +357,11 @@ def derp_report(regions: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
         )
     else:
         severity = _worst(r["severity"] for r in regions.values())
-    return {
+    if mesh is not None:
+        warnings.extend(mesh["warnings"])
+        if mesh["severity"] != SEVERITY_OK and severity == SEVERITY_OK:
+            severity = SEVERITY_WARNING
+    report = {
         "healthy": severity != SEVERITY_ERROR,
         "severity": severity,
         "warnings": warnings,
@@ -263,6 +372,9 @@ def derp_report(regions: Mapping[int, dict[str, Any]]) -> dict[str, Any]:
         "netcheck_err": None,
         "netcheck_logs": [],
     }
+    if mesh is not None:
+        report["mesh"] = dict(mesh)
+    return report
 
 
 _SECTIONS: Final = ("derp", "access_url", "websocket", "database", "coordinator")
@@ -614,6 +726,7 @@ class HealthChecker:
         websocket: bool = False,
         database_ping: Callable[[float], Awaitable[float]] | None = None,
         coordinator: Callable[[], dict[str, Any]] | None = None,
+        mesh: Callable[[], Awaitable[dict[str, Any]]] | None = None,
     ) -> None:
         self._derp_maps = derp_maps
         self.access_url = access_url
@@ -626,6 +739,8 @@ class HealthChecker:
         #: region id → mesh key of a relay this process runs (probes bypass its admission)
         self._mesh_keys = dict(mesh_keys or {})
         self._websocket = websocket
+        #: returns the derp.mesh section (mesh_report) when the relay meshes
+        self._mesh = mesh
         self._cached: _Cached | None = None
         self._running: asyncio.Future[dict[str, Any]] | None = None
         self._database_ping = database_ping
@@ -694,11 +809,24 @@ class HealthChecker:
             if self._database_ping is not None
             else skipped("database")
         )
-        results = await asyncio.gather(access, ws, db, *(one_region(r) for _, r in regions))
-        access_section, ws_section, db_section = results[0], results[1], results[2]
-        region_reports = {rid: rep for (rid, _), rep in zip(regions, results[3:])}
+        async def mesh() -> dict[str, Any] | None:
+            if self._mesh is None:
+                return None
+            try:
+                return await asyncio.wait_for(self._mesh(), self._timeout)
+            except Exception as exc:  # e.g. the database is unreachable
+                msg = f"cannot read the replicas' mesh links: {type(exc).__name__}: {exc}"
+                return {"healthy": True, "severity": SEVERITY_WARNING,
+                        "warnings": [_warning(CODE_DERP_MESH, msg)], "error": msg,
+                        "replica_id": None, "relays": []}
+
+        results = await asyncio.gather(
+            access, ws, db, mesh(), *(one_region(r) for _, r in regions)
+        )
+        access_section, ws_section, db_section, mesh_section = results[:4]
+        region_reports = {rid: rep for (rid, _), rep in zip(regions, results[4:])}
         report = health_report(
-            derp=derp_report(region_reports),
+            derp=derp_report(region_reports, mesh_section),
             access_url=access_section,
             websocket=ws_section,
             database=db_section if self._database_ping is not None else None,

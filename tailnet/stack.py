@@ -37,6 +37,29 @@ Every startup failure raises :class:`StartupError` with one line naming what
 failed (address and port, file, PostgreSQL URL without its password); the
 PostgreSQL connection is bounded by ``postgres_connect_timeout``.
 
+TLS (``derp_tls_addr``): the embedded relay also listens on that address with
+TLS (its own listener, :mod:`derp.server.listener`), serving the configured
+certificate chain (or a self-signed certificate for an IP host, created once
+in ``<data_dir>/derp-tls/``) followed by derper's meta-certificate
+(:func:`derp.tls.server_ssl_context`), so Go clients use fast start. The DERP
+map's embedded node then points at it: ``HostName`` = the access URL's host,
+``DERPPort`` = the TLS port, no ``ForceHTTP``, and ``CertName`` = the
+``sha256-raw`` pin of a self-signed certificate. ``/derp`` on the HTTP port
+keeps working.
+
+HA (a coordinator with ``register_replica``, i.e. :class:`tailnet.pg.PgCoordinator`):
+the embedded relay gets a fresh key per process (replicas may share a data
+directory; equal relay keys would read as a self-connection in the mesh) and
+the region's mesh key from the database (unless ``derp_mesh_key_file``); the
+replica registers its relay URL (``derp_relay_url``) and
+:class:`~tailnet.replicamesh.ReplicaMesh` keeps a mesh link to the relay of
+every other live replica of the region. ``derp_mesh_with`` adds static links
+(standalone derpers of the region, ours or Tailscale's); their nodes join the
+embedded region when ``derp_config_path`` lists them under its region ID. The
+DERP map keeps one node for the region: the access URL (Coder's shape behind a
+load balancer). ``derp_admission = "known"`` asks the coordinator, which in HA
+keeps the node keys of every replica's peers in memory.
+
 Credentials: the stack's token file always authenticates (so the admin token
 works for every endpoint); an embedder's ``authenticator`` is consulted first.
 The file is checked (one ``stat``) on every authentication and twice a second,
@@ -64,6 +87,8 @@ import contextlib
 import json
 import logging
 import secrets
+import socket
+import tempfile
 import urllib.parse
 import uuid
 from collections.abc import Sequence
@@ -73,10 +98,12 @@ from typing import Any
 
 from derp.admission import Admission, AllOf, KnownKeysAdmission, VerifyClientURL
 from derp.keys import PrivateKey, load_or_create_server_key
+from derp.mesh import Mesh, parse_mesh_with
 from derp.server import DerpServer, ServerConfig
 from derp.stunserver import StunServer
+from derp.tls import load_manual_cert, server_ssl_context
 from tailnet.admission import KnownNodeKeys
-from tailnet.config import ConfigError, StackConfig, parse_addr
+from tailnet.config import ConfigError, StackConfig, parse_addr, read_mesh_key
 from tailnet.core import Coordinator, CoordinatorAPI
 from tailnet.derpmap import (
     DERPMapSource,
@@ -107,6 +134,7 @@ __all__ = [
     "TokenInfo",
     "AgentCredentials",
     "DERP_KEY_FILE",
+    "DERP_TLS_DIR",
     "RESUME_KEYS_FILE",
     "TOKENS_FILE",
 ]
@@ -114,6 +142,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DERP_KEY_FILE = "derp-server.key"
+#: self-signed certificates of the embedded relay's TLS listener (``<host>.crt/.key``)
+DERP_TLS_DIR = "derp-tls"
 RESUME_KEYS_FILE = "resume-keys.json"
 TOKENS_FILE = "tokens.json"
 
@@ -225,6 +255,10 @@ class TailnetStack:
         self.api: TailnetApi | None = None
         self.service: TailnetService | None = None
         self._probe_mesh_key: bytes | None = None
+        #: the embedded relay's mesh (HA replicas and/or derp_mesh_with), else None
+        self.mesh: Mesh | None = None
+        self.replica_mesh: Any = None  # tailnet.replicamesh.ReplicaMesh in HA
+        self._ha: Any = None  # the coordinator when it is an HA replica (register_replica)
         self.health: HealthChecker | None = None
         self.pages: OperatorPages | None = None
         self._derp_maps: DERPMapSource | None = None
@@ -232,6 +266,9 @@ class TailnetStack:
         self._pg: Any = None  # tailnet.pg.PgCoordinator when postgres_url is set
         #: the PostgreSQL coordinator in use (ours or an embedder's): health's database check
         self._db: Any = None
+        self._tls_host = ""  # DERP map host of the TLS listener (derp_tls_addr)
+        self._tls_pin: str | None = None  # CertName of a self-signed TLS certificate
+        self._tls_tmp: tempfile.TemporaryDirectory[str] | None = None
         self._started = False
         self._access_url = ""
         self.loop_monitor = LoopMonitor()
@@ -264,6 +301,19 @@ class TailnetStack:
     def derp_url(self) -> str:
         """URL of the embedded DERP relay."""
         return self._access_url + "/derp"
+
+    @property
+    def derp_tls_url(self) -> str | None:
+        """``https://host:port/derp`` of the relay's TLS listener (``None`` without one)."""
+        if not self.config.derp_tls_addr or self.derp_server is None:
+            return None
+        host = f"[{self._tls_host}]" if ":" in self._tls_host else self._tls_host
+        return f"https://{host}:{self.derp_server.port}/derp"
+
+    @property
+    def derp_cert_name(self) -> str | None:
+        """``sha256-raw:<hex>`` pin of the relay's self-signed TLS certificate, if any."""
+        return self._tls_pin
 
     @property
     def stun_port(self) -> int | None:
@@ -395,13 +445,30 @@ class TailnetStack:
             await asyncio.sleep(period)
             self.tokens.check()
 
+    def _merge_config_regions(self, m: pb.DERPMap, extra: pb.DERPMap, path: str) -> None:
+        rid_self = self.config.derp_region_id
+        for rid, r in extra.regions.items():
+            if rid == rid_self:
+                # Standalone relays meshed with the embedded one join its region.
+                for n in r.nodes:
+                    node = m.regions[rid].nodes.add()
+                    node.CopyFrom(n)
+                    node.region_id = rid
+                continue
+            if rid in m.regions:
+                raise ValueError(f"{path}: region {rid} is listed twice")
+            m.regions[rid].CopyFrom(r)
+
     def _default_derp_map(self) -> pb.DERPMap:
         cfg = self.config
         split = urllib.parse.urlsplit(self._access_url)
         scheme = split.scheme
         port = split.port or (443 if scheme == "https" else 80)
+        host = split.hostname or "127.0.0.1"
+        if cfg.derp_tls_addr and self.derp_server is not None:
+            scheme, host, port = "https", self._tls_host, self.derp_server.port
         region = embedded_region(
-            split.hostname or "127.0.0.1",
+            host,
             port,
             region_id=cfg.derp_region_id,
             scheme=scheme,
@@ -409,6 +476,8 @@ class TailnetStack:
             region_code=cfg.derp_region_code,
             region_name=cfg.derp_region_name,
         )
+        if self._tls_pin is not None and cfg.derp_tls_addr:
+            region.nodes[0].cert_name = self._tls_pin
         m = new_derp_map(region)
         if cfg.derp_config_path:
             path = cfg.derp_config_path
@@ -422,12 +491,7 @@ class TailnetStack:
                 extra = derp_map_from_json(doc)
             except (ValueError, KeyError, TypeError) as exc:
                 raise ValueError(f"derp_config_path {path}: not a DERP map: {exc}") from None
-            for rid, r in extra.regions.items():
-                if rid in m.regions:
-                    raise ValueError(
-                        f"{cfg.derp_config_path}: region {rid} conflicts with the embedded region"
-                    )
-                m.regions[rid].CopyFrom(r)
+            self._merge_config_regions(m, extra, path)
         return m
 
     async def _poll_derp_config(self, src: StaticDERPMapSource) -> None:
@@ -465,8 +529,11 @@ class TailnetStack:
             if self._coordinator is not None and not hasattr(self._coordinator, "knows_node_key"):
                 raise ConfigError(
                     "derp_admission 'known' needs a coordinator with knows_node_key() "
-                    "(the in-memory tailnet.core.Coordinator)"
+                    "(tailnet.core.Coordinator or tailnet.pg.PgCoordinator)"
                 )
+            track = getattr(self._coordinator, "track_node_keys", None)
+            if track is not None:
+                track()  # HA: keep every replica's node keys in memory
             hooks.append(KnownKeysAdmission(KnownNodeKeys(self._knows_node_key)))
         if cfg.derp_verify_client_url:
             hooks.append(VerifyClientURL(cfg.derp_verify_client_url, fail_open=False))
@@ -492,6 +559,9 @@ class TailnetStack:
             self._coordinator = self._pg
         if self._coordinator is not None and hasattr(self._coordinator, "ping"):
             self._db = self._coordinator
+        if hasattr(self._coordinator, "register_replica"):
+            self._ha = self._coordinator
+            key = PrivateKey.generate()  # per process: see the module docstring
         try:
             await self._start_listeners(key, resume_keys)
         except BaseException:
@@ -506,7 +576,10 @@ class TailnetStack:
         limit = cfg.postgres_connect_timeout
         try:
             return await asyncio.wait_for(
-                create_pg_coordinator(cfg.postgres_url, limits=cfg.limits),
+                create_pg_coordinator(
+                    cfg.postgres_url, limits=cfg.limits,
+                    heartbeat_interval=cfg.replica_heartbeat,
+                ),
                 limit,
             )
         except TimeoutError:
@@ -524,19 +597,32 @@ class TailnetStack:
         cfg = self.config
         http_host, http_port = parse_addr(cfg.http_addr)
         admission = self._derp_admission()
-        # The embedded relay's mesh key is a per-process secret: only this process's
-        # health probes present it, to get past admission control.
-        self._probe_mesh_key = secrets.token_bytes(32) if admission is not None else None
+        self._probe_mesh_key = await self._mesh_key(admission is not None)
+        ssl_ctx = self._derp_tls(key, http_host) if cfg.derp_tls_addr else None
         self.derp_server = DerpServer(
             ServerConfig(
                 private_key=key,
                 hostname=_url_host(http_host),
                 admission=admission,
                 mesh_key=self._probe_mesh_key,
+                ssl_context=ssl_ctx,
             )
         )
-        # No listener of its own: clients reach the relay through the HTTP port's /derp.
-        await self.derp_server.start(listen=False)
+        if cfg.derp_tls_addr:
+            tls_host, tls_port = parse_addr(cfg.derp_tls_addr)
+            try:
+                await self.derp_server.start(tls_host, tls_port)
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on DERP TLS address {_where(tls_host, tls_port)} (TCP, "
+                    f"derp_tls_addr): {_os_reason(exc)}"
+                ) from None
+        else:
+            # No listener of its own: clients reach the relay through the HTTP port's /derp.
+            await self.derp_server.start(listen=False)
+        if self._ha is not None or cfg.derp_mesh_with:
+            self.mesh = Mesh(self.derp_server, parse_mesh_with(cfg.derp_mesh_with, "http"))
+            self.mesh.start()
         if cfg.stun_addr is not None:
             stun_host, stun_port = parse_addr(cfg.stun_addr)
             self.stun_server = StunServer(stats=self.derp_server.metrics.stun)
@@ -609,6 +695,7 @@ class TailnetStack:
             websocket=cfg.derp_force_websockets,
             database_ping=self._db.ping if self._db is not None else None,
             coordinator=self._coordinator_section,
+            mesh=self._mesh_health if self.mesh is not None else None,
         )
         self.pages = OperatorPages(
             self.service,
@@ -644,11 +731,14 @@ class TailnetStack:
                     f"cannot listen on gRPC address {_where(grpc_host, grpc_port)} (TCP, "
                     f"grpc_addr): {_os_reason(exc)}"
                 ) from None
+        if self._ha is not None:
+            await self._join_replicas(http_host)
         log.info(
-            "tailnet: API %s, gRPC %s, DERP %s, STUN %s",
+            "tailnet: API %s, gRPC %s, DERP %s%s, STUN %s",
             self._access_url,
             self.grpc_target or "off",
             self.derp_url,
+            f" and {self.derp_tls_url}" if self.derp_tls_url else "",
             self.stun_port if self.stun_port is not None else "off",
         )
 
@@ -680,6 +770,115 @@ class TailnetStack:
             error=error,
             **extra,
         )
+
+    def _derp_tls(self, key: PrivateKey, http_host: str) -> Any:
+        """The TLS context of the relay's own listener (module docstring)."""
+        cfg = self.config
+        host = urllib.parse.urlsplit(cfg.access_url).hostname if cfg.access_url else None
+        self._tls_host = host or _url_host(http_host).strip("[]")
+        if cfg.derp_tls_cert_file:
+            cert, tls_key = cfg.derp_tls_cert_file, cfg.derp_tls_key_file
+        else:
+            if cfg.data_dir is not None:
+                certdir = cfg.data_dir / DERP_TLS_DIR
+            else:
+                self._tls_tmp = tempfile.TemporaryDirectory(prefix="tailnet-derp-tls-")
+                certdir = Path(self._tls_tmp.name)
+            try:
+                mc = load_manual_cert(certdir, self._tls_host)
+            except FileNotFoundError:
+                raise ConfigError(
+                    f"derp_tls_addr: {self._tls_host!r} is not an IP address, so no "
+                    "self-signed certificate: give derp_tls_cert_file and derp_tls_key_file"
+                ) from None
+            cert, tls_key = str(mc.cert_file), str(mc.key_file)
+            self._tls_pin = mc.pin
+        try:
+            return server_ssl_context(cert, tls_key, key.public)
+        except (OSError, ValueError) as exc:  # ssl.SSLError is an OSError
+            raise ConfigError(f"derp TLS certificate {cert}: {exc}") from None
+
+    # ------------------------------------------------------------------ mesh / HA
+
+    async def _mesh_key(self, admission: bool) -> bytes | None:
+        """The embedded relay's mesh key: ``derp_mesh_key_file``, else in HA the key
+        shared through the database, else (admission control only) a per-process
+        secret that only this process's health probes present. Never logged."""
+        cfg = self.config
+        if cfg.derp_mesh_key_file:
+            return read_mesh_key(cfg.derp_mesh_key_file)
+        if self._ha is not None:
+            key: bytes = await self._ha.derp_mesh_key()
+            return key
+        if cfg.derp_mesh_with:
+            raise ConfigError("derp_mesh_with needs derp_mesh_key_file (or postgres_url)")
+        return secrets.token_bytes(32) if admission else None
+
+    def _relay_url(self, http_host: str) -> str:
+        cfg = self.config
+        if cfg.derp_relay_url:
+            return cfg.derp_relay_url.rstrip("/")
+        if http_host in ("", "0.0.0.0", "::"):
+            log.warning(
+                "HA: the HTTP address %s is a wildcard and derp_relay_url is not set: other "
+                "replicas cannot mesh with this replica's relay (set --derp-relay-url)",
+                cfg.http_addr,
+            )
+            return ""
+        return f"http://{_url_host(http_host)}:{self.http_port}"
+
+    async def _join_replicas(self, http_host: str) -> None:
+        """Register this replica's relay and follow the others (module docstring)."""
+        from tailnet.pg.replicas import ReplicaInfo
+        from tailnet.replicamesh import ReplicaMesh
+
+        ha = self._ha
+        assert self.mesh is not None and ha is not None
+        rm = ReplicaMesh(self.mesh, ha.id, self.config.derp_region_id,
+                         on_change=ha.mesh_status_changed)
+        self.replica_mesh = rm
+        rm.start()
+        ha.add_replica_listener(rm.update)
+        info = ReplicaInfo(self._relay_url(http_host), self.config.derp_region_id,
+                           socket.gethostname())
+        await ha.register_replica(
+            info, mesh_status=lambda: json.dumps(rm.status(), separators=(",", ":"))
+        )
+        rm.update(ha.replicas)
+
+    async def _mesh_health(self) -> dict[str, Any]:
+        """The health report's ``derp.mesh`` section (:func:`tailnet.health.mesh_report`)."""
+        from tailnet.health import mesh_report
+        from tailnet.replicamesh import link_status
+
+        rm = self.replica_mesh
+        mesh = self.mesh
+        own = rm.status() if rm is not None else [
+            link_status(link, None) for link in (mesh.links if mesh is not None else ())
+        ]
+        ha = self._ha
+        if ha is None or ha.replica_info is None:
+            me = {"id": "local", "hostname": socket.gethostname(), "relay_url": self.access_url,
+                  "region_id": self.config.derp_region_id, "started_at": None,
+                  "heartbeat_at": None, "links": own}
+            return mesh_report([me], self_id="local")
+        relays: list[dict[str, Any]] = []
+        seen_self = False
+        for r in await ha.fetch_replicas():
+            if r.id == ha.id:
+                seen_self = True
+                links: list[dict[str, Any]] | None = own
+            else:
+                links = _parse_links(r.mesh_status)
+            relays.append({"id": str(r.id), "hostname": r.hostname, "relay_url": r.relay_url,
+                           "region_id": r.region_id, "started_at": r.started_at,
+                           "heartbeat_at": r.heartbeat_at, "links": links})
+        if not seen_self:  # e.g. our heartbeats are failing: still show our own links
+            info = ha.replica_info
+            relays.append({"id": str(ha.id), "hostname": info.hostname,
+                           "relay_url": info.relay_url, "region_id": info.region_id,
+                           "started_at": None, "heartbeat_at": None, "links": own})
+        return mesh_report(relays, self_id=str(ha.id))
 
     async def stop(self, grace: float = 5.0) -> None:
         """Graceful shutdown (see module doc), bounded by ``grace`` seconds overall.
@@ -714,6 +913,12 @@ class TailnetStack:
         if self.grpc is not None:
             await self.grpc.stop(min(left() / 2, 1.0))
             self.grpc = None
+        if self.replica_mesh is not None:
+            await self.replica_mesh.stop()
+            self.replica_mesh = None
+        if self.mesh is not None:
+            await self.mesh.stop()
+            self.mesh = None
         if self.derp_server is not None:
             # Clients get a Restarting frame first (reconnect soon), as derper --restart-* does.
             await self.derp_server.stop(left(), restarting=True)
@@ -721,6 +926,9 @@ class TailnetStack:
         if self.stun_server is not None:
             await self.stun_server.stop()
             self.stun_server = None
+        if self._tls_tmp is not None:
+            self._tls_tmp.cleanup()
+            self._tls_tmp = None
 
     async def __aenter__(self) -> TailnetStack:
         await self.start()
@@ -728,6 +936,19 @@ class TailnetStack:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _parse_links(text: str) -> list[dict[str, Any]] | None:
+    """A replica's stored mesh status (JSON list of link objects), or None if unusable."""
+    if not text:
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    if not isinstance(doc, list) or not all(isinstance(x, dict) for x in doc):
+        return None
+    return doc
 
 
 class _Unready:

@@ -14,7 +14,8 @@ Modules: :mod:`~tailnet.pg.coordinator` (:class:`PgCoordinator`, the pipeline),
 :mod:`~tailnet.pg.mapper` (pure per-replica state and diffs),
 :mod:`~tailnet.pg.store` (queries), :mod:`~tailnet.pg.schema` (migrations),
 :mod:`~tailnet.pg.pubsub` (LISTEN with reconnect), :mod:`~tailnet.pg.payload`
-(NOTIFY payload codec).
+(NOTIFY payload codec), :mod:`~tailnet.pg.replicas` (replica discovery for the
+relay mesh, node keys of every replica).
 """
 
 from tailnet.pg.coordinator import (
@@ -23,6 +24,7 @@ from tailnet.pg.coordinator import (
     PgCoordinatorConfig,
     create_pg_coordinator,
 )
+from tailnet.pg.replicas import Replica, ReplicaInfo
 from tailnet.pg.schema import SCHEMA_VERSION, migrate
 
 __all__ = [
@@ -30,6 +32,8 @@ __all__ = [
     "PgCoordinator",
     "PgCoordinatorConfig",
     "create_pg_coordinator",
+    "Replica",
+    "ReplicaInfo",
     "SCHEMA_VERSION",
     "migrate",
 ]

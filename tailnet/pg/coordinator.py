@@ -63,6 +63,17 @@ Differences from the in-memory coordinator (deliberate, as pgcoord):
   notification reads a plain ``lost`` row and says LOST "lost" instead (rows
   do not record why they were lost; the kind is the same).
 
+Replicas and their relays (issue 10, :mod:`tailnet.pg.replicas`): a replica
+that runs an embedded DERP relay calls :meth:`PgCoordinator.register_replica`
+with the URL other replicas dial; every replica reads the live replicas each
+heartbeat interval (and at once on a ``tailnet_replica_update`` notification:
+one registered or stopped) and calls its replica listeners when the set
+changes. :meth:`PgCoordinator.derp_mesh_key` returns the region's shared mesh
+key, created once by the first replica. With :meth:`track_node_keys` the
+replica also keeps the node keys of every live peer on every replica
+(:meth:`knows_node_key`, for ``derp_admission = "known"``), loaded once and
+kept current from the peer notifications.
+
 Writes are retried with backoff until they succeed (the ops queue holds the
 pending requests, coalesced), so a PostgreSQL restart delays but does not drop
 them.
@@ -73,6 +84,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import Callable, Coroutine, Iterable
@@ -105,6 +117,7 @@ from tailnet.pg.mapper import (
 from tailnet.pg.payload import (
     CHAN_HEARTBEAT,
     CHAN_PEER,
+    CHAN_REPLICA,
     CHAN_RFH,
     CHAN_TUNNEL,
     CHANNELS,
@@ -116,6 +129,7 @@ from tailnet.pg.payload import (
     decode_tunnel_events,
 )
 from tailnet.pg.pubsub import Listener
+from tailnet.pg.replicas import NodeKeyIndex, Replica, ReplicaInfo, replicas_changed
 from tailnet.pg.schema import migrate
 from tailnet.pg.store import (
     AddTunnelOp,
@@ -222,6 +236,17 @@ class PgCoordinator:
         # liveness
         self._alive: set[uuid.UUID] | None = None
         self._liveness_kick = asyncio.Event()
+        # replicas and their relays (issue 10)
+        self._replica: ReplicaInfo | None = None
+        self._replicas: tuple[Replica, ...] = ()
+        self._replica_listeners: list[Callable[[tuple[Replica, ...]], None]] = []
+        self._mesh_status: Callable[[], str] | None = None
+        self._mesh_status_written: str | None = None
+        self._status_task: asyncio.Task[None] | None = None
+        # node keys of live peers on every replica (derp_admission = "known")
+        self._node_keys: NodeKeyIndex | None = None
+        self._keys_reload = False
+        self.node_key_loads = 0
         # counters
         self.resyncs = 0
         self.write_batches = 0
@@ -294,6 +319,15 @@ class PgCoordinator:
         self._stopped = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + (self.config.close_timeout if timeout is None else timeout)
+        if self._replica is not None and self._store is not None and not self._unhealthy:
+            try:  # the other replicas drop their links to us at once, not after the expiry
+                # (bounded: during an outage it must not eat the flush's time budget)
+                await asyncio.wait_for(
+                    self._store.stop_replica(), max(0.1, min(2.0, deadline - loop.time()))
+                )
+            except Exception as exc:
+                _log.warning("pg coordinator %s: could not mark the replica stopped: %r",
+                             self.id, exc)
         self.close()
         dropped = 0
         if self._started:
@@ -307,6 +341,8 @@ class PgCoordinator:
                     "this replica's peers as lost once its heartbeat expires)",
                     self.id, dropped,
                 )
+        if self._status_task is not None:
+            self._tasks.append(self._status_task)
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:
@@ -467,6 +503,86 @@ class PgCoordinator:
         self._local.close_all(CLOSE_ERR_COORDINATOR_CLOSE, REASON_COORDINATOR_CLOSE)
         if self._started:
             self._enqueue(CloseOp())
+
+    # ------------------------------------------------------------------ replicas
+
+    async def register_replica(
+        self, info: ReplicaInfo, *, mesh_status: Callable[[], str] | None = None
+    ) -> None:
+        """Publish this replica's embedded relay (see the module docstring).
+
+        ``mesh_status`` returns this replica's JSON view of its mesh links; it is
+        written to the replica's row after a heartbeat whenever it changed (the
+        health report of any replica reads every replica's view).
+        """
+        if not self._started or self._store is None:
+            raise RuntimeError("PgCoordinator.start() was not awaited")
+        self._replica = info
+        self._mesh_status = mesh_status
+        await self._store.register_replica(info, self.config.query_timeout)
+        await self._write_mesh_status()
+        await self.refresh_replicas()
+
+    def mesh_status_changed(self) -> None:
+        """The ``mesh_status`` of :meth:`register_replica` changed: write it soon
+        (coalesced) rather than after the next heartbeat."""
+        if self._stopped or self._mesh_status is None:
+            return
+        if self._status_task is None or self._status_task.done():
+            self._status_task = self._spawn(self._write_mesh_status(), "pgcoord-mesh-status")
+
+    @property
+    def replica_info(self) -> ReplicaInfo | None:
+        return self._replica
+
+    @property
+    def replicas(self) -> tuple[Replica, ...]:
+        """Live registered replicas (this one included) as last read."""
+        return self._replicas
+
+    def add_replica_listener(self, callback: Callable[[tuple[Replica, ...]], None]) -> None:
+        """Call ``callback(replicas)`` on the event loop whenever the live replicas change
+        (relay URL, region or host name of one, or one appearing/dying/stopping)."""
+        self._replica_listeners.append(callback)
+
+    async def fetch_replicas(self) -> list[Replica]:
+        """A fresh read of the live replicas, with each one's mesh status (health report)."""
+        assert self._store is not None
+        return await self._store.live_replicas(self.config.query_timeout)
+
+    async def refresh_replicas(self) -> None:
+        """Re-read the live replicas now; listeners run if the set changed."""
+        new = tuple(await self.fetch_replicas())
+        changed = replicas_changed(self._replicas, new)
+        self._replicas = new
+        if changed:
+            _log.info("pg coordinator %s: %d live replica(s) with a relay", self.id, len(new))
+            for cb in list(self._replica_listeners):
+                try:
+                    cb(new)
+                except Exception:
+                    _log.exception("replica listener failed")
+
+    async def derp_mesh_key(self) -> bytes:
+        """The DERP mesh key shared by every replica (created once, atomically, by the
+        first replica that asks). Never log it."""
+        if self._store is None:
+            raise RuntimeError("PgCoordinator.start() was not awaited")
+        return await self._store.derp_mesh_key(secrets.token_bytes(32), self.config.query_timeout)
+
+    def track_node_keys(self) -> None:
+        """Start keeping the node keys of every live peer of every replica
+        (:meth:`knows_node_key`). Idempotent; the first load runs on the querier."""
+        if self._node_keys is None:
+            self._node_keys = NodeKeyIndex()
+            self._keys_reload = True
+            self._work_ready.set()
+
+    def knows_node_key(self, key: bytes) -> bool:
+        """True if a live peer on any replica has ``Node.key == key`` (``b"np"`` + 32
+        bytes). Needs :meth:`track_node_keys`; false until the first load (fail closed)."""
+        idx = self._node_keys
+        return idx is not None and key in idx
 
     # ------------------------------------------------------------------ queries
 
@@ -639,6 +755,10 @@ class PgCoordinator:
                 if self._alive is not None and coord not in self._alive:
                     self._liveness_kick.set()
                 return
+            elif channel == CHAN_REPLICA:
+                decode_heartbeat(payload)
+                self._liveness_kick.set()  # one registered or stopped: re-read at once
+                return
             else:
                 return
         except PayloadError as exc:
@@ -708,6 +828,15 @@ class PgCoordinator:
         # Only connections present now take part: one connecting while we query
         # gets its own "init" batch next (else it would see "add tunnel" first).
         snapshot = dict(local.conns)
+        keys = self._node_keys
+        if keys is not None:
+            if self._keys_reload or resync_all:
+                self._keys_reload = False
+                keys.replace_all(await self._store.live_node_keys(self.config.query_timeout))
+                self.node_key_loads += 1
+            elif peer_work:
+                ids = list(peer_work)
+                keys.update(ids, await self._store.bindings(ids))
         if resync_all:
             self.resyncs += 1
             for x in local.conns:
@@ -800,6 +929,7 @@ class PgCoordinator:
                 if self._unhealthy:
                     self._unhealthy = False
                     _log.warning("pg coordinator %s: healthy again", self.id)
+                await self._write_mesh_status()
             now = time.monotonic()
             if now - last_refresh >= cfg.refresh_interval:
                 last_refresh = now
@@ -810,6 +940,24 @@ class PgCoordinator:
                     self._resync.setdefault(x, Trigger.RESYNC)
                 if dirty:
                     self._more_work()
+
+    async def _write_mesh_status(self) -> None:
+        """Write the mesh status until the stored value is the current one (a change
+        that arrives while a write is in flight is written right after it)."""
+        provider = self._mesh_status
+        if provider is None or self._store is None:
+            return
+        try:
+            for _ in range(8):  # bounded: a status that changes on every read gives up
+                status = provider()
+                if status == self._mesh_status_written:
+                    return
+                await self._store.set_mesh_status(status, self.config.query_timeout)
+                self._mesh_status_written = status
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            _log.warning("pg coordinator %s: mesh status not written: %r", self.id, exc)
 
     def _become_unhealthy(self) -> None:
         self._unhealthy = True
@@ -836,6 +984,13 @@ class PgCoordinator:
                           self.id, len(self._alive or ()), len(alive))
                 self._alive = alive
                 self._request_resync_all()
+            if self._replica is not None or self._replica_listeners:
+                try:
+                    await self.refresh_replicas()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    _log.debug("replica refresh failed: %r", exc)
 
     async def _cleanup_loop(self) -> None:
         assert self._store is not None

@@ -13,6 +13,8 @@ Wire format (ASCII; UUIDs as 32 lowercase hex digits; entries joined by ``,``):
 * :data:`CHAN_RFH` — ``<to><from>``: ``from`` (an agent) is ready for a handshake
   with ``to`` (its tunnel peer).
 * :data:`CHAN_HEARTBEAT` — ``<coordinator>``.
+* :data:`CHAN_REPLICA` — ``<coordinator>``: that replica registered its relay or
+  stopped (receivers re-read the live replicas).
 
 Decoders raise :class:`PayloadError` on anything malformed; a receiver then
 resynchronises instead of guessing.
@@ -31,6 +33,7 @@ __all__ = [
     "CHAN_TUNNEL",
     "CHAN_RFH",
     "CHAN_HEARTBEAT",
+    "CHAN_REPLICA",
     "CHANNELS",
     "MAX_PAYLOAD",
     "PayloadError",
@@ -52,7 +55,8 @@ CHAN_PEER: Final = "tailnet_peer_update"
 CHAN_TUNNEL: Final = "tailnet_tunnel_update"
 CHAN_RFH: Final = "tailnet_ready_for_handshake"
 CHAN_HEARTBEAT: Final = "tailnet_coordinator_heartbeat"
-CHANNELS: Final = (CHAN_PEER, CHAN_TUNNEL, CHAN_RFH, CHAN_HEARTBEAT)
+CHAN_REPLICA: Final = "tailnet_replica_update"
+CHANNELS: Final = (CHAN_PEER, CHAN_TUNNEL, CHAN_RFH, CHAN_HEARTBEAT, CHAN_REPLICA)
 
 #: Largest payload we emit (PostgreSQL's hard limit is just below 8000 bytes).
 MAX_PAYLOAD: Final = 7600

@@ -11,6 +11,17 @@ Tables (spec coordinator.md §7.1):
   updated_at, PK(coordinator_id, src_id, dst_id))`` — no FK to peers (a tunnel may
   name a peer that is not connected yet).
 
+Migration 2 (the embedded DERP relays of the replicas mesh, issue 10):
+
+* ``tailnet_replicas(id uuid PK → coordinators ON DELETE CASCADE, relay_url,
+  region_id, hostname, started_at, stopped_at, mesh_status, status_at)`` — one
+  row per replica that runs a relay; liveness is its coordinator row's
+  heartbeat; ``stopped_at`` is set on graceful stop; ``mesh_status`` is the
+  replica's own JSON view of its mesh links (for the health report).
+* ``tailnet_derp_mesh_key(singleton true PK, mesh_key bytea(32), created_at)``
+  — the region's shared DERP mesh key, inserted once by the first replica
+  (``INSERT … ON CONFLICT DO NOTHING``, then read back).
+
 Indexes match the queries in :mod:`tailnet.pg.store`: peers by ``id`` (PK prefix)
 and by ``coordinator_id``; lost peers by ``updated_at`` (cleanup); tunnels by
 ``src_id`` and ``dst_id`` (hash, as pgcoord after coder#12780); coordinators by
@@ -65,6 +76,28 @@ MIGRATIONS: Final[tuple[tuple[int, str], ...]] = (
         );
         CREATE INDEX tailnet_tunnels_src_id_idx ON tailnet_tunnels USING hash (src_id);
         CREATE INDEX tailnet_tunnels_dst_id_idx ON tailnet_tunnels USING hash (dst_id);
+        """,
+    ),
+    (
+        2,
+        """
+        CREATE TABLE tailnet_replicas (
+            id uuid PRIMARY KEY
+                REFERENCES tailnet_coordinators (id) ON DELETE CASCADE,
+            relay_url text NOT NULL,
+            region_id integer NOT NULL,
+            hostname text NOT NULL,
+            started_at timestamptz NOT NULL,
+            stopped_at timestamptz,
+            mesh_status text NOT NULL DEFAULT '',
+            status_at timestamptz
+        );
+
+        CREATE TABLE tailnet_derp_mesh_key (
+            singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+            mesh_key bytea NOT NULL CHECK (length(mesh_key) = 32),
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
         """,
     ),
 )

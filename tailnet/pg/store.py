@@ -24,6 +24,13 @@ Ops → effect (``me`` = this replica's coordinator ID):
 * :class:`RfhOp` — no write: checks which targets share a tunnel with the sender
   and publishes ready-for-handshake for those; the others are returned as errors.
 * :class:`CloseOp` — every ``ok`` row of ``me`` becomes ``lost`` (graceful shutdown).
+
+Replica registry and mesh key (outside the op pipeline, issue 10):
+:meth:`Store.register_replica` / :meth:`Store.stop_replica` (each notifies
+``tailnet_replica_update``), :meth:`Store.live_replicas`,
+:meth:`Store.set_mesh_status`, :meth:`Store.derp_mesh_key` (created once,
+atomically) and :meth:`Store.live_node_keys` (the full load of the node-key
+index).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ from tailnet.pg.mapper import BindingRow
 from tailnet.pg.payload import (
     CHAN_HEARTBEAT,
     CHAN_PEER,
+    CHAN_REPLICA,
     CHAN_RFH,
     CHAN_TUNNEL,
     PeerCode,
@@ -48,6 +56,7 @@ from tailnet.pg.payload import (
     encode_rfh_events,
     encode_tunnel_events,
 )
+from tailnet.pg.replicas import Replica, ReplicaInfo
 
 __all__ = [
     "NodeOp",
@@ -193,6 +202,51 @@ _ALIVE = """
 SELECT id FROM tailnet_coordinators WHERE heartbeat_at > now() - make_interval(secs => $1)
 """
 
+_REGISTER_REPLICA = """
+WITH r AS (
+    INSERT INTO tailnet_replicas (id, relay_url, region_id, hostname, started_at)
+    VALUES ($1, $2, $3, $4, now())
+    ON CONFLICT (id) DO UPDATE
+    SET relay_url = EXCLUDED.relay_url, region_id = EXCLUDED.region_id,
+        hostname = EXCLUDED.hostname, stopped_at = NULL
+    RETURNING id
+)
+SELECT pg_notify($5, $6) FROM r
+"""
+
+_STOP_REPLICA = """
+WITH r AS (
+    UPDATE tailnet_replicas SET stopped_at = now() WHERE id = $1 RETURNING id
+)
+SELECT pg_notify($2, $3) FROM r
+"""
+
+_LIVE_REPLICAS = """
+SELECT r.id, r.relay_url, r.region_id, r.hostname,
+       extract(epoch FROM r.started_at)::float8 AS started_at,
+       extract(epoch FROM c.heartbeat_at)::float8 AS heartbeat_at,
+       r.mesh_status,
+       extract(epoch FROM r.status_at)::float8 AS status_at
+FROM tailnet_replicas r JOIN tailnet_coordinators c ON c.id = r.id
+WHERE r.stopped_at IS NULL AND c.heartbeat_at > now() - make_interval(secs => $1)
+ORDER BY r.started_at, r.id
+"""
+
+_SET_MESH_STATUS = """
+UPDATE tailnet_replicas SET mesh_status = $2, status_at = now() WHERE id = $1
+"""
+
+_INSERT_MESH_KEY = """
+INSERT INTO tailnet_derp_mesh_key (singleton, mesh_key) VALUES (true, $1)
+ON CONFLICT (singleton) DO NOTHING
+"""
+
+_LIVE_NODES = """
+SELECT p.id, p.node
+FROM tailnet_peers p JOIN tailnet_coordinators c ON c.id = p.coordinator_id
+WHERE p.status = 'ok' AND c.heartbeat_at > now() - make_interval(secs => $1)
+"""
+
 
 class Store:
     """Queries for one replica (``coordinator_id``) on an asyncpg pool."""
@@ -332,6 +386,50 @@ class Store:
     async def alive_coordinators(self) -> set[uuid.UUID]:
         rows = await self.pool.fetch(_ALIVE, self.expiry)
         return {r[0] for r in rows}
+
+    # ------------------------------------------------------------------ replicas
+
+    async def register_replica(self, info: ReplicaInfo, timeout: float | None = None) -> None:
+        """Upsert this replica's row (``stopped_at`` cleared) and notify the others."""
+        me = self.coordinator_id
+        await self.pool.execute(
+            _REGISTER_REPLICA, me, info.relay_url, info.region_id, info.hostname,
+            CHAN_REPLICA, encode_heartbeat(me), timeout=timeout,
+        )
+
+    async def stop_replica(self, timeout: float | None = None) -> None:
+        """Mark this replica stopped (no longer meshed) and notify the others."""
+        me = self.coordinator_id
+        await self.pool.execute(_STOP_REPLICA, me, CHAN_REPLICA, encode_heartbeat(me),
+                                timeout=timeout)
+
+    async def live_replicas(self, timeout: float | None = None) -> list[Replica]:
+        """Registered, not stopped replicas whose coordinator heartbeat is fresh."""
+        rows = await self.pool.fetch(_LIVE_REPLICAS, self.expiry, timeout=timeout)
+        return [
+            Replica(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7]) for r in rows
+        ]
+
+    async def set_mesh_status(self, status: str, timeout: float | None = None) -> None:
+        await self.pool.execute(_SET_MESH_STATUS, self.coordinator_id, status, timeout=timeout)
+
+    async def derp_mesh_key(self, candidate: bytes, timeout: float | None = None) -> bytes:
+        """The region's shared mesh key: ``candidate`` if this call created it, else the
+        existing one. Two statements on purpose: the read runs with a new snapshot, so
+        it sees a row a concurrent first replica committed while our insert waited."""
+        async with self.pool.acquire(timeout=timeout) as conn:
+            await conn.execute(_INSERT_MESH_KEY, candidate, timeout=timeout)
+            key = await conn.fetchval(
+                "SELECT mesh_key FROM tailnet_derp_mesh_key WHERE singleton", timeout=timeout
+            )
+        if key is None or len(key) != 32:  # pragma: no cover - the CHECK constraint forbids it
+            raise RuntimeError("tailnet_derp_mesh_key holds no valid key")
+        return bytes(key)
+
+    async def live_node_keys(self, timeout: float | None = None) -> list[tuple[uuid.UUID, bytes]]:
+        """``(peer, node)`` of every ``ok`` row whose replica is alive."""
+        rows = await self.pool.fetch(_LIVE_NODES, self.expiry, timeout=timeout)
+        return [(r[0], r[1]) for r in rows]
 
     async def cleanup(self, retention: float, timeout: float | None = None) -> tuple[int, int, int]:
         """Delete dead replicas, old lost peers and orphaned old tunnels (pgcoord §7.5).

@@ -7,6 +7,9 @@ programs run as the ``postgres`` system user (the directory is chowned to it).
 The server is our direct child and gets ``PR_SET_PDEATHSIG`` (Linux), so it
 cannot outlive a killed test run. :meth:`stop` / :meth:`start` again restart it
 on the same port and data directory (used by the "PostgreSQL restart" tests).
+Tests run with ``fsync``, ``synchronous_commit`` and ``full_page_writes`` off
+(speed); ``PgServer(bindir, durable=True)`` keeps PostgreSQL's durability
+defaults (benchmarks).
 
 Fixtures: :func:`pg_server` (session-wide, shared by every module that imports
 it, started lazily once per process) and :func:`pg_dsn` (a fresh database per
@@ -81,8 +84,9 @@ def _demote(uid: int | None, gid: int | None) -> Callable[[], None]:
 class PgServer:
     """One PostgreSQL cluster in a temporary directory (see module docstring)."""
 
-    def __init__(self, bindir: Path) -> None:
+    def __init__(self, bindir: Path, *, durable: bool = False) -> None:
         self.bindir = bindir
+        self.durable = durable
         self.root = Path(tempfile.mkdtemp(prefix="tailnet-pg-"))
         self.datadir = self.root / "data"
         self.sockdir = self.root / "sock"
@@ -149,12 +153,10 @@ class PgServer:
                 str(self.port),
                 "-c",
                 "listen_addresses=127.0.0.1",
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
+                *(() if self.durable else (
+                    "-c", "fsync=off", "-c", "synchronous_commit=off",
+                    "-c", "full_page_writes=off",
+                )),
                 "-c",
                 "max_connections=200",
                 "-c",

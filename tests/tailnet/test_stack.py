@@ -146,6 +146,21 @@ async def test_derp_config_path_adds_regions(tmp_path: Path) -> None:
         await s.stop()
 
 
+async def test_derp_config_path_nodes_join_the_embedded_region(tmp_path: Path) -> None:
+    # Standalone relays meshed with the embedded one are listed under its region ID.
+    extra = tmp_path / "derp.json"
+    extra.write_text(json.dumps({"Regions": {"999": {
+        "RegionID": 999, "Nodes": [{"Name": "999d", "HostName": "derp1.example"}]}}}))
+    s = TailnetStack(_cfg(None, derp_config_path=str(extra)))
+    await s.start()
+    try:
+        nodes = s.derp_maps.current().regions[999].nodes
+        assert [n.name for n in nodes] == ["999b", "999d"]
+        assert nodes[1].host_name == "derp1.example" and nodes[1].region_id == 999
+    finally:
+        await s.stop()
+
+
 # --------------------------------------------------------------------------- config
 
 
@@ -253,3 +268,27 @@ async def test_postgres_url_uses_the_ha_coordinator(pg_dsn: str) -> None:  # noq
             await ac.close()
     finally:
         await s.stop()
+
+
+def test_ha_mesh_options(tmp_path: Path) -> None:
+    from tailnet.config import read_mesh_key
+
+    cfg = load_config(_parse(["--derp-relay-url", "http://10.0.0.5:3000",
+                              "--replica-heartbeat", "0.5", "--postgres-url", "postgresql://x/y",
+                              "--derp-mesh-with", "http://derp1:3340,derp2"]), {})
+    assert (cfg.derp_relay_url, cfg.replica_heartbeat) == ("http://10.0.0.5:3000", 0.5)
+    with pytest.raises(ConfigError, match="derp_relay_url"):
+        StackConfig(derp_relay_url="10.0.0.5:3000")
+    with pytest.raises(ConfigError, match="needs a mesh key"):
+        StackConfig(derp_mesh_with="http://derp1:3340")
+    with pytest.raises(ConfigError, match="derp_mesh_with"):
+        StackConfig(derp_mesh_with="ftp://x", postgres_url="postgresql://x/y")
+    with pytest.raises(ConfigError, match="replica_heartbeat"):
+        StackConfig(replica_heartbeat=0)
+    key = tmp_path / "mesh.key"
+    key.write_text("ab" * 32 + "\n")
+    assert read_mesh_key(str(key)) == b"\xab" * 32
+    key.write_text("secret-not-hex")
+    with pytest.raises(ConfigError) as err:
+        read_mesh_key(str(key))
+    assert "secret" not in str(err.value)  # the message names the file, never the content

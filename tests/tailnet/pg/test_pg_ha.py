@@ -96,7 +96,7 @@ def join(
 async def test_migrations_are_idempotent(pg_dsn: str) -> None:
     conn = await asyncpg.connect(pg_dsn)
     try:
-        assert await migrate(conn) == [1]
+        assert await migrate(conn) == [1, 2]
         assert await migrate(conn) == []
         idx = {r["indexname"] for r in await conn.fetch("SELECT indexname FROM pg_indexes")}
         for name in ("tailnet_peers_coordinator_id_idx", "tailnet_tunnels_src_id_idx",
