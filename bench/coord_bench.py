@@ -726,6 +726,7 @@ def main(argv: list[str] | None = None) -> None:
     raise_nofile()
 
     groups: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    failures: list[str] = []
     for i in range(args.runs):
         for gc_mode in gcs:
             for fanout in fanouts:
@@ -736,13 +737,20 @@ def main(argv: list[str] | None = None) -> None:
                         file=sys.stderr,
                     )
                     t0 = time.perf_counter()
-                    r = run_once(args, transport, fanout, gc_mode == "tuned")
+                    try:
+                        r = run_once(args, transport, fanout, gc_mode == "tuned")
+                    except Exception as exc:  # report it, keep the other runs
+                        print(f"  run failed: {exc!r}", file=sys.stderr)
+                        failures.append(f"{transport} fan-out {fanout} GC {gc_mode}: {exc!r}")
+                        continue
                     groups.setdefault((transport, fanout, gc_mode), []).append(r)
                     print(f"  took {time.perf_counter() - t0:.0f} s", file=sys.stderr)
                     if args.json:  # keep partial results
                         Path(args.json).write_text(json.dumps(
                             {"runs": [r for v in groups.values() for r in v]}, indent=1))
     medians = report(groups, args, sys.stdout)
+    for f in failures:
+        print(f"\nFailed run: {f}")
     if args.json:
         Path(args.json).write_text(json.dumps(
             {"medians": medians, "runs": [r for v in groups.values() for r in v]}, indent=1))
