@@ -470,6 +470,13 @@ def run_once(
         burst_dial = [x for r in ready for x in r["dial_ms"]]
         time.sleep(2.0)  # let the connect burst's stragglers (GC, buffers) settle
         rss1 = _rss_kb(pid)
+        # Idle: no updates, only keepalives (yamux pings both ways every 30 s, and
+        # WebSocket pings every 15 s on the client endpoints; gRPC sends none).
+        icpu0, igcpu0, it0 = _cpu_s(pid), sum(_cpu_s(g.proc.pid) for g in gens), time.perf_counter()
+        time.sleep(args.idle)
+        iwall = time.perf_counter() - it0
+        idle_cpu = (_cpu_s(pid) - icpu0) / iwall
+        idle_gens_cpu = (sum(_cpu_s(g.proc.pid) for g in gens) - igcpu0) / iwall
         census = None
         if args.census:
             server.stdin.write("census\n")
@@ -504,6 +511,8 @@ def run_once(
             "rss_base_mb": rss0 / 1024,
             "rss_connected_mb": rss1 / 1024,
             "rss_per_peer_kb": (rss1 - rss0) / peers,
+            "idle_coord_cpu_util": idle_cpu,
+            "idle_gens_cpu_util": idle_gens_cpu,
         }
         if census is not None:
             result["census"] = census
@@ -511,7 +520,8 @@ def run_once(
             f"  [{transport} fan-out {fanout} gc {result['coord_gc']}] connected {peers} in "
             f"{connect_s:.1f} s, RSS/peer {result['rss_per_peer_kb']:.1f} KB, dial→NODE "
             f"burst p99 {result['burst_dial_p99_ms']:.0f} ms, idle p50/p99 "
-            f"{result['idle_dial_p50_ms']:.1f}/{result['idle_dial_p99_ms']:.1f} ms",
+            f"{result['idle_dial_p50_ms']:.1f}/{result['idle_dial_p99_ms']:.1f} ms, idle CPU "
+            f"server {idle_cpu:.0%} gens {idle_gens_cpu:.0%}",
             file=sys.stderr,
         )
         # Warm-up (not reported), then the fixed-rate measurement.
@@ -607,6 +617,8 @@ ROWS: tuple[tuple[str, str, tuple[str, ...], str, str], ...] = (
     ("server RSS per peer", ".1f", ("rss_per_peer_kb",), " KB", ".1f"),
     ("server RSS with all peers connected", ".0f", ("rss_connected_mb",), " MB", ""),
     ("server CPU per delivered update", ".0f", ("fixed", "cpu_us_per_update"), " µs", ""),
+    ("server CPU at idle, all peers connected (keepalives)", ".0%", ("idle_coord_cpu_util",),
+     "", ""),
     ("server CPU @ RATE upd/s (of one core)", ".0%", ("fixed", "coord_cpu_util"), "", ""),
     ("load generators' CPU @ RATE upd/s (sum)", ".0%", ("fixed", "gens_cpu_util"), "", ""),
     ("longest server GC pause @ RATE upd/s", ".0f", ("fixed", "coord_gc_max_ms"), " ms", ""),
@@ -695,6 +707,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=str, help="comma-separated rates to step through")
     ap.add_argument("--step-duration", type=float)
     ap.add_argument("--probe", type=int, help="idle re-dials per load generator")
+    ap.add_argument("--idle", type=float, default=10.0,
+                    help="seconds with all peers connected and no updates (idle CPU)")
     ap.add_argument("--gens", type=int, default=2, help="load generator processes")
     ap.add_argument("--no-acks", dest="acks", action="store_false")
     ap.add_argument(
