@@ -662,6 +662,17 @@ def report(
                 medians.setdefault("/".join(map(str, key)), {})["/".join(path)] = v
             print(f"| {label.replace('RATE', format(args.rate, ',.0f'))} | "
                   + " | ".join(cells) + " |", file=out)
+        # The same rate again as a later rate step (after the fixed window: steady state,
+        # no post-connect GC pass); only runs whose 1,000/s step passed get there.
+        cells = []
+        for _key, runs in cols:
+            vals = [s["p99_ms"] for r in runs for s in r["steps"] if s["rate"] == args.rate]
+            cells.append(
+                f"{statistics.median(vals):.1f} ms ({len(vals)} of {len(runs)} runs: "
+                + " / ".join(f"{v:.1f}" for v in vals) + ")" if vals else "not reached"
+            )
+        print(f"| fan-out latency p99 @ {args.rate:,.0f} upd/s, later rate step | "
+              + " | ".join(cells) + " |", file=out)
         loads = [r["load_before"] for _, runs in cols for r in runs]
         print(f"\nLoad average (1 min) before each run: {', '.join(f'{x:.1f}' for x in loads)}",
               file=out)
@@ -719,6 +730,8 @@ def main(argv: list[str] | None = None) -> None:
                     help=argparse.SUPPRESS)
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--json", help="write all results to this file")
+    ap.add_argument("--report", nargs="+", metavar="JSON",
+                    help="no run: print the tables for the runs saved in these --json files")
     args = ap.parse_args(argv)
 
     if args.serve:
@@ -732,6 +745,16 @@ def main(argv: list[str] | None = None) -> None:
     args.probe = args.probe or (20 if quick else 100)
     default_steps = "1000,2000,3000" if quick else "1000,2000,3000,4000,5000,6000,8000"
     args.steps = [float(x) for x in (args.steps or default_steps).split(",") if x]
+    if args.report:
+        saved: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+        for name in args.report:
+            for r in json.loads(Path(name).read_text())["runs"]:
+                saved.setdefault((r["transport"], r["fanout"], r["coord_gc"]), []).append(r)
+        args.gens = saved[next(iter(saved))][0]["gens"]
+        args.acks = saved[next(iter(saved))][0]["acks"]
+        report(dict(sorted(saved.items(), key=lambda kv: (kv[0][2] != "tuned", kv[0][1],
+                                                           kv[0][0]))), args, sys.stdout)
+        return
     transports = ["drpc", "grpc"] if args.transport == "both" else [args.transport]
     fanouts = [int(x) for x in args.fanout.split(",") if x]
     gcs = [x.strip() for x in args.gc.split(",") if x.strip()]
