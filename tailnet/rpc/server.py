@@ -9,7 +9,9 @@ Per stream::
 
     yamux data ──► drpc.ServerConnection.receive_data ──► events
       InvokeReceived     → look the path up; unknown → Error(0, 'protocol error: unknown rpc: "…"')
-                           known → start the handler task (one at a time)
+                           known → the handler task (one at a time) starts: bidi and
+                           client streaming at once, unary and server streaming once
+                           their request (Message, or a bare CloseSend) is in
       MessageReceived    → the call's inbox (parsed when the handler asks)
       CloseSendReceived  → end of requests (recv() returns None)
       Close/Cancel/Error → the handler is cancelled; nothing more is sent
@@ -31,15 +33,14 @@ and memory per stream stays within one window plus one message
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from typing import Any, Final
 
 from google.protobuf.message import DecodeError, Message
 
 from . import drpc
-from .mux import UNIMPLEMENTED, Method, MethodKind, Mux, RpcError
+from .mux import UNIMPLEMENTED, Method, Mux, RpcError
 from .session import Pipe, YamuxConnection, YamuxStream
 
 __all__ = ["DEFAULT_MAX_STREAMS", "RpcServerConnection"]
@@ -49,19 +50,23 @@ log = logging.getLogger(__name__)
 #: Streams one connection may have open at once (Coder's clients use 3-5).
 DEFAULT_MAX_STREAMS: Final = 64
 
-_CLOSE_SEND: Final = object()
-
-
 class _Call:
-    """A running RPC; implements :class:`~tailnet.rpc.mux.ServerCall`."""
+    """A running RPC; implements :class:`~tailnet.rpc.mux.ServerCall`.
+
+    The inbox is a plain list consumed from ``_head`` (usually 0-2 items; an
+    empty deque costs a ~0.6 KB block, and two calls live per connected peer);
+    CloseSend is a flag, seen once the queued messages are taken.
+    """
 
     __slots__ = (
         "method",
         "metadata",
         "context",
         "_rpc",
-        "_request_type",
+        "_method",
         "_inbox",
+        "_head",
+        "_close_send",
         "_waiter",
         "ended",
         "task",
@@ -74,17 +79,26 @@ class _Call:
         self.metadata = metadata
         self.context = context
         self._rpc = rpc
-        self._request_type = method.request_type
-        self._inbox: collections.deque[object] = collections.deque()
+        self._method = method
+        self._inbox: list[bytes] = []
+        self._head = 0
+        self._close_send = False
         self._waiter: asyncio.Future[None] | None = None
         self.ended = False
         self.task: asyncio.Task[None] | None = None
 
-    def _push(self, item: object) -> None:
-        self._inbox.append(item)
-        w = self._waiter
-        if w is not None and not w.done():
-            w.set_result(None)
+    @property
+    def has_input(self) -> bool:
+        """Parsed messages are waiting to be taken by the handler."""
+        return self._head < len(self._inbox)
+
+    def _push(self, data: bytes) -> None:
+        self._inbox.append(data)
+        self._wake()
+
+    def _push_close_send(self) -> None:
+        self._close_send = True
+        self._wake()
 
     def _wake(self) -> None:
         w = self._waiter
@@ -102,25 +116,131 @@ class _Call:
         await rpc.write_out()
 
     async def recv(self) -> Message | None:
-        while not self._inbox:
-            if self.ended:
+        inbox = self._inbox
+        while self._head >= len(inbox):
+            if self.ended or self._close_send:
                 return None
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        item = self._inbox.popleft()
-        if not self._inbox:
+        item = inbox[self._head]
+        inbox[self._head] = b""  # taken: free it now
+        self._head += 1
+        if self._head >= len(inbox):
+            inbox.clear()
+            self._head = 0
             self._rpc.release()
-        if item is _CLOSE_SEND:
-            self._inbox.appendleft(item)  # stays at the end for later calls
-            return None
-        assert isinstance(item, bytes)
+        return self._parse(item)
+
+    def _parse(self, item: bytes) -> Message:
+        rt = self._method.request_type
         try:
-            return self._request_type.FromString(item)
+            return rt.FromString(item)
         except DecodeError as exc:
-            raise RpcError(0, f"invalid {self._request_type.DESCRIPTOR.name}: {exc}") from None
+            raise RpcError(0, f"invalid {rt.DESCRIPTOR.name}: {exc}") from None
+
+    def _request_nowait(self) -> Message | None:
+        """For unary / server-streaming calls: the request, once its Message or a
+        bare CloseSend arrived (then an empty request, as Go's server reads it);
+        ``None`` while neither has. Raises ``RpcError`` if it does not parse."""
+        if self._head < len(self._inbox):
+            item = self._inbox[self._head]
+            self._inbox.clear()
+            self._head = 0
+            return self._parse(item)
+        if self._close_send:
+            return self._method.request_type()
+        return None
+
+    # ---------------------------------------------------------------- ending
+
+    def _start(self, aw: Awaitable[Any]) -> None:
+        task = asyncio.ensure_future(aw)
+        self.task = task
+        task.add_done_callback(self._handler_done)
+
+    def _handler_done(self, task: asyncio.Task[Any]) -> None:
+        """The handler returned or raised: end the call on the wire (see module doc).
+
+        A callback, not a wrapper coroutine around the handler: a long-lived call
+        (Coordinate, StreamDERPMaps) then holds one coroutine frame less.
+        """
+        if self.task is task:
+            self.task = None
+        method = self._method
+        rpc = self._rpc
+        d = rpc.drpc
+        if task.cancelled():
+            self.ended = True
+            return
+        exc = task.exception()
+        try:
+            if exc is None:
+                if self.ended:
+                    return
+                try:
+                    result = task.result()
+                    if not method.kind.server_streams:
+                        if not isinstance(result, Message):
+                            raise TypeError(
+                                f"{method.path} handler returned {type(result).__name__}"
+                            )
+                        # The response may exceed the peer's window: send it from a task.
+                        self._start(self._send_response(result))
+                        return
+                except TypeError as err:
+                    exc = err
+                else:
+                    self.ended = True
+                    if method.end_with_close:
+                        d.send_close()
+                    else:
+                        d.send_close_send()
+            if exc is not None and not self._send_failure(exc):
+                return
+        finally:
+            exc = None  # a kept exception would tie this frame to its own traceback
+            if self.ended and rpc.call is self:
+                rpc.call = None  # the call and its stream refer to each other
+        rpc.write_nowait()  # the ending packets are a few bytes: no need to wait
+
+    def _send_failure(self, exc: BaseException) -> bool:
+        """Queue the ending for a handler that raised ``exc``; False if nothing to send."""
+        method = self._method
+        rpc = self._rpc
+        d = rpc.drpc
+        if isinstance(exc, RpcError):
+            if self.ended and not method.end_with_close:
+                return False
+            self.ended = True
+            if method.end_with_close and exc.code != UNIMPLEMENTED:
+                log.info("rpc %s: %s ended: %s", rpc.conn.name, method.path, exc.message)
+            code, text = exc.code, exc.message
+        elif isinstance(exc, (ConnectionError, drpc.DrpcError)):
+            self.ended = True
+            return False
+        else:
+            self.ended = True
+            log.error("rpc %s: %s handler failed", rpc.conn.name, method.path,
+                      exc_info=(type(exc), exc, exc.__traceback__))
+            code, text = 0, "internal error"
+        try:
+            d.send_error(code, text)
+        except drpc.DrpcError:
+            return False
+        return True
+
+
+    async def _send_response(self, result: Message) -> None:
+        """Unary success: Message (waiting for window as needed), then CloseSend."""
+        await self.send(result)
+        if not self.ended:
+            self.ended = True
+            self._rpc.drpc.send_close_send()
+        # _handler_done of this task: ended, so it only flushes nothing further
+        self._rpc.write_nowait()
 
 
 class _RpcStream:
@@ -158,11 +278,13 @@ class _RpcStream:
             elif isinstance(ev, drpc.CloseSendReceived):
                 call = self.call
                 if call is not None:
-                    call._push(_CLOSE_SEND)
+                    call._push_close_send()
             elif isinstance(ev, (drpc.CloseReceived, drpc.CancelReceived, drpc.ErrorReceived)):
                 self.stop_call()
         call = self.call
-        if call is None or call.ended or not call._inbox:
+        if call is not None:
+            self._maybe_start(call)
+        if call is None or call.ended or not call.has_input:
             self.release()
         self.write_nowait()
 
@@ -177,7 +299,7 @@ class _RpcStream:
         """Peer FIN, RST, or session end: cancel the call; FIN back."""
         self.stop_call()
         self.finished = True
-        self.conn._rpcs.discard(self)
+        self.conn._forget(self)
         self.ys.close()
 
     def invoke(self, path: str, metadata: Mapping[str, str]) -> None:
@@ -189,7 +311,22 @@ class _RpcStream:
             return
         call = _Call(self, method, metadata, self.conn.context)
         self.call = call
-        call.task = asyncio.get_running_loop().create_task(self.run(call, method))
+        if method.kind.client_streams:
+            call._start(method.handler(call))
+        # unary / server streaming: started by _maybe_start once the request is in
+
+    def _maybe_start(self, call: _Call) -> None:
+        """Start a unary / server-streaming handler once its request arrived."""
+        if call.task is not None or call.ended or call._method.kind.client_streams:
+            return
+        try:
+            req = call._request_nowait()
+        except RpcError as exc:
+            call.ended = True
+            self.drpc.send_error(exc.code, exc.message)
+            return
+        if req is not None:
+            call._start(call._method.handler(call, req))
 
     def stop_call(self) -> None:
         call = self.call
@@ -215,7 +352,7 @@ class _RpcStream:
                 pass
             self.write_nowait()
         self.finished = True
-        self.conn._rpcs.discard(self)
+        self.conn._forget(self)
         self.ys.close()
 
     # ---------------------------------------------------------------- output
@@ -230,59 +367,6 @@ class _RpcStream:
         if data:
             await self.ys.write(data)
 
-    # ---------------------------------------------------------------- handler
-
-    async def run(self, call: _Call, method: Method) -> None:
-        d = self.drpc
-        try:
-            kind = method.kind
-            if kind is MethodKind.UNARY or kind is MethodKind.SERVER_STREAM:
-                req = await call.recv()
-                if req is None:
-                    req = method.request_type()
-                result = await method.handler(call, req)
-            else:
-                result = await method.handler(call)
-            if call.ended:
-                return
-            if not kind.server_streams:
-                if not isinstance(result, Message):
-                    raise TypeError(f"{method.path} handler returned {type(result).__name__}")
-                await call.send(result)
-                call.ended = True
-                d.send_close_send()
-            else:
-                call.ended = True
-                if method.end_with_close:
-                    d.send_close()
-                else:
-                    d.send_close_send()
-        except asyncio.CancelledError:
-            call.ended = True
-            return
-        except RpcError as exc:
-            if call.ended and not method.end_with_close:
-                return
-            call.ended = True
-            if method.end_with_close and exc.code != UNIMPLEMENTED:
-                log.info("rpc %s: %s ended: %s", self.conn.name, method.path, exc.message)
-            d.send_error(exc.code, exc.message)
-        except (ConnectionError, drpc.DrpcError):
-            call.ended = True
-            return
-        except Exception:
-            call.ended = True
-            log.exception("rpc %s: %s handler failed", self.conn.name, method.path)
-            d.send_error(0, "internal error")
-        finally:
-            call.task = None
-            if self.call is call:
-                self.call = None  # the call and this stream refer to each other
-        try:
-            await self.write_out()
-        except ConnectionError:
-            pass
-
 
 class RpcServerConnection:
     """Serve ``mux`` on one WebSocket pipe until it closes.
@@ -290,6 +374,8 @@ class RpcServerConnection:
     ``context`` is handed to every handler as ``call.context`` (for the Tailnet
     service: who is calling and with which peer identity).
     """
+
+    __slots__ = ("mux", "context", "name", "_rpcs", "yamux")
 
     def __init__(
         self,
@@ -305,7 +391,8 @@ class RpcServerConnection:
         self.mux = mux
         self.context = context
         self.name = name or "connection"
-        self._rpcs: set[_RpcStream] = set()
+        # Live streams (a list: 1-5 per connection, and a set costs 4x the memory).
+        self._rpcs: list[_RpcStream] = []
         self.yamux = YamuxConnection(
             pipe,
             client=False,
@@ -317,7 +404,13 @@ class RpcServerConnection:
         )
 
     def _on_stream(self, ys: YamuxStream) -> None:
-        self._rpcs.add(_RpcStream(self, ys))
+        self._rpcs.append(_RpcStream(self, ys))
+
+    def _forget(self, rpc: _RpcStream) -> None:
+        try:
+            self._rpcs.remove(rpc)
+        except ValueError:
+            pass
 
     async def run(self) -> None:
         """Serve until the peer goes away; then cancel and await every call."""

@@ -198,7 +198,27 @@ class YamuxConnection:
     ``on_stream`` is called with every stream the peer opens (after it was
     accepted, i.e. ACKed); if it is ``None`` incoming streams are reset.
     :meth:`run` is the reader loop; it returns when the session is over.
+
+    One per WebSocket, so kept lean (``__slots__``; the close future is created
+    only when someone waits for it; one keepalive timer handle at a time).
     """
+
+    __slots__ = (
+        "pipe",
+        "session",
+        "on_stream",
+        "name",
+        "streams",
+        "closed",
+        "close_reason",
+        "_ka_interval",
+        "_ka_timeout",
+        "_ka_handle",
+        "_ka_deadline",
+        "_ka_opaque",
+        "_pings",
+        "_done",
+    )
 
     def __init__(
         self,
@@ -226,8 +246,8 @@ class YamuxConnection:
         self._ka_handle: asyncio.TimerHandle | None = None
         self._ka_deadline: asyncio.TimerHandle | None = None
         self._ka_opaque: int | None = None
-        self._pings: dict[int, asyncio.Future[float]] = {}
-        self._done = asyncio.Event()
+        self._pings: dict[int, asyncio.Future[float]] | None = None
+        self._done: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -265,7 +285,11 @@ class YamuxConnection:
         await self.pipe.close(code, reason)
 
     async def wait_closed(self) -> None:
-        await self._done.wait()
+        if self.closed:
+            return
+        if self._done is None:
+            self._done = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._done)
 
     def go_away(self) -> None:
         """Tell the peer we accept no new streams (GoAway normal)."""
@@ -293,13 +317,16 @@ class YamuxConnection:
         loop = asyncio.get_running_loop()
         opaque = self.session.ping()
         fut: asyncio.Future[float] = loop.create_future()
-        self._pings[opaque] = fut
+        if self._pings is None:
+            self._pings = {}
+        pings = self._pings
+        pings[opaque] = fut
         t0 = time.perf_counter()
         self.flush()
         try:
             await asyncio.wait_for(fut, timeout)
         finally:
-            self._pings.pop(opaque, None)
+            pings.pop(opaque, None)
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ internals
@@ -392,7 +419,7 @@ class YamuxConnection:
                 self.flush()
             except Exception:  # pragma: no cover - pipe already broken
                 pass
-        for fut in self._pings.values():
+        for fut in (self._pings or {}).values():
             if not fut.done():
                 fut.set_exception(ConnectionError(f"{self.name} session closed: {reason}"))
         streams = list(self.streams.values())
@@ -405,7 +432,9 @@ class YamuxConnection:
             st.on_data = _noop_data
             st.on_end = _noop
             on_end()
-        self._done.set()
+        done = self._done
+        if done is not None and not done.done():
+            done.set_result(None)
 
     # keepalive (loop callbacks; no task per connection)
 
@@ -439,6 +468,6 @@ class YamuxConnection:
                 self._ka_deadline = None
             self._arm_keepalive()
             return
-        fut = self._pings.get(opaque)
+        fut = self._pings.get(opaque) if self._pings is not None else None
         if fut is not None and not fut.done():
             fut.set_result(0.0)
