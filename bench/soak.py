@@ -187,22 +187,37 @@ def seq_node(key: PrivateKey, disco: str, addr: str, seq: int) -> pb.Node:
     )
 
 
+_BIG: dict[str, pb.Node] = {}
+
+
 def big_node(addr: str, seq: int) -> pb.Node:
     """A node close to the default caps (64 KiB serialized, 256 endpoints,
     1024 allowed IPs): what a misbehaving peer pushes. ``seq`` makes each differ."""
+    tmpl = _BIG.get(addr)
+    if tmpl is None:
+        tmpl = _BIG[addr] = _big_template(addr)
+    node = pb.Node()
+    node.CopyFrom(tmpl)
+    node.id = seq
+    node.as_of.FromNanoseconds(time.time_ns())
+    return node
+
+
+def _big_template(addr: str, target: int = 63_000) -> pb.Node:
     key = PrivateKey.generate()
     base = int(ipaddress.IPv6Address(addr.split("/")[0]))
     node = pb.Node(
-        id=seq,
         key=b"np" + key.public.raw,
         disco="discokey:" + "ab" * 32,
         preferred_derp=999,
         addresses=[addr],
-        allowed_ips=[f"{ipaddress.IPv6Address(base ^ (i + 1))}/128" for i in range(1024)],
         endpoints=[f"[{ipaddress.IPv6Address(base ^ (i << 16))}]:{40000 + i}" for i in range(256)],
-        derp_latency={f"{r}-v4": 0.01 * r for r in range(1, 64)},
+        derp_latency={f"{r}-v4": 0.01 * r for r in range(1, 201)},
     )
-    node.as_of.FromNanoseconds(time.time_ns())
+    i = 0
+    while node.ByteSize() < target - 64 and i < 1024:  # allowed IPs up to ~63 KB (cap: 64 KiB)
+        i += 1
+        node.allowed_ips.append(f"{ipaddress.IPv6Address(base ^ i)}/128")
     return node
 
 
@@ -948,6 +963,11 @@ class GrpcPeer:
             return "blocked"
         except (grpc.aio.AioRpcError, grpc.aio.UsageError, asyncio.InvalidStateError) as exc:
             return f"ended ({type(exc).__name__})"
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return "ended (cancelled call)"
 
     async def finish(self, timeout: float) -> tuple[str, str]:
         """Read everything queued for us; (last error text, status). A stream
@@ -969,6 +989,11 @@ class GrpcPeer:
             status = f"still open ({n} responses read)"
         except grpc.aio.AioRpcError as exc:
             status = f"{exc.code().name} {exc.details()!r}"
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            status = f"CANCELLED (after {n} responses)"  # grpc.aio raises this for a cancelled call
         return last_error, status
 
     async def close(self) -> None:
@@ -1027,8 +1052,10 @@ class DrpcPeer:
 
 
 async def _slow_consumers(ctx: Ctx, transport: str) -> list[dict[str, Any]]:
-    """An attacker agent and 3 clients bound to it; nobody reads; everybody pushes
-    UpdateSelf with ~64 KiB nodes at 10/s. Each should be evicted (slow consumer)."""
+    """An attacker agent and 3 clients bound to it, all pushing UpdateSelf with
+    ~63 KB nodes at up to 20/s. Odd rounds: the clients never read (the agent
+    does); even rounds: the agent never reads (the clients do). Every non-reader
+    should be evicted as a slow consumer, no reader."""
     c = ctx.cfg
     name = f"slow-consumers-{transport}"
     agent_id = uuid.UUID(c[f"x{transport[0]}_id"])
@@ -1036,9 +1063,10 @@ async def _slow_consumers(ctx: Ctx, transport: str) -> list[dict[str, Any]]:
     a_addr = host_prefix(addr_from_uuid(TAILSCALE_SERVICE_PREFIX, agent_id))
     rounds: list[dict[str, Any]] = []
     rnd_no = 0
-    while ctx.left() > 12 and rnd_no < 3:
+    while ctx.left() > 14 and rnd_no < 4:
         rnd_no += 1
-        round_end = time.time() + min(25.0, ctx.left() - 8)
+        slow_agent = rnd_no % 2 == 0
+        round_end = time.time() + min(25.0, ctx.left() - 9)
         peers: list[tuple[str, GrpcPeer | DrpcPeer, str]] = []
         if transport == "grpc":
             gp = GrpcPeer(c["grpc"], agent_token)
@@ -1060,36 +1088,63 @@ async def _slow_consumers(ctx: Ctx, transport: str) -> list[dict[str, Any]]:
         for kind, p, _ in peers:
             if kind == "client":
                 await p.write(Req(add_tunnel=Req.Tunnel(id=agent_id.bytes)), 5)
+        slow = [(kind == "agent") == slow_agent for kind, _, _ in peers]
+        readers = [asyncio.ensure_future(p.finish(3600.0)) for (_, p, _), sl in zip(peers, slow)
+                   if not sl]
+        pending: list[asyncio.Future[str]] = []
 
-        async def push(p: Any, addr: str) -> tuple[int, str, float]:
+        async def push(p: GrpcPeer | DrpcPeer, addr: str) -> tuple[int, str]:
             n = 0
-            how = "ok"
-            t_start = time.time()
             while time.time() < round_end and n < 500:
-                how = await p.write(Req(update_self=Req.UpdateSelf(node=big_node(addr, n + 1))), 2.0)
-                if how != "ok":
-                    break
+                # Never cancel a blocked write (grpc.aio would cancel the call): leave it.
+                w = asyncio.ensure_future(p.write(Req(update_self=Req.UpdateSelf(
+                    node=big_node(addr, n + 1))), 3600.0))
+                done, _ = await asyncio.wait({w}, timeout=2.0)
+                if not done:
+                    pending.append(w)
+                    return n, "blocked"
+                if w.result() != "ok":
+                    return n, w.result()
                 n += 1
                 await asyncio.sleep(0.05)
-            return n, how, time.time() - t_start
+            return n, "ok"
 
         pushed = await asyncio.gather(*(push(p, a) for _, p, a in peers))
         ctx.log(name, f"round {rnd_no}: pushed {[x[0] for x in pushed]} ({[x[1] for x in pushed]})")
         await asyncio.sleep(max(0.0, round_end - time.time()))
-        ends = await asyncio.gather(*(p.finish(5.0) for _, p, _ in peers))
+        ends: list[str] = []
+        it = iter(readers)
+        for (kind, p, _), sl in zip(peers, slow):
+            if sl:
+                e, st = await p.finish(5.0)
+            else:
+                r = next(it)
+                done, _ = await asyncio.wait({r}, timeout=0)
+                e, st = r.result() if done else ("", "reading, still open")
+                r.cancel()
+            ends.append(f"{kind} ({'non-reader' if sl else 'reader'}): "
+                        + ("EVICTED " if "failed to update tunnel peer mapping" in e else "")
+                        + f"{e!r} / {st}")
         for _, p, _ in peers:
             await p.close()
-        rounds.append({"pushed": [x[0] for x in pushed], "push_end": [x[1] for x in pushed],
-                       "ends": [f"{e} / {s}" for e, s in ends]})
+        for w in pending:
+            w.cancel()
+        await asyncio.gather(*pending, *readers, return_exceptions=True)
+        rounds.append({"slow": "agent" if slow_agent else "clients",
+                       "pushed": [x[0] for x in pushed], "push_end": [x[1] for x in pushed],
+                       "ends": ends})
     ends_all = [e for r in rounds for e in r["ends"]]
-    evicted = sum(1 for e in ends_all if "failed to update tunnel peer mapping" in e)
+    nonreaders = [e for e in ends_all if "(non-reader)" in e]
+    evicted = sum(1 for e in nonreaders if "EVICTED" in e)
+    readers_evicted = sum(1 for e in ends_all if "(reader)" in e and "EVICTED" in e)
     pushed_all = [n for r in rounds for n in r["pushed"]]
-    did = (f"{len(rounds)} rounds × (1 agent + 3 clients), 20 UpdateSelf/s each of ~64 KiB: "
-           f"{sum(pushed_all)} sent (per peer {min(pushed_all, default=0)}–"
-           f"{max(pushed_all, default=0)} until the server stopped reading or the round ended)")
-    ended = f"{evicted}/{len(ends_all)} evicted: " + summarize(ends_all, 2)
+    did = (f"{len(rounds)} rounds × (1 agent + 3 clients), non-readers: the clients, then the agent; "
+           f"{sum(pushed_all)} UpdateSelf of ~63 KB (≤ 20/s per peer)")
+    ended = (f"{evicted}/{len(nonreaders)} non-readers evicted (slow consumer), "
+             f"{readers_evicted} readers evicted")
     return [outcome(name, f"Coordinate over {transport}", did, ended,
-                    evicted == len(ends_all) and bool(ends_all), rounds=rounds)]
+                    bool(nonreaders) and evicted == len(nonreaders) and readers_evicted == 0,
+                    rounds=rounds)]
 
 
 async def attack_slow_consumers_grpc(ctx: Ctx) -> list[dict[str, Any]]:
@@ -1814,9 +1869,10 @@ def rss_mb(pid: int) -> tuple[float, float]:
 class Child:
     """A child process speaking JSON lines (this script with ``--role``)."""
 
-    def __init__(self, proc: asyncio.subprocess.Process, name: str) -> None:
+    def __init__(self, proc: asyncio.subprocess.Process, name: str, log: Path) -> None:
         self.proc = proc
         self.name = name
+        self.log = log
 
     @classmethod
     async def start(cls, name: str, role: str, cfg: dict[str, Any], tmp: Path) -> Child:
@@ -1828,14 +1884,15 @@ class Child:
             stderr=open(tmp / f"{name}.log", "wb"),  # noqa: SIM115 - closed with the process
             cwd=ROOT,
         )
-        return cls(proc, name)
+        return cls(proc, name, tmp / f"{name}.log")
 
     async def line(self, timeout: float) -> dict[str, Any]:
         assert self.proc.stdout is not None
         while True:
             raw = await asyncio.wait_for(self.proc.stdout.readline(), timeout)
             if not raw:
-                raise RuntimeError(f"{self.name} exited (code {await self.proc.wait()}); see its log")
+                tail = self.log.read_text(errors="replace")[-3000:] if self.log.exists() else ""
+                raise RuntimeError(f"{self.name} exited (code {await self.proc.wait()}):\n{tail}")
             try:
                 doc = json.loads(raw)
             except ValueError:
@@ -1899,8 +1956,16 @@ def mint_tokens(data_dir: Path) -> dict[str, str]:
     return out
 
 
+def fd_count(pid: int) -> int:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return -1
+
+
 def http_get_json(url: str, token: str) -> Any:
-    req = urllib.request.Request(url, headers={"Coder-Session-Token": token})
+    req = urllib.request.Request(url, headers={"Coder-Session-Token": token,
+                                               "Accept": "application/json"})
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 
@@ -1973,6 +2038,7 @@ async def run_once(args: argparse.Namespace, run_no: int) -> dict[str, Any]:
 
         # measured window starts: RSS before, loop monitor reset, CPU counters
         rss_before, _ = rss_mb(spid)
+        fds_before = fd_count(spid)
         await asyncio.to_thread(http_get_json, f"{api}/api/v2/debug/loop?reset=1", admin)
         cpu0 = {"server": proc_cpu(spid), "healthy": proc_cpu(healthy.proc.pid),
                 "attackers": sum(proc_cpu(c.proc.pid) for c in att)}
@@ -2026,6 +2092,8 @@ async def run_once(args: argparse.Namespace, run_no: int) -> dict[str, Any]:
             rss_max = max(rss_max, rss)
             await asyncio.sleep(0.25)
         rss_after, hwm = rss_mb(spid)
+        fds_after = fd_count(spid)
+        coord = await asyncio.to_thread(http_get_json, f"{api}/api/v2/debug/coordinator", admin)
         t1 = time.time()
         healthy.send(f"stop {t0} {t1}")
         h = await healthy.line(60)
@@ -2066,6 +2134,10 @@ async def run_once(args: argparse.Namespace, run_no: int) -> dict[str, Any]:
             "growth_max_mb": round(rss_max - rss_before, 1),
             "growth_after_mb": round(rss_after - rss_before, 1),
             "rss_series": rss_series,
+            "fds_before": fds_before, "fds_after": fds_after,
+            # only the healthy pair should be left: 2 peers, 1 tunnel
+            "coordinator_after": {"peers": len(coord["peers"]), "tunnels": len(coord["tunnels"]),
+                                  "names": sorted(p["name"] for p in coord["peers"])},
         },
         "loop": {"max_stall_ms": round(loop_total["max"], 1),
                  "stalls_over_50ms": loop_total["over_50"], "stalls_over_250ms": loop_total["over_250"],
@@ -2175,6 +2247,9 @@ METRICS: list[tuple[str, Callable[[dict[str, Any]], Any], str]] = [
     ("server RSS after, MB", lambda r: r["server"]["rss_after_mb"], ""),
     ("RSS growth (max − before), MB", lambda r: r["server"]["growth_max_mb"], "≤ 64"),
     ("RSS growth (after − before), MB", lambda r: r["server"]["growth_after_mb"], ""),
+    ("server fds before / after", lambda r: f"{r['server']['fds_before']} / {r['server']['fds_after']}", ""),
+    ("coordinator after: peers / tunnels", lambda r: "{} / {}".format(
+        r["server"]["coordinator_after"]["peers"], r["server"]["coordinator_after"]["tunnels"]), "2 / 1"),
     ("max event-loop stall, ms", lambda r: r["loop"]["max_stall_ms"], "≤ 50"),
     ("stalls ≥ 50 ms / ≥ 250 ms", lambda r: f"{r['loop']['stalls_over_50ms']} / {r['loop']['stalls_over_250ms']}", "0"),
     ("fan-out p50, ms", lambda r: r["healthy"]["fanout"]["p50_ms"], ""),
