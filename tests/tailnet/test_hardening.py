@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import socket
 import struct
 import uuid
@@ -530,3 +531,54 @@ async def test_inherited_tunnels_that_cannot_be_checked_refuse_the_stream(
     await svc.run_coordinate(fresh, read, write)
     assert svc.principal_streams(who) == 0
 
+
+# --------------------------------------------------------------------------- peers that leave
+
+
+@pytest.mark.parametrize("how", ["cancel", "drop"])
+async def test_client_leaving_while_its_writes_are_blocked_is_no_error(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that stops reading and then cancels its call (or drops the
+    connection) while the server is blocked writing to it is an ordinary end:
+    the peer is LOST, nothing is logged as an error (the bench/soak.py slow
+    consumers found an ERROR with a traceback for each one)."""
+    stack = await _stack()
+    try:
+        await _blocked_client_leaves(stack, how, caplog)
+    finally:
+        await _close(stack)
+
+
+async def _blocked_client_leaves(stack: Stack, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    agent, _ = await connect_agent(stack)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.server.port}")
+    slow = Peer(pb_grpc.TailnetStub(channel), md_for("user-token", tailnet_agent_id=str(AGENT)))
+    slow_id = await slow.peer_id()
+    slow.send(add_tunnel(AGENT))
+    slow.send(update_self(slow_id))
+    await agent.expect_update(Kind.NODE, slow_id)
+    sink = stack.service._streams[slow_id].sink  # noqa: SLF001 - observe the peer's buffer
+    # Flood until responses pile up in the sink: the server's writer is blocked.
+    for i in range(20_000):
+        agent.send(update_self(AGENT, derp=1 + i % 1000, endpoints=200))
+        if i % 32 == 31:
+            await asyncio.sleep(0.01)
+            if len(sink) >= 8:
+                break
+    assert len(sink) >= 8, "the server's writes never blocked"
+    caplog.clear()
+    if how == "cancel":
+        slow.call.cancel()
+    else:
+        await channel.close(None)
+    await agent.expect_update(Kind.LOST, slow_id)
+
+    async def gone() -> None:
+        while slow_id in stack.service._streams:  # noqa: SLF001
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(gone(), T)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    await channel.close(None)
