@@ -227,6 +227,11 @@ def huge_rfh_request(entries: int = 200_000) -> Req:
     return Req(ready_for_handshake=[Req.ReadyForHandshake(id=ids[i % len(ids)]) for i in range(entries)])
 
 
+#: gRPC channels share TCP connections (subchannels) by default; every attacker
+#: channel gets its own, as separate clients would have.
+OWN_CONNECTION: list[tuple[str, int]] = [("grpc.use_local_subchannel_pool", 1)]
+
+
 def _stub(channel: grpc.aio.Channel) -> Any:
     return pb_grpc.TailnetStub(channel)  # type: ignore[no-untyped-call]
 
@@ -947,7 +952,7 @@ class GrpcPeer:
 
     def __init__(self, target: str, token: str, **md: str) -> None:
         self.channel = grpc.aio.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", 16 << 20)])
+            target, options=[("grpc.max_receive_message_length", 16 << 20), *OWN_CONNECTION])
         self.call = _stub(self.channel).Coordinate(metadata=grpc_md(token, **md))
 
     async def peer_id(self, timeout: float = 10.0) -> uuid.UUID | None:
@@ -1184,7 +1189,7 @@ async def _huge_request(ctx: Ctx, transport: str) -> list[dict[str, Any]]:
     return [outcome(name, f"Coordinate over {transport}",
                     f"{len(texts)} × 1 request of {size / 1e6:.1f} MB "
                     f"(200,000 ready_for_handshake), every 3 s",
-                    "refused: " + summarize(texts, 2), ok,
+                    f"refused in {fmt(rnd(pct(times, 50), 2))} s (p50): " + summarize(texts, 1), ok,
                     refusal_s_p50=rnd(pct(times, 50), 3), refusal_s_max=rnd(max(times, default=None), 3))]
 
 
@@ -1208,7 +1213,7 @@ async def attack_stream_limits_grpc(ctx: Ctx) -> list[dict[str, Any]]:
     summary: list[dict[str, Any]] = []
     while ctx.left() > 15 and rounds < 2:
         rounds += 1
-        channel = grpc.aio.insecure_channel(c["grpc"])
+        channel = grpc.aio.insecure_channel(c["grpc"], options=OWN_CONNECTION)
         stub = _stub(channel)
         calls = []
 
@@ -1356,7 +1361,7 @@ async def _churn(ctx: Ctx, transport: str) -> list[dict[str, Any]]:
         t_iter = time.time()
         try:
             if transport == "grpc":
-                ch = grpc.aio.insecure_channel(f"127.0.0.1:{pport}")
+                ch = grpc.aio.insecure_channel(f"127.0.0.1:{pport}", options=OWN_CONNECTION)
                 call = _stub(ch).Coordinate(
                     metadata=grpc_md(c["v5_token"], tailnet_agent_id=str(agent_id)))
                 await call.write(tunnel)
@@ -1410,7 +1415,9 @@ async def _churn(ctx: Ctx, transport: str) -> list[dict[str, Any]]:
                         await cl.close()
             done[mode] += 1
         except Exception as exc:  # noqa: BLE001
-            problems.append(f"{mode}: {type(exc).__name__}: {exc}"[:120])
+            text = (f"{exc.code().name} {exc.details()!r}" if isinstance(exc, grpc.aio.AioRpcError)
+                    else f"{type(exc).__name__}: {exc}")
+            problems.append(f"{mode}: {text}"[:160])
             proxy.drop_all()
         # at most ~4 iterations per second
         await asyncio.sleep(max(0.0, 0.25 - (time.time() - t_iter)))
@@ -2114,6 +2121,13 @@ async def run_once(args: argparse.Namespace, run_no: int) -> dict[str, Any]:
     cpu = {k: round(100 * (cpu1[k] - cpu0[k]) / wall, 1) for k in cpu0}
     cpu["other"] = round(max(0.0, 100 * busy / wall - sum(cpu.values())), 1)
     rows = [r for doc in results for r in doc.get("rows", [])]
+    # What the attackers cannot see: did anything they sent make the server log
+    # an error (a traceback is a bug: bad input must end with a logged reason)?
+    exc_text = "; ".join(f"{n}× {m}" for m, n in log["exceptions"][:2])
+    rows.append(outcome(
+        "server-log", "tailnet serve stderr", "all of the above",
+        f"{log['errors']} ERROR lines, {log['tracebacks']} tracebacks"
+        + (f" ({exc_text})" if exc_text else ""), log["errors"] == 0 and log["tracebacks"] == 0))
     events = sorted(e for doc in results for e in doc.get("events", []))
     fan = h["fanout"]
     derp = h["derp"]
