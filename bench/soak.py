@@ -1570,6 +1570,30 @@ async def attack_keepalive_probe(ctx: Ctx) -> list[dict[str, Any]]:
     return rows
 
 
+async def attack_http_pipeline(ctx: Ctx) -> list[dict[str, Any]]:
+    """Pipelined requests on one keep-alive connection, never reading the
+    responses, for up to 8 s: relay probes (/derp/probe) and API requests
+    (/healthz). The server must stop reading (or close) instead of queueing
+    responses nobody reads."""
+    rows = []
+    for path in ("/derp/probe", "/healthz"):
+        req = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+        r = await Raw.open(ctx.port, rcvbuf=4096)
+        t_start = time.time()
+        sent, how = await r.push(req, limit=512 << 20, stall=2.0, until=min(ctx.deadline, time.time() + 8))
+        dt = time.time() - t_start
+        ctx.log("http-pipeline", f"{path}: {sent} bytes, {how}")
+        closed = r.peer_closed()
+        r.close(rst=True)
+        ended = (f"{'server stopped reading' if how == 'stalled' else how} after {sent / 1e6:.1f} MB "
+                 f"({sent // len(req)} requests, {dt:.1f} s)" + ("; closed" if closed else ""))
+        rows.append(outcome("http-pipeline", f"{path} pipelined, never reading",
+                            "one keep-alive connection, requests as fast as the socket takes them",
+                            ended, how in ("stalled", "closed")))
+        await asyncio.sleep(2.0)
+    return rows
+
+
 async def attack_slowloris(ctx: Ctx) -> list[dict[str, Any]]:
     """8 connections dribbling a request head (1 byte/s) and 4 dribbling a DERP
     ClientInfo after the upgrade; each is reopened when the server closes it."""
@@ -1869,6 +1893,7 @@ ATTACKS: dict[str, tuple[str, Callable[[Ctx], Awaitable[list[dict[str, Any]]]]]]
     "resume-theft": ("api", attack_resume_theft),
     "keepalive-probe": ("derp", attack_keepalive_probe),
     "slowloris": ("derp", attack_slowloris),
+    "http-pipeline": ("derp", attack_http_pipeline),
     "derp-nonreader": ("derp", attack_derp_nonreader),
     "derp-ws-ping-flood": ("derp", attack_derp_ws_ping_flood),
     "derp-ws-tiny-frames": ("derp", attack_derp_ws_tiny_frames),
