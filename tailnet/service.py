@@ -27,7 +27,8 @@ Coordinate flow (:meth:`TailnetService.coordinate`)::
   ``limits.peer_buffer_responses`` responses, 512, and
   ``limits.peer_buffer_bytes`` serialized bytes, 8 MiB). The coordinator writes
   without blocking; past either bound it evicts the peer (slow consumer), which
-  ends only that stream.
+  ends only that stream: what was still queued for it is dropped, and only the
+  close error is left to write.
 * A reader task runs, for every request: ``validate_request`` (once, with
   ``limits``) → ``await policy.authorize`` → ``coordinator.handle(...,
   validated=True)``. A malformed request (or one beyond a node/request cap)
@@ -77,7 +78,12 @@ from tailnet.auth import (
     UnrestrictedPolicy,
     UserPolicy,
 )
-from tailnet.core import RESPONSE_BUFFER_SIZE, CoordinatorAPI, validate_request
+from tailnet.core import (
+    CLOSE_ERR_FAILED_UPDATE,
+    RESPONSE_BUFFER_SIZE,
+    CoordinatorAPI,
+    validate_request,
+)
 from tailnet.derpmap import DERPMapSource, derp_maps_equal, with_home_params
 from tailnet.errors import AuthorizationError, CoordinatorClosed, LimitExceeded, RequestError
 from tailnet.identity import (
@@ -207,7 +213,8 @@ class QueueSink:
     waiting (the coordinator then evicts the peer). A response is always
     accepted into an empty queue, so one large response (an "init" batch) never
     evicts a peer that keeps up. After ``close`` further sends are dropped
-    (returning ``True``: the peer is going away anyway).
+    (returning ``True``: the peer is going away anyway); an eviction also drops
+    what was still queued (see :meth:`close`).
     The single consumer takes responses with :meth:`pop` and sleeps in
     :meth:`wait` while the queue is empty and open; once closed and empty, the
     close error (if any) is the stream's final ``CoordinateResponse(error=…)``.
@@ -260,11 +267,21 @@ class QueueSink:
         return True
 
     def close(self, error: str | None = None) -> None:
-        """Idempotent; the first close decides the final error text."""
+        """Idempotent; the first close decides the final error text.
+
+        An eviction (``error`` is the coordinator's slow-consumer text,
+        :data:`tailnet.core.CLOSE_ERR_FAILED_UPDATE`) also drops the responses
+        still queued: the peer is cut off, and one that does not read would
+        otherwise keep up to ``max_bytes`` of stale updates alive for as long as
+        it holds its stream open. Only the final error is left to write.
+        """
         if self.closed:
             return
         self.closed = True
         self.error = error
+        if error == CLOSE_ERR_FAILED_UPDATE:
+            self._queue.clear()
+            self._bytes = 0
         self._wake()
 
     def fail(self, status: Status, message: str) -> None:

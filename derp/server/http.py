@@ -67,6 +67,9 @@ log = logging.getLogger("derp.server")
 GENERATE_204_CACHE_CONTROL = "no-cache, no-store, must-revalidate, no-transform, max-age=0"
 _CHALLENGE_RE = re.compile(r"[A-Za-z0-9._:\-]{1,64}")
 _SERVER_HEADER = ("Server", "tailnet-core-derp")
+#: Pipelined requests answered in one callback before the connection waits for
+#: the next loop iteration (a read of 256 KiB holds thousands of probes).
+ANSWERS_PER_CALL = 32
 #: an event-stream reader with more than this much unsent is dropped
 _STREAM_BACKLOG = 1 << 20
 
@@ -203,7 +206,17 @@ def _home_page(server: DerpAcceptor) -> str:
 class HttpConnection(asyncio.Protocol):
     """Serves HTTP on one accepted connection until it is upgraded or closed."""
 
-    __slots__ = ("_server", "_h11", "_transport", "_timer", "_upgraded", "remote_addr", "_detach")
+    __slots__ = (
+        "_server",
+        "_h11",
+        "_transport",
+        "_timer",
+        "_upgraded",
+        "remote_addr",
+        "_detach",
+        "_write_paused",
+        "_continue_scheduled",
+    )
 
     def __init__(self, server: DerpAcceptor) -> None:
         self._server = server
@@ -214,6 +227,9 @@ class HttpConnection(asyncio.Protocol):
         self.remote_addr: object = None
         #: set while this connection streams dashboard events (derp.dashboard)
         self._detach: Callable[[], None] | None = None
+        #: the transport's write buffer is above its high-water mark (answers unread)
+        self._write_paused = False
+        self._continue_scheduled = False
 
     # ------------------------------------------------------------------ asyncio callbacks
 
@@ -230,6 +246,28 @@ class HttpConnection(asyncio.Protocol):
         self._end_stream()
         if not self._upgraded:
             self._server._http_closed(self, False)
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._continue()
+
+    def _continue(self) -> None:
+        """Read and answer the next pipelined requests (see :meth:`_process`)."""
+        self._continue_scheduled = False
+        t = self._transport
+        if self._upgraded or self._detach is not None or self._write_paused:
+            return
+        if t is None or t.is_closing():
+            return
+        t.resume_reading()
+        try:
+            self._process()
+        except h11.RemoteProtocolError as exc:
+            log.debug("derp http: bad request from %s: %s", self.remote_addr, exc)
+            self._error_and_close(exc.error_status_hint, "bad request")
 
     def data_received(self, data: bytes) -> None:
         if self._upgraded:  # pragma: no cover - protocol is swapped before more data
@@ -267,7 +305,10 @@ class HttpConnection(asyncio.Protocol):
         self._timer = None
         log.debug("derp http: %s sent no complete request in time", self.remote_addr)
         if self._transport is not None:
-            self._transport.close()
+            if self._write_paused:  # the client reads nothing: a flushing close never ends
+                self._transport.abort()
+            else:
+                self._transport.close()
 
     def _error_and_close(self, status: int, text: str) -> None:
         if self._h11.our_state in (h11.IDLE, h11.SEND_RESPONSE):
@@ -308,13 +349,26 @@ class HttpConnection(asyncio.Protocol):
     # ------------------------------------------------------------------ request loop
 
     def _process(self) -> None:
+        """Answer the complete requests received, one after the other. The next
+        one waits (reading paused) while our answers are not being read
+        (``pause_writing``) or once :data:`ANSWERS_PER_CALL` were written in this
+        callback: a client pipelining requests it never reads the answers to
+        cannot grow our write buffer or hold the event loop."""
         conn = self._h11
+        answered = 0
         while True:
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 if self._transport is not None:
                     self._transport.close()
                 return
             if conn.our_state is h11.DONE and conn.their_state is h11.DONE:
+                if self._write_paused or answered >= ANSWERS_PER_CALL:
+                    if self._transport is not None:
+                        self._transport.pause_reading()
+                    if not self._write_paused and not self._continue_scheduled:
+                        self._continue_scheduled = True
+                        asyncio.get_running_loop().call_soon(self._continue)
+                    return
                 conn.start_next_cycle()
             event = conn.next_event()
             if event is h11.NEED_DATA or event is h11.PAUSED:
@@ -336,6 +390,7 @@ class HttpConnection(asyncio.Protocol):
                     break
             if self._route(req):
                 return  # upgraded: the transport belongs to the DERP server now
+            answered += 1
 
     def _route(self, req: h11.Request) -> bool:
         """Answer ``req``; return True if the transport was handed over."""

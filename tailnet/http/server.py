@@ -28,6 +28,13 @@ Connection flow::
 Malformed HTTP → 400 and close (only that connection). Request heads must
 arrive within ``header_timeout``; bodies are kept for the handler (≤ 1 MiB).
 
+Pipelined requests are served one at a time, and the next one is read only
+while the transport's write buffer is below its high-water mark (a client
+that sends requests but never reads the responses stops being read, instead
+of growing our write buffer without end; it is dropped at ``header_timeout``);
+at most :data:`SYNC_ANSWERS_PER_CALL` relay-path answers are written per
+callback.
+
 Shutdown (:meth:`HttpApiServer.stop`): stop accepting, close idle HTTP
 connections, run every live upgrade's ``on_shutdown`` (WebSockets: close 1001)
 and wait up to ``grace`` seconds before cancelling their handlers.
@@ -52,11 +59,23 @@ from .errors import HttpError, error_body
 from .request import Request, request_from_h11
 from .websocket import CLOSE_GOING_AWAY, ServerWebSocket
 
-__all__ = ["Response", "Upgrade", "Stream", "App", "HttpApiServer", "is_derp_path", "MAX_BODY"]
+__all__ = [
+    "Response",
+    "Upgrade",
+    "Stream",
+    "App",
+    "HttpApiServer",
+    "is_derp_path",
+    "MAX_BODY",
+    "SYNC_ANSWERS_PER_CALL",
+]
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 1 << 20
+#: Pipelined requests answered without a task (relay paths) in one callback
+#: before the connection waits for the next loop iteration.
+SYNC_ANSWERS_PER_CALL = 32
 _SERVER = ("Server", "tailnet-core")
 
 
@@ -121,8 +140,18 @@ class _ApiConnection(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._handed_off = False
         self.remote: object = None
+        #: the transport's write buffer is above its high-water mark (responses unread)
+        self._write_paused = False
+        self._continue_scheduled = False
 
     # asyncio callbacks -------------------------------------------------------
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        self._continue()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)
@@ -171,7 +200,22 @@ class _ApiConnection(asyncio.Protocol):
     def _on_timeout(self) -> None:
         self._timer = None
         if self._transport is not None and self._task is None:
-            self._transport.close()
+            if self._write_paused:  # the client reads nothing: a flushing close never ends
+                self._transport.abort()
+            else:
+                self._transport.close()
+
+    def _continue(self) -> None:
+        """Read and serve the next requests, unless a handler runs, the socket was
+        handed over, or our responses are not being read (``pause_writing``)."""
+        self._continue_scheduled = False
+        t = self._transport
+        if self._task is not None or self._handed_off or self._write_paused:
+            return
+        if t is None or t.is_closing():
+            return
+        t.resume_reading()
+        self._process()
 
     @property
     def idle(self) -> bool:
@@ -219,7 +263,20 @@ class _ApiConnection(asyncio.Protocol):
 
     def _process(self) -> None:
         conn = self._h11
+        answered = 0
         while True:
+            if self._write_paused or answered >= SYNC_ANSWERS_PER_CALL:
+                # Responses are not being read, or many pipelined requests were just
+                # answered in this callback: read nothing more for now. resume_writing,
+                # or the next loop iteration, goes on (a byte and CPU budget).
+                if self._transport is not None:
+                    self._transport.pause_reading()
+                if self._timer is None:
+                    self._arm_timer()  # a client that never reads is dropped in time
+                if not self._write_paused and not self._continue_scheduled:
+                    self._continue_scheduled = True
+                    asyncio.get_running_loop().call_soon(self._continue)
+                return
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 if self._transport is not None:
                     self._transport.close()
@@ -265,6 +322,7 @@ class _ApiConnection(asyncio.Protocol):
                         ),
                         head=req.method.upper() == b"HEAD",
                     )
+                    answered += 1
                     continue  # keep-alive: the next request is routed afresh
                 assert self._transport is not None
                 self._transport.pause_reading()
@@ -325,9 +383,7 @@ class _ApiConnection(asyncio.Protocol):
             self._write(result, head=head)
         finally:
             self._task = None
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
-            self._process()
+        self._continue()
 
     async def _stream(self, st: Stream) -> None:
         """Write the head of ``st``, then its chunks (see :class:`Stream`); close after."""

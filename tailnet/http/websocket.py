@@ -30,14 +30,20 @@ So per connection we hold at most ``max_queue_bytes`` + one message
 (``max_size``) + one read of queued input, plus the write buffer's high-water
 mark + one read's worth of replies.
 
+CPU budget: the parser is fed at most :data:`READ_SLICE` bytes per callback.
+The rest of a larger read waits (reading paused) and is fed a slice per loop
+iteration, under the same two conditions, so a read full of tiny frames (a
+256 KiB read holds ~37,000 one-byte messages, ~7 µs each to parse) never holds
+the event loop, and with it every other connection, for more than a few ms.
+
 Logging: the ``websockets`` core logs through
 :data:`tailnet.redact.WS_PROTOCOL_LOG`, whose filter removes credentials
 (headers, query values, message contents) from its DEBUG output.
 
 Invariants: every write goes through :meth:`_flush`, which writes whatever the
 sans-I/O core produced, and closes the transport when the core signals EOF.
-Reading is switched only by :meth:`_update_reading`, from the two conditions
-above.
+Reading is switched only by :meth:`_update_reading`, from the conditions
+above (and while read bytes still wait to be parsed).
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ __all__ = [
     "CLOSE_INTERNAL",
     "MAX_QUEUE",
     "MAX_QUEUE_BYTES",
+    "READ_SLICE",
 ]
 
 log = logging.getLogger(__name__)
@@ -78,6 +85,8 @@ CLOSE_INTERNAL = 1011
 #: Default inbound queue bounds: messages, and bytes (whichever is reached first).
 MAX_QUEUE = 64
 MAX_QUEUE_BYTES = 1 << 20
+#: Bytes handed to the frame parser per callback (module docstring: CPU budget).
+READ_SLICE = 16 * 1024
 
 
 class ServerWebSocket(asyncio.Protocol):
@@ -111,6 +120,10 @@ class ServerWebSocket(asyncio.Protocol):
         self._pong: asyncio.Future[None] | None = None
         self._ping_data = b""
         self._close_timer: asyncio.TimerHandle | None = None
+        #: bytes read but not yet parsed (beyond READ_SLICE), and whether a
+        #: callback to parse the next slice is scheduled
+        self._rx_pending: bytearray | None = None
+        self._slice_scheduled = False
 
     # ------------------------------------------------------------------ handshake
 
@@ -178,15 +191,23 @@ class ServerWebSocket(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
+        if self._rx_pending is not None:  # earlier bytes still wait: keep the order
+            self._rx_pending += data
+            return
+        if len(data) > READ_SLICE:
+            self._rx_pending = bytearray(memoryview(data)[READ_SLICE:])
+            data = data[:READ_SLICE]
         self._proto.receive_data(data)
-        self._process()
+        self._process()  # reading pauses while bytes wait (_update_reading)
 
     def eof_received(self) -> bool | None:
+        self._parse_pending()
         self._proto.receive_eof()
         self._process()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._parse_pending()
         if self._proto.state is not State.CLOSED:
             try:
                 self._proto.receive_eof()
@@ -249,8 +270,14 @@ class ServerWebSocket(asyncio.Protocol):
 
     def _update_reading(self) -> None:
         """Read from the socket only while the queue has room and writes are not
-        backpressured (module docstring: byte budget)."""
+        backpressured (module docstring: byte budget), and no read bytes wait to
+        be parsed (those are fed first, a slice per loop iteration)."""
         want = self._writable.is_set() and not self._queue_full
+        if want and self._rx_pending is not None:
+            if not self._slice_scheduled and not self._lost.is_set():
+                self._slice_scheduled = True
+                asyncio.get_running_loop().call_soon(self._next_slice)
+            want = False
         if want == self._reading or self._lost.is_set():
             return
         self._reading = want
@@ -258,6 +285,28 @@ class ServerWebSocket(asyncio.Protocol):
             self._transport.resume_reading()
         else:
             self._transport.pause_reading()
+
+    def _next_slice(self) -> None:
+        """Parse the next READ_SLICE bytes of the current read (see _update_reading)."""
+        self._slice_scheduled = False
+        pending = self._rx_pending
+        if pending is None or self._lost.is_set():
+            return
+        if not self._writable.is_set() or self._queue_full:
+            return  # _update_reading schedules us again when that changes
+        data = bytes(pending[:READ_SLICE])
+        del pending[:READ_SLICE]
+        if not pending:
+            self._rx_pending = None
+        self._proto.receive_data(data)
+        self._process()
+
+    def _parse_pending(self) -> None:
+        """At EOF or connection loss: what was read is parsed before the end."""
+        pending = self._rx_pending
+        if pending is not None:
+            self._rx_pending = None
+            self._proto.receive_data(bytes(pending))
 
     def _flush(self) -> None:
         for chunk in self._proto.data_to_send():

@@ -62,16 +62,29 @@ def _status(err: ServiceError) -> grpc.StatusCode:
     return grpc.StatusCode[err.status.name]
 
 
+class _WriteFailed(Exception):
+    """``context.write`` failed: the transport ended the call (the client
+    cancelled it, reset the stream or dropped the connection), typically while
+    the write was blocked by a client that had stopped reading."""
+
+
 def _end_with_error(context: _Ctx[Any, Any], exc: Exception, method: str) -> None:
     """The single place where errors become gRPC statuses; the handler then returns.
 
-    :class:`ServiceError` carries its own status and client-safe text; anything
+    :class:`ServiceError` carries its own status and client-safe text; a failed
+    write (:class:`_WriteFailed`) is the client's end of the call; anything
     else is a bug: logged, and reported as INTERNAL without exception text.
     (grpc.aio discards a unary handler's return value when the code is not OK.)
     """
     if isinstance(exc, ServiceError):
         context.set_code(_status(exc))
         context.set_details(exc.message)
+        return
+    if isinstance(exc, _WriteFailed):
+        # The client cancelled or dropped the call while we were writing to it
+        # (a write blocked by a peer that stopped reading fails then): an
+        # ordinary end, not a bug, and nobody is left to tell.
+        log.debug("%s: write failed, the client went away (%s)", method, exc)
         return
     log.error("%s failed", method, exc_info=exc)
     context.set_code(grpc.StatusCode.INTERNAL)
@@ -164,10 +177,16 @@ class TailnetServicer(pb_grpc.TailnetServicer):
                 opened.append(True)
                 log.info("coordinate stream open: %s", name)
 
+            async def write(resp: pb.CoordinateResponse) -> None:
+                try:
+                    await context.write(resp)
+                except Exception as exc:  # grpc's ExecuteBatchError: the call is gone
+                    raise _WriteFailed(type(exc).__name__) from None
+
             opened: list[bool] = []
             try:
                 await self._service.run_coordinate(
-                    ident, context.read, context.write, _EOF, on_open=accepted
+                    ident, context.read, write, _EOF, on_open=accepted
                 )
             finally:
                 if opened:

@@ -124,3 +124,82 @@ async def test_paused_receiver_queue_drop_policy() -> None:
     assert got == [A.public.raw + bytes([i]) for i in range(6, 10)]
     assert srv.stats.packets_sent == 4
     await srv.stop()
+
+
+class ReadingTransport(MemoryTransport):
+    """A MemoryTransport that records pause_reading/resume_reading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reading = True
+        self.pauses = 0
+
+    def pause_reading(self) -> None:
+        self.reading = False
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+
+def _pongs(t: MemoryTransport) -> list[int]:
+    return [int.from_bytes(p, "big") for ty, p in t.frames() if ty == FrameType.PONG]
+
+
+async def _iterations_until(cond: Any, limit: int = 100) -> int:
+    n = 0
+    while not cond():
+        assert n < limit, "never happened"
+        await asyncio.sleep(0)
+        n += 1
+    return n
+
+
+async def test_a_read_full_of_control_frames_is_handled_over_several_loop_iterations() -> None:
+    """bench/soak.py: one client sending tiny frames held the event loop for
+    seconds. Now one data_received handles at most CONTROL_FRAME_BUDGET control
+    frames; the rest waits (reading paused) and is handled in order, a budget
+    per loop iteration, before reading resumes."""
+    from derp.server.conn import CONTROL_FRAME_BUDGET
+
+    srv = DerpServer(make_config(private_key=SERVER_KEY))
+    ta = ReadingTransport()
+    ca = srv.accept(ta, fast_start=True, initial_data=client_info(A))
+    n = 3 * CONTROL_FRAME_BUDGET + 7
+    ca.data_received(b"".join(encode_ping(i.to_bytes(8, "big")) for i in range(n)))
+    assert _pongs(ta) == list(range(CONTROL_FRAME_BUDGET))
+    assert not ta.reading
+    # Bytes that still arrive (e.g. read before the pause took effect) queue behind.
+    ca.data_received(encode_ping(n.to_bytes(8, "big")))
+    assert len(_pongs(ta)) == 2 * CONTROL_FRAME_BUDGET
+    iterations = await _iterations_until(lambda: ta.reading)
+    assert iterations >= 2  # not all in one go
+    assert _pongs(ta) == list(range(n + 1))
+    assert ca.is_open
+    await srv.stop()
+
+
+async def test_a_read_of_many_small_packets_yields_before_the_next_read() -> None:
+    from derp.server.conn import YIELD_AFTER_FRAMES
+
+    srv = DerpServer(make_config(private_key=SERVER_KEY))
+    tb = ReadingTransport()
+    srv.accept(tb, fast_start=True, initial_data=client_info(B))
+    ta = ReadingTransport()
+    ca = srv.accept(ta, fast_start=True, initial_data=client_info(A))
+    few = b"".join(encode_send_packet(B.public.raw, b"x" * 1400) for _ in range(50))
+    ca.data_received(few)
+    assert ta.reading and ta.pauses == 0  # ordinary reads never pause
+    many = b"".join(encode_send_packet(B.public.raw, i.to_bytes(4, "big"))
+                    for i in range(YIELD_AFTER_FRAMES))
+    ca.data_received(many)
+    got = [p for t, p in tb.frames() if t == FrameType.RECV_PACKET]
+    assert len(got) == 50 + YIELD_AFTER_FRAMES  # all relayed at once ...
+    assert got[-1] == A.public.raw + (YIELD_AFTER_FRAMES - 1).to_bytes(4, "big")
+    assert not ta.reading  # ... but nothing more is read in this loop iteration
+    await _iterations_until(lambda: ta.reading)
+    assert ta.pauses == 1
+    await srv.stop()

@@ -204,3 +204,62 @@ async def test_server_stop_closes_derp_and_idle_http(
     await idle.expect_closed()
     assert server.client_count == 0
 
+
+
+async def test_pipelined_probes_from_a_non_reader_stop_being_read(server: DerpServer) -> None:
+    """bench/soak.py: pipelined probes were all answered in one callback, with
+    no regard for a client that never reads the answers (the write buffer grew
+    as fast as it sent, the event loop stalled for seconds). Now the relay
+    stops reading while its answers are unread."""
+    import socket
+    import time
+
+    request = b"GET /derp/probe HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", server.port))
+    sock.setblocking(False)
+
+    def flood() -> None:  # until the socket stays unwritable for a second
+        import select
+
+        chunk = request * 1000
+        while True:
+            _, w, _ = select.select([], [sock], [], 1.0)
+            if not w:
+                return
+            try:
+                sock.send(chunk)
+            except BlockingIOError:
+                continue
+
+    try:
+        await asyncio.to_thread(flood)
+        me = sock.getsockname()
+        [conn] = [c for c in server._http if c.remote_addr == me]  # noqa: SLF001
+        t = conn._transport  # noqa: SLF001
+        assert t is not None
+        bound = t.get_write_buffer_limits()[1] + 16 * 1024
+        deadline = time.monotonic() + WAIT
+        while t.is_reading():
+            assert t.get_write_buffer_size() <= bound
+            assert time.monotonic() < deadline, "the relay never stopped reading"
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.3)
+        assert not t.is_reading() and t.get_write_buffer_size() <= bound
+    finally:
+        sock.close()
+
+
+async def test_pipelined_probes_are_all_answered_in_order(server: DerpServer) -> None:
+    from derp.server.http import ANSWERS_PER_CALL
+
+    n = 5 * ANSWERS_PER_CALL + 3
+    reqs = b"".join(
+        (b"GET /derp/probe" if i % 2 else b"GET /generate_204") + b" HTTP/1.1\r\nHost: x\r\n\r\n"
+        for i in range(n)
+    )
+    head, body = await _request(server.port, reqs + _get("/robots.txt"))
+    data = head + b"\r\n\r\n" + body
+    statuses = [int(ln.split(b" ")[1]) for ln in data.split(b"\r\n") if ln.startswith(b"HTTP/1.1 ")]
+    assert statuses == [200 if i % 2 else 204 for i in range(n)] + [200]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import socket
 import struct
 import uuid
@@ -103,18 +104,46 @@ def test_queue_sink_is_bounded_in_bytes_and_count() -> None:
     assert counted.send(_resp(1)) and counted.send(_resp(1)) and not counted.send(_resp(1))
 
 
+async def test_eviction_drops_what_was_queued() -> None:
+    """An evicted peer keeps nothing queued but the close error; other closes
+    (overwrite, failure) still deliver what was queued before it."""
+    evicted = QueueSink(maxsize=10, max_bytes=1000)
+    assert evicted.send(_resp(297)) and evicted.send(_resp(297))
+    evicted.close(tailnet.core.CLOSE_ERR_FAILED_UPDATE)
+    assert len(evicted) == 0 and evicted.queued_bytes == 0
+    assert evicted.send(_resp(1)) and len(evicted) == 0  # dropped after close
+    assert [r.error async for r in evicted.drain()] == [tailnet.core.CLOSE_ERR_FAILED_UPDATE]
+    overwritten = QueueSink(maxsize=10, max_bytes=1000)
+    assert overwritten.send(_resp(5))
+    overwritten.close("peer ID overwritten by new connection")
+    assert [r.error async for r in overwritten.drain()] == [
+        "x" * 5, "peer ID overwritten by new connection"]
+
+
 def test_response_size_is_measured_once_per_shared_response() -> None:
     a, b = _resp(10), _resp(20)
     assert response_size(a) == 12 and response_size(a) == 12
     assert response_size(b) == 22 and response_size(a) == 12
 
 
-async def test_slow_consumer_is_evicted_by_the_byte_bound(small: Stack) -> None:
-    """Far fewer than 512 responses are held for a peer that does not read."""
+async def test_slow_consumer_is_evicted_by_the_byte_bound(
+    small: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Far fewer than 512 responses are held for a peer that does not read, and
+    nothing of them once it is evicted."""
     agent, _ = await connect_agent(small)
     slow, slow_id = await connect_client(small, AGENT)
     await agent.expect_update(Kind.NODE, slow_id)
     sink = small.service._streams[slow_id].sink  # noqa: SLF001 - observe the peer's buffer
+    at_eviction: list[tuple[int, int]] = []
+    real_close = QueueSink.close
+
+    def spy(self: QueueSink, error: str | None = None) -> None:
+        if self is sink and not self.closed:
+            at_eviction.append((len(self), self.queued_bytes))
+        real_close(self, error)
+
+    monkeypatch.setattr(QueueSink, "close", spy)
     evicted = asyncio.ensure_future(agent.expect_update(Kind.DISCONNECTED, slow_id, "failed update"))
     for i in range(5000):
         agent.send(update_self(AGENT, derp=1 + i % 1000, endpoints=200))  # ~4 KB per update
@@ -123,13 +152,16 @@ async def test_slow_consumer_is_evicted_by_the_byte_bound(small: Stack) -> None:
             if evicted.done():
                 break
     await asyncio.wait_for(evicted, T)
-    # Its writer is blocked (the client reads nothing): what it held when evicted is
-    # still queued — bounded by the 64 KiB, far below the 512-response count.
+    # What it held when evicted was bounded by the 64 KiB, far below the
+    # 512-response count; its writer is blocked (the client reads nothing), and
+    # the eviction dropped it all: only the close error is left to write.
     one = response_size(pb.CoordinateResponse(peer_updates=[Kind(
         id=AGENT.bytes, kind=Kind.NODE, reason="node update",
         node=node_for(AGENT, derp=999, endpoints=200))]))
-    assert sink.closed and 0 < len(sink) < 64, len(sink)
-    assert sink.queued_bytes <= 64 * 1024 < sink.queued_bytes + one + 8
+    [(held, held_bytes)] = at_eviction
+    assert 0 < held < 64, held
+    assert held_bytes <= 64 * 1024 < held_bytes + one + 8
+    assert sink.closed and len(sink) == 0 and sink.queued_bytes == 0
     error, code, _ = await slow.expect_error_end()
     assert error == "failed to update tunnel peer mapping" and code == SC.OK
 
@@ -498,3 +530,55 @@ async def test_inherited_tunnels_that_cannot_be_checked_refuse_the_stream(
     fresh = tailnet.service.StreamIdentity(who, uuid.uuid4(), "client", UnrestrictedPolicy())
     await svc.run_coordinate(fresh, read, write)
     assert svc.principal_streams(who) == 0
+
+
+# --------------------------------------------------------------------------- peers that leave
+
+
+@pytest.mark.parametrize("how", ["cancel", "drop"])
+async def test_client_leaving_while_its_writes_are_blocked_is_no_error(
+    how: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client that stops reading and then cancels its call (or drops the
+    connection) while the server is blocked writing to it is an ordinary end:
+    the peer is LOST, nothing is logged as an error (the bench/soak.py slow
+    consumers found an ERROR with a traceback for each one)."""
+    stack = await _stack()
+    try:
+        await _blocked_client_leaves(stack, how, caplog)
+    finally:
+        await _close(stack)
+
+
+async def _blocked_client_leaves(stack: Stack, how: str, caplog: pytest.LogCaptureFixture) -> None:
+    agent, _ = await connect_agent(stack)
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{stack.server.port}")
+    slow = Peer(pb_grpc.TailnetStub(channel), md_for("user-token", tailnet_agent_id=str(AGENT)))
+    slow_id = await slow.peer_id()
+    slow.send(add_tunnel(AGENT))
+    slow.send(update_self(slow_id))
+    await agent.expect_update(Kind.NODE, slow_id)
+    sink = stack.service._streams[slow_id].sink  # noqa: SLF001 - observe the peer's buffer
+    # Flood until responses pile up in the sink: the server's writer is blocked.
+    for i in range(20_000):
+        agent.send(update_self(AGENT, derp=1 + i % 1000, endpoints=200))
+        if i % 32 == 31:
+            await asyncio.sleep(0.01)
+            if len(sink) >= 8:
+                break
+    assert len(sink) >= 8, "the server's writes never blocked"
+    caplog.clear()
+    if how == "cancel":
+        slow.call.cancel()
+    else:
+        await channel.close(None)
+    await agent.expect_update(Kind.LOST, slow_id)
+
+    async def gone() -> None:
+        while slow_id in stack.service._streams:  # noqa: SLF001
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(gone(), T)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not errors, [r.getMessage() for r in errors]
+    await channel.close(None)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import urllib.error
 import urllib.request
 import uuid
@@ -370,3 +371,63 @@ async def test_debug_ws_echo_requires_auth(stack: TailnetStack) -> None:
     ) as ws:
         await ws.send(b"hello")
         assert await asyncio.wait_for(ws.recv(), T) == b"hello"
+
+
+# --------------------------------------------------------------------------- pipelining
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/derp/probe"])
+async def test_pipelined_requests_from_a_non_reader_stop_being_read(
+    stack: TailnetStack, path: str
+) -> None:
+    """bench/soak.py: one keep-alive connection pipelining requests without ever
+    reading the responses grew the server by ~12 MB/s (no token needed). Now the
+    next request is read only while the write buffer is below its high-water
+    mark: the server stops reading and holds about one mark of replies."""
+    from ..rawws import push_until_stalled
+
+    assert stack.http is not None
+    request = f"GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n".encode()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", stack.http_port))
+    try:
+        _, outcome = await asyncio.to_thread(
+            push_until_stalled, sock, request, limit=256 << 20, stall=1.0)
+        assert outcome == "stalled"
+        me = sock.getsockname()
+        [conn] = [c for c in stack.http._conns if c.remote == me]  # noqa: SLF001
+        t = conn._transport  # noqa: SLF001
+        assert t is not None
+        bound = t.get_write_buffer_limits()[1] + 64 * 1024
+
+        async def stopped_reading() -> None:
+            while t.is_reading():
+                assert t.get_write_buffer_size() <= bound
+                await asyncio.sleep(0.01)
+
+        await asyncio.wait_for(stopped_reading(), T)
+        await asyncio.sleep(0.3)  # it stays stopped, the buffer stays bounded
+        assert not t.is_reading() and t.get_write_buffer_size() <= bound
+    finally:
+        sock.close()
+
+
+async def test_pipelined_relay_probes_are_all_answered_in_order(stack: TailnetStack) -> None:
+    """Many pipelined relay-path requests (answered without a handler task) are
+    served over several loop iterations, every one of them, in order."""
+    from tailnet.http.server import SYNC_ANSWERS_PER_CALL
+
+    n = 5 * SYNC_ANSWERS_PER_CALL + 3
+    reader, writer = await asyncio.open_connection("127.0.0.1", stack.http_port)
+    try:
+        reqs = b"".join(
+            f"GET {'/derp/probe' if i % 2 else '/generate_204'} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+            for i in range(n)
+        )
+        writer.write(reqs + b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        data = await asyncio.wait_for(reader.read(), T)  # until the server closes
+    finally:
+        writer.close()
+    statuses = [int(line.split(b" ")[1]) for line in data.split(b"\r\n") if line.startswith(b"HTTP/1.1 ")]
+    assert statuses == [200 if i % 2 else 204 for i in range(n)] + [200]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import socket
 
+import h11
 import pytest
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
@@ -16,7 +17,7 @@ from websockets.exceptions import ConnectionClosed
 from tailnet.http import HttpApiServer
 from tailnet.http.request import Request
 from tailnet.http.server import Response, Upgrade
-from tailnet.http.websocket import ServerWebSocket
+from tailnet.http.websocket import READ_SLICE, ServerWebSocket
 from tailnet.stack import TailnetStack
 
 from ..rawws import OP_BINARY, OP_PING, push_until_stalled, ws_connect, ws_frame
@@ -141,3 +142,89 @@ async def test_debug_ws_echo_to_a_non_reader_is_closed_when_idle(stack: TailnetS
         await _wait_for(lambda: not _live_websockets(stack))
     finally:
         sock.close()
+
+
+class _Transport(asyncio.Transport):
+    """In-memory transport: records writes and whether reading is paused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out = bytearray()
+        self.reading = True
+        self.closed = False
+        self.protocol: asyncio.BaseProtocol | None = None
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.out += data
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self.protocol = protocol
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        assert self.protocol is not None
+        return self.protocol
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_reading(self) -> bool:
+        return self.reading
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    def close(self) -> None:
+        self.closed = True
+
+    def abort(self) -> None:
+        self.closed = True
+
+    def get_write_buffer_size(self) -> int:
+        return 0
+
+
+def _upgraded(t: _Transport) -> ServerWebSocket:
+    req = h11.Request(method="GET", target="/ws", headers=[
+        ("Host", "127.0.0.1"), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
+        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13"),
+    ])
+    ws = ServerWebSocket.upgrade(t, req, ping_interval=None)
+    assert ws is not None
+    return ws
+
+
+async def test_a_read_of_tiny_messages_is_parsed_a_slice_per_loop_iteration() -> None:
+    """bench/soak.py: a 256 KiB read of one-byte messages held the event loop for
+    ~250 ms. The parser gets READ_SLICE bytes per callback; the rest waits with
+    reading paused, and is parsed in order as the handler drains the queue."""
+    t = _Transport()
+    ws = _upgraded(t)
+    n = 40_000
+    ws.data_received(b"".join(ws_frame(OP_BINARY, bytes([i % 251])) for i in range(n)))
+    frame_len = len(ws_frame(OP_BINARY, b"x"))
+    assert 0 < len(ws._messages) <= READ_SLICE // frame_len + 1
+    assert not t.reading
+    got: list[bytes | str | None] = []
+
+    async def consume() -> None:
+        while len(got) < n:
+            got.append(await ws.recv())
+
+    await asyncio.wait_for(consume(), T)
+    assert got == [bytes([i % 251]) for i in range(n)]
+    await _wait_for(lambda: t.reading)
+
+
+async def test_bytes_read_before_eof_are_all_delivered() -> None:
+    t = _Transport()
+    ws = _upgraded(t)
+    n = 5_000
+    ws.data_received(b"".join(ws_frame(OP_BINARY, bytes([i % 251])) for i in range(n)))
+    ws.eof_received()
+    got = []
+    while (msg := await ws.recv()) is not None:
+        got.append(msg)
+    assert got == [bytes([i % 251]) for i in range(n)]
