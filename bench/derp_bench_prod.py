@@ -35,8 +35,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
+import hashlib
 import json
+import os
+import random
 import ssl
+import struct
 import statistics
 import sys
 import tempfile
@@ -48,16 +53,17 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import derp_loadgen  # noqa: E402
-from derp_bench import ServerProcess, run_throughput, serve_until_signal  # noqa: E402
+from derp_bench import ServerProcess, run_throughput, serve_until_signal, verify_note  # noqa: E402
 from derp_loadgen import Clock, GenConn, Target, raise_nofile_limit  # noqa: E402
 
 from derp import frames  # noqa: E402
+from websockets.speedups import apply_mask  # noqa: E402  (C; the bench client must not be the bottleneck)
 from derp.keys import PrivateKey  # noqa: E402
 
 __all__ = ["VARIANTS", "main", "run_variant", "start_server", "use_transport"]
 
 VARIANTS = ("tcp", "ws", "tls", "wss")
-DEFAULT_CASES = ("closed-8x1400", "open-1x1400")
+DEFAULT_CASES = ("closed-1x1400", "closed-8x1400", "closed-32x64")
 LATENCY_RATE = 2000.0  # packets/s offered in open-1xN cases
 
 _plain_connect = derp_loadgen._connect
@@ -70,6 +76,170 @@ class _UpgradedGenConn(GenConn):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.dec = frames.FrameDecoder()
+
+
+# --------------------------------------------------------------------------- WebSocket client
+
+WS_READ_LIMIT = 32 * 1024  # Go's default per-message read limit (coder/websocket, gorilla)
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+class _WsGenTransport(asyncio.Transport):
+    """What the generator connection writes to: every write is one masked binary message."""
+
+    def __init__(self, pipe: _WsGenPipe) -> None:
+        super().__init__()
+        self._pipe = pipe
+
+    def write(self, data: Any) -> None:
+        self._pipe.send_message(data)
+
+    def close(self) -> None:
+        self._pipe.close(1000)
+
+    def abort(self) -> None:
+        self._pipe.transport.abort()
+
+    def is_closing(self) -> bool:
+        return bool(self._pipe.transport.is_closing())
+
+    def get_write_buffer_size(self) -> int:
+        return int(self._pipe.transport.get_write_buffer_size())
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._pipe.transport.get_extra_info(name, default)
+
+
+class _WsGenPipe(asyncio.Protocol):
+    """A minimal, strict RFC 6455 client for the load generator (not ``derp.websocket``).
+
+    Behaves like Go's WebSocket clients where the relay could go wrong: each write
+    is one binary message, masked with a fresh random key; a message (all frames
+    up to FIN) over :data:`WS_READ_LIMIT` bytes fails the connection (Go closes
+    with 1009); so do a masked server frame, a text message and reserved bits.
+    Binary payloads of one read are handed to the inner connection in one call.
+    """
+
+    def __init__(self, inner: GenConn, host_header: str) -> None:
+        self.inner = inner
+        self.host_header = host_header
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.key = base64.b64encode(os.urandom(16))
+        self.head = b""
+        self.upgraded = False
+        self.buf = b""
+        self.msg_len = 0  # bytes of the binary message being received
+        self.rand = random.Random()
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        transport.write(  # type: ignore[attr-defined]
+            b"GET /derp HTTP/1.1\r\nHost: " + self.host_header.encode() + b"\r\n"
+            b"Upgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Key: " + self.key + b"\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Protocol: derp\r\n\r\n"
+        )
+
+    def send_message(self, data: Any) -> None:
+        n = len(data)
+        if n < 126:
+            head = bytes((0x82, 0x80 | n))
+        elif n < 65536:
+            head = struct.pack(">BBH", 0x82, 0x80 | 126, n)
+        else:
+            head = struct.pack(">BBQ", 0x82, 0x80 | 127, n)
+        mask = self.rand.getrandbits(32).to_bytes(4, "big")
+        self.transport.write(head + mask + apply_mask(bytes(data), mask))
+
+    def close(self, code: int) -> None:
+        if not self.transport.is_closing():
+            mask = self.rand.getrandbits(32).to_bytes(4, "big")
+            self.transport.write(b"\x88\x82" + mask + apply_mask(struct.pack(">H", code), mask))
+            self.transport.close()
+
+    def fail(self, why: str, code: int) -> None:
+        if not self.inner.error:
+            self.inner.error = why
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(why))
+        self.close(code)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.upgraded:
+            self.head += data
+            end = self.head.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head, data = self.head[: end + 4], self.head[end + 4 :]
+            self.head = b""
+            lines = head.decode("latin-1").split("\r\n")
+            hdrs = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+            accept = base64.b64encode(hashlib.sha1(self.key + _WS_GUID).digest()).decode()
+            if not lines[0].startswith("HTTP/1.1 101"):
+                return self.fail(f"upgrade refused: {lines[0]}", 1002)
+            if hdrs.get("sec-websocket-accept") != accept or hdrs.get("sec-websocket-protocol") != "derp":
+                return self.fail("bad WebSocket handshake response", 1002)
+            self.upgraded = True
+            self.opened.set_result(None)
+            self.inner.connection_made(_WsGenTransport(self))
+            if not data:
+                return
+        buf = self.buf + data if self.buf else data
+        n = len(buf)
+        pos = 0
+        out: list[bytes] = []
+        while n - pos >= 2:
+            b0, b1 = buf[pos], buf[pos + 1]
+            ln = b1 & 0x7F
+            hl = 2
+            if ln == 126:
+                if n - pos < 4:
+                    break
+                ln = struct.unpack_from(">H", buf, pos + 2)[0]
+                hl = 4
+            elif ln == 127:
+                if n - pos < 10:
+                    break
+                ln = struct.unpack_from(">Q", buf, pos + 2)[0]
+                hl = 10
+            if b1 & 0x80 or b0 & 0x70:
+                return self.fail("masked frame or reserved bits from the server", 1002)
+            op = b0 & 0x0F
+            if op in (0, 2) and self.msg_len + ln > WS_READ_LIMIT:
+                return self.fail(
+                    f"WebSocket message of more than {self.msg_len + ln} bytes"
+                    f" (limit {WS_READ_LIMIT})",
+                    1009,
+                )
+            end = pos + hl + ln
+            if end > n:
+                break
+            if op in (0, 2):
+                out.append(buf[pos + hl : end])
+                self.msg_len = 0 if b0 & 0x80 else self.msg_len + ln
+            elif op == 8:
+                self.inner.error = self.inner.error or "server sent a WebSocket close frame"
+                self.close(1000)
+                break
+            elif op == 9:  # ping -> pong
+                mask = self.rand.getrandbits(32).to_bytes(4, "big")
+                body = buf[pos + hl : end]
+                self.transport.write(bytes((0x8A, 0x80 | len(body))) + mask + apply_mask(body, mask))
+            elif op != 10:
+                return self.fail(f"unexpected WebSocket opcode {op}", 1003)
+            pos = end
+        self.buf = buf[pos:] if pos < n else b""
+        if out:
+            self.inner.data_received(out[0] if len(out) == 1 else b"".join(out))
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"connection lost: {exc!r}"))
+        self.inner.connection_lost(exc)
 
 
 def _client_ssl() -> ssl.SSLContext:
@@ -86,11 +256,10 @@ async def _connect(
     """Replacement for ``derp_loadgen._connect`` honouring the selected transport."""
     if _transport == "tcp":
         return await _plain_connect(target, key, raw, dst, clock)
-    from derp.websocket import websocket_client
-
     loop = asyncio.get_running_loop()
     secure = _transport in ("tls", "wss")
     ctx = _client_ssl() if secure else None
+    proto: GenConn
     if _transport == "tls":
         _, proto = await loop.create_connection(
             lambda: GenConn(target, key, raw, dst, clock),
@@ -100,19 +269,15 @@ async def _connect(
             server_hostname=target.host,
         )
     else:
-        transport, _ = await loop.create_connection(
-            asyncio.Protocol,
+        proto = _UpgradedGenConn(target, key, raw, dst, clock)
+        _, pipe = await loop.create_connection(
+            lambda: _WsGenPipe(proto, f"{target.host}:{target.port}"),
             target.host,
             target.port,
             ssl=ctx,
             server_hostname=target.host if secure else None,
         )
-        proto = await websocket_client(
-            transport,
-            lambda: _UpgradedGenConn(target, key, raw, dst, clock),
-            host_header=f"{target.host}:{target.port}",
-            secure=secure,
-        )
+        await asyncio.wait_for(pipe.opened, 30)
     await asyncio.wait_for(proto.ready, 30)
     return proto
 
@@ -126,13 +291,16 @@ def use_transport(variant: str) -> None:
     derp_loadgen._connect = _connect  # type: ignore[assignment]
 
 
-def start_server(tls: bool) -> ServerProcess:
+def start_server(tls: bool, profile: str | None = None) -> ServerProcess:
     """The DERP server under test in its own process (plain HTTP or TLS 1.3)."""
     mode = "tls" if tls else "plain"
-    return ServerProcess(f"derp-{mode}", [sys.executable, str(Path(__file__).resolve()), "--serve", mode])
+    argv = [sys.executable, str(Path(__file__).resolve()), "--serve", mode]
+    if profile:
+        argv += ["--profile", profile]
+    return ServerProcess(f"derp-{mode}", argv)
 
 
-def serve(mode: str) -> None:
+def serve(mode: str, profile: str | None = None) -> None:
     """Run the server (TLS with a self-signed IP certificate for ``tls``) until SIGTERM."""
     from derp.server import ServerConfig
     from derp.tls import load_manual_cert, server_ssl_context
@@ -142,13 +310,14 @@ def serve(mode: str) -> None:
     if mode == "tls":
         mc = load_manual_cert(tempfile.mkdtemp(prefix="derp-bench-"), "127.0.0.1")
         ctx = server_ssl_context(mc.cert_file, mc.key_file, key.public)
-    serve_until_signal(ServerConfig(private_key=key, ssl_context=ctx))
+    serve_until_signal(ServerConfig(private_key=key, ssl_context=ctx), profile=profile)
 
 
 def run_variant(variant: str, cases: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run ``cases`` over ``variant`` against a fresh server process."""
     use_transport(variant)
-    srv = start_server(tls=variant in ("tls", "wss"))
+    profile = f"{args.profile}.{variant}" if getattr(args, "profile", None) else None
+    srv = start_server(tls=variant in ("tls", "wss"), profile=profile)
     rows = []
     try:
         for case in cases:
@@ -158,6 +327,12 @@ def run_variant(variant: str, cases: list[str], args: argparse.Namespace) -> lis
             res = run_throughput(srv, "derp", case, ns)
             res["variant"] = variant
             rows.append(res)
+            print(
+                f"  {variant:4} {case:14} {res['pps']:>9,.0f} pkt/s  srv {res['srv_us_per_pkt']:.2f} µs/pkt"
+                f"  p99 {res['p99_us']:,.0f} µs  srv runq wait {res['srv_wait']:.2f} s/s"
+                f"  host {res['host_cores']:.2f} busy{verify_note(res)}",
+                flush=True,
+            )
     finally:
         srv.stop()
     return rows
@@ -167,8 +342,14 @@ def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
     out = []
     for i, first in enumerate(runs[0]):
         row = dict(first)
-        for k in ("pps", "mbps", "p50_us", "p99_us", "srv_us_per_pkt", "loss", "srv_cores", "gen_cores"):
+        for k in (
+            "pps", "mbps", "p50_us", "p99_us", "srv_us_per_pkt", "loss", "srv_cores", "gen_cores",
+            "srv_wait", "host_cores",
+        ):
             row[k] = statistics.median(r[i][k] for r in runs)
+        for k in ("lost", "duplicated", "misdelivered", "corrupted", "gaps"):
+            row[k] = sum(r[i][k] for r in runs)  # over all runs: any is a failure
+        row["errors"] = [e for r in runs for e in r[i]["errors"]]
         out.append(row)
     return out
 
@@ -176,23 +357,22 @@ def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 def table(rows: list[dict[str, Any]]) -> str:
     base = {r["case"]: r for r in rows if r["variant"] == "tcp"}
     lines = [
-        f"{'variant':<8}{'case':<16}{'pkt/s':>10}{'MB/s':>8}{'p50 us':>9}{'p99 us':>9}"
-        f"{'srv us/pkt':>11}{'srv cores':>10}{'gen cores':>10}{'loss':>7}"
-        f"{'pkt/s vs tcp':>13}{'us/pkt vs tcp':>14}"
+        "| variant | case | pkt/s | vs tcp | srv CPU µs/pkt | vs tcp | p50 µs | p99 µs | p99 vs tcp "
+        "| srv cores | srv runq wait | gen cores | host busy | lost | dup / misdelivered / corrupt |",
+        "|" + "---|" * 15,
     ]
+
+    def rel(r: dict[str, Any], b: dict[str, Any] | None, k: str) -> str:
+        return f"{r[k] / b[k]:.2f}×" if b and b[k] == b[k] and b[k] else "-"
+
     for r in rows:
         b = base.get(r["case"])
-        rel = f"{r['pps'] / b['pps']:.2f}x" if b and b["pps"] else "-"
-        rel_cpu = (
-            f"{r['srv_us_per_pkt'] / b['srv_us_per_pkt']:.2f}x"
-            if b and b["srv_us_per_pkt"] == b["srv_us_per_pkt"] and b["srv_us_per_pkt"]
-            else "-"
-        )
         lines.append(
-            f"{r['variant']:<8}{r['case']:<16}{r['pps']:>10.0f}{r['mbps']:>8.1f}"
-            f"{r['p50_us']:>9.0f}{r['p99_us']:>9.0f}{r['srv_us_per_pkt']:>11.2f}"
-            f"{r['srv_cores']:>10.2f}{r['gen_cores']:>10.2f}"
-            f"{r['loss'] * 100:>6.1f}%{rel:>13}{rel_cpu:>14}"
+            f"| {r['variant']} | {r['case']} | {r['pps']:,.0f} | {rel(r, b, 'pps')} "
+            f"| {r['srv_us_per_pkt']:.2f} | {rel(r, b, 'srv_us_per_pkt')} "
+            f"| {r['p50_us']:,.0f} | {r['p99_us']:,.0f} | {rel(r, b, 'p99_us')} "
+            f"| {r['srv_cores']:.2f} | {r['srv_wait']:.2f} | {r['gen_cores']:.2f} | {r['host_cores']:.2f} "
+            f"| {r['lost']} | {r['duplicated']} / {r['misdelivered']} / {r['corrupted']} |"
         )
     return "\n".join(lines)
 
@@ -206,12 +386,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--open-rate", type=float, default=LATENCY_RATE)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--batched", action="store_true",
+                   help="one write per batch of due packets (default: one write per packet)")
     p.add_argument("--json", default=None, help="write all rows to this file")
     p.add_argument("--serve", choices=["plain", "tls"], default=None, help=argparse.SUPPRESS)
+    p.add_argument("--profile", default=None, help="cProfile the server, dump stats to FILE.<variant>")
     args = p.parse_args(argv)
     if args.serve:
-        serve(args.serve)
+        serve(args.serve, args.profile)
         return 0
+    args.per_packet = not args.batched
     raise_nofile_limit()
     runs: list[list[dict[str, Any]]] = []
     for i in range(args.repeat):
