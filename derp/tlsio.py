@@ -328,13 +328,17 @@ class TlsProtocol(asyncio.BufferedProtocol):
     def _decrypt(self) -> None:
         """Decrypt every complete record in the incoming BIO; one ``data_received``."""
         read = self._read
+        incoming = self._in
         pbuf = _shared.pbuf
         room = _PLAIN_SIZE - _MAX_RECORD
         off = 0
         parts: list[bytes] | None = None
         err: BaseException | None = None
         try:
-            while True:
+            # OpenSSL reads a record's header, then exactly its body (no read-ahead):
+            # once the BIO is empty every complete record was consumed, and stopping
+            # there saves the SSLWantReadError (formatted by _ssl) of a last read.
+            while incoming.pending:
                 n = read(_MAX_RECORD, pbuf[off:])
                 if not n:  # close_notify (reported as a 0-byte read)
                     self._eof = True
