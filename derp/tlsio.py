@@ -72,7 +72,7 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any, Final, cast
 
-__all__ = ["TlsProtocol", "TlsTransport", "READ_BUFFER_SIZE"]
+__all__ = ["READ_BUFFER_SIZE", "TlsProtocol", "TlsTransport", "open_tls_connection"]
 
 log = logging.getLogger("derp.tls")
 
@@ -463,7 +463,12 @@ class TlsTransport(asyncio.Transport):
         p._queue(data if type(data) is bytes else bytes(data))
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
-        self.write(b"".join(list_of_data))
+        p = self._p
+        if p._state != _OPEN:
+            return
+        for data in list_of_data:  # joined once, at the flush
+            if data:
+                p._queue(data if type(data) is bytes else bytes(data))
 
     def close(self) -> None:
         self._p._close()
@@ -483,7 +488,12 @@ class TlsTransport(asyncio.Transport):
         raise NotImplementedError("TLS transport: use close()")
 
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self._p._app = protocol
+        p = self._p
+        old = p._app
+        p._app = protocol
+        if isinstance(old, _Holding) and old.held and p._loop is not None:
+            # After the caller's connection_made, which follows set_protocol.
+            p._loop.call_soon(old.replay, protocol, self)
 
     def get_protocol(self) -> asyncio.BaseProtocol:
         app = self._p._app
@@ -534,3 +544,81 @@ class TlsTransport(asyncio.Transport):
             return (0, 0)
         limits = raw.get_write_buffer_limits()
         return (int(limits[0]), int(limits[1]))
+
+
+class _Holding(asyncio.Protocol):
+    """The app of a client connection until its caller attaches the real one.
+
+    Keeps whatever arrives (data, EOF, loss) and replays it into the protocol
+    given to :meth:`TlsTransport.set_protocol`.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[tuple[str, Any]] = []
+
+    def data_received(self, data: bytes) -> None:
+        self.held.append(("data", data))
+
+    def eof_received(self) -> bool | None:
+        self.held.append(("eof", None))
+        return True  # the real protocol decides
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.held.append(("lost", exc))
+
+    def replay(self, protocol: asyncio.BaseProtocol, transport: TlsTransport) -> None:
+        held, self.held = self.held, []
+        proto = cast(asyncio.Protocol, protocol)
+        for kind, arg in held:
+            if kind == "data":
+                proto.data_received(arg)
+            elif kind == "eof":
+                if not proto.eof_received():
+                    transport.close()
+            else:
+                proto.connection_lost(arg)
+
+
+async def open_tls_connection(
+    host: str,
+    port: int,
+    context: ssl.SSLContext,
+    server_hostname: str | None,
+) -> TlsTransport:
+    """Dial ``host:port``, run the TLS client handshake, return the transport.
+
+    Raises what the handshake raised (e.g. ``ssl.SSLCertVerificationError``);
+    bound it with a timeout at the call site. The caller attaches its
+    protocol with ``set_protocol`` and calls its ``connection_made``; anything
+    received before that is replayed to it.
+    """
+    loop = asyncio.get_running_loop()
+    done: asyncio.Future[None] = loop.create_future()
+    done.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def on_handshake(proto: TlsProtocol, exc: BaseException | None) -> None:
+        if not done.done():
+            if exc is None:
+                done.set_result(None)
+            else:
+                done.set_exception(exc)
+
+    raw, proto = await loop.create_connection(
+        lambda: TlsProtocol(
+            context,
+            _Holding,
+            server_side=False,
+            server_hostname=server_hostname,
+            handshake_timeout=0,
+            on_handshake=on_handshake,
+        ),
+        host,
+        port,
+    )
+    try:
+        await done
+    except BaseException:
+        raw.abort()
+        raise
+    assert proto._tt is not None
+    return proto._tt

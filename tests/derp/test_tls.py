@@ -422,6 +422,7 @@ async def test_tls_listeners_on_ipv4_and_ipv6(tmp_path: Path) -> None:
         async with DerpClient(f"https://[::1]:{srv.port}", PrivateKey.generate(), cert_name=mc.pin) as c:
             await c.send(v4.key.public, b"client over ::1")
             assert await v4.recv_packet() == (c.public_key.raw, b"client over ::1")
+        await v4.recv_type(FrameType.PEER_GONE)  # c left; then nothing more is in flight
         for x in (v4, v6):
             await x.close()
     finally:

@@ -1,7 +1,8 @@
 """derp.tlsio without sockets: a TlsProtocol on a fake socket transport, and a client
 ``ssl.SSLObject`` on memory BIOs whose ciphertext the test cuts as it likes.
 
-Covered: records split at every byte boundary and byte by byte, arbitrary chunking of
+Also both ends over loopback: :func:`open_tls_connection` (client mode) against a
+TlsProtocol server. Covered: records split at every byte boundary and byte by byte, arbitrary chunking of
 the handshake and data (hypothesis), many records in one read (one ``data_received``),
 writes of one loop iteration encrypted into full-size records with one socket write,
 close_notify both ways, EOF without close_notify, a corrupted record, garbage instead of
@@ -23,7 +24,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 
 from derp.keys import PrivateKey
 from derp.tls import load_manual_cert, server_ssl_context
-from derp.tlsio import READ_BUFFER_SIZE, TlsProtocol
+from derp.tlsio import READ_BUFFER_SIZE, TlsProtocol, open_tls_connection
 
 from .conftest import WAIT
 
@@ -406,3 +407,68 @@ async def test_tls12_when_allowed(tmp_path: Path) -> None:
     p.feed(p.records(b"one", b"two"))
     assert p.app.data == b"onetwo"
     p.tls._abort()
+
+
+async def test_writelines_pieces_are_one_record(pair: Pair) -> None:
+    pair.handshake()
+    t = pair.app.transport
+    assert t is not None
+    t.writelines([b"head", bytearray(b"-"), memoryview(b"body")])
+    await asyncio.sleep(0)
+    assert len(pair.sock.writes) == 1 and len(_record_lengths(pair.sock.writes[0])) == 1
+    assert pair.client_read() == b"head-body"
+
+
+class Greeter(asyncio.Protocol):
+    """Server app: says hello at once, then echoes; closes on EOF."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.t = transport
+        transport.write(b"hello;")
+
+    def data_received(self, data: bytes) -> None:
+        self.t.write(data.upper())
+
+
+async def test_client_mode_replays_what_arrived_before_the_app(
+    server_ctx: ssl.SSLContext,
+) -> None:
+    loop = asyncio.get_running_loop()
+    lsn = await loop.create_server(lambda: TlsProtocol(server_ctx, Greeter), "127.0.0.1", 0)
+    try:
+        port = lsn.sockets[0].getsockname()[1]
+        t = await asyncio.wait_for(
+            open_tls_connection("127.0.0.1", port, _client_ctx(), "127.0.0.1"), WAIT
+        )
+        assert t.get_extra_info("ssl_object").version() == "TLSv1.3"
+        # Let the greeting arrive before the app is attached.
+        await asyncio.wait_for(_until(lambda: bool(t._p._app.held)), WAIT)  # type: ignore[attr-defined]
+        app = App()
+        t.set_protocol(app)
+        app.connection_made(t)
+        t.write(b"echo me")
+        await asyncio.wait_for(_until(lambda: app.data == b"hello;ECHO ME"), WAIT)
+        t.close()
+        await asyncio.wait_for(_until(lambda: bool(app.lost)), WAIT)
+    finally:
+        lsn.close()
+
+
+async def test_client_mode_raises_the_handshake_error(tmp_path: Path) -> None:
+    mc = load_manual_cert(tmp_path, "127.0.0.1")
+    ctx = server_ssl_context(mc.cert_file, mc.key_file, None)
+    loop = asyncio.get_running_loop()
+    lsn = await loop.create_server(lambda: TlsProtocol(ctx, Greeter), "127.0.0.1", 0)
+    try:
+        port = lsn.sockets[0].getsockname()[1]
+        verifying = ssl.create_default_context()  # the self-signed certificate is unknown
+        with pytest.raises(ssl.SSLCertVerificationError):
+            await asyncio.wait_for(open_tls_connection("127.0.0.1", port, verifying, "127.0.0.1"), WAIT)
+    finally:
+        lsn.close()
+
+
+async def _until(cond: Any) -> None:
+    while not cond():
+        await asyncio.sleep(0.005)
