@@ -1,29 +1,42 @@
 """DERP transport variants: TCP (baseline) vs WebSocket vs TLS vs WebSocket over TLS.
 
 Same load generator and method as ``bench/derp_bench.py`` (forked uvloop worker
-processes, server in its own process, CPU from ``/proc/<pid>/task/*/schedstat``);
-only the transport between the generator and the server changes:
+processes, server on uvloop in its own process, CPU from
+``/proc/<pid>/task/*/schedstat``); only the transport between the generator and
+the server changes:
 
 =========  ===================================================================
 variant    generator connection
 =========  ===================================================================
 ``tcp``    plain TCP, ``Upgrade: DERP`` (the single-relay baseline)
-``ws``     WebSocket (``Upgrade: websocket``, subprotocol ``derp``), each
-           generator write = one binary message, masked as RFC 6455 requires
-``tls``    TLS 1.3 (server: self-signed cert + meta-cert), ``Upgrade: DERP``
-``wss``    WebSocket over TLS 1.3
+``ws``     WebSocket (``Upgrade: websocket``, subprotocol ``derp``) through the
+           bench's own strict client: every write is one binary message masked
+           with a fresh random key, and a message over 32 KiB from the relay
+           fails the connection, as Go's WebSocket libraries do
+``tls``    TLS 1.3 (server: self-signed cert + meta-cert), ``Upgrade: DERP``;
+           the client is uvloop's TLS: one record per write
+``wss``    the WebSocket client over TLS 1.3
 =========  ===================================================================
 
-Cases (default): ``closed-8x1400`` (throughput: 8 pairs, 1400-byte packets, 32 in
-flight per pair) and ``open-1x1400`` at 2,000 packets/s (latency of one lightly
-loaded pair). Each row reports delivered packets/s, MB/s, one-way latency
-p50/p99, server CPU µs per relayed packet, and the cost relative to ``tcp``.
+Writes are per packet by default (one ``transport.write`` per packet: over TLS
+one record per packet, over WebSocket one message per packet), as Tailscale's
+client flushes per packet; ``--batched`` writes everything due at once. Every
+delivered packet is verified (source key, pair, order, checksum; see
+``derp_loadgen``).
+
+Cases (default): ``closed-1x1400``, ``closed-8x1400`` and ``closed-32x64``
+(closed loop: at most 32 packets in flight per pair). Each row reports
+delivered packets/s, server CPU µs per relayed packet, one-way latency p50/p99,
+their ratios to ``tcp`` for the same case, the server's and the generator's
+CPU, the CPU used by other processes on the host during the window, and the
+verification counts.
 
 Usage::
 
     python bench/derp_bench_prod.py                      # all variants, 1 run
     python bench/derp_bench_prod.py --repeat 3           # medians of 3 runs
     python bench/derp_bench_prod.py --variants tcp ws --cases closed-8x1400
+    python bench/derp_bench_prod.py --variants tls --profile bench/results/srv.prof
 
 Importable pieces (for other bench files, e.g. a mesh case): :func:`start_server`,
 :func:`use_transport`, :func:`run_variant`.
@@ -41,10 +54,11 @@ import json
 import os
 import random
 import ssl
-import struct
 import statistics
+import struct
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -330,7 +344,8 @@ def run_variant(variant: str, cases: list[str], args: argparse.Namespace) -> lis
             print(
                 f"  {variant:4} {case:14} {res['pps']:>9,.0f} pkt/s  srv {res['srv_us_per_pkt']:.2f} µs/pkt"
                 f"  p99 {res['p99_us']:,.0f} µs  srv runq wait {res['srv_wait']:.2f} s/s"
-                f"  host {res['host_cores']:.2f} busy{verify_note(res)}",
+                f"  other load {res['host_cores'] - res['srv_cores'] - res['gen_cores']:.2f} cores"
+                f"{verify_note(res)}",
                 flush=True,
             )
     finally:
@@ -358,7 +373,7 @@ def table(rows: list[dict[str, Any]]) -> str:
     base = {r["case"]: r for r in rows if r["variant"] == "tcp"}
     lines = [
         "| variant | case | pkt/s | vs tcp | srv CPU µs/pkt | vs tcp | p50 µs | p99 µs | p99 vs tcp "
-        "| srv cores | srv runq wait | gen cores | host busy | lost | dup / misdelivered / corrupt |",
+        "| srv cores | srv runq wait | gen cores | other cores | lost | dup / misdelivered / corrupt |",
         "|" + "---|" * 15,
     ]
 
@@ -371,7 +386,8 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['variant']} | {r['case']} | {r['pps']:,.0f} | {rel(r, b, 'pps')} "
             f"| {r['srv_us_per_pkt']:.2f} | {rel(r, b, 'srv_us_per_pkt')} "
             f"| {r['p50_us']:,.0f} | {r['p99_us']:,.0f} | {rel(r, b, 'p99_us')} "
-            f"| {r['srv_cores']:.2f} | {r['srv_wait']:.2f} | {r['gen_cores']:.2f} | {r['host_cores']:.2f} "
+            f"| {r['srv_cores']:.2f} | {r['srv_wait']:.2f} | {r['gen_cores']:.2f} "
+            f"| {max(0.0, r['host_cores'] - r['srv_cores'] - r['gen_cores']):.2f} "
             f"| {r['lost']} | {r['duplicated']} / {r['misdelivered']} / {r['corrupted']} |"
         )
     return "\n".join(lines)
@@ -398,12 +414,23 @@ def main(argv: list[str] | None = None) -> int:
     args.per_packet = not args.batched
     raise_nofile_limit()
     runs: list[list[dict[str, Any]]] = []
+    t0 = time.monotonic()
     for i in range(args.repeat):
         rows: list[dict[str, Any]] = []
-        for v in args.variants:
+        # Rotate the order from run to run, so that a slow phase of the machine
+        # does not always hit the same variant; rows are reported in the given order.
+        k = i % len(args.variants)
+        for v in args.variants[k:] + args.variants[:k]:
             rows += run_variant(v, args.cases, args)
+        rows.sort(key=lambda r: (args.variants.index(r["variant"]), args.cases.index(r["case"])))
         print(f"run {i + 1}/{args.repeat}\n{table(rows)}\n", flush=True)
         runs.append(rows)
+    print(
+        f"({args.repeat} run(s) in {time.monotonic() - t0:.0f} s; {args.duration} s measured after"
+        f" {args.warmup} s warm-up per case; {args.workers} generator processes;"
+        f" {'batched' if args.batched else 'per-packet'} writes)",
+        flush=True,
+    )
     final = _median_rows(runs) if len(runs) > 1 else runs[0]
     if len(runs) > 1:
         print(f"medians of {len(runs)} runs\n{table(final)}")

@@ -175,7 +175,7 @@ class TlsProtocol(asyncio.BufferedProtocol):
         self._write: Any = None
         self._state = _HANDSHAKE
         self._timer: asyncio.TimerHandle | None = None
-        self._app: asyncio.BaseProtocol | None = None
+        self._app: asyncio.Protocol | None = None
         self._tt: TlsTransport | None = None
         #: plaintext queued by the app in this loop iteration
         self._wbuf: list[bytes] = []
@@ -191,7 +191,7 @@ class TlsProtocol(asyncio.BufferedProtocol):
         return self._ssl
 
     @property
-    def app(self) -> asyncio.BaseProtocol | None:
+    def app(self) -> asyncio.Protocol | None:
         """The protocol on top (None until the handshake completed)."""
         return self._app
 
@@ -297,7 +297,7 @@ class TlsProtocol(asyncio.BufferedProtocol):
         self._handshake_done(None)
         if self._state != _OPEN:  # the callback closed us
             return False
-        app = self._factory()
+        app = cast(asyncio.Protocol, self._factory())
         self._app = app
         self._tt = TlsTransport(self)
         app.connection_made(self._tt)
@@ -330,6 +330,7 @@ class TlsProtocol(asyncio.BufferedProtocol):
         read = self._read
         incoming = self._in
         pbuf = _shared.pbuf
+        size = _MAX_RECORD
         room = _PLAIN_SIZE - _MAX_RECORD
         off = 0
         parts: list[bytes] | None = None
@@ -339,7 +340,7 @@ class TlsProtocol(asyncio.BufferedProtocol):
             # once the BIO is empty every complete record was consumed, and stopping
             # there saves the SSLWantReadError (formatted by _ssl) of a last read.
             while incoming.pending:
-                n = read(_MAX_RECORD, pbuf[off:])
+                n = read(size, pbuf[off:])
                 if not n:  # close_notify (reported as a 0-byte read)
                     self._eof = True
                     break
@@ -363,7 +364,7 @@ class TlsProtocol(asyncio.BufferedProtocol):
             if parts is not None:
                 parts.append(data)
                 data = b"".join(parts)
-            cast(asyncio.Protocol, app).data_received(data)
+            app.data_received(data)
         if err is not None:
             if self._state < _CLOSED:
                 log.debug("tls: closing %s: %s", self._peer(), err)
@@ -379,7 +380,7 @@ class TlsProtocol(asyncio.BufferedProtocol):
         app = self._app
         if app is None or self._state != _OPEN:
             return False
-        return bool(cast(asyncio.Protocol, app).eof_received())
+        return bool(app.eof_received())
 
     def _queue(self, data: bytes) -> None:
         """Queue app plaintext; flushed at the end of this loop iteration."""
@@ -409,7 +410,9 @@ class TlsProtocol(asyncio.BufferedProtocol):
             if self._raw is not None:
                 self._raw.abort()
             return
-        self._send_pending()
+        raw = self._raw
+        if raw is not None and not raw.is_closing():
+            raw.write(self._out.read())
 
     def _send_pending(self) -> None:
         out = self._out
@@ -490,7 +493,7 @@ class TlsTransport(asyncio.Transport):
     def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
         p = self._p
         old = p._app
-        p._app = protocol
+        p._app = cast(asyncio.Protocol, protocol)
         if isinstance(old, _Holding) and old.held and p._loop is not None:
             # After the caller's connection_made, which follows set_protocol.
             p._loop.call_soon(old.replay, protocol, self)
