@@ -199,6 +199,10 @@ class TlsProtocol(asyncio.BufferedProtocol):
     def is_handshaking(self) -> bool:
         return self._state == _HANDSHAKE
 
+    def abort(self) -> None:
+        """Drop the connection now (e.g. server stop during the handshake)."""
+        self._abort()
+
     # ------------------------------------------------------------------ socket side
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -439,6 +443,9 @@ class TlsProtocol(asyncio.BufferedProtocol):
             self._raw.close()
 
     def _abort(self) -> None:
+        if self._state == _HANDSHAKE:
+            self._cancel_timer()
+            self._handshake_done(ConnectionAbortedError("aborted during the TLS handshake"))
         self._state = _CLOSED
         self._wbuf.clear()
         self._wsize = 0

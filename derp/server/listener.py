@@ -195,7 +195,5 @@ class AcceptGate:
     def close(self) -> None:
         """Abort the sockets still in the TLS handshake (server stop)."""
         for tls in list(self.handshaking):
-            raw = tls._raw
-            if raw is not None:
-                raw.abort()
+            tls.abort()
         self.handshaking.clear()
