@@ -16,8 +16,10 @@ What :meth:`TailnetStack.start` does, in order:
 1. data directory (``config.data_dir``; ``None`` = in memory): ``derp-server.key``
    (derper's JSON format), ``resume-keys.json`` and ``tokens.json`` — all mode
    0600; the tokens file gets an admin (``control_plane``) token on first start;
-2. binds the HTTP port (API + embedded DERP under ``/derp``), the STUN socket
-   and the gRPC port; builds the default DERP map (embedded region
+2. binds the HTTP port (API + embedded DERP under ``/derp``; with
+   ``tls_cert_file``/``tls_key_file`` it terminates TLS itself through the
+   relay's TLS path, :mod:`derp.tlsio`, and the access URL defaults to
+   ``https://``), the STUN socket and the gRPC port; builds the default DERP map (embedded region
    ``derp_region_id`` pointing at the access URL, ``ForceHTTP`` for ``http``,
    ``STUNPort`` = the STUN port or -1, plus regions from ``derp_config_path``)
    unless ``derp_maps`` was given;
@@ -48,6 +50,7 @@ import json
 import logging
 import os
 import secrets
+import ssl
 import tempfile
 import urllib.parse
 import uuid
@@ -60,6 +63,7 @@ from derp.admission import Admission, AllOf, KnownKeysAdmission, VerifyClientURL
 from derp.keys import PrivateKey, load_or_create_server_key
 from derp.server import DerpServer, ServerConfig
 from derp.stunserver import StunServer
+from derp.tls import server_ssl_context
 from tailnet.admission import KnownNodeKeys
 from tailnet.config import ConfigError, StackConfig, parse_addr
 from tailnet.core import Coordinator, CoordinatorAPI
@@ -394,6 +398,25 @@ class TailnetStack:
             self.tokens.add(TokenRecord(new_token(), Principal("control_plane", ADMIN_ID, "admin")))
         return key, resume_keys
 
+    def _tls_context(self, derp_key: PrivateKey) -> ssl.SSLContext | None:
+        """The HTTP listener's TLS context (None: plain HTTP).
+
+        The chain gets the relay's meta-certificate (derp.tls), so DERP clients
+        on TLS 1.3 skip the 101 round trip, as with derper.
+        """
+        cfg = self.config
+        if not cfg.tls_cert_file:
+            return None
+        floor = ssl.TLSVersion.TLSv1_2 if cfg.tls_min_version == "1.2" else ssl.TLSVersion.TLSv1_3
+        try:
+            return server_ssl_context(
+                cfg.tls_cert_file, cfg.tls_key_file, derp_key.public, min_version=floor
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load TLS certificate {cfg.tls_cert_file} / key {cfg.tls_key_file}: {exc}"
+            ) from None
+
     def _default_derp_map(self) -> pb.DERPMap:
         cfg = self.config
         split = urllib.parse.urlsplit(self._access_url)
@@ -516,9 +539,13 @@ class TailnetStack:
             auth_chain.append(self._custom_auth)
         auth_chain.append(self.tokens)
         # The map needs the bound HTTP port: bind first with a placeholder app.
-        self.http = HttpApiServer(_Unready(), derp=self.derp_server)
+        self.http = HttpApiServer(
+            _Unready(), derp=self.derp_server, ssl_context=self._tls_context(key)
+        )
         await self.http.start(http_host, http_port)
-        self._access_url = (cfg.access_url or f"http://{_url_host(http_host)}:{self.http.port}").rstrip("/")
+        self._access_url = (
+            cfg.access_url or f"{self.http.scheme}://{_url_host(http_host)}:{self.http.port}"
+        ).rstrip("/")
 
         if self._custom_derp_maps is not None:
             self._derp_maps = self._custom_derp_maps
