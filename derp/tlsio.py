@@ -11,10 +11,11 @@ WebSocket pipe after an upgrade, an HTTP API) runs over TLS by sitting on a
              per loop      (collected until the end of the loop iteration)
              iteration
 
-Why not the event loop's own TLS (``create_server(ssl=...)``): it decrypts one
-record at a time into a fresh 256 KiB ``bytes`` object (``mmap``/``mremap``/
-``munmap`` per record) and encrypts every ``write()`` into its own record and
-socket write. With clients that flush per packet (Tailscale's Go client does)
+Why not the event loop's own TLS (``create_server(ssl=...)``; uvloop's and
+CPython's ``SSLProtocol``): it decrypts one record at a time into a fresh
+256 KiB ``bytes`` object (``mmap``/``mremap``/``munmap`` per record, seen in
+the profile) and encrypts every ``write()`` into its own record and socket
+write. With clients that flush per packet (Tailscale's Go client does)
 that is several allocations and a syscall per packet. Here the hot path is:
 
 * **read**: the socket reads into one buffer shared by all connections of the
@@ -35,7 +36,8 @@ Lifecycle (states ``HANDSHAKE → OPEN → CLOSING → CLOSED``):
   ``handshake_timeout`` seconds or the socket is aborted. Garbage instead of
   a ClientHello, a protocol-version or certificate failure: the alert OpenSSL
   produced is sent, the socket closed, the reason logged at DEBUG, and the app
-  protocol is never created. ``on_handshake(ok)`` (optional) is told either way.
+  protocol is never created. ``on_handshake(protocol, exc)`` (optional) is
+  told either way (``exc`` None on success).
 * when it completes, ``app_factory()`` is called and gets
   ``connection_made(TlsTransport)``; application data that arrived with the
   client's Finished is delivered right away (DERP fast start depends on it);
@@ -45,8 +47,9 @@ Lifecycle (states ``HANDSHAKE → OPEN → CLOSING → CLOSED``):
   cannot go unnoticed by the app);
 * ``close()`` flushes, sends ``close_notify`` and closes the socket after its
   buffer drained; ``abort()`` drops everything; a TLS error after the
-  handshake (bad record MAC, unexpected message) aborts the socket and the app
-  gets ``connection_lost(exc)``;
+  handshake (bad record MAC, unexpected message) aborts the socket, after
+  delivering the records before it, and the app gets ``connection_lost(exc)``
+  with that error;
 * renegotiation is refused by the context (``OP_NO_RENEGOTIATION``, set by
   :func:`derp.tls.server_ssl_context`; TLS 1.3 has none); TLS 1.3 KeyUpdate
   and post-handshake messages are answered by OpenSSL inside ``read``, and
@@ -57,6 +60,10 @@ transport (its buffer holds ciphertext, about the plaintext size);
 :meth:`TlsTransport.get_write_buffer_size` adds the plaintext still queued in
 this iteration. ``pause_reading`` stops reading the socket; the data of the
 read in progress was already delivered in one call.
+
+Client side: :func:`open_tls_connection` dials, runs the client handshake and
+returns the :class:`TlsTransport` (``derp.client`` uses it for ``https``/``wss``,
+so mesh links too).
 
 Ownership: everything runs on the event loop thread. The shared read and
 plaintext buffers and the flush list are per thread (one loop per thread),
@@ -148,6 +155,7 @@ class TlsProtocol(asyncio.BufferedProtocol):
         "_wsize",
         "_eof",
         "_app_paused",
+        "_error",
     )
 
     def __init__(
@@ -182,6 +190,8 @@ class TlsProtocol(asyncio.BufferedProtocol):
         self._wsize = 0
         self._eof = False
         self._app_paused = False
+        #: the TLS error that made us abort (passed to the app's connection_lost)
+        self._error: Exception | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -262,7 +272,7 @@ class TlsProtocol(asyncio.BufferedProtocol):
             return
         app = self._app
         if app is not None:
-            app.connection_lost(exc)
+            app.connection_lost(exc or self._error)
 
     def pause_writing(self) -> None:
         app = self._app
@@ -338,7 +348,7 @@ class TlsProtocol(asyncio.BufferedProtocol):
         room = _PLAIN_SIZE - _MAX_RECORD
         off = 0
         parts: list[bytes] | None = None
-        err: BaseException | None = None
+        err: Exception | None = None
         try:
             # OpenSSL reads a record's header, then exactly its body (no read-ahead):
             # once the BIO is empty every complete record was consumed, and stopping
@@ -373,6 +383,7 @@ class TlsProtocol(asyncio.BufferedProtocol):
             if self._state < _CLOSED:
                 log.debug("tls: closing %s: %s", self._peer(), err)
                 self._state = _CLOSED
+                self._error = err
                 if self._raw is not None:
                     self._raw.abort()
             return
@@ -411,6 +422,7 @@ class TlsProtocol(asyncio.BufferedProtocol):
         except (ssl.SSLError, ValueError) as exc:
             log.debug("tls: write to %s failed: %s", self._peer(), exc)
             self._state = _CLOSED
+            self._error = exc
             if self._raw is not None:
                 self._raw.abort()
             return
