@@ -74,7 +74,7 @@ from derp import frames  # noqa: E402
 from websockets.speedups import apply_mask  # noqa: E402  (C; the bench client must not be the bottleneck)
 from derp.keys import PrivateKey  # noqa: E402
 
-__all__ = ["VARIANTS", "main", "run_variant", "start_server", "use_transport"]
+__all__ = ["VARIANTS", "main", "run_once", "run_variant", "start_server", "use_transport"]
 
 VARIANTS = ("tcp", "ws", "tls", "wss")
 DEFAULT_CASES = ("closed-1x1400", "closed-8x1400", "closed-32x64")
@@ -327,6 +327,23 @@ def serve(mode: str, profile: str | None = None) -> None:
     serve_until_signal(ServerConfig(private_key=key, ssl_context=ctx), profile=profile)
 
 
+def _report(variant: str, case: str, res: dict[str, Any]) -> None:
+    print(
+        f"  {variant:4} {case:14} {res['pps']:>9,.0f} pkt/s  srv {res['srv_us_per_pkt']:.2f} µs/pkt"
+        f"  p99 {res['p99_us']:,.0f} µs  srv runq wait {res['srv_wait']:.2f} s/s"
+        f"  other load {res['host_cores'] - res['srv_cores'] - res['gen_cores']:.2f} cores"
+        f"{verify_note(res)}",
+        flush=True,
+    )
+
+
+def _case_args(case: str, args: argparse.Namespace) -> argparse.Namespace:
+    ns = argparse.Namespace(**vars(args))
+    if case.startswith("open-1x"):
+        ns.open_rate = LATENCY_RATE
+    return ns
+
+
 def run_variant(variant: str, cases: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run ``cases`` over ``variant`` against a fresh server process."""
     use_transport(variant)
@@ -335,22 +352,58 @@ def run_variant(variant: str, cases: list[str], args: argparse.Namespace) -> lis
     rows = []
     try:
         for case in cases:
-            ns = argparse.Namespace(**vars(args))
-            if case.startswith("open-1x"):
-                ns.open_rate = LATENCY_RATE
-            res = run_throughput(srv, "derp", case, ns)
+            res = run_throughput(srv, "derp", case, _case_args(case, args))
             res["variant"] = variant
             rows.append(res)
-            print(
-                f"  {variant:4} {case:14} {res['pps']:>9,.0f} pkt/s  srv {res['srv_us_per_pkt']:.2f} µs/pkt"
-                f"  p99 {res['p99_us']:,.0f} µs  srv runq wait {res['srv_wait']:.2f} s/s"
-                f"  other load {res['host_cores'] - res['srv_cores'] - res['gen_cores']:.2f} cores"
-                f"{verify_note(res)}",
-                flush=True,
-            )
+            _report(variant, case, res)
     finally:
         srv.stop()
     return rows
+
+
+def run_once(
+    variants: list[str], cases: list[str], args: argparse.Namespace, rotation: int = 0
+) -> list[dict[str, Any]]:
+    """Every case over every variant, case by case, so the variants of one case are
+    measured seconds apart (load from other processes changes over minutes).
+
+    One plain and one TLS server process serve all cases; the variant order is
+    rotated by ``rotation`` + the case index. Rows come back in the order given.
+    """
+    servers: dict[bool, ServerProcess] = {}
+    rows: list[dict[str, Any]] = []
+    try:
+        for tls in sorted({v in ("tls", "wss") for v in variants}):
+            profile = None
+            if getattr(args, "profile", None):
+                profile = f"{args.profile}.{'tls' if tls else 'plain'}"
+            servers[tls] = start_server(tls=tls, profile=profile)
+        for j, case in enumerate(cases):
+            k = (rotation + j) % len(variants)
+            for v in variants[k:] + variants[:k]:
+                use_transport(v)
+                res = run_throughput(servers[v in ("tls", "wss")], "derp", case, _case_args(case, args))
+                res["variant"] = v
+                rows.append(res)
+                _report(v, case, res)
+    finally:
+        for srv in servers.values():
+            srv.stop()
+    rows.sort(key=lambda r: (variants.index(r["variant"]), cases.index(r["case"])))
+    return rows
+
+
+_RATIOS = {"rel_pps": "pps", "rel_srv": "srv_us_per_pkt", "rel_p99": "p99_us"}
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """``rel_*``: each row's figure / the tcp row's figure of the same case and run."""
+    base = {r["case"]: r for r in rows if r["variant"] == "tcp"}
+    for r in rows:
+        b = base.get(r["case"])
+        for rel, k in _RATIOS.items():
+            ok = b is not None and b[k] == b[k] and b[k]
+            r[rel] = r[k] / b[k] if ok and b is not None else float("nan")
 
 
 def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
@@ -362,6 +415,9 @@ def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
             "srv_wait", "host_cores",
         ):
             row[k] = statistics.median(r[i][k] for r in runs)
+        for k in _RATIOS:  # the median of the per-run ratios (robust to slow phases)
+            vals = [r[i][k] for r in runs if r[i][k] == r[i][k]]
+            row[k] = statistics.median(vals) if vals else float("nan")
         for k in ("lost", "duplicated", "misdelivered", "corrupted", "gaps"):
             row[k] = sum(r[i][k] for r in runs)  # over all runs: any is a failure
         row["errors"] = [e for r in runs for e in r[i]["errors"]]
@@ -370,22 +426,21 @@ def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 
 def table(rows: list[dict[str, Any]]) -> str:
-    base = {r["case"]: r for r in rows if r["variant"] == "tcp"}
+    """Markdown table; the ``vs tcp`` columns are the rows' ``rel_*`` ratios."""
     lines = [
         "| variant | case | pkt/s | vs tcp | srv CPU µs/pkt | vs tcp | p50 µs | p99 µs | p99 vs tcp "
         "| srv cores | srv runq wait | gen cores | other cores | lost | dup / misdelivered / corrupt |",
         "|" + "---|" * 15,
     ]
 
-    def rel(r: dict[str, Any], b: dict[str, Any] | None, k: str) -> str:
-        return f"{r[k] / b[k]:.2f}×" if b and b[k] == b[k] and b[k] else "-"
+    def rel(v: float) -> str:
+        return f"{v:.2f}×" if v == v else "-"
 
     for r in rows:
-        b = base.get(r["case"])
         lines.append(
-            f"| {r['variant']} | {r['case']} | {r['pps']:,.0f} | {rel(r, b, 'pps')} "
-            f"| {r['srv_us_per_pkt']:.2f} | {rel(r, b, 'srv_us_per_pkt')} "
-            f"| {r['p50_us']:,.0f} | {r['p99_us']:,.0f} | {rel(r, b, 'p99_us')} "
+            f"| {r['variant']} | {r['case']} | {r['pps']:,.0f} | {rel(r['rel_pps'])} "
+            f"| {r['srv_us_per_pkt']:.2f} | {rel(r['rel_srv'])} "
+            f"| {r['p50_us']:,.0f} | {r['p99_us']:,.0f} | {rel(r['rel_p99'])} "
             f"| {r['srv_cores']:.2f} | {r['srv_wait']:.2f} | {r['gen_cores']:.2f} "
             f"| {max(0.0, r['host_cores'] - r['srv_cores'] - r['gen_cores']):.2f} "
             f"| {r['lost']} | {r['duplicated']} / {r['misdelivered']} / {r['corrupted']} |"
@@ -416,13 +471,10 @@ def main(argv: list[str] | None = None) -> int:
     runs: list[list[dict[str, Any]]] = []
     t0 = time.monotonic()
     for i in range(args.repeat):
-        rows: list[dict[str, Any]] = []
-        # Rotate the order from run to run, so that a slow phase of the machine
-        # does not always hit the same variant; rows are reported in the given order.
-        k = i % len(args.variants)
-        for v in args.variants[k:] + args.variants[:k]:
-            rows += run_variant(v, args.cases, args)
-        rows.sort(key=lambda r: (args.variants.index(r["variant"]), args.cases.index(r["case"])))
+        # The variant order rotates from case to case and run to run, so that a
+        # slow phase of the machine does not always hit the same variant.
+        rows = run_once(args.variants, args.cases, args, rotation=i)
+        _add_ratios(rows)
         print(f"run {i + 1}/{args.repeat}\n{table(rows)}\n", flush=True)
         runs.append(rows)
     print(
