@@ -234,6 +234,7 @@ def run_throughput(
         duration=args.duration,
         rate=args.open_rate,
         per_packet=getattr(args, "per_packet", False),
+        drain=getattr(args, "drain", 1.0),
     )
     target = Target(kind, "127.0.0.1", srv.port)
     res = run_load(target, spec, workers=args.workers, on_window_start=srv.sample, on_window_end=srv.sample)

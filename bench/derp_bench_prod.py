@@ -457,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--open-rate", type=float, default=LATENCY_RATE)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--drain", type=float, default=3.0,
+                   help="seconds to wait after the run for packets still in flight (default 3)")
     p.add_argument("--batched", action="store_true",
                    help="one write per batch of due packets (default: one write per packet)")
     p.add_argument("--json", default=None, help="write all rows to this file")
