@@ -82,6 +82,7 @@ LATENCY_RATE = 2000.0  # packets/s offered in open-1xN cases
 
 _plain_connect = derp_loadgen._connect
 _transport = "tcp"
+_tls_client = "bio"  # or "loop": the event loop's TLS (uvloop's SSLProtocol)
 
 
 class _UpgradedGenConn(GenConn):
@@ -264,6 +265,121 @@ def _client_ssl() -> ssl.SSLContext:
     return ctx
 
 
+# --------------------------------------------------------------------------- TLS client
+
+_TLS_READ = 17 * 1024  # one record's plaintext per SSL read (a small malloc, never an mmap)
+
+
+class _GenTlsTransport(asyncio.Transport):
+    """What the generator connection (or the WebSocket client) above :class:`_GenTls` writes to."""
+
+    def __init__(self, tls: _GenTls) -> None:
+        super().__init__()
+        self._tls = tls
+
+    def write(self, data: Any) -> None:
+        self._tls.send(data)
+
+    def close(self) -> None:
+        self._tls.raw.close()
+
+    def abort(self) -> None:
+        self._tls.raw.abort()
+
+    def is_closing(self) -> bool:
+        return bool(self._tls.raw.is_closing())
+
+    def get_write_buffer_size(self) -> int:
+        return int(self._tls.raw.get_write_buffer_size())
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._tls.raw.get_extra_info(name, default)
+
+
+class _GenTls(asyncio.BufferedProtocol):
+    """The load generator's TLS client, on memory BIOs, independent of ``derp.tlsio``.
+
+    It behaves like Go's ``crypto/tls`` under Tailscale's client, which flushes
+    per packet: every ``write`` is one record and one socket write; a read
+    decrypts every complete record and hands the plaintext up in one call.
+    (uvloop's own TLS allocates a 256 KiB buffer per received record, which
+    would make the generator, not the relay, the bottleneck of TLS runs.)
+    """
+
+    def __init__(self, inner: asyncio.Protocol, hostname: str) -> None:
+        self.inner = inner
+        self.hostname = hostname
+        self.incoming = ssl.MemoryBIO()
+        self.outgoing = ssl.MemoryBIO()
+        self.buf = memoryview(bytearray(256 * 1024))
+        self.raw: asyncio.Transport = None  # type: ignore[assignment]
+        self.sslobj: ssl.SSLObject | None = None
+        self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.raw = transport  # type: ignore[assignment]
+        self.sslobj = _client_ssl().wrap_bio(
+            self.incoming, self.outgoing, server_hostname=self.hostname
+        )
+        self._handshake()
+
+    def _handshake(self) -> None:
+        assert self.sslobj is not None
+        try:
+            self.sslobj.do_handshake()
+        except ssl.SSLWantReadError:
+            self.raw.write(self.outgoing.read())
+            return
+        except ssl.SSLError as exc:
+            self.opened.set_exception(exc)
+            self.raw.close()
+            return
+        if self.outgoing.pending:
+            self.raw.write(self.outgoing.read())
+        self.opened.set_result(None)
+        self.inner.connection_made(_GenTlsTransport(self))
+
+    def send(self, data: Any) -> None:
+        assert self.sslobj is not None
+        if self.raw.is_closing():
+            return
+        self.sslobj.write(data)
+        self.raw.write(self.outgoing.read())
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return self.buf
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.incoming.write(self.buf[:nbytes])
+        if not self.opened.done():
+            self._handshake()
+            if not self.opened.done() or self.opened.exception() is not None:
+                return
+        sslobj = self.sslobj
+        assert sslobj is not None
+        chunks = []
+        try:
+            while self.incoming.pending:
+                chunk = sslobj.read(_TLS_READ)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        except ssl.SSLWantReadError:
+            pass
+        if self.outgoing.pending:
+            self.raw.write(self.outgoing.read())
+        if chunks:
+            self.inner.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+
+    def eof_received(self) -> bool | None:
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.opened.done():
+            self.opened.set_exception(ConnectionError(f"connection lost: {exc!r}"))
+        self.inner.connection_lost(exc)
+
+
 async def _connect(
     target: Target, key: PrivateKey | None, raw: bytes, dst: bytes, clock: Clock
 ) -> GenConn:
@@ -272,26 +388,30 @@ async def _connect(
         return await _plain_connect(target, key, raw, dst, clock)
     loop = asyncio.get_running_loop()
     secure = _transport in ("tls", "wss")
-    ctx = _client_ssl() if secure else None
-    proto: GenConn
-    if _transport == "tls":
-        _, proto = await loop.create_connection(
-            lambda: GenConn(target, key, raw, dst, clock),
-            target.host,
-            target.port,
-            ssl=ctx,
-            server_hostname=target.host,
+    proto: GenConn = (
+        GenConn(target, key, raw, dst, clock)
+        if _transport == "tls"
+        else _UpgradedGenConn(target, key, raw, dst, clock)
+    )
+    inner: asyncio.Protocol = proto
+    if _transport != "tls":
+        pipe = _WsGenPipe(proto, f"{target.host}:{target.port}")
+        inner = pipe
+    if secure and _tls_client == "bio":
+        _, tls = await loop.create_connection(
+            lambda: _GenTls(inner, target.host), target.host, target.port
         )
+        await asyncio.wait_for(tls.opened, 30)
     else:
-        proto = _UpgradedGenConn(target, key, raw, dst, clock)
-        _, pipe = await loop.create_connection(
-            lambda: _WsGenPipe(proto, f"{target.host}:{target.port}"),
+        await loop.create_connection(
+            lambda: inner,
             target.host,
             target.port,
-            ssl=ctx,
+            ssl=_client_ssl() if secure else None,
             server_hostname=target.host if secure else None,
         )
-        await asyncio.wait_for(pipe.opened, 30)
+    if inner is not proto:
+        await asyncio.wait_for(inner.opened, 30)  # type: ignore[attr-defined]
     await asyncio.wait_for(proto.ready, 30)
     return proto
 
@@ -459,6 +579,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--drain", type=float, default=3.0,
                    help="seconds to wait after the run for packets still in flight (default 3)")
+    p.add_argument("--tls-client", choices=["bio", "loop"], default="bio",
+                   help="generator TLS: 'bio' (default; memory BIOs, one record per write, like "
+                   "Go's client) or 'loop' (uvloop's TLS)")
     p.add_argument("--batched", action="store_true",
                    help="one write per batch of due packets (default: one write per packet)")
     p.add_argument("--json", default=None, help="write all rows to this file")
@@ -469,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
         serve(args.serve, args.profile)
         return 0
     args.per_packet = not args.batched
+    global _tls_client
+    _tls_client = args.tls_client
     raise_nofile_limit()
     runs: list[list[dict[str, Any]]] = []
     t0 = time.monotonic()

@@ -87,6 +87,7 @@ _H64 = struct.Struct(">BBQ")
 _U16 = struct.Struct(">H")
 _u16_from = _U16.unpack_from
 _u64_from = struct.Struct(">Q").unpack_from
+_masked16 = struct.Struct(">BBH4s").unpack_from
 _CLOSE_CODES_OK = frozenset(range(1000, 1004)) | frozenset(range(1007, 1015))
 
 
@@ -229,7 +230,19 @@ class WsFramer:
         need = 0
         masked_in = 0 if self.client else _MASK
         max_message = self.max_message
+        fast = masked_in and max_message >= 65535
+        append = chunks.append
         while n - pos >= 2:
+            if fast and n - pos >= 8 and not self._in_msg:
+                # The common frame from a client: FIN + binary, masked, 16-bit length
+                # (one message per packet). Everything it could violate is checked here.
+                b0, b1, ln, key = _masked16(data, pos)
+                if b0 == 0x82 and b1 == 0xFE:
+                    end = pos + 8 + ln
+                    if end <= n:
+                        append(apply_mask(data[pos + 8 : end], key))
+                        pos = end
+                        continue
             b0 = data[pos]
             b1 = data[pos + 1]
             ln = b1 & 0x7F
@@ -290,7 +303,7 @@ class WsFramer:
                 payload = data[hl:end]
             pos = end
             if op <= _OP_BINARY:
-                chunks.append(payload)
+                append(payload)
                 if b0 & _FIN:
                     self._in_msg = False
                     self._msg_len = 0
