@@ -502,15 +502,41 @@ def run_once(
             k = (rotation + j) % len(variants)
             for v in variants[k:] + variants[:k]:
                 use_transport(v)
-                res = run_throughput(servers[v in ("tls", "wss")], "derp", case, _case_args(case, args))
-                res["variant"] = v
+                res = _measure(servers[v in ("tls", "wss")], v, case, args)
                 rows.append(res)
-                _report(v, case, res)
     finally:
         for srv in servers.values():
             srv.stop()
     rows.sort(key=lambda r: (variants.index(r["variant"]), cases.index(r["case"])))
     return rows
+
+
+def _other_cores(res: dict[str, Any]) -> float:
+    """CPU used by other processes on the host during the window (cores)."""
+    return max(0.0, float(res["host_cores"] - res["srv_cores"] - res["gen_cores"]))
+
+
+def _measure(srv: ServerProcess, variant: str, case: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One measurement; repeated (up to ``--retries`` times) while other processes used
+    more than ``--max-other-load`` cores during its window. Keeps the least disturbed."""
+    best: dict[str, Any] | None = None
+    limit = getattr(args, "max_other_load", float("inf"))
+    tries = 1 + max(0, getattr(args, "retries", 0))
+    for attempt in range(1, tries + 1):
+        res = run_throughput(srv, "derp", case, _case_args(case, args))
+        res["variant"] = variant
+        res["other_cores"] = _other_cores(res)
+        _report(variant, case, res)
+        if best is None or res["other_cores"] < best["other_cores"]:
+            best = res
+        best["attempts"] = attempt
+        if res["other_cores"] <= limit:
+            break
+        if attempt < tries:
+            print(f"    disturbed (other load {res['other_cores']:.2f} > {limit}): again", flush=True)
+            time.sleep(getattr(args, "retry_wait", 5.0))
+    assert best is not None
+    return best
 
 
 _RATIOS = {"rel_pps": "pps", "rel_srv": "srv_us_per_pkt", "rel_p99": "p99_us"}
@@ -532,7 +558,7 @@ def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         row = dict(first)
         for k in (
             "pps", "mbps", "p50_us", "p99_us", "srv_us_per_pkt", "loss", "srv_cores", "gen_cores",
-            "srv_wait", "host_cores",
+            "srv_wait", "host_cores", "other_cores",
         ):
             row[k] = statistics.median(r[i][k] for r in runs)
         for k in _RATIOS:  # the median of the per-run ratios (robust to slow phases)
@@ -541,6 +567,7 @@ def _median_rows(runs: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
         for k in ("lost", "duplicated", "misdelivered", "corrupted", "gaps"):
             row[k] = sum(r[i][k] for r in runs)  # over all runs: any is a failure
         row["errors"] = [e for r in runs for e in r[i]["errors"]]
+        row["attempts"] = sum(r[i].get("attempts", 1) for r in runs)
         out.append(row)
     return out
 
@@ -562,7 +589,7 @@ def table(rows: list[dict[str, Any]]) -> str:
             f"| {r['srv_us_per_pkt']:.2f} | {rel(r['rel_srv'])} "
             f"| {r['p50_us']:,.0f} | {r['p99_us']:,.0f} | {rel(r['rel_p99'])} "
             f"| {r['srv_cores']:.2f} | {r['srv_wait']:.2f} | {r['gen_cores']:.2f} "
-            f"| {max(0.0, r['host_cores'] - r['srv_cores'] - r['gen_cores']):.2f} "
+            f"| {r.get('other_cores', _other_cores(r)):.2f} "
             f"| {r['lost']} | {r['duplicated']} / {r['misdelivered']} / {r['corrupted']} |"
         )
     return "\n".join(lines)
@@ -577,6 +604,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--open-rate", type=float, default=LATENCY_RATE)
     p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--max-other-load", type=float, default=float("inf"),
+                   help="repeat a measurement while other processes used more than this many "
+                   "cores during its window (shared machines; default: never)")
+    p.add_argument("--retries", type=int, default=4,
+                   help="at most this many repeats per measurement (default 4; the least "
+                   "disturbed attempt is kept)")
+    p.add_argument("--retry-wait", type=float, default=5.0, help="seconds before a repeat")
     p.add_argument("--drain", type=float, default=3.0,
                    help="seconds to wait after the run for packets still in flight (default 3)")
     p.add_argument("--tls-client", choices=["bio", "loop"], default="bio",
@@ -607,9 +641,19 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"({args.repeat} run(s) in {time.monotonic() - t0:.0f} s; {args.duration} s measured after"
         f" {args.warmup} s warm-up per case; {args.workers} generator processes;"
-        f" {'batched' if args.batched else 'per-packet'} writes)",
+        f" {'batched' if args.batched else 'per-packet'} writes; {args.tls_client} TLS client)",
         flush=True,
     )
+    if args.max_other_load != float("inf"):
+        measured = [r for run in runs for r in run]
+        repeated = sum(1 for r in measured if r.get("attempts", 1) > 1)
+        still = sum(1 for r in measured if r["other_cores"] > args.max_other_load)
+        print(
+            f"(measurements repeated while other processes used > {args.max_other_load} cores:"
+            f" {repeated} of {len(measured)} repeated, {still} still above after"
+            f" {1 + args.retries} attempts)",
+            flush=True,
+        )
     final = _median_rows(runs) if len(runs) > 1 else runs[0]
     if len(runs) > 1:
         print(f"medians of {len(runs)} runs\n{table(final)}")
