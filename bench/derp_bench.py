@@ -48,7 +48,7 @@ sys.path.insert(0, str(HERE))
 
 from derp_loadgen import IdleClients, LoadSpec, Target, raise_nofile_limit, run_load  # noqa: E402
 
-__all__ = ["ServerProcess", "main", "parse_case", "FULL_CASES", "QUICK_CASES"]
+__all__ = ["ServerProcess", "main", "parse_case", "verify_note", "FULL_CASES", "QUICK_CASES"]
 
 RESULTS = HERE / "results"
 FULL_CASES = [
@@ -233,6 +233,8 @@ def run_throughput(
         warmup=args.warmup,
         duration=args.duration,
         rate=args.open_rate,
+        per_packet=getattr(args, "per_packet", False),
+        drain=getattr(args, "drain", 1.0),
     )
     target = Target(kind, "127.0.0.1", srv.port)
     res = run_load(target, spec, workers=args.workers, on_window_start=srv.sample, on_window_end=srv.sample)
@@ -251,6 +253,15 @@ def run_throughput(
         offered_pps=(res["sent"] + res["gen_skipped"]) / (args.warmup + args.duration),
     )
     return res
+
+
+def verify_note(r: dict[str, Any]) -> str:
+    """``""`` if every packet arrived intact and in order, else what went wrong."""
+    parts = [
+        f"{r[k]} {k}" for k in ("lost", "duplicated", "misdelivered", "corrupted", "gaps") if r.get(k)
+    ]
+    parts += [f"error: {e}" for e in r.get("errors", [])[:3]]
+    return ("  !! " + ", ".join(parts)) if parts else ""
 
 
 def run_idle(counts: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -370,7 +381,8 @@ def run_once(
                         f"  {kind:8} {case:14} {r['pps']:>10,.0f} pkt/s  loss {100 * r['loss']:.2f}%"
                         f"  p50 {r['p50_us']:,.0f} µs  p99 {r['p99_us']:,.0f} µs"
                         f"  srv {r['srv_us_per_pkt']:.2f} µs/pkt  gen {r['gen_cores']:.2f} cores"
-                        f"  srv waited {r['srv_wait']:.2f} s/s  host {r['host_cores']:.2f} busy",
+                        f"  srv waited {r['srv_wait']:.2f} s/s  host {r['host_cores']:.2f} busy"
+                        f"{verify_note(r)}",
                         flush=True,
                     )
     finally:
@@ -411,6 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="load generator processes")
     p.add_argument("--idle-procs", type=int, default=2, help="processes holding idle clients")
     p.add_argument("--open-rate", type=float, default=100_000, help="open loop: total offered pkt/s")
+    p.add_argument("--per-packet", action="store_true",
+                   help="one write per packet (default: one write per batch of due packets)")
     p.add_argument("--repeat", type=int, default=1, help="run everything N times, print medians")
     p.add_argument("--json", help="write all rows to this JSON file")
     p.add_argument("--profile", help="run the DERP server under cProfile, dump stats here")

@@ -19,20 +19,35 @@ Per-worker protocol over the pipe::
     worker -> ("result", dict)                  after t_stop plus a drain period
     runner -> ("close",)
 
-Each packet is ``send timestamp (int64 BE, monotonic_ns) ‖ zero padding`` so the
-receiver computes one-way latency with the same clock. Only deliveries received in
-``[t_m0, t_m1)`` count towards rates and latency; the runner samples the server's
-CPU time and RSS at the same instants.
+Packet payload (``size`` >= 24 bytes), so that every delivery is verified::
+
+    send time int64 BE (monotonic_ns) ‖ seq uint64 BE ‖ pair tag uint32 ‖ crc32 uint32
+    ‖ body (size - 24 bytes: pseudo-random, fixed per pair)
+
+``crc32`` covers ``body ‖ first 20 bytes``. The receiver checks, for every data
+frame, the source key (the pair's sender; for the ceiling relay, which forwards
+SendPacket verbatim, the receiver's own key), the pair tag, the checksum and the
+sequence number, and counts ``misdelivered`` (wrong key or tag), ``corrupted``
+(checksum), ``duplicated`` (a sequence number already seen) and ``gaps``
+(sequence numbers skipped); ``lost`` is sent minus distinct valid packets
+received after the drain. One-way latency uses the send time (same clock). Only
+deliveries received in ``[t_m0, t_m1)`` count towards rates and latency; the
+runner samples the server's CPU time and RSS at the same instants.
+
+Write modes: ``per_packet`` (every packet is its own ``transport.write``, as
+Tailscale's client flushes per packet: over TLS one record per packet, over
+WebSocket one message per packet) or batched (one write carries every packet
+due at that moment; a TLS record then holds many packets).
 
 Closed loop: each pair keeps at most ``window`` (32) packets in flight; every read
-on the receiver refills the pair's window with one write. Open loop: each pair
-offers ``rate`` packets/s on a 1 ms tick (one write per pair per tick); when the
-sender's transport buffer is over 1 MiB the tick's packets are not sent and are
-counted as ``gen_skipped`` (the generator never buffers without bound).
+on the receiver refills the pair's window (one write, or one per packet). Open
+loop: each pair offers ``rate`` packets/s on a 1 ms tick; when the sender's
+transport buffer is over 1 MiB the tick's packets are not sent and are counted
+as ``gen_skipped`` (the generator never buffers without bound).
 
-Hot path rules: pre-built frame templates patched with ``struct.pack_into``; one
-``transport.write`` per batch; the receiver walks frame headers with
-``struct.unpack_from`` without copying payloads; no per-packet tasks or futures.
+Hot path rules: pre-built frame templates patched with ``struct.pack_into``; the
+receiver walks frame headers with ``struct.unpack_from`` and checks payloads
+through ``memoryview`` slices without copying them; no per-packet tasks or futures.
 """
 
 from __future__ import annotations
@@ -43,9 +58,11 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
+import random
 import resource
 import struct
 import time
+import zlib
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -70,6 +87,10 @@ TICK_S = 0.001
 GEN_BUFFER_LIMIT = 1 << 20
 _HDR = struct.Struct(">BI")
 _TS = struct.Struct(">q")
+_PH = struct.Struct(">qQI")  # send time, seq, pair tag
+_CRC = struct.Struct(">I")
+_PH_LEN = 20
+PAYLOAD_HEADER = 24  # _PH + crc32: the smallest packet size the generator can send
 _TS_OFF = frames.HEADER_LEN + frames.KEY_LEN  # timestamp offset inside a frame
 _CLIENT_INFO_JSON = json.dumps({"version": 2, "CanAckPings": False}).encode()
 
@@ -95,6 +116,7 @@ class LoadSpec:
     rate: float = 100_000.0  # open loop: total offered packets/s over all pairs
     window: int = WINDOW
     drain: float = 1.0
+    per_packet: bool = False  # one transport.write per packet (else one per batch)
 
 
 def raise_nofile_limit() -> None:
@@ -150,6 +172,8 @@ class GenConn(asyncio.Protocol):
         self.dec: frames.FrameDecoder | None = None
         self.got_server_key = False
         self.other_frames = 0
+        #: why the connection failed after the handshake (e.g. an oversized WebSocket message)
+        self.error = ""
 
     # -- handshake
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -223,13 +247,8 @@ class GenConn(asyncio.Protocol):
             self.h11 = None
 
     def _count(self, ftype: int, payload: bytes) -> None:
-        if ftype == self.data_type and len(payload) >= 40 and self.pair is not None:
-            now = time.monotonic_ns()
-            clock = self.clock
-            inwin = clock.m0 <= now < clock.m1
-            if inwin:
-                clock.lat.append(now - _TS.unpack_from(payload, 32)[0])
-            self.pair.delivered(1, inwin)
+        if ftype == self.data_type and self.pair is not None:
+            self._walk(_HDR.pack(ftype, len(payload)) + payload)
         else:
             self.other_frames += 1
 
@@ -243,7 +262,12 @@ class GenConn(asyncio.Protocol):
             return
         if self.rest:
             data = self.rest + data
+        self._walk(data)
+
+    def _walk(self, data: bytes) -> None:
+        """Check and count every complete frame of ``data``; keep the partial tail."""
         n = len(data)
+        mv = memoryview(data)
         pos = 0
         cnt = 0
         now = time.monotonic_ns()
@@ -252,22 +276,54 @@ class GenConn(asyncio.Protocol):
         lat = clock.lat if inwin else None
         dtype = self.data_type
         hdr = _HDR.unpack_from
-        ts = _TS.unpack_from
+        ph = _PH.unpack_from
+        crc_of = _CRC.unpack_from
+        crc32 = zlib.crc32
+        pair = self.pair
+        if pair is None:
+            src, tag, expect = b"", -1, 0
+        else:
+            src = pair.src_key_seen
+            tag = pair.tag
+            expect = pair.expect
+        mis = bad = dup = gaps = fresh = 0
         while n - pos >= 5:
             t, ln = hdr(data, pos)
             end = pos + 5 + ln
             if end > n:
                 break
-            if t == dtype and ln >= 40:
+            if t == dtype and ln >= frames.KEY_LEN + PAYLOAD_HEADER:
                 cnt += 1
-                if lat is not None:
-                    lat.append(now - ts(data, pos + _TS_OFF)[0])
+                p = pos + _TS_OFF
+                sent_ns, seq, got_tag = ph(data, p)
+                if got_tag != tag or not data.startswith(src, pos + 5):
+                    mis += 1
+                elif crc32(mv[p : p + _PH_LEN], crc32(mv[p + PAYLOAD_HEADER : end])) != crc_of(
+                    data, p + _PH_LEN
+                )[0]:
+                    bad += 1
+                elif seq >= expect:
+                    if seq > expect:
+                        gaps += seq - expect
+                    expect = seq + 1
+                    fresh += 1
+                    if lat is not None:
+                        lat.append(now - sent_ns)
+                else:
+                    dup += 1
             else:
                 self.other_frames += 1
             pos = end
         self.rest = data[pos:] if pos < n else b""
-        if cnt and self.pair is not None:
-            self.pair.delivered(cnt, inwin)
+        if cnt and pair is not None:
+            pair.expect = expect
+            if mis or bad or dup or gaps:
+                pair.misdelivered += mis
+                pair.corrupted += bad
+                pair.duplicated += dup
+                pair.gaps += gaps
+            pair.valid += fresh
+            pair.delivered(cnt, inwin)
 
     def pause_writing(self) -> None:
         pass
@@ -278,6 +334,8 @@ class GenConn(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():
             self.ready.set_exception(ConnectionError(f"connection lost: {exc!r}"))
+        elif not self.error and self.clock.stop > time.monotonic_ns():
+            self.error = f"connection lost during the run: {exc!r}"
         if not self.closed.done():
             self.closed.set_result(None)
 
@@ -301,15 +359,44 @@ class Pair:
         "last_progress",
         "gen_skipped",
         "stalls",
+        "per_packet",
+        "tag",
+        "seq",
+        "body_crc",
+        "src_key_seen",
+        "expect",
+        "valid",
+        "misdelivered",
+        "corrupted",
+        "duplicated",
+        "gaps",
     )
 
-    def __init__(self, sender: GenConn, receiver: GenConn, size: int, window: int) -> None:
+    def __init__(
+        self, sender: GenConn, receiver: GenConn, size: int, window: int, per_packet: bool = False
+    ) -> None:
+        if size < PAYLOAD_HEADER:
+            raise ValueError(f"packet size {size} < {PAYLOAD_HEADER} (the verified header)")
         self.sender = sender
         self.receiver = receiver
         self.frame_len = frames.HEADER_LEN + frames.KEY_LEN + size
         self.max_batch = max(window, 256)
-        one = frames.encode_send_packet(receiver.raw_key, bytes(size))
-        self.template = bytearray(one * self.max_batch)
+        self.per_packet = per_packet
+        self.tag = random.getrandbits(32)
+        body = random.Random(self.tag).randbytes(size - PAYLOAD_HEADER)
+        self.body_crc = zlib.crc32(body)
+        one = frames.encode_send_packet(receiver.raw_key, bytes(PAYLOAD_HEADER) + body)
+        self.template = bytearray(one * (1 if per_packet else self.max_batch))
+        self.seq = 0
+        # DERP delivers RecvPacket(src = sender); the ceiling relay forwards the
+        # SendPacket verbatim, so the key field is the receiver's own key.
+        self.src_key_seen = sender.raw_key if sender.target.kind == "derp" else receiver.raw_key
+        self.expect = 0
+        self.valid = 0
+        self.misdelivered = 0
+        self.corrupted = 0
+        self.duplicated = 0
+        self.gaps = 0
         self.closed_loop = True
         self.window = window
         self.inflight = 0
@@ -323,18 +410,35 @@ class Pair:
         receiver.pair = self
 
     def send(self, k: int) -> None:
-        """Write ``k`` packets (``k <= max_batch``) in one write, stamped now."""
+        """Write ``k`` packets (``k <= max_batch``), stamped now: one write, or one each."""
         flen = self.frame_len
         tmpl = self.template
+        mv = memoryview(tmpl)
         now = time.monotonic_ns()
-        pack = _TS.pack_into
-        off = _TS_OFF
-        for i in range(k):
-            pack(tmpl, off, now)
-            off += flen
+        pack = _PH.pack_into
+        pack_crc = _CRC.pack_into
+        crc32 = zlib.crc32
+        body_crc = self.body_crc
+        tag = self.tag
+        seq = self.seq
         tr = self.sender.transport
         assert tr is not None
-        tr.write(bytes(memoryview(tmpl)[: k * flen]))
+        if self.per_packet:
+            off = _TS_OFF
+            for _ in range(k):
+                pack(tmpl, off, now, seq, tag)
+                pack_crc(tmpl, off + _PH_LEN, crc32(mv[off : off + _PH_LEN], body_crc))
+                seq += 1
+                tr.write(bytes(tmpl))
+        else:
+            off = _TS_OFF
+            for _ in range(k):
+                pack(tmpl, off, now, seq, tag)
+                pack_crc(tmpl, off + _PH_LEN, crc32(mv[off : off + _PH_LEN], body_crc))
+                seq += 1
+                off += flen
+            tr.write(bytes(mv[: k * flen]))
+        self.seq = seq
         self.sent += k
         self.inflight += k
 
@@ -393,7 +497,7 @@ async def _run_pairs(
     # receivers first: the ceiling relay needs a sender's destination key up front
     receivers = await _connect_many(target, n_pairs, clock)
     senders = await _connect_many(target, n_pairs, clock, dsts=[r.raw_key for r in receivers])
-    pairs = [Pair(s, r, spec.size, spec.window) for s, r in zip(senders, receivers)]
+    pairs = [Pair(s, r, spec.size, spec.window, spec.per_packet) for s, r in zip(senders, receivers)]
     for p in pairs:
         p.closed_loop = spec.mode == "closed"
     pipe.send(("ready", 2 * n_pairs))
@@ -431,12 +535,18 @@ async def _run_pairs(
         await _open_loop(pairs, spec.rate, t_stop)  # spec.rate is per pair in workers
     # drain: wait until every sent packet arrived or the drain period ends
     deadline = time.monotonic_ns() + int(spec.drain * 1e9)
-    while time.monotonic_ns() < deadline and any(p.recv < p.sent for p in pairs):
+    while time.monotonic_ns() < deadline and any(p.valid < p.sent for p in pairs):
         await asyncio.sleep(0.02)
     lat = clock.lat
     result: dict[str, Any] = {
         "sent": sum(p.sent for p in pairs),
         "recv": sum(p.recv for p in pairs),
+        "valid": sum(p.valid for p in pairs),
+        "misdelivered": sum(p.misdelivered for p in pairs),
+        "corrupted": sum(p.corrupted for p in pairs),
+        "duplicated": sum(p.duplicated for p in pairs),
+        "gaps": sum(p.gaps for p in pairs),
+        "errors": [c.error for c in receivers + senders if c.error],
         "win_recv": sum(p.win_recv for p in pairs),
         "gen_skipped": sum(p.gen_skipped for p in pairs),
         "stalls": sum(p.stalls for p in pairs),
@@ -587,6 +697,12 @@ def run_load(
     agg: dict[str, Any] = {
         "sent": sum(r["sent"] for r in results),
         "recv": sum(r["recv"] for r in results),
+        "valid": sum(r["valid"] for r in results),
+        "misdelivered": sum(r["misdelivered"] for r in results),
+        "corrupted": sum(r["corrupted"] for r in results),
+        "duplicated": sum(r["duplicated"] for r in results),
+        "gaps": sum(r["gaps"] for r in results),
+        "errors": [e for r in results for e in r["errors"]],
         "win_recv": sum(r["win_recv"] for r in results),
         "gen_skipped": sum(r["gen_skipped"] for r in results),
         "stalls": sum(r["stalls"] for r in results),
@@ -599,7 +715,9 @@ def run_load(
     }
     agg["pps"] = agg["win_recv"] / window_s
     agg["mbps"] = agg["pps"] * spec.size / 1e6
-    agg["loss"] = 1.0 - agg["recv"] / agg["sent"] if agg["sent"] else 0.0
+    agg["lost"] = max(0, agg["sent"] - agg["valid"])
+    agg["loss"] = agg["lost"] / agg["sent"] if agg["sent"] else 0.0
+    agg["bad"] = agg["misdelivered"] + agg["corrupted"] + agg["duplicated"]
     agg["p50_us"] = _pct(lat_sorted, 0.50) / 1e3
     agg["p99_us"] = _pct(lat_sorted, 0.99) / 1e3
     agg["lat_samples"] = len(lat_sorted)
@@ -617,6 +735,7 @@ def _with_total_pairs(spec: LoadSpec) -> LoadSpec:
         rate=rate_per_pair,  # inside workers, rate means per pair
         window=spec.window,
         drain=spec.drain,
+        per_packet=spec.per_packet,
     )
 
 

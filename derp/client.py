@@ -87,6 +87,7 @@ from .frames import (
 )
 from .keys import PrivateKey, PublicKey, open_sealed, seal
 from .tls import ClientTLS, client_tls, peer_meta_key
+from .tlsio import open_tls_connection
 from .websocket import websocket_client
 
 __all__ = [
@@ -1020,13 +1021,15 @@ class DerpClient:
         if tls is None and not self._websocket:
             _transport, link = await loop.create_connection(link_factory, self._host, self._port)
             return link
-        transport, _pending = await loop.create_connection(
-            asyncio.Protocol,
-            self._host,
-            self._port,
-            ssl=tls.context if tls is not None else None,
-            server_hostname=tls.server_hostname if tls is not None else None,
-        )
+        transport: asyncio.Transport
+        if tls is not None:
+            transport = await open_tls_connection(
+                self._host, self._port, tls.context, tls.server_hostname
+            )
+        else:
+            transport, _pending = await loop.create_connection(
+                asyncio.Protocol, self._host, self._port
+            )
         try:
             if tls is not None:
                 tls.check(transport.get_extra_info("ssl_object"))

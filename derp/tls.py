@@ -253,10 +253,15 @@ def server_ssl_context(
 
     ``server_key=None`` serves the chain alone (no fast start). The default
     minimum is TLS 1.3 (fast start needs it; every Tailscale client has it);
-    pass ``ssl.TLSVersion.TLSv1_2`` to match derper's floor.
+    pass ``ssl.TLSVersion.TLSv1_2`` to match derper's floor. TLS 1.2
+    renegotiation is refused (``OP_NO_RENEGOTIATION``). The client's cipher
+    preference wins, as with Go's server (Tailscale's clients on AES hardware
+    pick AES-128-GCM; OpenSSL's server preference would force AES-256-GCM).
     """
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = min_version
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    ctx.options &= ~ssl.OP_CIPHER_SERVER_PREFERENCE
     chain = Path(cert_file).read_bytes()
     if server_key is None:
         ctx.load_cert_chain(os.fspath(cert_file), os.fspath(key_file))

@@ -114,7 +114,13 @@ OPTIONS: Final[tuple[Option, ...]] = (
            "node's STUNPort). 'off' disables STUN (STUNPort -1)."),
     Option("access_url", str, "",
            "External URL clients use to reach the HTTP API (and the embedded relay); "
-           "default http://<http-addr with the bound port>."),
+           "default http://<http-addr with the bound port> (https:// with --tls-cert-file)."),
+    Option("tls_cert_file", str, "",
+           "PEM certificate chain: the HTTP listener (API and embedded DERP) terminates "
+           "TLS itself. Needs --tls-key-file."),
+    Option("tls_key_file", str, "", "PEM private key of --tls-cert-file."),
+    Option("tls_min_version", str, "1.3",
+           "Lowest TLS version of the HTTP listener: 1.3 (default, as the DERP relay) or 1.2."),
     Option("data_dir", str, "",
            "Directory for persistent state: DERP server key, resume-token keys, tokens "
            "(default $XDG_STATE_HOME/tailnet-core or ~/.local/state/tailnet-core)."),
@@ -203,6 +209,9 @@ class StackConfig:
     grpc_addr: str | None = "127.0.0.1:3001"
     stun_addr: str | None = "127.0.0.1:3478"
     access_url: str = ""
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_min_version: str = "1.3"
     data_dir: Path | None = None
     derp_region_id: int = 999
     derp_region_code: str = "coder"
@@ -278,6 +287,10 @@ class StackConfig:
                 DebugAccess(self.debug_networks)
             except ValueError as exc:
                 raise ConfigError(f"debug_allow: {exc}") from None
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("tls_cert_file and tls_key_file go together: give both or neither")
+        if self.tls_min_version not in ("1.2", "1.3"):
+            raise ConfigError(f"tls_min_version must be 1.2 or 1.3, got {self.tls_min_version!r}")
         if self.access_url and not self.access_url.startswith(("http://", "https://")):
             raise ConfigError(f"access_url must start with http:// or https://: {self.access_url!r}")
         if self.derp_relay_url and not self.derp_relay_url.startswith(("http://", "https://")):

@@ -18,8 +18,10 @@ What :meth:`TailnetStack.start` does, in order:
    hashes only, :mod:`tailnet.tokens`) — all mode 0600, written atomically; the
    tokens file gets an admin (``control_plane``) token on first start (its
    plaintext exists only in this process: :attr:`TailnetStack.new_admin_token`);
-2. binds the HTTP port (API + embedded DERP under ``/derp``), the STUN socket
-   and the gRPC port; builds the default DERP map (embedded region
+2. binds the HTTP port (API + embedded DERP under ``/derp``; with
+   ``tls_cert_file``/``tls_key_file`` it terminates TLS itself through the
+   relay's TLS path, :mod:`derp.tlsio`, and the access URL defaults to
+   ``https://``), the STUN socket and the gRPC port; builds the default DERP map (embedded region
    ``derp_region_id`` pointing at the access URL, ``ForceHTTP`` for ``http``,
    ``STUNPort`` = the STUN port or -1, plus regions from ``derp_config_path``)
    unless ``derp_maps`` was given;
@@ -88,6 +90,7 @@ import json
 import logging
 import secrets
 import socket
+import ssl
 import tempfile
 import urllib.parse
 import uuid
@@ -459,6 +462,25 @@ class TailnetStack:
                 raise ValueError(f"{path}: region {rid} is listed twice")
             m.regions[rid].CopyFrom(r)
 
+    def _tls_context(self, derp_key: PrivateKey) -> ssl.SSLContext | None:
+        """The HTTP listener's TLS context (None: plain HTTP).
+
+        The chain gets the relay's meta-certificate (derp.tls), so DERP clients
+        on TLS 1.3 skip the 101 round trip, as with derper.
+        """
+        cfg = self.config
+        if not cfg.tls_cert_file:
+            return None
+        floor = ssl.TLSVersion.TLSv1_2 if cfg.tls_min_version == "1.2" else ssl.TLSVersion.TLSv1_3
+        try:
+            return server_ssl_context(
+                cfg.tls_cert_file, cfg.tls_key_file, derp_key.public, min_version=floor
+            )
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(
+                f"cannot load TLS certificate {cfg.tls_cert_file} / key {cfg.tls_key_file}: {exc}"
+            ) from None
+
     def _default_derp_map(self) -> pb.DERPMap:
         cfg = self.config
         split = urllib.parse.urlsplit(self._access_url)
@@ -650,7 +672,9 @@ class TailnetStack:
         if self.config.data_dir is not None:
             self._token_watch = asyncio.get_running_loop().create_task(self._watch_tokens())
         # The map needs the bound HTTP port: bind first with a placeholder app.
-        self.http = HttpApiServer(_Unready(), derp=self.derp_server)
+        self.http = HttpApiServer(
+            _Unready(), derp=self.derp_server, ssl_context=self._tls_context(key)
+        )
         try:
             await self.http.start(http_host, http_port)
         except OSError as exc:
@@ -659,7 +683,9 @@ class TailnetStack:
                 f"cannot listen on HTTP address {_where(http_host, http_port)} (TCP, "
                 f"http_addr): {_os_reason(exc)}"
             ) from None
-        self._access_url = (cfg.access_url or f"http://{_url_host(http_host)}:{self.http.port}").rstrip("/")
+        self._access_url = (
+            cfg.access_url or f"{self.http.scheme}://{_url_host(http_host)}:{self.http.port}"
+        ).rstrip("/")
 
         if self._custom_derp_maps is not None:
             self._derp_maps = self._custom_derp_maps

@@ -30,7 +30,9 @@ import asyncio
 import json
 import logging
 import math
+import socket
 import ssl
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -46,7 +48,7 @@ from ..stats import ServerStats
 from .conn import DerpConnection
 from .handshake import SERVER_INFO_JSON
 from .http import HttpConnection, derp_upgrade_response
-from .listener import AcceptGate, TlsListener
+from .listener import AcceptGate
 from .wheel import TimerWheel
 
 __all__ = ["ServerConfig", "DerpServer", "ConnContext"]
@@ -217,7 +219,7 @@ class DerpServer:
         self.config = config
         self._ctx: ConnContext | None = None
         self._stats = ServerStats()
-        self._listener: asyncio.Server | TlsListener | None = None
+        self._listeners: list[asyncio.Server] = []
         self._sweep: asyncio.TimerHandle | None = None
         self._http: set[HttpConnection] = set()
         self._derp_live: set[DerpConnection] = set()
@@ -272,9 +274,15 @@ class DerpServer:
     @property
     def port(self) -> int:
         """The TCP port the server listens on (after :meth:`start`)."""
-        if self._listener is None or not self._listener.sockets:
+        socks = self.sockets
+        if not socks:
             raise RuntimeError("server not started")
-        return int(self._listener.sockets[0].getsockname()[1])
+        return int(socks[0].getsockname()[1])
+
+    @property
+    def sockets(self) -> list[socket.socket]:
+        """The listening sockets, one per address the host resolved to (same port)."""
+        return [s for srv in self._listeners for s in srv.sockets]
 
     @property
     def connections(self) -> frozenset[DerpConnection]:
@@ -284,7 +292,7 @@ class DerpServer:
     @property
     def open_connections(self) -> int:
         """Open sockets: HTTP, in the TLS handshake, and DERP (admitted or not)."""
-        return len(self._http) + len(self._derp_live) + len(self._gate._pending)
+        return len(self._http) + len(self._derp_live) + len(self._gate.handshaking)
 
     @property
     def metrics(self) -> DerpMetrics:
@@ -319,10 +327,15 @@ class DerpServer:
 
     # ------------------------------------------------------------------ lifecycle
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0, *, listen: bool = True) -> None:
+    async def start(
+        self, host: str | Sequence[str] = "127.0.0.1", port: int = 0, *, listen: bool = True
+    ) -> None:
         """Start the timers and (unless ``listen=False``) bind and listen.
 
-        Returns once the socket accepts connections. An embedding HTTP server
+        The server listens on every address ``host`` resolves to (``""``: all
+        interfaces, IPv4 and IPv6), or on each of a sequence of hosts, with one
+        port for all (:attr:`sockets`). Returns once the sockets accept
+        connections. An embedding HTTP server
         that hands upgraded connections to :meth:`accept` on its own port passes
         ``listen=False``: no socket is opened and :attr:`port` is unavailable.
         """
@@ -331,10 +344,14 @@ class DerpServer:
         ctx = self._context()
         loop = ctx.loop
         if listen:
-            self._listener = await self._gate.listen(host, port)
+            self._listeners = await self._gate.listen(host, port)
         self._sweep = loop.call_later(ctx.wheel.resolution, self._keepalive_sweep)
         if listen:
-            log.info("derp: listening on %s:%d key %s", host, self.port, self.public_key.short())
+            shown = ", ".join(
+                f"[{a[0]}]:{a[1]}" if ":" in a[0] else f"{a[0]}:{a[1]}"
+                for a in (s.getsockname() for s in self.sockets)
+            )
+            log.info("derp: listening on %s key %s", shown, self.public_key.short())
         else:
             log.info("derp: serving embedded (no listener) key %s", self.public_key.short())
         if self.config.mesh_with:
@@ -404,8 +421,8 @@ class DerpServer:
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
-        if self._listener is not None:
-            self._listener.close()
+        for lsn in self._listeners:
+            lsn.close()
         if self._mesh is not None:
             await self._mesh.stop()
             self._mesh = None
@@ -424,12 +441,12 @@ class DerpServer:
                 c.abort()
             for h in list(self._http):
                 h.close()
-        if self._listener is not None:
+        for lsn in self._listeners:
             try:
-                await asyncio.wait_for(self._listener.wait_closed(), grace)
+                await asyncio.wait_for(lsn.wait_closed(), grace)
             except asyncio.TimeoutError:  # pragma: no cover
                 pass
-            self._listener = None
+        self._listeners = []
 
     # ------------------------------------------------------------------ internals
 

@@ -1,7 +1,9 @@
 """Accept policy of the DERP port: accept-rate limit, connection cap, optional TLS.
 
-Every TCP connection the listener accepts goes through :meth:`AcceptGate.factory`
-(the ``asyncio`` protocol factory, called once per accepted socket):
+The listener is ``loop.create_server`` on every address the host resolves to
+(``""``/None: all interfaces, IPv4 and IPv6; ``localhost``: 127.0.0.1 and ::1).
+Every TCP connection it accepts goes through :meth:`AcceptGate.factory` (the
+``asyncio`` protocol factory, called once per accepted socket):
 
 1. over ``max_connections`` open sockets, or over the accept-rate limit
    (:class:`derp.limits.AcceptLimiter`, derper's ``-accept-connection-limit``/
@@ -11,27 +13,33 @@ Every TCP connection the listener accepts goes through :meth:`AcceptGate.factory
    PR #3908).
 2. plain HTTP: the connection goes straight to
    :class:`~derp.server.http.HttpConnection`.
-3. TLS: the listener is a :class:`TlsListener` (own accept loop, see its
-   docstring); admitted sockets run the TLS server handshake (bounded by the
-   server's handshake timeout), then continue as in 2. A failed handshake
-   closes only that socket (logged at DEBUG).
+3. TLS: the socket's protocol is a :class:`derp.tlsio.TlsProtocol` (TLS on
+   memory BIOs, owned by this process rather than the event loop); it runs
+   the server handshake, bounded by the server's handshake timeout, then puts
+   an :class:`~derp.server.http.HttpConnection` on top, which continues as in
+   2. A failed or stalled handshake closes only that socket (logged at DEBUG).
+   Sockets still in the handshake count as open connections and are aborted
+   by :meth:`AcceptGate.close`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import socket
 import ssl
-from typing import TYPE_CHECKING
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from ..limits import AcceptLimiter
+from ..tlsio import TlsProtocol
 from .http import HttpConnection
 
 if TYPE_CHECKING:
     from .app import DerpServer
 
-__all__ = ["AcceptGate", "TlsListener"]
+__all__ = ["AcceptGate", "bind_all"]
 
 log = logging.getLogger("derp.server")
 
@@ -43,84 +51,65 @@ class _Reject(asyncio.Protocol):
         transport.close()
 
 
-class TlsListener(asyncio.AbstractServer):
-    """A TLS listening socket with its own accept loop (the parts of ``asyncio.Server``
-    the DERP server uses: ``sockets``, ``close``, ``wait_closed``).
+_BindInfo = tuple[int, int, int, str, tuple[Any, ...]]
 
-    Why not ``create_server(ssl=...)``: its protocol factory runs before the
-    TLS handshake but cannot close the socket before doing it, and uvloop's
-    ``start_tls`` does not complete on server-accepted transports. So we
-    ``sock_accept`` ourselves, decide, and only then hand an admitted socket
-    to ``loop.connect_accepted_socket(..., ssl=...)`` (both loops support it).
+
+def bind_all(infos: Sequence[_BindInfo], port: int, backlog: int = 1024) -> list[socket.socket]:
+    """Bound, listening, non-blocking sockets for the distinct addresses of ``infos``.
+
+    IPv6 sockets are IPv6-only, so an IPv4 socket can share the port. With
+    ``port`` 0 the first socket picks the port and the others use it (a port
+    taken on another address family retries with a new one). An address that
+    cannot be bound because the host lacks it (``EADDRNOTAVAIL``, e.g. ::1 on
+    a host without IPv6) is skipped with a warning if another one bound.
     """
-
-    def __init__(self, gate: AcceptGate, sock: socket.socket) -> None:
-        self._gate = gate
-        self._sock = sock
-        self._closed = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        self._task = self._loop.create_task(self._accept_loop(), name="derp-tls-accept")
-
-    @property
-    def sockets(self) -> tuple[socket.socket, ...]:
-        return () if self._closed.is_set() else (self._sock,)
-
-    def close(self) -> None:
-        if not self._closed.is_set():
-            self._closed.set()
-            self._task.cancel()
-            self._sock.close()
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-        await asyncio.wait([self._task])
-
-    def get_loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
-
-    def is_serving(self) -> bool:
-        return not self._closed.is_set()
-
-    async def start_serving(self) -> None:
-        return None
-
-    async def serve_forever(self) -> None:
-        await self.wait_closed()
-
-    async def _accept_loop(self) -> None:
-        loop = self._loop
-        gate = self._gate
-        while True:
-            try:
-                conn, _addr = await loop.sock_accept(self._sock)
-            except OSError as exc:  # e.g. EMFILE: back off instead of spinning
-                if self._closed.is_set():
-                    return
-                log.warning("derp tls: accept failed: %s", exc)
-                await asyncio.sleep(0.1)
-                continue
-            if not gate.admit():
-                conn.close()
-                continue
-            task = loop.create_task(self._handshake(conn))
-            gate._pending.add(task)
-            task.add_done_callback(gate._pending.discard)
-
-    async def _handshake(self, conn: socket.socket) -> None:
-        server = self._gate.server
+    addrs: list[tuple[int, int, int, tuple[Any, ...]]] = []
+    seen: set[tuple[int, str]] = set()
+    for family, stype, proto, _canon, sa in infos:
+        if (family, sa[0]) not in seen:
+            seen.add((family, sa[0]))
+            addrs.append((family, stype, proto, sa))
+    if not addrs:
+        raise OSError(errno.EADDRNOTAVAIL, "no address to listen on")
+    for attempt in range(32):
+        socks: list[socket.socket] = []
+        chosen = port
+        skipped: list[str] = []
         try:
-            await self._loop.connect_accepted_socket(
-                lambda: HttpConnection(server),
-                conn,
-                ssl=self._gate.ssl_context,
-                ssl_handshake_timeout=server.handshake_timeout,
-            )
-        except (OSError, ssl.SSLError, asyncio.TimeoutError) as exc:
-            log.debug("derp tls: handshake failed: %s", exc)
-            conn.close()
-        except BaseException:  # cancelled by server stop
-            conn.close()
+            for family, stype, proto, sa in addrs:
+                try:
+                    sock = socket.socket(family, stype, proto)
+                except OSError as exc:
+                    skipped.append(f"{sa[0]}: {exc}")
+                    continue
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind((sa[0], chosen, *sa[2:]))
+                except OSError as exc:
+                    if exc.errno not in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                        raise
+                    skipped.append(f"{sa[0]}: {exc.strerror or exc}")
+                    socks.pop().close()
+                    continue
+                if chosen == 0:
+                    chosen = int(sock.getsockname()[1])
+                sock.listen(backlog)
+                sock.setblocking(False)
+            if not socks:
+                raise OSError(errno.EADDRNOTAVAIL, "cannot listen on any address: " + "; ".join(skipped))
+        except OSError as exc:
+            for sock in socks:
+                sock.close()
+            if port == 0 and exc.errno == errno.EADDRINUSE and attempt < 31:
+                continue
             raise
+        for why in skipped:
+            log.warning("derp: not listening on %s", why)
+        return socks
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 class AcceptGate:
@@ -138,8 +127,8 @@ class AcceptGate:
         self.limiter = limiter
         self.max_connections = max_connections
         self.ssl_context = ssl_context
-        #: TLS handshakes in progress
-        self._pending: set[asyncio.Task[None]] = set()
+        #: sockets in the TLS handshake
+        self.handshaking: set[TlsProtocol] = set()
 
     def admit(self) -> bool:
         """Decide one accepted socket (counts rejections)."""
@@ -152,36 +141,59 @@ class AcceptGate:
             return False
         return True
 
-    def factory(self) -> asyncio.Protocol:
-        """Protocol factory for a plain-HTTP ``create_server`` listener."""
+    def factory(self) -> asyncio.BaseProtocol:
+        """Protocol factory of the listener (one call per accepted socket)."""
         if not self.admit():
             return _Reject()
+        ctx = self.ssl_context
+        if ctx is None:
+            return HttpConnection(self.server)
+        tls = TlsProtocol(
+            ctx,
+            self._http,
+            handshake_timeout=self.server.handshake_timeout,
+            on_handshake=self._handshake_done,
+        )
+        self.handshaking.add(tls)
+        return tls
+
+    def _http(self) -> HttpConnection:
         return HttpConnection(self.server)
 
-    async def listen(self, host: str, port: int) -> asyncio.Server | TlsListener:
-        """Open the listener: ``create_server`` for plain HTTP, :class:`TlsListener` for TLS."""
+    def _handshake_done(self, tls: TlsProtocol, exc: BaseException | None) -> None:
+        self.handshaking.discard(tls)
+
+    async def listen(self, host: str | Sequence[str] | None, port: int) -> list[asyncio.Server]:
+        """Listen on every address ``host`` resolves to (all interfaces for ``""``/None).
+
+        ``host`` may also be a sequence of names/addresses (e.g. ``["127.0.0.1",
+        "::1"]``). All sockets share one port, also when ``port`` is 0 (the
+        first bind picks it). Returns one ``asyncio.Server`` per socket.
+        """
         loop = asyncio.get_running_loop()
-        if self.ssl_context is None:
-            return await loop.create_server(
-                self.factory, host, port, backlog=1024, reuse_address=True
-            )
-        infos = await loop.getaddrinfo(
-            host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        hosts: list[str | None] = (
+            [host or None] if host is None or isinstance(host, str) else [h or None for h in host]
         )
-        family, stype, proto, _canon, addr = infos[0]
-        sock = socket.socket(family, stype, proto)
+        infos: list[_BindInfo] = []
+        for h in hosts:
+            infos += await loop.getaddrinfo(
+                h, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+            )
+        socks = bind_all(infos, port)
+        servers: list[asyncio.Server] = []
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind(addr)
-            sock.listen(1024)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
+            for sock in socks:
+                servers.append(await loop.create_server(self.factory, sock=sock, backlog=1024))
+        except BaseException:
+            for srv in servers:
+                srv.close()
+            for sock in socks:
+                sock.close()
             raise
-        return TlsListener(self, sock)
+        return servers
 
     def close(self) -> None:
-        """Cancel TLS handshakes still in progress (server stop)."""
-        for t in list(self._pending):
-            t.cancel()
-        self._pending.clear()
+        """Abort the sockets still in the TLS handshake (server stop)."""
+        for tls in list(self.handshaking):
+            tls.abort()
+        self.handshaking.clear()

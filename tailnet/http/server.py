@@ -35,6 +35,13 @@ of growing our write buffer without end; it is dropped at ``header_timeout``);
 at most :data:`SYNC_ANSWERS_PER_CALL` relay-path answers are written per
 callback.
 
+TLS (``ssl_context``): the listener terminates TLS itself with the relay's TLS
+path, :class:`derp.tlsio.TlsProtocol` (memory BIOs, every record of a read in
+one delivery, one encryption per connection and loop iteration); the TLS
+handshake must also finish within ``header_timeout``. Everything above (the
+API, WebSocket upgrades, the DERP hand-over, so also DERP over WSS) runs on
+its :class:`~derp.tlsio.TlsTransport` unchanged.
+
 Shutdown (:meth:`HttpApiServer.stop`): stop accepting, close idle HTTP
 connections, run every live upgrade's ``on_shutdown`` (WebSockets: close 1001)
 and wait up to ``grace`` seconds before cancelling their handlers.
@@ -45,6 +52,7 @@ from __future__ import annotations
 import asyncio
 import http
 import logging
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Protocol, cast
@@ -54,6 +62,7 @@ import h11
 from derp.server import DerpServer
 from derp.server.http import HttpConnection as DerpFrontDoor
 from derp.server.http import front_door_response
+from derp.tlsio import TlsProtocol
 
 from .errors import HttpError, error_body
 from .request import Request, request_from_h11
@@ -446,12 +455,16 @@ class HttpApiServer:
         *,
         derp: DerpServer | None = None,
         header_timeout: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.app = app
         self.derp = derp
         self.header_timeout = header_timeout
+        self.ssl_context = ssl_context
         self._listener: asyncio.Server | None = None
         self._conns: set[_ApiConnection] = set()
+        #: sockets still in the TLS handshake (aborted by stop)
+        self._handshaking: set[TlsProtocol] = set()
         self._upgrades: dict[asyncio.Task[None], tuple[ServerWebSocket, Upgrade]] = {}
         self.host = ""
 
@@ -466,9 +479,27 @@ class HttpApiServer:
             raise RuntimeError("server already started")
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
-            lambda: _ApiConnection(self), host, port, backlog=1024, reuse_address=True
+            self._protocol, host, port, backlog=1024, reuse_address=True
         )
         self.host = host
+
+    @property
+    def scheme(self) -> str:
+        """``https`` when the listener terminates TLS, else ``http``."""
+        return "http" if self.ssl_context is None else "https"
+
+    def _protocol(self) -> asyncio.BaseProtocol:
+        ctx = self.ssl_context
+        if ctx is None:
+            return _ApiConnection(self)
+        tls = TlsProtocol(
+            ctx,
+            lambda: _ApiConnection(self),
+            handshake_timeout=self.header_timeout,
+            on_handshake=lambda p, _exc: self._handshaking.discard(p),
+        )
+        self._handshaking.add(tls)
+        return tls
 
     async def _run_upgrade(self, ws: ServerWebSocket, up: Upgrade) -> None:
         task = asyncio.current_task()
@@ -492,6 +523,9 @@ class HttpApiServer:
         """Stop listening, close WebSockets with 1001, close idle connections."""
         if self._listener is not None:
             self._listener.close()
+        for tls in list(self._handshaking):
+            tls.abort()
+        self._handshaking.clear()
         for c in list(self._conns):
             if c.idle:
                 c.close()
