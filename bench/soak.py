@@ -1277,9 +1277,17 @@ async def attack_stream_limits_drpc(ctx: Ctx) -> list[dict[str, Any]]:
     from tailnet.rpc.tailnet_client import TailnetClient
 
     c = ctx.cfg
+    from tailnet.rpc.websocket import DialError
+
     rounds: list[str] = []
     while ctx.left() > 12 and len(rounds) < 2:
-        client = await TailnetClient.connect(f"{ctx.ws}/api/v2/tailnet?version={VERSION}", c["v3_token"])
+        try:
+            client = await TailnetClient.connect(
+                f"{ctx.ws}/api/v2/tailnet?version={VERSION}", c["v6_token"])
+        except DialError as exc:
+            rounds.append(f"dial refused: {exc}")
+            await asyncio.sleep(5.0)
+            continue
 
         async def one() -> tuple[str, Any]:
             try:
@@ -2051,7 +2059,7 @@ def mint_tokens(data_dir: Path) -> dict[str, str]:
     for k in ("xg", "xd", "xw"):  # agents of V1: gRPC / DRPC slow consumers, WebSocket floods
         x = st.create_agent(v1, name=f"attacker-{k}")
         out[f"{k}_id"], out[f"{k}_token"] = str(x.agent_id), x.token
-    for k in ("v2", "v3", "v4"):
+    for k in ("v2", "v3", "v4", "v6"):
         _, out[f"{k}_token"] = st.create_user(name=f"attacker-{k}")
     v5, out["v5_token"] = st.create_user(name="attacker-v5")
     xc = st.create_agent(v5, name="attacker-xc")  # the churn target (reads everything)

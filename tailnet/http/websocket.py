@@ -30,11 +30,15 @@ So per connection we hold at most ``max_queue_bytes`` + one message
 (``max_size``) + one read of queued input, plus the write buffer's high-water
 mark + one read's worth of replies.
 
-CPU budget: the parser is fed at most :data:`READ_SLICE` bytes per callback.
-The rest of a larger read waits (reading paused) and is fed a slice per loop
-iteration, under the same two conditions, so a read full of tiny frames (a
-256 KiB read holds ~37,000 one-byte messages, ~7 µs each to parse) never holds
-the event loop, and with it every other connection, for more than a few ms.
+CPU budget: a read is fed to the parser :data:`READ_SLICE` bytes at a time,
+until it is all parsed or :data:`PARSE_BUDGET` seconds were spent; the rest
+waits (reading paused) for the next loop iteration, under the same two
+conditions. A read full of tiny frames (a 256 KiB read holds ~37,000 one-byte
+messages, ~7 µs each to parse) so never holds the event loop, and with it
+every other connection, for more than a few ms, while bulk data (big frames
+are cheap per byte) is parsed a whole read at a time as before. An EOF is
+handled after the bytes read before it; bytes read before a connection loss
+are dropped.
 
 Logging: the ``websockets`` core logs through
 :data:`tailnet.redact.WS_PROTOCOL_LOG`, whose filter removes credentials
@@ -52,6 +56,7 @@ import asyncio
 import collections
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import cast
 
@@ -73,6 +78,7 @@ __all__ = [
     "MAX_QUEUE",
     "MAX_QUEUE_BYTES",
     "READ_SLICE",
+    "PARSE_BUDGET",
 ]
 
 log = logging.getLogger(__name__)
@@ -85,8 +91,11 @@ CLOSE_INTERNAL = 1011
 #: Default inbound queue bounds: messages, and bytes (whichever is reached first).
 MAX_QUEUE = 64
 MAX_QUEUE_BYTES = 1 << 20
-#: Bytes handed to the frame parser per callback (module docstring: CPU budget).
-READ_SLICE = 16 * 1024
+#: Bytes handed to the frame parser at a time, and the parsing time per callback
+#: after which the rest of a read waits for the next loop iteration (module
+#: docstring: CPU budget).
+READ_SLICE = 4 * 1024
+PARSE_BUDGET = 0.002
 
 
 class ServerWebSocket(asyncio.Protocol):
@@ -120,10 +129,12 @@ class ServerWebSocket(asyncio.Protocol):
         self._pong: asyncio.Future[None] | None = None
         self._ping_data = b""
         self._close_timer: asyncio.TimerHandle | None = None
-        #: bytes read but not yet parsed (beyond READ_SLICE), and whether a
-        #: callback to parse the next slice is scheduled
-        self._rx_pending: bytearray | None = None
+        #: a read not parsed yet from offset _rx_off on (CPU budget), whether a
+        #: callback to go on is scheduled, and an EOF received after it
+        self._rx_pending: bytes | None = None
+        self._rx_off = 0
         self._slice_scheduled = False
+        self._eof_pending = False
 
     # ------------------------------------------------------------------ handshake
 
@@ -191,23 +202,23 @@ class ServerWebSocket(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
-        if self._rx_pending is not None:  # earlier bytes still wait: keep the order
-            self._rx_pending += data
+        pending = self._rx_pending
+        if pending is not None:  # earlier bytes still wait: keep the order
+            self._rx_pending = pending[self._rx_off :] + data
+            self._rx_off = 0
             return
-        if len(data) > READ_SLICE:
-            self._rx_pending = bytearray(memoryview(data)[READ_SLICE:])
-            data = data[:READ_SLICE]
-        self._proto.receive_data(data)
-        self._process()  # reading pauses while bytes wait (_update_reading)
+        self._parse(data, 0)
 
     def eof_received(self) -> bool | None:
-        self._parse_pending()
+        if self._rx_pending is not None:
+            self._eof_pending = True  # handled once what was read before is parsed
+            return True
         self._proto.receive_eof()
         self._process()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._parse_pending()
+        self._rx_pending = None  # the peer is gone: what it still had sent is moot
         if self._proto.state is not State.CLOSED:
             try:
                 self._proto.receive_eof()
@@ -286,27 +297,41 @@ class ServerWebSocket(asyncio.Protocol):
         else:
             self._transport.pause_reading()
 
+    def _parse(self, data: bytes, off: int) -> None:
+        """Feed ``data[off:]`` to the parser READ_SLICE bytes at a time until it is
+        all parsed or PARSE_BUDGET is spent; the rest waits in ``_rx_pending``
+        (reading paused; :meth:`_update_reading` schedules :meth:`_next_slice`)."""
+        n = len(data)
+        feed = self._proto.receive_data
+        if n - off <= READ_SLICE:  # the common case: a small read, parsed at once
+            feed(data[off:] if off else data)
+            off = n
+        else:
+            deadline = time.perf_counter() + PARSE_BUDGET
+            while off < n:
+                end = off + READ_SLICE
+                feed(data[off:end])
+                off = end
+                if time.perf_counter() >= deadline:
+                    break
+        if off < n:
+            self._rx_pending, self._rx_off = data, off
+        else:
+            self._rx_pending = None
+            if self._eof_pending:
+                self._eof_pending = False
+                self._proto.receive_eof()
+        self._process()
+
     def _next_slice(self) -> None:
-        """Parse the next READ_SLICE bytes of the current read (see _update_reading)."""
+        """Go on parsing the current read (see _update_reading)."""
         self._slice_scheduled = False
         pending = self._rx_pending
         if pending is None or self._lost.is_set():
             return
         if not self._writable.is_set() or self._queue_full:
             return  # _update_reading schedules us again when that changes
-        data = bytes(pending[:READ_SLICE])
-        del pending[:READ_SLICE]
-        if not pending:
-            self._rx_pending = None
-        self._proto.receive_data(data)
-        self._process()
-
-    def _parse_pending(self) -> None:
-        """At EOF or connection loss: what was read is parsed before the end."""
-        pending = self._rx_pending
-        if pending is not None:
-            self._rx_pending = None
-            self._proto.receive_data(bytes(pending))
+        self._parse(pending, self._rx_off)
 
     def _flush(self) -> None:
         for chunk in self._proto.data_to_send():

@@ -198,14 +198,14 @@ def _upgraded(t: _Transport) -> ServerWebSocket:
 
 async def test_a_read_of_tiny_messages_is_parsed_a_slice_per_loop_iteration() -> None:
     """bench/soak.py: a 256 KiB read of one-byte messages held the event loop for
-    ~250 ms. The parser gets READ_SLICE bytes per callback; the rest waits with
-    reading paused, and is parsed in order as the handler drains the queue."""
+    ~250 ms. The parser gets READ_SLICE bytes at a time for at most PARSE_BUDGET
+    per callback; the rest waits with reading paused, and is parsed in order as
+    the handler drains the queue."""
     t = _Transport()
     ws = _upgraded(t)
     n = 40_000
     ws.data_received(b"".join(ws_frame(OP_BINARY, bytes([i % 251])) for i in range(n)))
-    frame_len = len(ws_frame(OP_BINARY, b"x"))
-    assert 0 < len(ws._messages) <= READ_SLICE // frame_len + 1
+    assert READ_SLICE // len(ws_frame(OP_BINARY, b"x")) <= len(ws._messages) < n // 4
     assert not t.reading
     got: list[bytes | str | None] = []
 
@@ -221,10 +221,21 @@ async def test_a_read_of_tiny_messages_is_parsed_a_slice_per_loop_iteration() ->
 async def test_bytes_read_before_eof_are_all_delivered() -> None:
     t = _Transport()
     ws = _upgraded(t)
-    n = 5_000
+    n = 20_000
     ws.data_received(b"".join(ws_frame(OP_BINARY, bytes([i % 251])) for i in range(n)))
-    ws.eof_received()
+    assert ws.eof_received() is True  # kept open until what came before is parsed
     got = []
     while (msg := await ws.recv()) is not None:
         got.append(msg)
     assert got == [bytes([i % 251]) for i in range(n)]
+    assert t.closed
+
+
+async def test_big_messages_arrive_whole() -> None:
+    t = _Transport()
+    ws = _upgraded(t)
+    big = bytes(range(256)) * 1024  # 256 KiB, fed in READ_SLICE pieces
+    ws.data_received(ws_frame(OP_BINARY, big) + ws_frame(OP_BINARY, b"after"))
+    assert await asyncio.wait_for(ws.recv(), T) == big
+    assert await asyncio.wait_for(ws.recv(), T) == b"after"
+    await _wait_for(lambda: t.reading)
