@@ -233,14 +233,22 @@ class WsFramer:
         fast = masked_in and max_message >= 65535
         append = chunks.append
         while n - pos >= 2:
-            if fast and n - pos >= 8 and not self._in_msg:
-                # The common frame from a client: FIN + binary, masked, 16-bit length
-                # (one message per packet). Everything it could violate is checked here.
-                b0, b1, ln, key = _masked16(data, pos)
-                if b0 == 0x82 and b1 == 0xFE:
+            if fast and n - pos >= 6 and data[pos] == 0x82 and not self._in_msg:
+                # The common frames from a client: FIN + binary, masked, a 7- or 16-bit
+                # length (one message per packet). Everything they could violate is
+                # checked here; anything else takes the general path below.
+                b1 = data[pos + 1]
+                if b1 == 0xFE and n - pos >= 8:
+                    _b0, _b1, ln, key = _masked16(data, pos)
                     end = pos + 8 + ln
                     if end <= n:
                         append(apply_mask(data[pos + 8 : end], key))
+                        pos = end
+                        continue
+                elif 0x80 <= b1 < 0xFE:
+                    end = pos + 6 + b1 - 0x80
+                    if end <= n:
+                        append(apply_mask(data[pos + 6 : end], data[pos + 2 : pos + 6]))
                         pos = end
                         continue
             b0 = data[pos]
