@@ -1,24 +1,19 @@
-"""DERP over WebSocket (spec §2.3): both sides, RFC 6455 framing by :mod:`derp.wsframing`.
+"""DERP over WebSocket (spec §2.3): both sides, on top of ``websockets``' sans-I/O core.
 
 After an RFC 6455 handshake with subprotocol ``derp`` the WebSocket is just a
 byte stream carrying the usual DERP frames (ServerKey first, no 101 DERP
-headers, no fast start). Received binary messages (and their continuation
-frames) are concatenated, so a message may hold several DERP frames or part
-of one. The DERP code above never sees WebSocket framing: it talks to a
-:class:`WsTransport`, a thin ``asyncio.Transport`` look-alike, exactly as it
-would to a TCP transport.
+headers, no fast start). Each write becomes one binary message; received
+binary messages (and their continuation frames) are concatenated, so a
+message may hold several DERP frames or part of one. The DERP code above
+never sees WebSocket framing: it talks to a :class:`WsTransport`, a thin
+``asyncio.Transport`` look-alike, exactly as it would to a TCP transport.
 
 Wiring (server)::
 
-    TCP or TLS transport ──► WsPipe (asyncio.Protocol; WsFramer inside)
-                               │ payloads of one read   ▲ send_binary(write data)
-                               ▼ (one data_received)    │
-                             DerpConnection  ◄──────  WsTransport
-
-The handshakes use ``websockets``' sans-I/O ``ServerProtocol``/``ClientProtocol``
-(request validation, ``Sec-WebSocket-Accept``, subprotocol); the framing after
-it is :class:`derp.wsframing.WsFramer`, which parses every frame of a read in
-one loop (clients that send one message per packet are the norm).
+    TCP transport ──► WsPipe (asyncio.Protocol; websockets.ServerProtocol inside)
+                        │ binary payloads        ▲ send_binary(write data)
+                        ▼                        │
+                      DerpConnection  ◄──────  WsTransport
 
 Rules, both sides:
 
@@ -27,16 +22,22 @@ Rules, both sides:
 * close codes 1000/1001 (or any close frame) are end of stream for DERP;
 * outgoing bytes are split into messages of at most :data:`MAX_SEND_MESSAGE`
   (32 KiB): Go's WebSocket library (what Tailscale's client and Coder use)
-  reads at most 32,768 bytes per message by default and closes a larger one
+  accepts at most 32,768 bytes per message by default and closes a larger one
   with 1009; DERP over WebSocket is a byte stream, so the cut may fall
   anywhere, even inside a frame;
 * an incoming message larger than :data:`MAX_MESSAGE_SIZE` (256 KiB + 64: a
   ClientInfo of the maximal size, or several 64 KiB packets in one flush)
   closes with 1009; malformed framing closes with 1002; the reason (and the
   close code and reason the peer sent) is logged at INFO;
-* flow control is the underlying transport's: ``pause_writing``/
-  ``resume_writing`` pass through to the DERP protocol, ``pause_reading``
-  etc. pass down.
+* flow control is the TCP transport's: ``pause_writing``/``resume_writing``
+  pass through to the DERP protocol, ``pause_reading`` etc. pass down;
+* server side only: while the TCP write buffer is above its high-water mark
+  (``pause_writing`` until ``resume_writing``) reading from the socket pauses
+  too, so WebSocket pings (each answered with a pong by the framing layer,
+  below the DERP connection's own write queues) cannot grow the server
+  without bound from a client that never reads; the DERP write timeout then
+  drops such a client as it would over TCP. Reading resumes only when neither
+  this nor the DERP side (rate limit, admission) wants it paused.
 
 :func:`accept_websocket` is the server entry point (called by the HTTP front
 door with the parsed h11 request), :func:`websocket_client` the client one
@@ -53,15 +54,15 @@ from typing import Any, Final, Protocol, TypeVar, cast
 import h11
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
-from websockets.frames import CloseCode
-from websockets.http11 import Request, Response
-from websockets.protocol import OPEN as WS_OPEN
+from websockets.frames import CloseCode, Opcode
+from websockets.http11 import Request
+from websockets.protocol import OPEN, SERVER, Protocol as WsProtocol
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
 from .errors import HandshakeError
-from .wsframing import CLOSED, MAX_MESSAGE_SIZE, MAX_SEND_MESSAGE, OPEN, WsFramer
+from .frames import HEADER_LEN, MAX_CLIENT_INFO_LEN
 
 __all__ = [
     "MAX_MESSAGE_SIZE",
@@ -79,7 +80,12 @@ _ws_log = logging.getLogger("derp.websocket.protocol")
 _ws_log.setLevel(logging.WARNING)
 
 SUBPROTOCOL: Final = Subprotocol("derp")
-_MAX_RESPONSE_HEAD: Final = 16 * 1024
+#: Largest WebSocket message accepted (either side).
+MAX_MESSAGE_SIZE: Final = MAX_CLIENT_INFO_LEN + HEADER_LEN + 59
+#: Largest WebSocket message sent (either side): Go's default read limit.
+MAX_SEND_MESSAGE: Final = 32 * 1024
+
+_BINARY, _CONT, _TEXT, _CLOSE = Opcode.BINARY, Opcode.CONT, Opcode.TEXT, Opcode.CLOSE
 
 
 class _Stats(Protocol):
@@ -98,7 +104,7 @@ class _Acceptor(Protocol):
 
 
 class WsTransport(asyncio.Transport):
-    """What the DERP protocol above writes to: every write becomes binary message(s)."""
+    """What the DERP protocol above writes to: every write is one binary message."""
 
     __slots__ = ("_pipe",)
 
@@ -108,7 +114,7 @@ class WsTransport(asyncio.Transport):
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if data:
-            self._pipe.send_binary(data if type(data) is bytes else bytes(data))
+            self._pipe.send_binary(data)
 
     def writelines(self, list_of_data: Iterable[bytes | bytearray | memoryview]) -> None:
         self.write(b"".join(list_of_data))
@@ -138,13 +144,13 @@ class WsTransport(asyncio.Transport):
         return self._pipe.transport.get_extra_info(name, default)
 
     def pause_reading(self) -> None:
-        self._pipe.transport.pause_reading()
+        self._pipe.set_reading_paused(inner=True)
 
     def resume_reading(self) -> None:
-        self._pipe.transport.resume_reading()
+        self._pipe.set_reading_paused(inner=False)
 
     def is_reading(self) -> bool:
-        return bool(self._pipe.transport.is_reading())
+        return not self._pipe.inner_paused and bool(self._pipe.transport.is_reading())
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         self._pipe.transport.set_write_buffer_limits(high, low)
@@ -161,76 +167,131 @@ class WsPipe(asyncio.Protocol):
     """The real transport's protocol: WebSocket frames in, DERP byte stream out.
 
     ``inner`` is the DERP protocol (server :class:`~derp.server.conn.DerpConnection`
-    or the client's link); it is ``None`` until the handshake is done.
+    or the client's link); it is ``None`` until the handshake is done, and
+    bytes received before that are buffered in the websockets parser.
     """
 
-    def __init__(self, transport: asyncio.Transport, framer: WsFramer) -> None:
+    def __init__(
+        self, transport: asyncio.Transport, ws: WsProtocol, *, read_follows_write: bool = False
+    ) -> None:
         self.transport = transport
-        self.framer = framer
+        self.ws = ws
         self.inner: asyncio.Protocol | None = None
         self.closing = False
         self.close_reason = ""
         self.wst = WsTransport(self)
+        #: pause reading while the socket's writes are backpressured (server side)
+        self.read_follows_write = read_follows_write
+        #: the DERP side asked to pause reading (rate limit, admission)
+        self.inner_paused = False
+        #: the socket is above its write high-water mark
+        self.write_paused = False
+
+    def set_reading_paused(self, *, inner: bool | None = None, write: bool | None = None) -> None:
+        """Record why reading should pause; read from the socket only if nobody wants a pause."""
+        was = self.inner_paused or self.write_paused
+        if inner is not None:
+            self.inner_paused = inner
+        if write is not None:
+            self.write_paused = write
+        now = self.inner_paused or self.write_paused
+        if now != was and not self.closing:
+            if now:
+                self.transport.pause_reading()
+            else:
+                self.transport.resume_reading()
 
     # ---------------------------------------------------------------- outgoing
 
-    def send_binary(self, data: bytes) -> None:
+    def send_binary(self, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` as binary messages of at most :data:`MAX_SEND_MESSAGE` bytes.
 
-        Dropped once the WebSocket is no longer open: the peer's close frame
-        (or EOF, or a protocol error) closes it before the DERP side learns of
-        it, and a write then must be a no-op, not an error escaping into
+        Dropped once the WebSocket is no longer OPEN.
+
+        The peer's close frame (or EOF, or a protocol error) leaves the
+        websockets state CLOSING/CLOSED before the DERP side learns of it, and
+        a write then must be a no-op, not an ``InvalidState`` escaping into
         ``data_received`` or into another connection's task.
         """
-        if self.closing or self.framer.state != OPEN:
+        ws = self.ws
+        if self.closing or ws.state is not OPEN:
             return
-        self.transport.writelines(self.framer.encode_binary(data))
+        n = len(data)
+        if n <= MAX_SEND_MESSAGE:
+            ws.send_binary(data)
+        else:
+            view = memoryview(data)
+            for i in range(0, n, MAX_SEND_MESSAGE):
+                ws.send_binary(view[i : i + MAX_SEND_MESSAGE])
+        self._flush()
 
     def close(self, code: int, reason: str = "") -> None:
-        """Send a close frame (if open) and close the connection after it."""
+        """Send a close frame (if open) and close the TCP connection after it."""
         if self.closing:
             return
         self.closing = True
-        self.framer.send_close(code, reason)
-        self._flush()
+        if self.ws.state is OPEN:
+            self.ws.send_close(code, reason)
+            self._flush()
         self.transport.close()
 
     def _flush(self) -> None:
-        out = self.framer.data_to_send()
-        if out and not self.transport.is_closing():
-            self.transport.writelines(out)
+        writes = self.ws.data_to_send()
+        if not writes:
+            return
+        eof = False
+        if writes[-1] == b"":  # websockets' SEND_EOF marker: half-close after these bytes
+            writes.pop()
+            eof = True
+        if writes:
+            self.transport.write(writes[0] if len(writes) == 1 else b"".join(writes))
+        if eof:
+            self.closing = True
+            self.transport.close()
 
     # ---------------------------------------------------------------- incoming
 
     def data_received(self, data: bytes) -> None:
-        framer = self.framer
-        payload = framer.receive_data(data)
-        self._flush()  # pongs, close replies
-        inner = self.inner
-        if payload and inner is not None:
-            inner.data_received(payload)
-        if framer.state == CLOSED:
-            self._closed_by_protocol()
+        self.ws.receive_data(data)
+        self._process()
 
-    def _closed_by_protocol(self) -> None:
-        framer = self.framer
-        if self.close_reason:
-            return
-        if framer.error:
-            reason = f"WebSocket error: {framer.error} (sent {framer.close_code})"
-        else:
-            reason = f"closed by peer ({_describe_close(framer.close_rcvd)})"
-        self.close_reason = reason
-        log.info("derp websocket: closing %s: %s", self.peer(), reason)
-        self.closing = True
-        self.transport.close()
+    def _process(self) -> None:
+        self._handle(self.ws.events_received())
+
+    def _handle(self, events: list[Any]) -> None:
+        ws = self.ws
+        chunks: list[bytes] = []
+        reason = ""
+        for ev in events:
+            op = getattr(ev, "opcode", None)
+            if op is _BINARY or op is _CONT:
+                if not reason:
+                    chunks.append(bytes(ev.data))
+            elif op is _TEXT:
+                if not reason:
+                    reason = "text message on a DERP WebSocket"
+                    ws.fail(CloseCode.UNSUPPORTED_DATA, "DERP needs binary messages")
+            elif op is _CLOSE:
+                reason = reason or f"closed by peer ({_describe_close(ws)})"
+        exc = getattr(ws, "parser_exc", None)
+        if exc is not None and not reason:
+            reason = f"WebSocket error: {exc}"
+        self._flush()  # pongs, close replies, EOF
+        inner = self.inner
+        if chunks and inner is not None:
+            inner.data_received(chunks[0] if len(chunks) == 1 else b"".join(chunks))
+        if reason and not self.close_reason:
+            self.close_reason = reason
+            log.info("derp websocket: closing %s: %s", self.peer(), reason)
+            self.closing = True
+            self.transport.close()
 
     def peer(self) -> object:
         return self.transport.get_extra_info("peername")
 
     def eof_received(self) -> bool | None:
-        self.framer.receive_eof()
-        self.closing = True
+        self.ws.receive_eof()
+        self._flush()
         return None
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -240,24 +301,31 @@ class WsPipe(asyncio.Protocol):
             inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
+        if self.read_follows_write:
+            self.set_reading_paused(write=True)
         if self.inner is not None:
             self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        if self.read_follows_write:
+            self.set_reading_paused(write=False)
         if self.inner is not None:
             self.inner.resume_writing()
 
 
-def _describe_close(rcvd: tuple[int, str] | None) -> str:
-    """The close frame the peer sent, as ``code N 'reason'`` (``no code`` if empty)."""
+def _describe_close(ws: WsProtocol) -> str:
+    """The close frame the peer sent, as ``code N "reason"`` (``no code`` if empty).
+
+    ``ws.close_code`` is not set until the closing handshake completes, so it
+    reads ``None`` while the reply is still being sent: use the frame itself.
+    """
+    rcvd = ws.close_rcvd
     if rcvd is None:
         return "no close frame"
-    code, reason = rcvd
+    code = int(rcvd.code)
     if code == CloseCode.NO_STATUS_RCVD:
         return "no code"
-    if code == CloseCode.ABNORMAL_CLOSURE:
-        return "no close frame"
-    return f"code {code} {reason!r}" if reason else f"code {code}"
+    return f"code {code} {rcvd.reason!r}" if rcvd.reason else f"code {code}"
 
 
 # --------------------------------------------------------------------------- server
@@ -304,11 +372,12 @@ def accept_websocket(
         log.info("derp websocket: refused %s: %s", remote_addr, ws.handshake_exc or "subprotocol")
         return False
     # h11 already parsed the request, so ``ws`` only served to build the
-    # response; the framer does the framing from here on.
+    # response; a fresh OPEN protocol does the framing from here on.
     ws.send_response(response)
     for chunk in ws.data_to_send():
         transport.write(chunk)
-    pipe = WsPipe(transport, WsFramer(client=False))
+    framing = WsProtocol(SERVER, state=OPEN, max_size=MAX_MESSAGE_SIZE, logger=_ws_log)
+    pipe = WsPipe(transport, framing, read_follows_write=True)
     transport.set_protocol(pipe)
     if stats is not None:
         stats.websocket_accepts += 1
@@ -324,54 +393,41 @@ P = TypeVar("P", bound=asyncio.Protocol)
 
 
 class _ClientHandshake(WsPipe):
-    """Client pipe that completes the WebSocket handshake before attaching ``inner``.
-
-    The response head (up to the blank line) goes to ``websockets``'
-    ``ClientProtocol`` for validation; bytes after it are frames, kept in
-    ``early`` until :func:`websocket_client` attached the inner protocol.
-    """
+    """Client pipe that completes the WebSocket handshake before attaching ``inner``."""
 
     def __init__(self, transport: asyncio.Transport, ws: ClientProtocol) -> None:
-        super().__init__(transport, WsFramer(client=True))
-        self.ws = ws
-        self.head = bytearray()
+        super().__init__(transport, ws)
         self.opened: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        #: bytes that arrived after the 101 response, before ``inner`` was attached
-        self.early = b""
+        #: frames that arrived together with the 101 response
+        self.early: list[Any] = []
 
-    def data_received(self, data: bytes) -> None:
-        if self.opened.done():
-            if self.inner is None:
-                self.early += data
-            else:
-                super().data_received(data)
+    def _process(self) -> None:
+        if self.inner is None and self.opened.done():
+            # Upgraded, inner not attached yet: keep frames for websocket_client().
+            self.early.extend(e for e in self.ws.events_received() if hasattr(e, "opcode"))
             return
-        self.head += data
-        end = self.head.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.head) > _MAX_RESPONSE_HEAD:
-                self._refused("response head too large")
-            return
-        head = bytes(self.head[: end + 4])
-        self.early = bytes(self.head[end + 4 :])
-        self.head = bytearray()
-        ws = self.ws
-        ws.receive_data(head)
-        if ws.state is WS_OPEN:
-            ws.events_received()
-            if ws.subprotocol != SUBPROTOCOL:
-                self._refused(f"server chose WebSocket subprotocol {ws.subprotocol!r}")
+        if self.inner is None:
+            ws = self.ws
+            if ws.state is OPEN:
+                # The Response event is first; frames may follow in the same read.
+                events = ws.events_received()
+                if ws.subprotocol != SUBPROTOCOL:
+                    self.opened.set_exception(
+                        HandshakeError(f"server chose WebSocket subprotocol {ws.subprotocol!r}")
+                    )
+                    return
+                self.early = [e for e in events if hasattr(e, "opcode")]
+                self.opened.set_result(None)
+                return  # frames are processed once inner is attached
+            handshake_exc = getattr(ws, "handshake_exc", None)
+            if handshake_exc is not None:
+                self.opened.set_exception(
+                    HandshakeError(f"WebSocket upgrade failed: {handshake_exc}")
+                )
+                self._flush()
                 return
-            self.opened.set_result(None)
             return
-        exc = getattr(ws, "handshake_exc", None)
-        status = head.split(b"\r\n", 1)[0].decode("latin-1")
-        self._refused(f"WebSocket upgrade failed: {exc or status}")
-
-    def _refused(self, why: str) -> None:
-        if not self.opened.done():
-            self.opened.set_exception(HandshakeError(why))
-        self.closing = True
+        super()._process()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.opened.done():
@@ -402,9 +458,7 @@ async def websocket_client(
     transport.set_protocol(pipe)
     try:
         ws.send_request(ws.connect())
-        for chunk in ws.data_to_send():
-            if chunk:
-                transport.write(chunk)
+        pipe._flush()
         await pipe.opened
     except BaseException:
         transport.abort()
@@ -412,7 +466,6 @@ async def websocket_client(
     inner = protocol_factory()
     pipe.inner = inner
     inner.connection_made(pipe.wst)
-    early, pipe.early = pipe.early, b""
-    if early:  # frames that came with the 101 response
-        pipe.data_received(early)
+    early, pipe.early = pipe.early, []
+    pipe._handle(early + ws.events_received())  # frames that came with the 101 response
     return inner

@@ -33,7 +33,6 @@ from derp.frames import (
 from derp.keys import PrivateKey, open_sealed, seal
 from derp.server import DerpServer
 from derp.websocket import MAX_MESSAGE_SIZE, WsPipe
-from derp.wsframing import WsFramer
 
 from .conftest import WAIT, make_config, wait_until
 
@@ -335,7 +334,7 @@ def test_inner_write_after_peer_close_in_same_read_is_dropped(side: Side, ending
         peer.send_text(b"oops")
     wire = b"".join(peer.data_to_send())
     tcp = _FakeTcp()
-    pipe = WsPipe(tcp, WsFramer(client=side is CLIENT))
+    pipe = WsPipe(tcp, WsProtocol(side, state=OPEN, max_size=MAX_MESSAGE_SIZE))
     inner = _EchoInner()
     pipe.inner = inner
     inner.connection_made(pipe.wst)
@@ -348,7 +347,7 @@ def test_inner_write_after_peer_close_in_same_read_is_dropped(side: Side, ending
 def test_write_after_peer_eof_is_dropped() -> None:
     """A write from elsewhere between the peer's EOF and ``connection_lost`` is a no-op."""
     tcp = _FakeTcp()
-    pipe = WsPipe(tcp, WsFramer(client=True))
+    pipe = WsPipe(tcp, WsProtocol(CLIENT, state=OPEN, max_size=MAX_MESSAGE_SIZE))
     pipe.eof_received()
     pipe.wst.write(b"late write")
     assert tcp.out == b""
@@ -356,7 +355,7 @@ def test_write_after_peer_eof_is_dropped() -> None:
 
 def test_write_after_abort_is_dropped() -> None:
     tcp = _FakeTcp()
-    pipe = WsPipe(tcp, WsFramer(client=False))
+    pipe = WsPipe(tcp, WsProtocol(SERVER, state=OPEN, max_size=MAX_MESSAGE_SIZE))
     pipe.wst.write(b"before")
     sent = len(tcp.out)
     assert sent > 0
