@@ -19,11 +19,14 @@ Processes (everything on 127.0.0.1)::
     │             sequence number (source, order and content verified); a
     │             DerpClient pair, --derp-rate packets/s each way (one packet per
     │             write, sequence + checksum verified, echoed for the RTT)
-    ├── attackers --group api   API WebSockets, Coordinate slow consumers, huge
-    │             requests, stream limits, stream churn, foreign resume tokens
-    └── attackers --group derp  keep-alive probe, slowloris, DERP non-reader +
-                  flood, DERP-over-WebSocket ping flood, nested ClientInfo,
-                  malformed frames
+    ├── attackers --group api   API WebSockets (ping floods, big and tiny
+    │             messages, yamux pings), Coordinate slow consumers, huge requests,
+    │             stream limits, stream churn, foreign resume tokens
+    └── attackers --group derp  keep-alive probe, slowloris, HTTP pipelining,
+                  DERP non-reader + flood, tiny DERP frames (TCP and WebSocket),
+                  DERP-over-WebSocket ping flood, nested ClientInfo, malformed frames
+
+``--attacks``/``--skip`` take the names in :data:`ATTACKS`.
 
 Timeline of one run: server up → tokens → healthy pair connected and
 verified → ``--warmup`` s → RSS "before", loop monitor reset → attackers run
