@@ -15,7 +15,7 @@ import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
@@ -31,15 +31,14 @@ from tailnet.v2 import tailnet_pb2 as pb
 
 from ..cases import WAIT, RecSink, node
 from ..pgserver import PgServer, pg_dsn, pg_server  # noqa: F401  (fixtures)
+from .fixtures import Replicas, replicas  # noqa: F401  (fixture)
+from .serve import until
 
 PU = pb.CoordinateResponse.PeerUpdate
 Req = pb.CoordinateRequest
 # Expiry 1.8 s: a replica stalled for a moment on a loaded machine must not read as
 # dead (a spurious LOST/NODE flap would break the exact sequences asserted below).
-FAST = PgCoordinatorConfig(heartbeat_interval=0.3, missed_heartbeats=6, retry_max=0.3,
-                           listen_probe_interval=1.0)
 HERE = Path(__file__).resolve().parent
-Replicas = Callable[..., Awaitable[PgCoordinator]]
 
 
 def upd(n: pb.Node) -> Req:
@@ -48,38 +47,6 @@ def upd(n: pb.Node) -> Req:
 
 def add(dst: uuid.UUID) -> Req:
     return Req(add_tunnel=Req.Tunnel(id=dst.bytes))
-
-
-async def until(
-    cond: Callable[[], bool | Awaitable[bool]], what: str, timeout: float = WAIT
-) -> None:
-    """Poll ``cond`` until true, failing after ``timeout`` seconds."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while True:
-        r = cond()
-        if not isinstance(r, bool):
-            r = await r
-        if r:
-            return
-        if loop.time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.05)
-
-
-@pytest.fixture
-async def replicas(pg_dsn: str) -> AsyncIterator[Replicas]:
-    started: list[PgCoordinator] = []
-
-    async def make(config: PgCoordinatorConfig = FAST) -> PgCoordinator:
-        c = PgCoordinator(pg_dsn, config)
-        await c.start()
-        started.append(c)
-        return c
-
-    yield make
-    for c in started:
-        await asyncio.wait_for(c.stop(), 60)
 
 
 def join(

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import asyncpg  # type: ignore[import-untyped]
 import pytest
@@ -18,26 +17,9 @@ from tailnet.v2 import tailnet_pb2 as pb
 
 from ..cases import RecSink
 from ..pgserver import pg_dsn, pg_server  # noqa: F401  (fixtures)
+from .fixtures import Replicas, replicas  # noqa: F401  (fixture)
 from .serve import until
 
-FAST = PgCoordinatorConfig(heartbeat_interval=0.3, missed_heartbeats=6, retry_max=0.3,
-                           listen_probe_interval=1.0)
-Replicas = Callable[..., Awaitable[PgCoordinator]]
-
-
-@pytest.fixture
-async def replicas(pg_dsn: str) -> AsyncIterator[Replicas]:
-    started: list[PgCoordinator] = []
-
-    async def make(config: PgCoordinatorConfig = FAST) -> PgCoordinator:
-        c = PgCoordinator(pg_dsn, config)
-        await c.start()
-        started.append(c)
-        return c
-
-    yield make
-    for c in started:
-        await asyncio.wait_for(c.stop(), 60)
 
 
 async def crash(c: PgCoordinator) -> None:
