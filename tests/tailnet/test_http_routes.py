@@ -8,27 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator
 
 import h11
-import pytest
 
-from tailnet.config import StackConfig
 from tailnet.stack import TailnetStack
 
 T = 10.0
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[TailnetStack]:
-    s = TailnetStack(
-        StackConfig(http_addr="127.0.0.1:0", grpc_addr=None, stun_addr=None, data_dir=None)
-    )
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
 
 
 class KeepAlive:

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from tailnet.config import StackConfig
 from tailnet.rpc.client import RpcClient
 from tailnet.rpc.mux import MethodKind, RpcError, ServerCall
 from tailnet.stack import TailnetStack
@@ -21,18 +20,6 @@ from tailnet.v2 import tailnet_pb2 as pb
 
 T = 10.0
 P = "/coder.agent.v2.Agent/"
-
-
-@pytest.fixture
-async def stack() -> AsyncIterator[TailnetStack]:
-    s = TailnetStack(
-        StackConfig(http_addr="127.0.0.1:0", grpc_addr=None, stun_addr=None, data_dir=None)
-    )
-    await s.start()
-    try:
-        yield s
-    finally:
-        await s.stop()
 
 
 @pytest.fixture
