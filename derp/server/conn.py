@@ -94,7 +94,7 @@ from .handshake import MIN_CLIENT_INFO_LEN, ClientInfoData, open_client_info
 
 if TYPE_CHECKING:
     from ..admission import AdmissionGate
-    from .app import ConnContext
+    from .context import ConnContext
 
 __all__ = ["DerpConnection", "DUPLICATE_KEY_HEALTH", "MAX_FRAME_LEN", "ip16_port"]
 
@@ -196,7 +196,7 @@ class DerpConnection(asyncio.Protocol):
         "_yielding",
     )
 
-    def __init__(self, ctx: ConnContext, remote_addr: object = None) -> None:
+    def __init__(self, ctx: ConnContext[DerpConnection], remote_addr: object = None) -> None:
         self._ctx = ctx
         self._transport: asyncio.Transport | None = None
         self._state = _HANDSHAKE
