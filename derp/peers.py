@@ -120,6 +120,21 @@ class RouteTable(Generic[L]):
         (sibling workers before mesh peers). Call before ``link`` announces keys."""
         self._preferred.add(link)
 
+    def is_preferred(self, link: object) -> bool:
+        """True if ``link`` was marked with :meth:`prefer` (a sibling worker)."""
+        return link in self._preferred
+
+    def promote(self, key: bytes, link: L) -> None:
+        """Make ``link`` the route in use for ``key`` (a sibling worker whose
+        connection of ``key`` became the most recently active). No-op unless
+        ``link`` is preferred and announced ``key``."""
+        links = self._routes.get(key)
+        if links is None or link not in self._preferred or link not in links or links[0] is link:
+            return
+        links.remove(link)
+        links.insert(0, link)
+        self.forwarders[key] = link
+
     def forget_preference(self, link: L) -> None:
         """``link`` is gone for good (call after :meth:`drop_link`)."""
         self._preferred.discard(link)

@@ -33,7 +33,8 @@ are called at most once per read batch / new (src, receiver) pair.
 
 Invariants (checked by ``check_invariants`` in tests):
 
-* ``active.keys() == sets.keys()`` and every set is non-empty;
+* ``active.keys() == sets.keys()`` and every set is non-empty (with sibling
+  workers: ``active.keys() ⊆ sets.keys()``, the others stepped aside);
 * ``active[k]`` is in ``sets[k]`` and is the last entry of its activity history;
 * the activity history of ``k`` is a permutation of ``sets[k]``.
 
@@ -43,14 +44,24 @@ to an opaque forwarder handle. Local presence always wins over a forwarder.
 When the last local connection of a key leaves while a forwarder for it exists,
 the key has not left the region: no PeerGone is owed yet, and the subscribers
 are kept until the mesh removes the last route (:meth:`Relay.take_subscribers`).
+
+Worker hooks (filled by :mod:`derp.workers`, sibling processes of one host):
+``elsewhere[key]`` counts sibling workers holding ``key``; such a key is a
+duplicate on registration and its departure here owes the mesh watchers no
+PeerGone (the host still has it). :meth:`Relay.step_aside` removes a key's
+``active`` entry while a sibling's connection of that key is the most recently
+active one (its packets then go to ``forwarders[key]``); the next
+:meth:`note_activity` of a local connection takes it back. ``observer``
+(:class:`RelayObserver`) hears registrations, last departures and such
+take-backs, so the worker can tell its siblings.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Generic, Hashable, Iterator, TypeVar
+from typing import Generic, Hashable, Iterator, Protocol, TypeVar
 
-__all__ = ["Relay", "Departure", "Registration"]
+__all__ = ["Relay", "Departure", "Registration", "RelayObserver"]
 
 C = TypeVar("C", bound=Hashable)
 
@@ -68,6 +79,19 @@ class _KeySet(Generic[C]):
         if order[-1] is not conn:
             order.remove(conn)
             order.append(conn)
+
+
+class RelayObserver(Protocol):
+    """Hears the registry's presence changes (``derp.workers`` tells siblings)."""
+
+    def registered(self, key: bytes, conn: object) -> None:
+        """``conn`` of ``key`` registered (it is now the active connection)."""
+
+    def departed(self, key: bytes) -> None:
+        """The last local connection of ``key`` left."""
+
+    def reactivated(self, key: bytes, conn: object) -> None:
+        """``conn`` spoke while ``key`` had stepped aside: it is active again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +126,16 @@ class Departure(Generic[C]):
 class Relay(Generic[C]):
     """Key → connection registry with duplicate policy and PeerGone subscriptions."""
 
-    __slots__ = ("active", "_sets", "_subscribers", "_subscriptions", "watchers", "forwarders")
+    __slots__ = (
+        "active",
+        "_sets",
+        "_subscribers",
+        "_subscriptions",
+        "watchers",
+        "forwarders",
+        "elsewhere",
+        "observer",
+    )
 
     def __init__(self) -> None:
         #: key → connection receiving its traffic. Read directly on the hot path.
@@ -116,6 +149,10 @@ class Relay(Generic[C]):
         self.watchers: dict[C, None] = {}
         #: key → forwarder handle for keys on other region nodes (filled by :mod:`derp.mesh`).
         self.forwarders: dict[bytes, object] = {}
+        #: key → number of sibling workers holding it (filled by derp.workers).
+        self.elsewhere: dict[bytes, int] = {}
+        #: presence observer (derp.workers), None in a single process.
+        self.observer: RelayObserver | None = None
 
     # ------------------------------------------------------------------ queries
 
@@ -161,6 +198,9 @@ class Relay(Generic[C]):
             raise ValueError("connection already registered")
         s.order.append(conn)
         self.active[key] = conn
+        if self.observer is not None:
+            dup = dup or key in self.elsewhere
+            self.observer.registered(key, conn)
         return Registration(dup, tuple(self.watchers))
 
     def note_activity(self, key: bytes, conn: C) -> bool:
@@ -169,13 +209,32 @@ class Relay(Generic[C]):
         Returns true if the active connection changed. Unknown connections are
         ignored (a frame may race its own disconnect in adapters).
         """
-        if self.active.get(key) is conn:
+        current = self.active.get(key)
+        if current is conn:
             return False
         s = self._sets.get(key)
         if s is None or conn not in s.order:
             return False
         s.touch(conn)
         self.active[key] = conn
+        if current is None and self.observer is not None:
+            self.observer.reactivated(key, conn)
+        return True
+
+    def step_aside(self, key: bytes) -> bool:
+        """A sibling worker's connection of ``key`` is now the most recently active:
+        local connections stop receiving (packets go to ``forwarders[key]``) until
+        one of them speaks (:meth:`note_activity`) or the sibling goes. Returns
+        true if ``key`` was active here."""
+        return self.active.pop(key, None) is not None
+
+    def take_back(self, key: bytes) -> bool:
+        """Undo :meth:`step_aside` (the sibling that was active left): the most
+        recently active local connection receives again. True if it changed."""
+        s = self._sets.get(key)
+        if s is None or key in self.active:
+            return False
+        self.active[key] = s.order[-1]
         return True
 
     def note_delivery(self, src: bytes, receiver: C) -> None:
@@ -208,14 +267,20 @@ class Relay(Generic[C]):
         s.order.remove(conn)
         if s.order:
             new_active = s.order[-1]
-            self.active[key] = new_active
+            if key in self.active:  # else it stepped aside for a sibling worker
+                self.active[key] = new_active
             return Departure(False, new_active)
         del self._sets[key]
-        del self.active[key]
+        self.active.pop(key, None)
         # A key still reachable through a mesh forwarder has not left the region:
         # its subscribers keep waiting (take_subscribers when the route goes).
         owed = () if key in self.forwarders else self.take_subscribers(key)
-        watchers = tuple(w for w in self.watchers if w is not conn)
+        if key in self.elsewhere:  # a sibling worker still has it: the host does
+            watchers: tuple[C, ...] = ()
+        else:
+            watchers = tuple(w for w in self.watchers if w is not conn)
+        if self.observer is not None:
+            self.observer.departed(key)
         return Departure(True, None, owed, watchers)
 
     def take_subscribers(self, src: bytes) -> tuple[C, ...]:
@@ -256,11 +321,14 @@ class Relay(Generic[C]):
 
     def check_invariants(self) -> None:
         """Raise ``AssertionError`` if the registry is inconsistent (tests only)."""
-        assert self.active.keys() == self._sets.keys(), "active/sets key mismatch"
+        assert self.active.keys() <= self._sets.keys(), "active key without connections"
+        if not self.elsewhere:
+            assert self.active.keys() == self._sets.keys(), "active/sets key mismatch"
         for k, s in self._sets.items():
             assert s.order, f"empty set for {k!r}"
             assert len(set(map(id, s.order))) == len(s.order), "connection listed twice"
-            assert self.active[k] is s.order[-1], "active is not the most recent"
+            if k in self.active:
+                assert self.active[k] is s.order[-1], "active is not the most recent"
         for src, subs in self._subscribers.items():
             assert subs, "empty subscriber map"
             for r in subs:

@@ -29,7 +29,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from ..dashboard import RelayDashboard, SseStart
@@ -75,6 +75,9 @@ class DerpServer:
         self._metrics: DerpMetrics | None = None
         self._dashboard: RelayDashboard | None = None
         self._debug_access = DebugAccess(config.debug_allow)
+        #: what /metrics and /debug/ show instead of this server's own counters
+        #: (derp.workers: totals over every worker process); None: own counters
+        self.metrics_view: Callable[[], DerpMetrics] | None = None
         self._gate = AcceptGate(
             self,
             AcceptLimiter(config.accept_limit, config.accept_burst),
@@ -150,7 +153,10 @@ class DerpServer:
 
     def debug_response(self, path: str, remote_addr: object) -> tuple[int, bytes, str]:
         """HTTP front-door hook for ``/debug/*`` and ``/metrics`` (derp.metrics)."""
-        return self._debug_access.respond(self.metrics, path, remote_addr)
+        view = self.metrics_view
+        return self._debug_access.respond(
+            self.metrics if view is None else view(), path, remote_addr
+        )
 
     @property
     def dashboard(self) -> RelayDashboard:
@@ -206,6 +212,18 @@ class DerpServer:
                 self, self.config.mesh_with, retry_interval=self.config.mesh_retry_interval
             )
             self._mesh.start()
+
+    async def listen_extra(self, host: str, port: int = 0) -> int:
+        """Listen on one more port (no ``SO_REUSEPORT``); returns it. ``derper
+        --workers N`` tests use it to reach one particular worker."""
+        servers = await AcceptGate(
+            self,
+            self._gate.limiter,
+            max_connections=self.config.max_connections,
+            ssl_context=self.config.ssl_context,
+        ).listen(host, port)
+        self._listeners += servers
+        return int(servers[0].sockets[0].getsockname()[1])
 
     def accept(
         self,

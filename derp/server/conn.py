@@ -330,7 +330,7 @@ class DerpConnection(asyncio.Protocol):
         dep = ctx.relay.unregister(self._key, self)
         if not dep.last and self._health:
             left = ctx.relay.connections(self._key)
-            if len(left) == 1:
+            if len(left) == 1 and self._key not in ctx.relay.elsewhere:
                 left[0].set_health("")
         log.debug(
             "derp: disconnected %s: %s%s",
@@ -745,12 +745,17 @@ class DerpConnection(asyncio.Protocol):
             div[1] += plen
         if d is None:
             relay = ctx.relay
+            fwd = ctx.forward_hook
+            route = relay.forwarders.get(dst) if fwd is not None else None
+            # One hop: a mesh-forwarded packet may still cross to a sibling
+            # worker (a preferred route), never to another mesh peer.
+            if route is not None and fwd is not None and (
+                not forwarded or ctx.routes.is_preferred(route)
+            ):
+                fwd(src, dst, packet)
+                return
             if dst in relay:
                 st.drop(_D[DUP_CLIENT, disco], plen)
-                return
-            fwd = ctx.forward_hook
-            if fwd is not None and not forwarded and dst in relay.forwarders:
-                fwd(src, dst, packet)
                 return
             st.drop(_D[UNKNOWN_DEST_ON_FWD if forwarded else UNKNOWN_DEST, disco], plen)
             if disco:
@@ -863,10 +868,17 @@ class DerpConnection(asyncio.Protocol):
             if length != 0:
                 self.close(f"WatchConns of {length} bytes (must be 0)", protocol_error=True)
                 return
-            for k in ctx.relay.add_watcher(self):
-                c = ctx.relay.active.get(k)
+            relay = ctx.relay
+            for k in relay.add_watcher(self):
+                c = relay.active.get(k)
+                if c is None:  # stepped aside for a sibling worker
+                    conns = relay.connections(k)
+                    c = conns[-1] if conns else None
                 if c is not None:
                     self._push(c.peer_present_frame())
+            if ctx.sibling_presence is not None:  # keys of sibling workers (derp.workers)
+                for frame in ctx.sibling_presence():
+                    self._push(frame)
         elif ftype == FrameType.CLOSE_PEER:
             if length != KEY_LEN:
                 self.close(f"ClosePeer of {length} bytes (must be 32)", protocol_error=True)

@@ -64,6 +64,7 @@ class ConnContext(Generic[C]):
         "batch_diverted",
         "forward_hook",
         "routes",
+        "sibling_presence",
         "admission",
         "rate_config",
         "write_timeout",
@@ -105,6 +106,9 @@ class ConnContext(Generic[C]):
         self.forward_hook: ForwardHook | None = None
         #: keys reachable through other relays (mesh peers, sibling workers)
         self.routes: RouteTable[Any] = RouteTable(self.relay.forwarders)
+        #: PeerPresent frames for keys held by sibling workers (derp.workers),
+        #: added to a WatchConns answer; None in a single process
+        self.sibling_presence: Callable[[], Iterable[bytes]] | None = None
         #: runs admission checks (None: admit everyone)
         self.admission: AdmissionGate | None = None
         if config.admission is not None:
