@@ -34,7 +34,7 @@ are called at most once per read batch / new (src, receiver) pair.
 Invariants (checked by ``check_invariants`` in tests):
 
 * ``active.keys() == sets.keys()`` and every set is non-empty (with sibling
-  workers: ``active.keys() ⊆ sets.keys()``, the others stepped aside);
+  workers: ``sets.keys() ⊆ active.keys()``, the extra keys have stand-ins);
 * ``active[k]`` is in ``sets[k]`` and is the last entry of its activity history;
 * the activity history of ``k`` is a permutation of ``sets[k]``.
 
@@ -48,12 +48,14 @@ are kept until the mesh removes the last route (:meth:`Relay.take_subscribers`).
 Worker hooks (filled by :mod:`derp.workers`, sibling processes of one host):
 ``elsewhere[key]`` counts sibling workers holding ``key``; such a key is a
 duplicate on registration and its departure here owes the mesh watchers no
-PeerGone (the host still has it). :meth:`Relay.step_aside` removes a key's
-``active`` entry while a sibling's connection of that key is the most recently
-active one (its packets then go to ``forwarders[key]``); the next
-:meth:`note_activity` of a local connection takes it back. ``observer``
-(:class:`RelayObserver`) hears registrations, last departures and such
-take-backs, so the worker can tell its siblings.
+PeerGone (the host still has it). ``active[key]`` may then hold a *stand-in*
+for the sibling (an object with a connection's hot-path attributes that writes
+to the sibling link), so the packet path needs no extra lookup:
+:meth:`Relay.route_remote` installs one for a key with no local connection,
+:meth:`Relay.step_aside` for a local key whose most recently active connection
+is on a sibling; the next :meth:`note_activity` of a local connection takes the
+key back. ``observer`` (:class:`RelayObserver`) hears registrations, last
+departures and such take-backs, so the worker can tell its siblings.
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ class Relay(Generic[C]):
         "forwarders",
         "elsewhere",
         "observer",
+        "_aside",
+        "stand_ins",
     )
 
     def __init__(self) -> None:
@@ -153,6 +157,10 @@ class Relay(Generic[C]):
         self.elsewhere: dict[bytes, int] = {}
         #: presence observer (derp.workers), None in a single process.
         self.observer: RelayObserver | None = None
+        # local keys whose active entry is a sibling's stand-in (step_aside)
+        self._aside: set[bytes] = set()
+        #: stand-ins for sibling workers (derp.workers): never subscribed to PeerGone
+        self.stand_ins: set[C] = set()
 
     # ------------------------------------------------------------------ queries
 
@@ -217,25 +225,49 @@ class Relay(Generic[C]):
             return False
         s.touch(conn)
         self.active[key] = conn
-        if current is None and self.observer is not None:
-            self.observer.reactivated(key, conn)
+        if self._aside and key in self._aside:
+            self._aside.discard(key)
+            if self.observer is not None:
+                self.observer.reactivated(key, conn)
         return True
 
-    def step_aside(self, key: bytes) -> bool:
+    def step_aside(self, key: bytes, stand_in: C) -> bool:
         """A sibling worker's connection of ``key`` is now the most recently active:
-        local connections stop receiving (packets go to ``forwarders[key]``) until
-        one of them speaks (:meth:`note_activity`) or the sibling goes. Returns
-        true if ``key`` was active here."""
-        return self.active.pop(key, None) is not None
+        packets for ``key`` go to ``stand_in`` until a local connection speaks
+        (:meth:`note_activity`) or :meth:`take_back`. False if ``key`` has no
+        local connection (use :meth:`route_remote`)."""
+        if key not in self._sets:
+            return False
+        self.active[key] = stand_in
+        self._aside.add(key)
+        return True
 
     def take_back(self, key: bytes) -> bool:
         """Undo :meth:`step_aside` (the sibling that was active left): the most
         recently active local connection receives again. True if it changed."""
         s = self._sets.get(key)
-        if s is None or key in self.active:
+        if s is None or key not in self._aside:
             return False
+        self._aside.discard(key)
         self.active[key] = s.order[-1]
         return True
+
+    def is_aside(self, key: bytes) -> bool:
+        """True if ``key`` stepped aside for a sibling worker (:meth:`step_aside`)."""
+        return key in self._aside
+
+    def route_remote(self, key: bytes, stand_in: C | None) -> None:
+        """Packets for ``key`` (no local connection) go to ``stand_in`` (a sibling
+        worker's stand-in), or nowhere special (``None``). A local key keeps its
+        connections; only its step-aside target is updated."""
+        if key in self._sets:
+            if stand_in is not None and key in self._aside:
+                self.active[key] = stand_in
+            return
+        if stand_in is None:
+            self.active.pop(key, None)
+        else:
+            self.active[key] = stand_in
 
     def note_delivery(self, src: bytes, receiver: C) -> None:
         """``receiver`` got (or will get) a packet from ``src``: subscribe it to PeerGone(src).
@@ -244,10 +276,12 @@ class Relay(Generic[C]):
         the notice (spec §3.4).
         """
         subs = self._subscribers.get(src)
+        if subs is not None and receiver in subs:
+            return
+        if receiver in self.stand_ins:  # a sibling's stand-in: its relay does this
+            return
         if subs is None:
             subs = self._subscribers[src] = {}
-        elif receiver in subs:
-            return
         subs[receiver] = None
         mine = self._subscriptions.get(receiver)
         if mine is None:
@@ -267,11 +301,12 @@ class Relay(Generic[C]):
         s.order.remove(conn)
         if s.order:
             new_active = s.order[-1]
-            if key in self.active:  # else it stepped aside for a sibling worker
+            if key not in self._aside:  # else a sibling's stand-in keeps receiving
                 self.active[key] = new_active
             return Departure(False, new_active)
         del self._sets[key]
         self.active.pop(key, None)
+        self._aside.discard(key)
         # A key still reachable through a mesh forwarder has not left the region:
         # its subscribers keep waiting (take_subscribers when the route goes).
         owed = () if key in self.forwarders else self.take_subscribers(key)
@@ -321,13 +356,14 @@ class Relay(Generic[C]):
 
     def check_invariants(self) -> None:
         """Raise ``AssertionError`` if the registry is inconsistent (tests only)."""
-        assert self.active.keys() <= self._sets.keys(), "active key without connections"
         if not self.elsewhere:
             assert self.active.keys() == self._sets.keys(), "active/sets key mismatch"
+        assert self._sets.keys() <= self.active.keys(), "a local key has no active entry"
+        assert self._aside <= self._sets.keys(), "stepped-aside key without connections"
         for k, s in self._sets.items():
             assert s.order, f"empty set for {k!r}"
             assert len(set(map(id, s.order))) == len(s.order), "connection listed twice"
-            if k in self.active:
+            if k not in self._aside:
                 assert self.active[k] is s.order[-1], "active is not the most recent"
         for src, subs in self._subscribers.items():
             assert subs, "empty subscriber map"

@@ -870,12 +870,9 @@ class DerpConnection(asyncio.Protocol):
                 return
             relay = ctx.relay
             for k in relay.add_watcher(self):
-                c = relay.active.get(k)
-                if c is None:  # stepped aside for a sibling worker
-                    conns = relay.connections(k)
-                    c = conns[-1] if conns else None
-                if c is not None:
-                    self._push(c.peer_present_frame())
+                conns = relay.connections(k)  # local ones (active may be a stand-in)
+                if conns:
+                    self._push(conns[-1].peer_present_frame())
             if ctx.sibling_presence is not None:  # keys of sibling workers (derp.workers)
                 for frame in ctx.sibling_presence():
                     self._push(frame)

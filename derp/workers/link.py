@@ -16,6 +16,15 @@ direction of frames::
     0x06  STATS       JSON object (≤ 1 MiB)                        sender's counters (derp.workers.stats)
     0x07  CLOSE_PEER  key[32]                                      close the receiver's connections
                                                                    of key (a mesh peer's ClosePeer)
+    0x08  FRAMES      dst[32] ‖ RecvPacket frames (1+, ≤ 1 MiB)     append these exact DERP frames
+                                                                   to dst's connection (hot path)
+
+FRAMES is what a packet crossing workers normally travels as: the sending
+worker's packet path builds RecvPacket frames (``0x05 ‖ len ‖ src ‖ packet``)
+for the sibling's stand-in exactly as for a local connection, and the
+receiving worker appends the bytes to its client's write batch unchanged.
+The decoder checks that the blob is a whole number of well-formed RecvPacket
+frames (each at least 32 bytes of payload, at most 64 KiB + 32).
 
 PRESENT is sent once per *connection* that registers (and once per key when a
 link comes up: the full state), GONE once per key when its last connection on
@@ -42,7 +51,7 @@ from __future__ import annotations
 import enum
 import struct
 from dataclasses import dataclass
-from typing import Final, Union
+from typing import Final, NamedTuple, Union
 
 from ..errors import DerpError
 from ..frames import KEY_LEN, MAX_PACKET_SIZE
@@ -50,6 +59,7 @@ from ..frames import KEY_LEN, MAX_PACKET_SIZE
 __all__ = [
     "Active",
     "ClosePeer",
+    "Frames",
     "Gone",
     "HELLO_MAGIC",
     "Hello",
@@ -58,6 +68,7 @@ __all__ = [
     "LinkError",
     "LinkEvent",
     "LinkFrame",
+    "MAX_FRAMES_LEN",
     "MAX_LINK_FRAME",
     "MAX_STATS_LEN",
     "Packet",
@@ -74,7 +85,7 @@ HELLO_MAGIC: Final = b"DWL1"
 MAX_STATS_LEN: Final = 1 << 20
 _MAX_PACKET_FRAME: Final = 2 * KEY_LEN + MAX_PACKET_SIZE
 #: Largest frame payload of any type.
-MAX_LINK_FRAME: Final = max(MAX_STATS_LEN, _MAX_PACKET_FRAME)
+MAX_LINK_FRAME: Final = max(MAX_STATS_LEN, _MAX_PACKET_FRAME, KEY_LEN + (1 << 20))
 _PRESENT_LEN: Final = KEY_LEN + _PRESENT_TAIL.size
 
 
@@ -88,6 +99,7 @@ class LinkFrame(enum.IntEnum):
     PACKET = 0x05
     STATS = 0x06
     CLOSE_PEER = 0x07
+    FRAMES = 0x08
 
 
 _T_HELLO = LinkFrame.HELLO.value
@@ -97,6 +109,11 @@ _T_ACTIVE = LinkFrame.ACTIVE.value
 _T_PACKET = LinkFrame.PACKET.value
 _T_STATS = LinkFrame.STATS.value
 _T_CLOSE = LinkFrame.CLOSE_PEER.value
+_T_FRAMES = LinkFrame.FRAMES.value
+#: Largest FRAMES payload.
+MAX_FRAMES_LEN: Final = 1 << 20
+_RECV_T: Final = 0x05  # DERP RecvPacket
+_MAX_RECV_LEN: Final = KEY_LEN + MAX_PACKET_SIZE
 
 
 class LinkError(DerpError):
@@ -141,13 +158,22 @@ class Active:
     key: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class Packet:
-    """A packet from ``src`` for the receiver's connection of ``dst``."""
+class Packet(NamedTuple):
+    """A packet from ``src`` for the receiver's connection of ``dst`` (a tuple: the
+    one event per relayed packet, so it is the cheapest immutable value)."""
 
     src: bytes
     dst: bytes
     payload: bytes | memoryview
+
+
+class Frames(NamedTuple):
+    """DERP RecvPacket frames for the receiver's connection of ``dst``; ``src`` is
+    the source key they all share, or ``b""`` if they come from several."""
+
+    dst: bytes
+    data: bytes | memoryview
+    src: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +190,7 @@ class ClosePeer:
     key: bytes
 
 
-LinkEvent = Union[Hello, Present, Gone, Active, Packet, Stats, ClosePeer]
+LinkEvent = Union[Hello, Present, Gone, Active, Packet, Frames, Stats, ClosePeer]
 
 
 def _key(key: bytes) -> bytes:
@@ -232,6 +258,15 @@ class LinkEncoder:
             raise ValueError("stats payload too large")
         self._frame(_T_STATS, data)
 
+    def frames(self, dst: bytes, data: bytes) -> None:
+        """Queue DERP RecvPacket frames for ``dst`` (the caller built them)."""
+        n = len(data)
+        if n > MAX_FRAMES_LEN:
+            raise ValueError("FRAMES payload too large")
+        self._out.append(_HDR.pack(_T_FRAMES, KEY_LEN + n) + dst)
+        self._out.append(data)
+        self.pending_bytes += 5 + KEY_LEN + n
+
     def packet(self, src: bytes, dst: bytes, payload: bytes | memoryview) -> None:
         """Queue a packet (hot path: one header+keys object and the payload view)."""
         n = len(payload)
@@ -241,6 +276,24 @@ class LinkEncoder:
         out.append(_HDR.pack(_T_PACKET, 64 + n) + src + dst)
         out.append(payload)
         self.pending_bytes += 69 + n
+
+
+def _check_recv_frames(data: bytes, pos: int, end: int) -> bytes:
+    """Check that ``data[pos:end]`` is whole RecvPacket frames; their common source
+    key, or ``b""`` if there are several."""
+    unpack = _HDR.unpack_from
+    src = data[pos + 5 : pos + 5 + KEY_LEN]
+    same = True
+    while pos < end:
+        if end - pos < 5:
+            raise LinkError("FRAMES ends inside a frame header")
+        ftype, length = unpack(data, pos)
+        if ftype != _RECV_T or length < KEY_LEN or length > _MAX_RECV_LEN or pos + 5 + length > end:
+            raise LinkError(f"FRAMES holds a bad frame (type 0x{ftype:02x}, {length} bytes)")
+        if same and not data.startswith(src, pos + 5):
+            same = False
+        pos += 5 + length
+    return src if same else b""
 
 
 class LinkDecoder:
@@ -288,7 +341,18 @@ class LinkDecoder:
                     raise LinkError(f"link frame type 0x{ftype:02x} of {length} bytes")
                 start = pos + 5
                 end = start + length
-                if ftype == _T_PACKET:
+                if ftype == _T_FRAMES:
+                    if length < KEY_LEN + 5 + KEY_LEN or length > KEY_LEN + MAX_FRAMES_LEN:
+                        raise LinkError(f"FRAMES of {length} bytes")
+                    if end > n:
+                        break
+                    if self._hello:
+                        raise LinkError("first link frame is not HELLO")
+                    if mv is None:
+                        mv = memoryview(data)
+                    src = _check_recv_frames(data, start + KEY_LEN, end)
+                    events.append(Frames(data[start : start + KEY_LEN], mv[start + KEY_LEN : end], src))
+                elif ftype == _T_PACKET:
                     if length < 64 or length > _MAX_PACKET_FRAME:
                         raise LinkError(f"PACKET of {length} bytes")
                     if end > n:

@@ -24,17 +24,23 @@ sibling links are *preferred*, so they win over mesh routes):
 
 Behaviours across workers:
 
-* relaying: a packet for a key held by sibling j is queued on link j
-  (:meth:`_Link.forward`) and written with everything else queued in the same
-  loop iteration: one ``write`` per link per iteration; j delivers it as a
-  RecvPacket (same queues, drop rules and PeerGone subscriptions as a local
-  packet);
+* relaying: ``relay.active[key]`` for a key received on sibling j is a
+  :class:`_StandIn`, so the sender's packet path treats it like a local
+  connection: the RecvPacket frames of one read for that key are joined once
+  and become one FRAMES link frame; everything queued on a link in one loop
+  iteration goes out in one ``write``. Worker j appends the frames unchanged
+  to its client's write batch (one write per client per link read) and
+  subscribes the client to PeerGone for the source. Destinations that are
+  paused or gone take the per-packet path (queues and drop rules as for any
+  forwarded packet). ``forward`` (PACKET frames) serves the rest: a route in
+  use without a stand-in yet;
 * NotHere: a worker knows every key of the host, so an unknown key is unknown
   everywhere (up to the link latency);
 * duplicate keys: the most recently active connection wins wherever it is. A
   worker whose connection of key registers or speaks while a sibling was
   active sends ACTIVE(key); the others :meth:`~derp.relay.Relay.step_aside`
-  (their packets for key go to the link) and promote that link for key; Health
+  (their ``active[key]`` becomes the stand-in for that sibling) until one of
+  their own connections of key speaks again; Health
   frames tell every connection of a key split across workers it has a
   duplicate, and the last one left that it is healthy again;
 * mesh: every worker dials the ``--mesh-with`` peers itself; a WatchConns
@@ -61,12 +67,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
 from ..frames import (
     HEADER_LEN,
+    FrameType,
     PeerGoneReason,
     encode_peer_gone,
     encode_peer_present,
@@ -77,8 +85,10 @@ from ..server.conn import DUPLICATE_KEY_HEALTH, DerpConnection
 from ..metrics import DerpMetrics
 from ..stats import KIND_DISCO, KIND_OTHER, UNKNOWN_DEST_ON_FWD, WRITE_ERROR, ServerStats
 from .link import (
+    MAX_FRAMES_LEN,
     Active,
     ClosePeer,
+    Frames,
     Gone,
     Hello,
     LinkDecoder,
@@ -93,6 +103,10 @@ from .stats import STATS_INTERVAL, decode_stats, encode_stats, merge_stats
 __all__ = ["MAX_LINK_BUFFER", "WorkerNode", "WorkerSpec", "socket_path"]
 
 log = logging.getLogger("derp.workers")
+
+_RECV_HDR: Final = struct.Struct(">BI")
+_RECV: Final = FrameType.RECV_PACKET.value
+_OPEN: Final = 1  # DerpConnection's open state (derp.server.conn)
 
 #: A link holding this many unsent bytes refuses further packets (drops).
 MAX_LINK_BUFFER: Final = 8 << 20
@@ -195,6 +209,82 @@ class _Link(asyncio.Protocol):
             self.transport.abort()
 
 
+class _StandIn:
+    """In ``relay.active`` for a key whose receiving connection is on a sibling.
+
+    It has the attributes the packet path of :class:`DerpConnection` touches
+    (``_out``, ``_paused``, ``_state``, ``_transport``, ``_push``), so a packet
+    for a sibling's key costs what a local one does: the RecvPacket frames of
+    one read are joined and "written" here once, and become one FRAMES link
+    frame. Never paused: a backed-up link drops (``write_error``) instead.
+    PeerGone owed to it is dropped (the sibling's own relay tells its clients).
+    """
+
+    __slots__ = ("key", "link", "node", "_out", "_paused", "_state", "_transport")
+
+    def __init__(self, node: WorkerNode, key: bytes, link: _Link) -> None:
+        self.node = node
+        self.key = key
+        self.link = link
+        self._out: list[bytes | memoryview] = []
+        self._paused = False
+        self._state = _OPEN
+        self._transport = self
+
+    def __repr__(self) -> str:
+        return f"_StandIn({self.key.hex()[:8]} via w{self.link.index})"
+
+    @property
+    def is_open(self) -> bool:
+        return True
+
+    @property
+    def is_mesh(self) -> bool:
+        return False
+
+    # the transport side (called by the packet path's flush)
+
+    def is_closing(self) -> bool:
+        return self.link.transport is None
+
+    def write(self, data: bytes) -> None:
+        link = self.link
+        t = link.transport
+        if t is None or not link.up or (
+            link.enc.pending_bytes + t.get_write_buffer_size() > MAX_LINK_BUFFER
+        ):
+            self.node.ctx.stats.drop((WRITE_ERROR, KIND_OTHER), len(data))
+            return
+        if len(data) <= MAX_FRAMES_LEN:
+            link.enc.frames(self.key, data)
+        else:  # split at frame boundaries (only a huge mesh-forwarded batch gets here)
+            pos = 0
+            while pos < len(data):
+                end = pos
+                while end < len(data) and end - pos < MAX_FRAMES_LEN // 2:
+                    end += 5 + _RECV_HDR.unpack_from(data, end)[1]
+                link.enc.frames(self.key, data[pos:end])
+                pos = end
+        link.schedule_flush()
+
+    # what the connection code calls on a receiver
+
+    def _push(self, frame: bytes) -> None:
+        out = self._out
+        if not out:
+            self.node.ctx.touched.append(cast(DerpConnection, self))
+        out.append(frame)
+
+    def _send_ctrl(self, frame: bytes) -> None:
+        pass
+
+    def send_control(self, frame: bytes) -> None:
+        pass
+
+    def set_health(self, problem: str) -> None:
+        pass
+
+
 class WorkerNode:
     """The sibling links of one worker process (see the module docstring).
 
@@ -225,6 +315,8 @@ class WorkerNode:
         self._total_metrics = DerpMetrics(self._total, process=True)
         self._total_metrics.gauges["workers"] = lambda: float(self.spec.count)
         self._total_metrics.gauges["workers_linked"] = lambda: float(len(self.links) + 1)
+        #: key → stand-in in relay.active for a key received on a sibling
+        self.stand_ins: dict[bytes, _StandIn] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -304,6 +396,7 @@ class WorkerNode:
         for link in self.links.values():
             link.enc.gone(key)
             link.schedule_flush()
+        self._sync(key)
 
     def reactivated(self, key: bytes, conn: object) -> None:
         if key not in self.ctx.relay.elsewhere:
@@ -320,28 +413,73 @@ class WorkerNode:
         active_get = relay.active.get
         st = ctx.stats
         deliver = DerpConnection._slow_deliver
+        touched = ctx.touched
+        stand_ins = relay.stand_ins
+        last_src = b""
+        last_d: DerpConnection | None = None
+        hk_len = -1
+        hk = b""
+        npk = nbytes = 0
         for ev in events:
             kind = type(ev)
             if kind is Packet:
-                dst = ev.dst
+                src, dst, pkt = ev
                 d = active_get(dst)
+                if d is not None and not d._paused and d._state == _OPEN:
+                    # Fast path, as in DerpConnection.data_received: header ‖ src
+                    # reused for equal sizes, the payload view appended uncopied.
+                    plen = len(pkt)
+                    out = d._out
+                    if not out:
+                        touched.append(d)
+                    if plen != hk_len or src != last_src:
+                        hk_len = plen
+                        hk = _RECV_HDR.pack(_RECV, 32 + plen) + src
+                    out.append(hk)
+                    out.append(pkt)
+                    if d is not last_d or src != last_src:
+                        last_d = d
+                        last_src = src
+                        relay.note_delivery(src, d)
+                    npk += 1
+                    nbytes += plen
+                    continue
                 if d is None:
                     conns = relay.connections(dst)
                     d = conns[-1] if conns else None
-                pkt = ev.payload
                 disco = looks_like_disco(pkt)
                 if d is None:
                     st.drop((UNKNOWN_DEST_ON_FWD, KIND_DISCO if disco else KIND_OTHER), len(pkt))
                     continue
-                deliver(d, ev.src, dst, cast(memoryview, pkt), disco, d, forwarded=True)
+                deliver(d, src, dst, cast(memoryview, pkt), disco, d, forwarded=True)
             elif kind is Present:
                 self._present(link, ev)
             elif kind is Gone:
                 self._gone(link, ev.key)
+            elif kind is Frames:
+                dst, blob, src = ev
+                d = active_get(dst)
+                if d is None or d in stand_ins:  # one hop: deliver to a local connection
+                    conns = relay.connections(dst)
+                    d = conns[-1] if conns else None
+                if d is None or d._paused or d._state != _OPEN:
+                    self._frames_slow(d, blob, src)
+                    continue
+                out = d._out
+                if not out:
+                    touched.append(d)
+                out.append(blob)
+                if src:
+                    if d is not last_d or src != last_src:
+                        last_d, last_src = d, src
+                        relay.note_delivery(src, d)
+                else:
+                    self._note_sources(d, blob)
             elif kind is Active:
-                if ev.key in relay and ev.key in link.keys:
-                    relay.step_aside(ev.key)
-                    ctx.routes.promote(ev.key, link)
+                key = ev.key
+                if key in relay and key in link.keys:
+                    ctx.routes.promote(key, link)
+                    relay.step_aside(key, cast(DerpConnection, self._stand_in(key, link)))
             elif kind is Stats:
                 if link.index is not None:
                     try:
@@ -353,7 +491,60 @@ class WorkerNode:
                     c.close("ClosePeer from a mesh peer (via a sibling worker)")
             elif kind is Hello:
                 self._hello(link, ev)
+        if npk:
+            st.packets_sent += npk
+            st.bytes_sent += nbytes
         self._flush_touched()
+
+    def _stand_in(self, key: bytes, link: _Link) -> _StandIn:
+        si = self.stand_ins.get(key)
+        if si is None:
+            si = self.stand_ins[key] = _StandIn(self, key, link)
+            self.ctx.relay.stand_ins.add(cast(DerpConnection, si))
+        else:
+            si.link = link
+        return si
+
+    def _sync(self, key: bytes) -> None:
+        """Point ``relay.active[key]`` at a stand-in for the sibling route in use, or
+        retire the stand-in when ``key`` has no sibling route (or is local)."""
+        ctx = self.ctx
+        relay = ctx.relay
+        link = ctx.routes.route(key)
+        if isinstance(link, _Link) and link.up:
+            si = self._stand_in(key, link)
+            relay.route_remote(key, cast(DerpConnection, si))
+            return
+        old = self.stand_ins.pop(key, None)
+        if old is not None:
+            if key not in relay:
+                relay.route_remote(key, None)
+            relay.stand_ins.discard(cast(DerpConnection, old))
+
+    def _frames_slow(self, d: DerpConnection | None, blob: bytes | memoryview, src: bytes) -> None:
+        """FRAMES for a destination that is gone or paused: per packet, through the
+        connection's queues and drop rules (as a forwarded packet)."""
+        st = self.ctx.stats
+        data = bytes(blob)
+        pos = 0
+        while pos < len(data):
+            length = _RECV_HDR.unpack_from(data, pos)[1]
+            s, pkt = data[pos + 5 : pos + 5 + 32], memoryview(data)[pos + 37 : pos + 5 + length]
+            pos += 5 + length
+            disco = looks_like_disco(pkt)
+            if d is None:
+                st.drop((UNKNOWN_DEST_ON_FWD, KIND_DISCO if disco else KIND_OTHER), len(pkt))
+                continue
+            DerpConnection._slow_deliver(d, s, d.key, pkt, disco, d, forwarded=True)
+
+    def _note_sources(self, d: DerpConnection, blob: bytes | memoryview) -> None:
+        data = bytes(blob)
+        relay = self.ctx.relay
+        pos = 0
+        while pos < len(data):
+            length = _RECV_HDR.unpack_from(data, pos)[1]
+            relay.note_delivery(data[pos + 5 : pos + 37], d)
+            pos += 5 + length
 
     def _flush_touched(self) -> None:
         """One write per destination touched by this batch of link events."""
@@ -414,6 +605,7 @@ class WorkerNode:
         was_on_host = key in relay or key in relay.elsewhere
         relay.elsewhere[key] = relay.elsewhere.get(key, 0) + 1
         self.ctx.routes.add(key, link)
+        self._sync(key)
         if key in relay and self.ctx.health_on_duplicate:
             for c in relay.connections(key):
                 c.set_health(DUPLICATE_KEY_HEALTH)
@@ -444,6 +636,8 @@ class WorkerNode:
                 lost.append(key)
             if key in relay:
                 relay.take_back(key)  # the sibling it stepped aside for may be gone
+            self._sync(key)
+            if key in relay:
                 if key not in relay.elsewhere:
                     conns = relay.connections(key)
                     if len(conns) == 1:

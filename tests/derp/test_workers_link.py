@@ -14,6 +14,7 @@ from derp.stunserver import StunStats
 from derp.workers.link import (
     Active,
     ClosePeer,
+    Frames,
     Gone,
     Hello,
     LinkDecoder,
@@ -88,6 +89,42 @@ def test_golden_packet_and_stats() -> None:
     assert _events(wire) == [Packet(K1, K2, b"\xaa\xbb\xcc"), Stats(b"{}")]
 
 
+def test_golden_frames() -> None:
+    # FRAMES: dst, then two DERP RecvPacket frames from K1 (0x05, len 32+2 and 32+0)
+    recv = "05" "00000022" + K1.hex() + "0102" + "05" "00000020" + K1.hex()
+    wire = bytes.fromhex("08" "0000006c" + K2.hex() + recv)  # 32 + 39 + 37 = 108 = 0x6c
+    enc = LinkEncoder()
+    enc.frames(K2, bytes.fromhex(recv))
+    assert enc.data_to_send() == wire
+    dec = LinkDecoder(expect_hello=False)
+    dec.receive_data(wire)
+    (ev,) = dec.events_received()
+    assert isinstance(ev, Frames)
+    assert (ev.dst, bytes(ev.data), ev.src) == (K2, bytes.fromhex(recv), K1)
+    # frames from two sources: src is empty
+    mixed = bytes.fromhex("05" "00000020" + K1.hex() + "05" "00000020" + K2.hex())
+    enc.frames(K1, mixed)
+    dec.receive_data(enc.data_to_send())
+    (ev,) = dec.events_received()
+    assert isinstance(ev, Frames) and ev.src == b"" and bytes(ev.data) == mixed
+
+
+@pytest.mark.parametrize(
+    "inner",
+    [
+        "06" "00000020" + K1.hex(),  # not RecvPacket
+        "05" "0000001f" + K1.hex()[:62],  # RecvPacket shorter than a key
+        "05" "00000022" + K1.hex(),  # runs past the end
+        "05" "00000020" + K1.hex() + "05",  # trailing partial header
+    ],
+)
+def test_frames_with_a_bad_inner_frame_fail_the_link(inner: str) -> None:
+    body = K2 + bytes.fromhex(inner)
+    dec = LinkDecoder(expect_hello=False)
+    with pytest.raises(LinkError):
+        dec.receive_data(bytes([8]) + len(body).to_bytes(4, "big") + body)
+
+
 def test_unknown_type_is_skipped() -> None:
     wire = bytes.fromhex("7f" "00000002" "0102" "03" "00000020" + K1.hex())
     assert _events(wire) == [Gone(K1)]
@@ -134,6 +171,14 @@ events = st.one_of(
     st.builds(ClosePeer, keys),
     st.builds(Packet, keys, keys, st.binary(max_size=300)),
     st.builds(Stats, st.binary(max_size=100)),
+    st.builds(
+        lambda dst, src, pkts: Frames(
+            dst, b"".join(b"\x05" + (32 + len(p)).to_bytes(4, "big") + src + p for p in pkts), src
+        ),
+        keys,
+        keys,
+        st.lists(st.binary(max_size=80), min_size=1, max_size=4),
+    ),
 )
 
 
@@ -153,7 +198,17 @@ def _encode(evs: list[object]) -> bytes:
             enc.packet(ev.src, ev.dst, ev.payload)
         elif isinstance(ev, Stats):
             enc.stats(ev.data)
+        elif isinstance(ev, Frames):
+            enc.frames(ev.dst, bytes(ev.data))
     return enc.data_to_send()
+
+
+def _plain(ev: object) -> object:
+    if isinstance(ev, Packet):
+        return Packet(ev.src, ev.dst, bytes(ev.payload))
+    if isinstance(ev, Frames):
+        return Frames(ev.dst, bytes(ev.data), ev.src)
+    return ev
 
 
 @settings(max_examples=150, deadline=None)
@@ -168,7 +223,7 @@ def test_round_trip_any_chunking(evs: list[object], data: st.DataObject) -> None
         dec.receive_data(wire[prev:cut])
         prev = cut
         for ev in dec.events_received():
-            got.append(Packet(ev.src, ev.dst, bytes(ev.payload)) if isinstance(ev, Packet) else ev)
+            got.append(_plain(ev))
     assert got == [Hello(1, 2, 3), *evs]
     assert dec.buffered == 0
 
@@ -182,7 +237,7 @@ def test_round_trip_byte_at_a_time(evs: list[object]) -> None:
     for i in range(len(wire)):
         dec.receive_data(wire[i : i + 1])
         for ev in dec.events_received():
-            got.append(Packet(ev.src, ev.dst, bytes(ev.payload)) if isinstance(ev, Packet) else ev)
+            got.append(_plain(ev))
     assert got == [Hello(1, 2, 3), *evs]
 
 
