@@ -882,7 +882,9 @@ class DerpConnection(asyncio.Protocol):
                 return
             target = data[start:end]
             conns = ctx.relay.connections(target)
-            if not conns:
+            if ctx.close_elsewhere is not None and target in ctx.relay.elsewhere:
+                ctx.close_elsewhere(target)  # sibling workers' connections too
+            elif not conns:
                 log.info("derp: ClosePeer from %s: [%s] not here", self._name(), target.hex()[:8])
             for c in conns:
                 c.close(f"ClosePeer from mesh peer {self._name()}")

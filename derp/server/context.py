@@ -65,6 +65,7 @@ class ConnContext(Generic[C]):
         "forward_hook",
         "routes",
         "sibling_presence",
+        "close_elsewhere",
         "admission",
         "rate_config",
         "write_timeout",
@@ -109,6 +110,8 @@ class ConnContext(Generic[C]):
         #: PeerPresent frames for keys held by sibling workers (derp.workers),
         #: added to a WatchConns answer; None in a single process
         self.sibling_presence: Callable[[], Iterable[bytes]] | None = None
+        #: a mesh peer's ClosePeer(key) for sibling workers' connections (derp.workers)
+        self.close_elsewhere: Callable[[bytes], None] | None = None
         #: runs admission checks (None: admit everyone)
         self.admission: AdmissionGate | None = None
         if config.admission is not None:

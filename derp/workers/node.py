@@ -326,6 +326,7 @@ class WorkerNode:
         ctx.forward_hook = ctx.forward_via_routes
         ctx.relay.observer = self
         ctx.sibling_presence = self._presence_frames
+        ctx.close_elsewhere = self._close_elsewhere
         self.server.metrics_view = self.total_metrics
         path = socket_path(self.spec.sock_dir, self.spec.index)
         with contextlib.suppress(FileNotFoundError):
@@ -667,6 +668,13 @@ class WorkerNode:
             log.info("workers: w%d lost its link to w%s (%d keys gone)",
                      self.spec.index, link.index, len(keys))
         self._flush_touched()
+
+    def _close_elsewhere(self, key: bytes) -> None:
+        """A mesh peer's ClosePeer(key): siblings holding key close their connections."""
+        for link in self.links.values():
+            if key in link.keys:
+                link.enc.close_peer(key)
+                link.schedule_flush()
 
     # ------------------------------------------------------------------ presence for WatchConns
 

@@ -26,6 +26,7 @@ import pytest
 
 from derp.frames import (
     FrameType,
+    encode_close_peer,
     PeerGoneReason,
     PeerPresentFlags,
     encode_note_preferred,
@@ -34,9 +35,12 @@ from derp.frames import (
     encode_watch_conns,
 )
 from derp.keys import PrivateKey
+from derp.mesh import parse_mesh_peer
+from derp.server import DerpServer, ServerConfig
 from derp.server.conn import DUPLICATE_KEY_HEALTH
+from derp.stunserver import stun_request
 
-from .conftest import WAIT, RawClient
+from .conftest import WAIT, RawClient, wait_until
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
 
@@ -315,3 +319,58 @@ async def test_sigterm_sends_restarting_to_clients_of_every_worker(
         assert f.payload == want
         await c.expect_closed()
     assert await asyncio.wait_for(h.proc.wait(), WAIT) == 0
+
+
+async def test_remote_mesh_peer_sees_every_worker_and_close_peer_reaches_siblings(
+    tmp_path: Path, hosts: list[Host], clients: list[RawClient]
+) -> None:
+    h = await start_host(tmp_path)
+    hosts.append(h)
+    a, b = await h.client(0), await h.client(1)
+    clients += [a, b]
+    # A relay of the region meshes with the host: its one link lands on one worker,
+    # whose WatchConns answer and stream carry both workers' keys.
+    remote = DerpServer(ServerConfig(
+        private_key=PrivateKey.generate(),
+        mesh_key=MESH,
+        mesh_with=(parse_mesh_peer(f"http://127.0.0.1:{h.port}"),),
+    ))
+    await remote.start("127.0.0.1", 0)
+    try:
+        mesh = remote.mesh
+        assert mesh is not None
+        await wait_until(lambda: a.pub in mesh.routes and b.pub in mesh.routes)
+        x = await RawClient.open(remote.port)
+        clients.append(x)
+        await x.handshake()
+        x.send_packet(a.pub, b"to w0")
+        x.send_packet(b.pub, b"to w1")
+        assert await a.recv_packet() == (x.pub, b"to w0")
+        assert await b.recv_packet() == (x.pub, b"to w1")
+        # ClosePeer from a mesh client on worker 0 closes b on worker 1.
+        m0 = await h.watcher(0)
+        clients.append(m0)
+        await present(m0, b.pub)
+        m0.send(encode_close_peer(b.pub))
+        await b.expect_closed()
+        await wait_until(lambda: b.pub not in mesh.routes)
+    finally:
+        await remote.stop()
+
+
+async def test_stun_on_every_worker_counted_in_totals(tmp_path: Path, hosts: list[Host]) -> None:
+    h = await start_host(tmp_path)
+    hosts.append(h)
+    m = await h.wait_stderr(rb"w1 \S+ \S+ INFO derp.stun: stun: listening on UDP 127.0.0.1:(\d+)")
+    port = int(m.group(1))
+    assert re.search(rf"w0 .*stun: listening on UDP 127.0.0.1:{port}".encode(), bytes(h.stderr))
+    n = 20  # from 20 source ports: the kernel spreads them over both workers' sockets
+    for _ in range(n):
+        assert await asyncio.wait_for(stun_request("127.0.0.1", port, timeout=WAIT), WAIT)
+
+    async def totals() -> None:
+        want = f'derp_stun_requests_total{{disposition="success"}} {float(n)}'
+        while want not in h.metrics(0):
+            await asyncio.sleep(0.1)  # stats travel every 0.5 s; poll with a bound
+
+    await asyncio.wait_for(totals(), WAIT)
