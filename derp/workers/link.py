@@ -226,6 +226,14 @@ class LinkEncoder:
         self.pending_bytes = 0
         return data
 
+    def chunks_to_send(self) -> list[bytes | memoryview]:
+        """All pending frames as a list of buffers (for ``writelines``: no join,
+        no copy); the encoder starts a new list."""
+        out = self._out
+        self._out = []
+        self.pending_bytes = 0
+        return out
+
     def _frame(self, ftype: int, payload: bytes) -> None:
         self._out.append(_HDR.pack(ftype, len(payload)) + payload)
         self.pending_bytes += 5 + len(payload)

@@ -198,11 +198,13 @@ class _Link(asyncio.Protocol):
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
+        """One ``writelines`` of everything queued this iteration (no join: the
+        transport writes the buffers with one ``writev``)."""
         self._flush_pending = False
         t = self.transport
-        data = self.enc.data_to_send()
-        if data and t is not None and not t.is_closing():
-            t.write(data)
+        chunks = self.enc.chunks_to_send()
+        if chunks and t is not None and not t.is_closing():
+            t.writelines(chunks)
 
     def abort(self) -> None:
         if self.transport is not None:

@@ -87,6 +87,10 @@ def test_golden_packet_and_stats() -> None:
     assert enc.data_to_send() == wire
     assert enc.data_to_send() == b""
     assert _events(wire) == [Packet(K1, K2, b"\xaa\xbb\xcc"), Stats(b"{}")]
+    enc.packet(K1, K2, memoryview(b"\xaa\xbb\xcc"))
+    enc.stats(b"{}")
+    assert b"".join(enc.chunks_to_send()) == wire and enc.pending_bytes == 0
+    assert enc.chunks_to_send() == []
 
 
 def test_golden_frames() -> None:
