@@ -30,6 +30,12 @@ error naming the flag; those that only tune derper internals it does not share
   bound); an explicit one must bind.
 * ``-derp=false``: STUN only, no DERP listener (as derper).
 * ``--version``: print the version and exit.
+* ``--workers N`` (default: the CPUs available to the process): N > 1 runs a
+  supervisor and N worker processes that all listen on the same TCP/UDP ports
+  (SO_REUSEPORT) and relay to each other over Unix sockets
+  (:mod:`derp.workers`); ``--workers 1`` is one process, exactly as before.
+  ``--max-connections`` and the accept limits are host totals, split evenly
+  between the workers. ``-derp=false`` (STUN only) always runs one process.
 * TLS (``--certmode manual``), accept/receive limits, the write timeout,
   ``/debug/`` access and the SIGTERM Restarting notice: see
   :mod:`derp.prodflags`. Without ``--certmode`` the server speaks plain HTTP

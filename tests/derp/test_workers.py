@@ -248,35 +248,37 @@ async def test_duplicate_key_split_across_workers(
     assert await k0.recv_packet() == (c.pub, b"four")
 
 
+@pytest.mark.parametrize("victim", [1, 0], ids=["kill-w1", "kill-w0-the-port-owner"])
 async def test_worker_killed_mid_traffic_is_restarted(
-    tmp_path: Path, hosts: list[Host], clients: list[RawClient]
+    tmp_path: Path, hosts: list[Host], clients: list[RawClient], victim: int
 ) -> None:
     h = await start_host(tmp_path)
     hosts.append(h)
-    m0 = await h.watcher(0)
-    a, c = await h.client(0), await h.client(0)
-    b = await h.client(1)
-    clients += [m0, a, b, c]
-    await present(m0, b.pub)
+    alive = 1 - victim
+    m = await h.watcher(alive)
+    a, c = await h.client(alive), await h.client(alive)
+    b = await h.client(victim)
+    clients += [m, a, b, c]
+    await present(m, b.pub)
     b.send_packet(a.pub, b"before")
     assert await a.recv_packet() == (b.pub, b"before")
     for i in range(50):  # traffic in flight when the worker dies
         a.send_packet(b.pub, b"x%d" % i)
-    os.kill(h.pids[1], signal.SIGKILL)
+    os.kill(h.pids[victim], signal.SIGKILL)
     f = await a.recv_type(FrameType.PEER_GONE)
     assert f.payload == b.pub + bytes([PeerGoneReason.DISCONNECTED])
     await b.expect_closed()
-    # Worker 0 kept relaying meanwhile.
+    # The other worker kept relaying meanwhile.
     c.send_packet(a.pub, b"still here")
     assert await a.recv_packet() == (c.pub, b"still here")
-    m = await h.wait_stderr(rb"worker 1 restarted \(pid (\d+)\)")
-    assert int(m.group(1)) != h.pids[1]
-    h.pids.append(int(m.group(1)))
+    found = await h.wait_stderr(rb"worker %d restarted \(pid (\d+)\)" % victim)
+    assert int(found.group(1)) != h.pids[victim]
+    h.pids.append(int(found.group(1)))
     # b reconnects on the shared port (any worker) and relays again.
     b2 = await RawClient.open(h.port, b.key)
     await b2.handshake()
     clients.append(b2)
-    await present(m0, b.pub)
+    await present(m, b.pub)
     a.send_packet(b.pub, b"after")
     assert await b2.recv_packet() == (a.pub, b"after")
     assert await h.stop() == 0
