@@ -376,3 +376,30 @@ async def test_stun_on_every_worker_counted_in_totals(tmp_path: Path, hosts: lis
             await asyncio.sleep(0.1)  # stats travel every 0.5 s; poll with a bound
 
     await asyncio.wait_for(totals(), WAIT)
+
+
+async def test_admission_and_rate_limit_on_every_worker(
+    tmp_path: Path, hosts: list[Host], clients: list[RawClient]
+) -> None:
+    from .test_admission import Controller, _attempt, _expect_admitted, _expect_rejected
+
+    ctl = Controller()
+    await ctl.start()
+    try:
+        ctl.status, ctl.body = 200, b'{"Allow":false}'
+        allowed = PrivateKey.generate()
+        ctl.always.add(str(allowed.public))
+        h = await start_host(tmp_path, "--verify-client-url", ctl.url, "--per-client-rate-limit", "100000")
+        hosts.append(h)
+        for w in (0, 1):
+            ok = await _attempt(h.test_ports[w], allowed)
+            clients.append(ok)
+            await _expect_admitted(ok)
+            assert ok.server_info is not None
+            assert ok.server_info.get("TokenBucketBytesPerSecond") == 100000
+            denied = await _attempt(h.test_ports[w])
+            clients.append(denied)
+            await _expect_rejected(denied)
+        assert len(ctl.requests) == 4  # each worker asked the controller itself
+    finally:
+        await ctl.stop()
