@@ -18,6 +18,7 @@ Usage::
     .venv/bin/python bench/derp_scale.py                       # 1..CPUs workers, 32x64
     .venv/bin/python bench/derp_scale.py --max-workers 4 --pairs 8 --size 1400
     .venv/bin/python bench/derp_scale.py --cross --runs 3      # + crossing vs staying, medians
+    .venv/bin/python bench/derp_scale.py --no-scale --idle 1000,3000   # marginal idle memory
 
 On a machine with C cores the load generator shares the cores with the relay:
 packets/s stops scaling at about C/2 workers here; give it its own host
@@ -44,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
-from derp_loadgen import LoadSpec, Target, run_load  # noqa: E402
+from derp_loadgen import IdleClients, LoadSpec, Target, raise_nofile_limit, run_load  # noqa: E402
 
 
 class Relay:
@@ -105,6 +106,19 @@ class Relay:
                     pass
         return total / 1e9
 
+    def rss_bytes(self) -> int:
+        """Resident memory summed over the supervisor and every worker."""
+        total = 0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -126,6 +140,25 @@ def measure(relay: Relay, target: Target, spec: LoadSpec, gen_procs: int) -> dic
     return res
 
 
+def idle_marginal(workers: int, low: int, high: int, log: Path) -> tuple[float, float]:
+    """KB of relay RSS (all processes) per idle client between ``low`` and ``high``
+    clients, and the RSS at ``low`` in MB."""
+    relay = Relay(workers, log)
+    idle = IdleClients()
+    try:
+        target = Target("derp", "127.0.0.1", relay.port)
+        idle.add(target, low)
+        time.sleep(1.0)  # let the relay finish post-handshake work before sampling
+        r0 = relay.rss_bytes()
+        idle.add(target, high - low)
+        time.sleep(1.0)
+        r1 = relay.rss_bytes()
+        return (r1 - r0) / (idle.count - low) / 1e3, r0 / 1e6
+    finally:
+        idle.close()
+        relay.stop()
+
+
 def verify(r: dict[str, Any]) -> str:
     bad = [f"{r[k]} {k}" for k in ("lost", "duplicated", "misdelivered", "corrupted", "gaps") if r.get(k)]
     bad += [f"error: {e}" for e in r.get("errors", [])[:2]]
@@ -143,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=1, help="repeat and print medians")
     p.add_argument("--cross", action="store_true", help="also: 2 workers, crossing vs staying")
     p.add_argument("--no-scale", action="store_true", help="skip the 1..W curve")
+    p.add_argument("--idle", default="", metavar="LOW,HIGH",
+                   help="also: marginal idle memory per client between LOW and HIGH clients, "
+                   "for 1 and for W workers (e.g. 1000,3000)")
     args = p.parse_args(argv)
     results = HERE / "results"
     results.mkdir(exist_ok=True)
@@ -173,6 +209,14 @@ def main(argv: list[str] | None = None) -> int:
                 relay.stop()
         rows.append((name, runs))
         print(_line(name, runs), flush=True)
+    if args.idle:
+        raise_nofile_limit()
+        low, high = (int(x) for x in args.idle.split(","))
+        for w in sorted({1, args.max_workers}):
+            kb, base = idle_marginal(w, low, high, results / f"scale-idle-w{w}.log")
+            print(f"| idle, {w} worker{'s' if w > 1 else ''}: {kb:5.2f} KB per client between "
+                  f"{low} and {high} clients (relay RSS at {low}: {base:.1f} MB, all processes) |",
+                  flush=True)
     by = dict(rows)
     if args.cross:
         stay = statistics.median(r["us_per_pkt"] for r in by["2 workers, stay in w0"])
