@@ -49,7 +49,8 @@ Behaviours across workers:
   host; a ForwardPacket from a mesh peer may cross to a sibling (one hop);
 * metrics: every :data:`~derp.workers.stats.STATS_INTERVAL` each worker sends
   its counters to every sibling; ``/metrics`` and ``/debug/`` on any worker
-  show the totals (:mod:`derp.workers.stats`).
+  show the totals, and ``/metrics`` a few ``derp_worker_*{worker="i"}``
+  families besides (:mod:`derp.workers.stats`).
 
 Backpressure: a link whose pending bytes plus socket buffer exceed
 :data:`MAX_LINK_BUFFER` refuses packets (counted as ``write_error`` drops);
@@ -98,7 +99,7 @@ from .link import (
     Present,
     Stats,
 )
-from .stats import STATS_INTERVAL, decode_stats, encode_stats, merge_stats
+from .stats import STATS_INTERVAL, WorkerCollector, decode_stats, encode_stats, merge_stats
 
 __all__ = ["MAX_LINK_BUFFER", "WorkerNode", "WorkerSpec", "socket_path"]
 
@@ -257,6 +258,7 @@ class _StandIn:
         ):
             self.node.ctx.stats.drop((WRITE_ERROR, KIND_OTHER), len(data))
             return
+        link.packets_out += 1  # one FRAMES link frame (one or more packets)
         if len(data) <= MAX_FRAMES_LEN:
             link.enc.frames(self.key, data)
         else:  # split at frame boundaries (only a huge mesh-forwarded batch gets here)
@@ -319,6 +321,7 @@ class WorkerNode:
         self._total_metrics.gauges["workers_linked"] = lambda: float(len(self.links) + 1)
         #: key → stand-in in relay.active for a key received on a sibling
         self.stand_ins: dict[bytes, _StandIn] = {}
+        self._total_metrics.registry.register(WorkerCollector(self._worker_docs))
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -696,8 +699,13 @@ class WorkerNode:
 
     def _stats_payload(self) -> bytes:
         srv = self.server
-        extra = {"forwarded_to_workers": float(sum(lk.packets_out for lk in self.links.values()))}
+        extra = {"link_batches_out": float(sum(lk.packets_out for lk in self.links.values()))}
         return encode_stats(self.spec.index, srv.stats, srv.metrics.stun, extra)
+
+    def _worker_docs(self) -> list[dict[str, Any]]:
+        """Every worker's latest snapshot, this one's live (for WorkerCollector)."""
+        mine = decode_stats(self._stats_payload())
+        return [mine, *(self._sibling_stats[i] for i in sorted(self._sibling_stats))]
 
     def _send_stats(self) -> None:
         self._stats_timer = self.loop.call_later(STATS_INTERVAL, self._send_stats)

@@ -10,19 +10,27 @@ connections); ``average_queue_duration_ms`` is the maximum over workers.
 A worker that died drops out of the totals until its replacement reports
 (counters then restart from that worker's new values, as after any restart).
 
+Next to the totals, :class:`WorkerCollector` adds a few families with a
+``worker`` label (``derp_worker_current_connections``,
+``derp_worker_packets_received``/``_sent``, ``derp_worker_link_batches_out``),
+so an uneven SO_REUSEPORT spread or a restarted worker shows.
+
 Pure: no sockets, no clock.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from ..stats import ServerStats
 from ..stunserver import StunStats
 
-__all__ = ["STATS_INTERVAL", "decode_stats", "encode_stats", "merge_stats"]
+__all__ = ["STATS_INTERVAL", "WorkerCollector", "decode_stats", "encode_stats", "merge_stats"]
 
 #: Seconds between STATS frames a worker sends to each sibling.
 STATS_INTERVAL: Final = 0.5
@@ -92,3 +100,37 @@ def merge_stats(
 
 def _num(v: object) -> float:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0.0
+
+
+_PER_WORKER: Final = (
+    ("current_connections", "gauge", "Admitted DERP connections, by worker process"),
+    ("packets_received", "counter", "Packets received from clients, by worker process"),
+    ("packets_sent", "counter", "Packets delivered to clients, by worker process"),
+)
+
+
+class WorkerCollector(Collector):
+    """Per-worker families (``worker`` label) from the snapshots ``docs()`` returns
+    (each as :func:`encode_stats` builds them, the local worker's included)."""
+
+    def __init__(self, docs: Callable[[], list[dict[str, Any]]]) -> None:
+        self._docs = docs
+
+    def collect(self) -> Iterator[Metric]:
+        docs = self._docs()
+        for field, kind, doc in _PER_WORKER:
+            m = Metric(f"derp_worker_{field}", doc, kind)
+            sample = f"derp_worker_{field}" + ("_total" if kind == "counter" else "")
+            for d in docs:
+                m.add_sample(sample, {"worker": str(d.get("worker"))}, _num(d["stats"].get(field)))
+            yield m
+        m = Metric(
+            "derp_worker_link_batches_out",
+            "Packet batches (FRAMES/PACKET link frames) sent to sibling workers, by worker",
+            "counter",
+        )
+        for d in docs:
+            extra = d.get("extra")
+            n = _num(extra.get("link_batches_out")) if isinstance(extra, dict) else 0.0
+            m.add_sample("derp_worker_link_batches_out_total", {"worker": str(d.get("worker"))}, n)
+        yield m

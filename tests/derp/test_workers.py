@@ -305,6 +305,8 @@ async def test_limits_and_metrics_are_totals(
 
     text = await asyncio.wait_for(totals(), WAIT)
     assert "derp_accepts_total 4.0" in text
+    for w in (0, 1):  # and per worker, labelled
+        assert f'derp_worker_current_connections{{worker="{w}"}} 2.0' in text
 
 
 async def test_sigterm_sends_restarting_to_clients_of_every_worker(
