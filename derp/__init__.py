@@ -10,6 +10,7 @@ Modules (pure cores first, I/O adapters after):
 * :mod:`derp.peers`   "other relays" abstraction (route table, forwarders) for mesh and workers
 * :mod:`derp.server`  the relay server (uvloop protocols, HTTP front door)
 * :mod:`derp.client`  the asyncio client library (any event loop)
+* :mod:`derp.workers` ``derper --workers N``: supervisor, worker links, totals
 * :mod:`derp.cli`     the ``derper`` command
 """
 

@@ -16,7 +16,7 @@ Flow:
    lower-index sibling are up, so when the last one is ready every pair is linked.
 3. The supervisor prints the usual startup lines, then waits. A worker that
    exits while the supervisor is not stopping is restarted (same index, same
-   ports) after :data:`RESTART_DELAY`; its clients reconnect to whichever
+   ports) after :data:`RESTART_DELAY` (backing off while it keeps crashing); its clients reconnect to whichever
    worker the kernel picks, the siblings dropped its keys (PeerGone) when its
    links broke.
 4. SIGTERM / SIGINT are forwarded to every worker (each sends Restarting to its
@@ -51,7 +51,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 __all__ = [
+    "MAX_RESTART_DELAY",
     "RESTART_DELAY",
+    "STABLE_AFTER",
     "Supervisor",
     "WorkerReady",
     "default_workers",
@@ -61,8 +63,12 @@ __all__ = [
 
 log = logging.getLogger("derper.supervisor")
 
-#: Seconds between a worker's exit and its restart.
+#: Seconds between a worker's exit and its restart; doubled (up to
+#: :data:`MAX_RESTART_DELAY`) while a worker keeps dying within
+#: :data:`STABLE_AFTER` seconds of its start, so a crash loop does not spin.
 RESTART_DELAY: Final = 0.2
+MAX_RESTART_DELAY: Final = 10.0
+STABLE_AFTER: Final = 10.0
 #: Seconds a worker may take to report ready.
 READY_TIMEOUT: Final = 30.0
 
@@ -214,6 +220,9 @@ class Supervisor:
 
     async def _watch(self, index: int) -> None:
         """Restart worker ``index`` whenever it exits while we are not stopping."""
+        loop = asyncio.get_running_loop()
+        delay = RESTART_DELAY
+        started = loop.time()
         while not self._stopping:
             proc = self.procs.get(index)
             if proc is None:
@@ -221,8 +230,13 @@ class Supervisor:
             code = await proc.wait()
             if self._stopping:
                 return
-            log.warning("worker %d (pid %d) exited with status %s; restarting it", index, proc.pid, code)
-            await asyncio.sleep(RESTART_DELAY)
+            if loop.time() - started >= STABLE_AFTER:
+                delay = RESTART_DELAY
+            log.warning("worker %d (pid %d) exited with status %s; restarting it in %.1f s",
+                        index, proc.pid, code, delay)
+            await asyncio.sleep(delay)
+            delay = min(MAX_RESTART_DELAY, delay * 2)
+            started = loop.time()
             if self._stopping:
                 return
             try:
