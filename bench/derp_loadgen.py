@@ -102,6 +102,8 @@ class Target:
     kind: str
     host: str
     port: int
+    #: receivers connect here instead of ``port`` (derp_scale.py: another worker)
+    recv_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -495,7 +497,8 @@ async def _run_pairs(
 ) -> None:
     clock = Clock()
     # receivers first: the ceiling relay needs a sender's destination key up front
-    receivers = await _connect_many(target, n_pairs, clock)
+    rtarget = target if target.recv_port is None else Target(target.kind, target.host, target.recv_port)
+    receivers = await _connect_many(rtarget, n_pairs, clock)
     senders = await _connect_many(target, n_pairs, clock, dsts=[r.raw_key for r in receivers])
     pairs = [Pair(s, r, spec.size, spec.window, spec.per_packet) for s, r in zip(senders, receivers)]
     for p in pairs:

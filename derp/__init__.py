@@ -7,8 +7,10 @@ Modules (pure cores first, I/O adapters after):
 * :mod:`derp.relay`   pure relay registry (key → connections, duplicates, PeerGone routes)
 * :mod:`derp.errors`  exception hierarchy
 * :mod:`derp.events`  events surfaced by the client library
+* :mod:`derp.peers`   "other relays" abstraction (route table, forwarders) for mesh and workers
 * :mod:`derp.server`  the relay server (uvloop protocols, HTTP front door)
 * :mod:`derp.client`  the asyncio client library (any event loop)
+* :mod:`derp.workers` ``derper --workers N``: supervisor, worker links, totals
 * :mod:`derp.cli`     the ``derper`` command
 """
 
@@ -37,6 +39,7 @@ from .events import (
     ServerRestarting,
 )
 from .keys import PrivateKey, PublicKey
+from . import mesh as _mesh  # noqa: F401  registers the mesh with derp.peers (mesh_with)
 
 __all__ = [
     "DerpClient",

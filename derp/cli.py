@@ -30,6 +30,12 @@ error naming the flag; those that only tune derper internals it does not share
   bound); an explicit one must bind.
 * ``-derp=false``: STUN only, no DERP listener (as derper).
 * ``--version``: print the version and exit.
+* ``--workers N`` (default: the CPUs available to the process): N > 1 runs a
+  supervisor and N worker processes that all listen on the same TCP/UDP ports
+  (SO_REUSEPORT) and relay to each other over Unix sockets
+  (:mod:`derp.workers`); ``--workers 1`` is one process, exactly as before.
+  ``--max-connections`` and the accept limits are host totals, split evenly
+  between the workers. ``-derp=false`` (STUN only) always runs one process.
 * TLS (``--certmode manual``), accept/receive limits, the write timeout,
   ``/debug/`` access and the SIGTERM Restarting notice: see
   :mod:`derp.prodflags`. Without ``--certmode`` the server speaks plain HTTP
@@ -48,6 +54,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -62,6 +69,14 @@ from .mesh import MeshPeer, parse_mesh_with
 from .port80 import Port80Server
 from .server import DerpServer, ServerConfig
 from .stunserver import DEFAULT_STUN_PORT, StunServer
+from .workers.node import WorkerNode, WorkerSpec
+from .workers.supervisor import (
+    Supervisor,
+    WorkerReady,
+    default_workers,
+    die_with_parent,
+    split_limits,
+)
 
 __all__ = [
     "DEFAULT_ADDR",
@@ -301,6 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
         default=60.0,
         help="seconds between stats log lines at INFO; 0 disables (default %(default)s)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="worker processes sharing the ports (default: the CPUs available, "
+        f"{default_workers()} here; 1 = one process, no supervisor)",
+    )
+    p.add_argument("--worker-stdin", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker-test-ports", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     g = p.add_argument_group("derper flags without an equivalent here")
     for name, why in _UNSUPPORTED.items():
@@ -413,8 +437,14 @@ async def _serve(
     prod: prodflags.ServerOptions | None = None,
     http_port: int | None = None,
     derp: bool = True,
+    worker: dict[str, Any] | None = None,
 ) -> int:
+    """Run one relay process: the whole relay, or (``worker``) one worker of
+    ``derper --workers N`` (spec from the supervisor, see derp.workers.supervisor)."""
     prod = prod or prodflags.ServerOptions()
+    config = dict(prod.config)
+    if worker is not None:
+        config = split_limits(config, int(worker["index"]), int(worker["count"]))
     server = DerpServer(
         ServerConfig(
             private_key=key,
@@ -422,9 +452,11 @@ async def _serve(
             hostname=hostname,
             mesh_with=mesh_with,
             admission=admission,
-            **prod.config,
+            reuse_port=worker is not None,
+            **config,
         )
     )
+    reuse = worker is not None
     shown = f"[{host}]:{port}" if ":" in host else f"{host or '0.0.0.0'}:{port}"
     try:
         await server.start(host=host, port=port, listen=derp)
@@ -435,7 +467,7 @@ async def _serve(
         port80 = Port80Server(hostname=hostname, tls_port=server.port, debug=server.debug_response)
         p80 = 80 if http_port is None else http_port
         try:
-            await port80.start(host, p80)
+            await port80.start(host, p80, reuse_port=reuse)
         except OSError as exc:
             port80 = None
             if http_port is None:
@@ -450,7 +482,9 @@ async def _serve(
     if stun_port is None or stun_port >= 0:
         stun = StunServer(stats=server.metrics.stun)
         try:
-            await stun.start(host, DEFAULT_STUN_PORT if stun_port is None else stun_port)
+            await stun.start(
+                host, DEFAULT_STUN_PORT if stun_port is None else stun_port, reuse_port=reuse
+            )
         except OSError as exc:
             if stun_port is None:  # the default port is best effort (tests, second relay)
                 log.warning("STUN disabled: cannot listen on UDP %d: %s", DEFAULT_STUN_PORT, exc)
@@ -476,12 +510,30 @@ async def _serve(
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, on_signal, sig)
 
+    node: WorkerNode | None = None
+    if worker is not None:
+        node = WorkerNode(
+            server, WorkerSpec(int(worker["index"]), int(worker["count"]), str(worker["sock_dir"]))
+        )
+        await node.start()
+        await asyncio.wait_for(node.wait_linked(), 30.0)
+        test_port = await server.listen_extra(host or "127.0.0.1") if worker.get("test_port") else None
+        ready = {
+            "port": server.port,
+            "stun_port": stun.port if stun is not None else None,
+            "http_port": port80.port if port80 is not None else None,
+            "test_port": test_port,
+        }
+        sys.stdout.write(json.dumps(ready) + "\n")
+        sys.stdout.flush()
     shown_host = host or "0.0.0.0"
     if ":" in shown_host:
         shown_host = f"[{shown_host}]"
-    for note in prod.notes:
+    for note in prod.notes if worker is None else ():
         print(f"derper: {note}", flush=True)
-    if derp:
+    if worker is not None:
+        pass
+    elif derp:
         print(
             f"derper: listening on {prod.scheme}://{shown_host}:{server.port}/derp "
             f"server key {server.public_key}",
@@ -490,7 +542,7 @@ async def _serve(
     else:
         print(f"derper: STUN only (-derp=false) on UDP port {stun.port if stun else '?'}",
               flush=True)
-    if port80 is not None:
+    if port80 is not None and worker is None:
         print(f"derper: plain HTTP on port {port80.port} (/generate_204, /debug/, redirects)",
               flush=True)
     stats_task = (
@@ -513,6 +565,8 @@ async def _serve(
         # SIGTERM (a managed restart) tells clients when to come back (Restarting frame).
         restarting = prod.restart_on_sigterm and signal.SIGTERM in got
         await server.stop(restarting=restarting)
+        if node is not None:
+            await node.stop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError, RuntimeError):
                 loop.remove_signal_handler(sig)
@@ -530,10 +584,63 @@ def _check_derper_only_flags(args: argparse.Namespace) -> None:
                         name.replace("_", "-"))
 
 
+def _supervise(
+    args: argparse.Namespace,
+    workers: int,
+    key: PrivateKey,
+    host: str,
+    port: int,
+    prod: prodflags.ServerOptions,
+) -> int:
+    """``--workers N`` (N > 1): run the supervisor (derp.workers.supervisor)."""
+    import tempfile
+
+    argv = [a for a in (sys.argv[1:] if args._argv is None else args._argv)]
+    command = [sys.executable, "-m", "derp", *argv, "--worker-stdin"]
+    if args.worker_test_ports:
+        command.append("--worker-test-ports")
+    shown_host = host or "0.0.0.0"
+    if ":" in shown_host:
+        shown_host = f"[{shown_host}]"
+
+    def announce(ready: list[WorkerReady]) -> None:
+        for note in prod.notes:
+            print(f"derper: {note}", flush=True)
+        print(
+            f"derper: listening on {prod.scheme}://{shown_host}:{ready[0].port}/derp "
+            f"server key {key.public}",
+            flush=True,
+        )
+        if ready[0].http_port is not None:
+            print(f"derper: plain HTTP on port {ready[0].http_port} "
+                  "(/generate_204, /debug/, redirects)", flush=True)
+        pids = " ".join(str(r.pid) for r in ready)
+        print(f"derper: {len(ready)} workers (pids {pids})", flush=True)
+        if args.worker_test_ports:
+            for r in ready:
+                print(f"derper: worker {r.index} test port {r.test_port}", flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="derper-workers-") as sock_dir:
+        spec: dict[str, Any] = {
+            "key": key.raw.hex(),
+            "sock_dir": sock_dir,
+            "port": port,
+            "stun_port": args.stun_port if args.stun else -1,
+            "http_port": args.http_port,
+            "test_port": bool(args.worker_test_ports),
+        }
+        sup = Supervisor(workers, command, spec, announce)
+        try:
+            return asyncio.run(sup.run())
+        except KeyboardInterrupt:  # pragma: no cover - SIGINT before the handlers
+            return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``derper`` / ``python -m derp``; returns the exit code."""
     parser = build_parser()
     args = parser.parse_args(go_style_args(sys.argv[1:] if argv is None else list(argv), parser))
+    args._argv = None if argv is None else list(argv)
     if args.version:
         print(version())
         return 0
@@ -554,7 +661,26 @@ def main(argv: list[str] | None = None) -> int:
             raise _CliError(f"-http-port {args.http_port}: must be a port number or -1 (off)")
         if not args.derp and not args.stun:
             raise _CliError("-derp=false and -stun=false: nothing to serve")
-        key = _load_key(args)
+        workers = default_workers() if args.workers is None else args.workers
+        if workers < 1:
+            raise _CliError(f"--workers {workers}: must be >= 1")
+        worker: dict[str, Any] | None = None
+        if args.worker_stdin:  # one worker of a supervisor (derp.workers.supervisor)
+            worker = json.loads(sys.stdin.readline())
+            die_with_parent(int(worker["parent"]))
+            key = PrivateKey(bytes.fromhex(worker.pop("key")))
+            port = int(worker["port"])
+            if worker.get("stun_port") is not None:
+                args.stun_port = int(worker["stun_port"])
+            if worker.get("http_port") is not None:
+                args.http_port = int(worker["http_port"])
+            logging.getLogger().handlers[0].setFormatter(
+                logging.Formatter(
+                    f"w{worker['index']} %(asctime)s %(levelname)s %(name)s: %(message)s"
+                )
+            )
+        else:
+            key = _load_key(args)
         mesh_key = _load_mesh_key(args.mesh_psk_file)
         mesh_with, admission = _mesh_and_admission(args, mesh_key)
         try:
@@ -567,6 +693,8 @@ def main(argv: list[str] | None = None) -> int:
                 "(or put a TLS terminator in front, or --dev for local testing)",
                 addr,
             )
+        if worker is None and workers > 1 and args.derp:
+            return _supervise(args, workers, key, host, port, prod)
         import uvloop
 
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
@@ -584,6 +712,7 @@ def main(argv: list[str] | None = None) -> int:
                     prod=prod,
                     http_port=args.http_port,
                     derp=args.derp,
+                    worker=worker,
                 )
             )
     except _CliError as exc:

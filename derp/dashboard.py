@@ -43,14 +43,39 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from importlib import resources
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .stats import DROP_REASONS, ServerStats
 from .stunserver import StunStats
 
 if TYPE_CHECKING:
     from .metrics import DebugAccess
-    from .server.app import DerpServer
+
+
+class _RelayView(Protocol):
+    """What the dashboard reads of a :class:`derp.server.DerpServer` (no import:
+    the server imports this module)."""
+
+    @property
+    def stats(self) -> ServerStats: ...
+
+    @property
+    def mesh(self) -> Any: ...
+
+    @property
+    def public_key(self) -> Any: ...
+
+    @property
+    def config(self) -> Any: ...
+
+    @property
+    def client_count(self) -> int: ...
+
+    @property
+    def connections(self) -> Any: ...
+
+    @property
+    def metrics(self) -> Any: ...
 
 __all__ = [
     "CSP",
@@ -277,7 +302,7 @@ class RelaySampler:
 
     def __init__(
         self,
-        server: DerpServer,
+        server: _RelayView,
         *,
         stun: StunStats | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -455,7 +480,7 @@ class SseStart:
 class RelayDashboard:
     """``derper``'s ``/dashboard`` (relay only), for the networks ``access`` allows."""
 
-    def __init__(self, server: DerpServer, access: DebugAccess, *, interval: float = 1.0) -> None:
+    def __init__(self, server: _RelayView, access: DebugAccess, *, interval: float = 1.0) -> None:
         self.server = server
         self.access = access
         self.sampler = RelaySampler(server, stun=server.metrics.stun)

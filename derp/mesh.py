@@ -39,8 +39,11 @@ Rules (each mirrors derper; see :class:`RouteTable` and :class:`Mesh`):
   (:attr:`MeshLink.last_error`); ``Mesh.on_link_change`` callbacks run on
   each transition.
 
-The route table is pure (no sockets) and tested on its own; :class:`Mesh`
-and :class:`MeshLink` are the asyncio adapter. ClosePeer and the mesh-key check
+The route table (:class:`derp.peers.RouteTable`, shared with sibling worker
+links as ``ConnContext.routes``) is pure (no sockets) and tested on its own;
+:class:`Mesh` and :class:`MeshLink` are the asyncio adapter, one
+:class:`derp.peers.PeerRelays` implementation. ``MeshPeer`` and the parsers
+live in :mod:`derp.meshconfig` and are re-exported here. ClosePeer and the mesh-key check
 (constant time) live in the server (``derp.server``).
 """
 
@@ -51,19 +54,17 @@ import logging
 import ssl
 import struct
 import time
-import urllib.parse
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Generic, Hashable, TypeVar, cast
+from typing import Any, cast
 
 from .client import CLIENT_READ_TIMEOUT, ClientConnection
 from .errors import DerpError
 from .events import Connected, PeerGoneReceived, PeerPresentReceived
-from .frames import FrameType, PeerGoneReason, encode_peer_gone, looks_like_disco
-from .stats import KIND_DISCO, KIND_OTHER, WRITE_ERROR
-
-if TYPE_CHECKING:
-    from .server.app import ConnContext, DerpServer
+from .frames import FrameType
+from .meshconfig import MeshPeer, parse_mesh_peer, parse_mesh_with
+from .peers import RouteTable, register_mesh_factory
+from .server.app import DerpServer
+from .server.context import ConnContext
 
 __all__ = [
     "DEFAULT_RETRY_INTERVAL",
@@ -80,176 +81,10 @@ log = logging.getLogger("derp.mesh")
 #: derper's ``retryInterval`` between mesh reconnects.
 DEFAULT_RETRY_INTERVAL = 5.0
 
-L = TypeVar("L", bound=Hashable)
-
 _FWD_HDR = struct.Struct(">BI")
 _FWD = FrameType.FORWARD_PACKET.value
 #: A link whose socket buffer holds this much stops accepting forwards (drops).
 _MAX_LINK_BUFFER = 4 << 20
-
-
-# --------------------------------------------------------------------------- pure route table
-
-
-class RouteTable(Generic[L]):
-    """Which mesh links can reach which keys (pure; event loop thread only).
-
-    ``routes[key]`` lists the links that announced ``key``, oldest first; the
-    first one is the route in use and is mirrored into ``forwarders`` (the
-    server's ``Relay.forwarders`` dict, read on the packet path).
-
-    Invariants (:meth:`check_invariants`): no key maps to an empty list; the
-    per-link index is the exact inverse of ``routes``; ``forwarders[k]`` is
-    ``routes[k][0]`` for every key and has no other keys.
-    """
-
-    __slots__ = ("_routes", "_by_link", "forwarders", "stale_removals")
-
-    def __init__(self, forwarders: dict[bytes, object] | None = None) -> None:
-        self._routes: dict[bytes, list[L]] = {}
-        self._by_link: dict[L, set[bytes]] = {}
-        self.forwarders: dict[bytes, object] = forwarders if forwarders is not None else {}
-        #: removals of a (key, link) that was not registered (duplicate PeerGone)
-        self.stale_removals = 0
-
-    def __len__(self) -> int:
-        return len(self._routes)
-
-    def __contains__(self, key: bytes) -> bool:
-        return key in self._routes
-
-    def route(self, key: bytes) -> L | None:
-        """The link used for ``key`` (oldest announcer), or ``None``."""
-        links = self._routes.get(key)
-        return links[0] if links else None
-
-    def links_for(self, key: bytes) -> tuple[L, ...]:
-        return tuple(self._routes.get(key, ()))
-
-    def keys_via(self, link: L) -> frozenset[bytes]:
-        return frozenset(self._by_link.get(link, ()))
-
-    def add(self, key: bytes, link: L) -> bool:
-        """``link`` announced ``key``; returns true if ``key`` was unreachable before."""
-        links = self._routes.get(key)
-        if links is None:
-            self._routes[key] = [link]
-            self.forwarders[key] = link
-            self._by_link.setdefault(link, set()).add(key)
-            return True
-        if link not in links:
-            links.append(link)
-            self._by_link.setdefault(link, set()).add(key)
-        return False
-
-    def remove(self, key: bytes, link: L) -> bool:
-        """``link`` says ``key`` is gone; returns true if ``key`` lost its last route."""
-        links = self._routes.get(key)
-        if links is None or link not in links:
-            self.stale_removals += 1
-            return False
-        links.remove(link)
-        keys = self._by_link[link]
-        keys.discard(key)
-        if not keys:
-            del self._by_link[link]
-        if links:
-            self.forwarders[key] = links[0]
-            return False
-        del self._routes[key]
-        del self.forwarders[key]
-        return True
-
-    def drop_link(self, link: L) -> list[bytes]:
-        """Forget every route via ``link``; returns the keys left with no route."""
-        gone = []
-        for key in list(self._by_link.get(link, ())):
-            if self.remove(key, link):
-                gone.append(key)
-        return gone
-
-    def check_invariants(self) -> None:
-        """Raise ``AssertionError`` if the table is inconsistent (tests only)."""
-        inverse: dict[L, set[bytes]] = {}
-        for key, links in self._routes.items():
-            assert links, "empty route list"
-            assert len(set(links)) == len(links), "link listed twice"
-            assert self.forwarders.get(key) is links[0], "forwarder is not the oldest link"
-            for link in links:
-                inverse.setdefault(link, set()).add(key)
-        assert inverse == self._by_link, "per-link index out of sync"
-        assert self.forwarders.keys() == self._routes.keys(), "forwarders out of sync"
-
-
-# --------------------------------------------------------------------------- peers
-
-
-@dataclass(frozen=True, slots=True)
-class MeshPeer:
-    """One ``--mesh-with`` entry: ``host`` names the node (URL, TLS, Host header);
-    the link dials ``dial_host`` (the same unless ``host/dialhost`` was given)."""
-
-    scheme: str
-    host: str
-    port: int
-    dial_host: str
-
-    @property
-    def url(self) -> str:
-        h = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
-        return f"{self.scheme}://{h}{'' if self.port == default else f':{self.port}'}/derp"
-
-    @property
-    def host_header(self) -> str:
-        h = f"[{self.host}]" if ":" in self.host else self.host
-        default = 443 if self.scheme == "https" else 80
-        return h if self.port == default else f"{h}:{self.port}"
-
-
-def parse_mesh_peer(entry: str, scheme: str = "https") -> MeshPeer:
-    """Parse one mesh entry.
-
-    Forms: ``host``, ``host:port``, ``host/dialhost``, ``host:port/dialhost``
-    (derper's forms; ``scheme`` applies, https by default like derper), or a
-    full URL ``http[s]://host[:port][/derp]``. Raises ``ValueError``.
-    """
-    entry = entry.strip()
-    if not entry:
-        raise ValueError("empty mesh peer")
-    if "://" in entry:
-        u = urllib.parse.urlsplit(entry)
-        if u.scheme not in ("http", "https") or not u.hostname:
-            raise ValueError(f"bad mesh peer URL {entry!r}")
-        try:
-            port_given = u.port
-        except ValueError as exc:
-            raise ValueError(f"bad mesh peer {entry!r}: {exc}") from None
-        if port_given == 0:
-            raise ValueError(f"bad mesh peer {entry!r}: port must be 1-65535")
-        port = port_given or (443 if u.scheme == "https" else 80)
-        return MeshPeer(u.scheme, u.hostname, port, u.hostname)
-    if scheme not in ("http", "https"):
-        raise ValueError(f"bad mesh scheme {scheme!r}")
-    name, _, dial = entry.partition("/")
-    u = urllib.parse.urlsplit(f"{scheme}://{name}")
-    try:
-        port_opt = u.port
-    except ValueError as exc:
-        raise ValueError(f"bad mesh peer {entry!r}: {exc}") from None
-    if not u.hostname:
-        raise ValueError(f"bad mesh peer {entry!r}")
-    if port_opt == 0:
-        raise ValueError(f"bad mesh peer {entry!r}: port must be 1-65535")
-    port = port_opt or (443 if scheme == "https" else 80)
-    dial = dial.strip().strip("[]") or u.hostname
-    return MeshPeer(scheme, u.hostname, port, dial)
-
-
-def parse_mesh_with(value: str | Sequence[str], scheme: str = "https") -> list[MeshPeer]:
-    """Parse ``--mesh-with`` (comma-separated string or a list of entries)."""
-    items = value.split(",") if isinstance(value, str) else list(value)
-    return [parse_mesh_peer(e, scheme) for e in items if e.strip()]
 
 
 # --------------------------------------------------------------------------- asyncio adapter
@@ -410,8 +245,14 @@ class MeshLink:
             await asyncio.wait([task])
 
     def forward(self, src: bytes, dst: bytes, packet: memoryview) -> bool:
+        """:class:`derp.peers.Forwarder`: send a ForwardPacket (counted) or refuse."""
         p = self._proto
-        return p is not None and p.forward(src, dst, packet)
+        if p is not None and p.forward(src, dst, packet):
+            ctx = self.mesh._ctx
+            if ctx is not None:
+                ctx.stats.packets_forwarded_out += 1
+            return True
+        return False
 
     # route events from the protocol
 
@@ -531,8 +372,8 @@ class Mesh:
         self.connect_timeout = connect_timeout
         self.read_timeout = read_timeout
         self.ssl_context = ssl_context
-        self._ctx: ConnContext | None = None
-        self.routes: RouteTable[MeshLink] = RouteTable()
+        self._ctx: ConnContext[Any] | None = None
+        self.routes: RouteTable[Any] = RouteTable()
         self.links = [MeshLink(self, p) for p in peers]
         #: called with a link each time it comes up or goes down (event loop thread)
         self.on_link_change: list[Callable[[MeshLink], None]] = []
@@ -542,8 +383,8 @@ class Mesh:
         """Install the forward hook and start every link (needs a running loop)."""
         ctx = self.server.context
         self._ctx = ctx
-        self.routes = RouteTable(ctx.relay.forwarders)
-        ctx.forward_hook = self._forward
+        self.routes = ctx.routes
+        ctx.forward_hook = ctx.forward_via_routes
         self.server.metrics.gauges["current_mesh_peers"] = self.connected_links
         self._started = True
         for link in self.links:
@@ -584,20 +425,8 @@ class Mesh:
         self.on_link_change.clear()
         for link in self.links:
             await link.stop()
-        if self._ctx is not None and self._ctx.forward_hook == self._forward:
-            self._ctx.forward_hook = None
 
-    # hooks used by the links and the server
-
-    def _forward(self, src: bytes, dst: bytes, packet: memoryview) -> None:
-        link = self.routes.route(dst)
-        ctx = self._ctx
-        assert ctx is not None
-        if link is not None and link.forward(src, dst, packet):
-            ctx.stats.packets_forwarded_out += 1
-        else:  # link down or its socket buffer is full
-            kind = KIND_DISCO if looks_like_disco(packet) else KIND_OTHER
-            ctx.stats.drop((WRITE_ERROR, kind), len(packet))
+    # hooks used by the links
 
     def _route_added(self, key: bytes, link: MeshLink) -> None:
         self.routes.add(key, link)
@@ -619,19 +448,9 @@ class Mesh:
                 log.exception("mesh: link-change callback failed")
 
     def _unreachable(self, keys: list[bytes]) -> None:
-        """Keys that lost their last route: PeerGone(Disconnected) to local
-        receivers that heard from them, unless the key is connected here."""
-        ctx = self._ctx
-        if ctx is None:
-            return
-        relay = ctx.relay
-        for key in keys:
-            if key in relay:
-                continue
-            subs = relay.take_subscribers(key)
-            if subs:
-                frame = encode_peer_gone(key, PeerGoneReason.DISCONNECTED)
-                for c in subs:
-                    if c.is_open:
-                        c._send_ctrl(frame)
-                        ctx.stats.peer_gone_disconnected_frames += 1
+        """Keys that lost their last route (see :meth:`ConnContext.unreachable`)."""
+        if self._ctx is not None:
+            self._ctx.unreachable(keys)
+
+
+register_mesh_factory(Mesh)

@@ -121,10 +121,12 @@ class Port80Server:
             raise RuntimeError("not started")
         return int(self._listener.sockets[0].getsockname()[1])
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, *, reuse_port: bool = False) -> None:
+        """Listen (``reuse_port``: SO_REUSEPORT, for ``derper --workers N``)."""
         loop = asyncio.get_running_loop()
         self._listener = await loop.create_server(
-            lambda: _Port80Conn(self), host or None, port, reuse_address=True
+            lambda: _Port80Conn(self), host or None, port, reuse_address=True,
+            reuse_port=reuse_port or None,
         )
 
     async def stop(self) -> None:

@@ -33,7 +33,8 @@ are called at most once per read batch / new (src, receiver) pair.
 
 Invariants (checked by ``check_invariants`` in tests):
 
-* ``active.keys() == sets.keys()`` and every set is non-empty;
+* ``active.keys() == sets.keys()`` and every set is non-empty (with sibling
+  workers: ``sets.keys() ⊆ active.keys()``, the extra keys have stand-ins);
 * ``active[k]`` is in ``sets[k]`` and is the last entry of its activity history;
 * the activity history of ``k`` is a permutation of ``sets[k]``.
 
@@ -43,14 +44,26 @@ to an opaque forwarder handle. Local presence always wins over a forwarder.
 When the last local connection of a key leaves while a forwarder for it exists,
 the key has not left the region: no PeerGone is owed yet, and the subscribers
 are kept until the mesh removes the last route (:meth:`Relay.take_subscribers`).
+
+Worker hooks (filled by :mod:`derp.workers`, sibling processes of one host):
+``elsewhere[key]`` counts sibling workers holding ``key``; such a key is a
+duplicate on registration and its departure here owes the mesh watchers no
+PeerGone (the host still has it). ``active[key]`` may then hold a *stand-in*
+for the sibling (an object with a connection's hot-path attributes that writes
+to the sibling link), so the packet path needs no extra lookup:
+:meth:`Relay.route_remote` installs one for a key with no local connection,
+:meth:`Relay.step_aside` for a local key whose most recently active connection
+is on a sibling; the next :meth:`note_activity` of a local connection takes the
+key back. ``observer`` (:class:`RelayObserver`) hears registrations, last
+departures and such take-backs, so the worker can tell its siblings.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Generic, Hashable, Iterator, TypeVar
+from typing import Generic, Hashable, Iterator, Protocol, TypeVar
 
-__all__ = ["Relay", "Departure", "Registration"]
+__all__ = ["Relay", "Departure", "Registration", "RelayObserver"]
 
 C = TypeVar("C", bound=Hashable)
 
@@ -68,6 +81,19 @@ class _KeySet(Generic[C]):
         if order[-1] is not conn:
             order.remove(conn)
             order.append(conn)
+
+
+class RelayObserver(Protocol):
+    """Hears the registry's presence changes (``derp.workers`` tells siblings)."""
+
+    def registered(self, key: bytes, conn: object) -> None:
+        """``conn`` of ``key`` registered (it is now the active connection)."""
+
+    def departed(self, key: bytes) -> None:
+        """The last local connection of ``key`` left."""
+
+    def reactivated(self, key: bytes, conn: object) -> None:
+        """``conn`` spoke while ``key`` had stepped aside: it is active again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +128,18 @@ class Departure(Generic[C]):
 class Relay(Generic[C]):
     """Key → connection registry with duplicate policy and PeerGone subscriptions."""
 
-    __slots__ = ("active", "_sets", "_subscribers", "_subscriptions", "watchers", "forwarders")
+    __slots__ = (
+        "active",
+        "_sets",
+        "_subscribers",
+        "_subscriptions",
+        "watchers",
+        "forwarders",
+        "elsewhere",
+        "observer",
+        "_aside",
+        "stand_ins",
+    )
 
     def __init__(self) -> None:
         #: key → connection receiving its traffic. Read directly on the hot path.
@@ -116,6 +153,14 @@ class Relay(Generic[C]):
         self.watchers: dict[C, None] = {}
         #: key → forwarder handle for keys on other region nodes (filled by :mod:`derp.mesh`).
         self.forwarders: dict[bytes, object] = {}
+        #: key → number of sibling workers holding it (filled by derp.workers).
+        self.elsewhere: dict[bytes, int] = {}
+        #: presence observer (derp.workers), None in a single process.
+        self.observer: RelayObserver | None = None
+        # local keys whose active entry is a sibling's stand-in (step_aside)
+        self._aside: set[bytes] = set()
+        #: stand-ins for sibling workers (derp.workers): never subscribed to PeerGone
+        self.stand_ins: set[C] = set()
 
     # ------------------------------------------------------------------ queries
 
@@ -161,6 +206,9 @@ class Relay(Generic[C]):
             raise ValueError("connection already registered")
         s.order.append(conn)
         self.active[key] = conn
+        if self.observer is not None:
+            dup = dup or key in self.elsewhere
+            self.observer.registered(key, conn)
         return Registration(dup, tuple(self.watchers))
 
     def note_activity(self, key: bytes, conn: C) -> bool:
@@ -169,14 +217,57 @@ class Relay(Generic[C]):
         Returns true if the active connection changed. Unknown connections are
         ignored (a frame may race its own disconnect in adapters).
         """
-        if self.active.get(key) is conn:
+        current = self.active.get(key)
+        if current is conn:
             return False
         s = self._sets.get(key)
         if s is None or conn not in s.order:
             return False
         s.touch(conn)
         self.active[key] = conn
+        if self._aside and key in self._aside:
+            self._aside.discard(key)
+            if self.observer is not None:
+                self.observer.reactivated(key, conn)
         return True
+
+    def step_aside(self, key: bytes, stand_in: C) -> bool:
+        """A sibling worker's connection of ``key`` is now the most recently active:
+        packets for ``key`` go to ``stand_in`` until a local connection speaks
+        (:meth:`note_activity`) or :meth:`take_back`. False if ``key`` has no
+        local connection (use :meth:`route_remote`)."""
+        if key not in self._sets:
+            return False
+        self.active[key] = stand_in
+        self._aside.add(key)
+        return True
+
+    def take_back(self, key: bytes) -> bool:
+        """Undo :meth:`step_aside` (the sibling that was active left): the most
+        recently active local connection receives again. True if it changed."""
+        s = self._sets.get(key)
+        if s is None or key not in self._aside:
+            return False
+        self._aside.discard(key)
+        self.active[key] = s.order[-1]
+        return True
+
+    def is_aside(self, key: bytes) -> bool:
+        """True if ``key`` stepped aside for a sibling worker (:meth:`step_aside`)."""
+        return key in self._aside
+
+    def route_remote(self, key: bytes, stand_in: C | None) -> None:
+        """Packets for ``key`` (no local connection) go to ``stand_in`` (a sibling
+        worker's stand-in), or nowhere special (``None``). A local key keeps its
+        connections; only its step-aside target is updated."""
+        if key in self._sets:
+            if stand_in is not None and key in self._aside:
+                self.active[key] = stand_in
+            return
+        if stand_in is None:
+            self.active.pop(key, None)
+        else:
+            self.active[key] = stand_in
 
     def note_delivery(self, src: bytes, receiver: C) -> None:
         """``receiver`` got (or will get) a packet from ``src``: subscribe it to PeerGone(src).
@@ -185,10 +276,12 @@ class Relay(Generic[C]):
         the notice (spec §3.4).
         """
         subs = self._subscribers.get(src)
+        if subs is not None and receiver in subs:
+            return
+        if receiver in self.stand_ins:  # a sibling's stand-in: its relay does this
+            return
         if subs is None:
             subs = self._subscribers[src] = {}
-        elif receiver in subs:
-            return
         subs[receiver] = None
         mine = self._subscriptions.get(receiver)
         if mine is None:
@@ -208,14 +301,21 @@ class Relay(Generic[C]):
         s.order.remove(conn)
         if s.order:
             new_active = s.order[-1]
-            self.active[key] = new_active
+            if key not in self._aside:  # else a sibling's stand-in keeps receiving
+                self.active[key] = new_active
             return Departure(False, new_active)
         del self._sets[key]
-        del self.active[key]
+        self.active.pop(key, None)
+        self._aside.discard(key)
         # A key still reachable through a mesh forwarder has not left the region:
         # its subscribers keep waiting (take_subscribers when the route goes).
         owed = () if key in self.forwarders else self.take_subscribers(key)
-        watchers = tuple(w for w in self.watchers if w is not conn)
+        if key in self.elsewhere:  # a sibling worker still has it: the host does
+            watchers: tuple[C, ...] = ()
+        else:
+            watchers = tuple(w for w in self.watchers if w is not conn)
+        if self.observer is not None:
+            self.observer.departed(key)
         return Departure(True, None, owed, watchers)
 
     def take_subscribers(self, src: bytes) -> tuple[C, ...]:
@@ -256,11 +356,15 @@ class Relay(Generic[C]):
 
     def check_invariants(self) -> None:
         """Raise ``AssertionError`` if the registry is inconsistent (tests only)."""
-        assert self.active.keys() == self._sets.keys(), "active/sets key mismatch"
+        if not self.elsewhere:
+            assert self.active.keys() == self._sets.keys(), "active/sets key mismatch"
+        assert self._sets.keys() <= self.active.keys(), "a local key has no active entry"
+        assert self._aside <= self._sets.keys(), "stepped-aside key without connections"
         for k, s in self._sets.items():
             assert s.order, f"empty set for {k!r}"
             assert len(set(map(id, s.order))) == len(s.order), "connection listed twice"
-            assert self.active[k] is s.order[-1], "active is not the most recent"
+            if k not in self._aside:
+                assert self.active[k] is s.order[-1], "active is not the most recent"
         for src, subs in self._subscribers.items():
             assert subs, "empty subscriber map"
             for r in subs:

@@ -121,14 +121,19 @@ class StunServer:
         sockname = self._transport.get_extra_info("sockname")
         return int(sockname[1])
 
-    async def start(self, host: str = "", port: int = DEFAULT_STUN_PORT) -> None:
-        """Bind the UDP socket; raises ``OSError`` if the port is taken."""
+    async def start(
+        self, host: str = "", port: int = DEFAULT_STUN_PORT, *, reuse_port: bool = False
+    ) -> None:
+        """Bind the UDP socket; raises ``OSError`` if the port is taken.
+
+        ``reuse_port`` sets SO_REUSEPORT (``derper --workers N``: every worker
+        binds the port and the kernel spreads the requests)."""
         if self._transport is not None:
             raise RuntimeError("STUN server already started")
         loop = asyncio.get_running_loop()
         # Resolve off the loop thread: a host name must not block other connections.
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM) if host else []
-        sock = _bind(infos, port)
+        sock = _bind(infos, port, reuse_port)
         transport, _ = await loop.create_datagram_endpoint(
             lambda: _Responder(self.stats), sock=sock
         )
@@ -141,11 +146,18 @@ class StunServer:
             t.close()
 
 
-def _bind(infos: list[tuple[Any, ...]], port: int) -> socket.socket:
+def _bind(infos: list[tuple[Any, ...]], port: int, reuse_port: bool = False) -> socket.socket:
     """A non-blocking UDP socket bound to ``infos[0]``, or to ``::``/``0.0.0.0`` if empty."""
+
+    def new(family: int) -> socket.socket:
+        s = socket.socket(family, socket.SOCK_DGRAM)
+        if reuse_port:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        return s
+
     if infos:
         family, _, _, _, addr = infos[0]
-        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock = new(family)
         try:
             sock.bind(addr)
         except OSError:
@@ -153,9 +165,9 @@ def _bind(infos: list[tuple[Any, ...]], port: int) -> socket.socket:
             raise
     else:
         try:
-            sock = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            sock = new(socket.AF_INET6)
         except OSError:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock = new(socket.AF_INET)
             try:
                 sock.bind(("0.0.0.0", port))
             except OSError:

@@ -58,3 +58,87 @@ def test_readme_test_command_matches_ci() -> None:
     ci = (ROOT / ".ci" / "run").read_text()
     assert blocks[1].strip() in ci
 
+
+
+def _import_graph(package: str) -> dict[str, set[str]]:
+    """Module → modules of ``package`` it imports (every import statement, including
+    ``TYPE_CHECKING`` blocks and function-level imports; a package's parent
+    ``__init__`` executed implicitly is not an edge)."""
+    import ast
+
+    root = ROOT / package
+    mods: dict[str, tuple[Path, bool]] = {}
+    for path in root.rglob("*.py"):
+        parts = list(path.relative_to(ROOT).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        if is_pkg:
+            parts = parts[:-1]
+        mods[".".join(parts)] = (path, is_pkg)
+    graph: dict[str, set[str]] = {}
+    for name, (path, is_pkg) in mods.items():
+        base = name.split(".") if is_pkg else name.split(".")[:-1]
+        deps: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    b = base[: len(base) - (node.level - 1)]
+                    mod = ".".join(b + ([node.module] if node.module else []))
+                else:
+                    mod = node.module or ""
+                cands = [mod] + [f"{mod}.{a.name}" for a in node.names]
+            elif isinstance(node, ast.Import):
+                cands = [a.name for a in node.names]
+            else:
+                continue
+            deps.update(c for c in cands if c in mods and c != name)
+        graph[name] = deps
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in sorted(graph[v]):
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp: list[str] = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                found.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+def test_no_import_cycles_in_derp() -> None:
+    """``derp/`` has no import cycle, ``TYPE_CHECKING`` imports included (the server
+    depends on :mod:`derp.peers`; :mod:`derp.mesh` and :mod:`derp.workers` on both)."""
+    graph = _import_graph("derp")
+    assert "derp.peers" in graph["derp.server.context"]
+    assert not any(m.startswith(("derp.mesh", "derp.workers")) for m in graph["derp.server.app"])
+    assert _cycles(graph) == []
+
+
+def test_cycle_check_sees_a_cycle() -> None:
+    """The checker itself: a two-module loop is reported."""
+    assert _cycles({"a": {"b"}, "b": {"a"}, "c": set()}) == [["a", "b"]]

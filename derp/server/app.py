@@ -27,182 +27,28 @@ receive limit and write timeout in :mod:`derp.server.conn` (``rate_config``,
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import math
 import socket
-import ssl
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from ..admission import Admission, AdmissionGate
 from ..dashboard import RelayDashboard, SseStart
-from ..frames import encode_restarting, encode_server_key
-from ..keys import PrivateKey, PublicKey
-from ..mesh import Mesh, MeshPeer
-from ..limits import AcceptLimiter, RateConfig
+from ..frames import encode_restarting
+from ..keys import PublicKey
+from ..limits import AcceptLimiter
 from ..metrics import DebugAccess, DerpMetrics
+from ..peers import mesh_factory
 from ..relay import Relay
 from ..stats import ServerStats
+from .config import ServerConfig
 from .conn import DerpConnection
-from .handshake import SERVER_INFO_JSON
+from .context import ConnContext
 from .http import HttpConnection, derp_upgrade_response
 from .listener import AcceptGate
-from .wheel import TimerWheel
 
 __all__ = ["ServerConfig", "DerpServer", "ConnContext"]
 
 log = logging.getLogger("derp.server")
-
-ForwardHook = Callable[[bytes, bytes, memoryview], None]
-
-
-@dataclass(frozen=True, slots=True)
-class ServerConfig:
-    """DERP server settings.
-
-    ``mesh_key`` is the raw 32-byte mesh pre-shared key (``None``: no mesh).
-    ``keepalive_jitter`` is the upper bound of the per-connection random
-    KeepAlive jitter (derper: 5 s). ``queue_depth`` bounds each of a client's
-    two send queues (data and disco). ``write_buffer_high`` is the transport
-    high-water mark above which a client counts as not writable.
-    """
-
-    private_key: PrivateKey
-    mesh_key: bytes | None = None
-    hostname: str = "127.0.0.1"
-    keepalive_interval: float = 60.0
-    handshake_timeout: float = 10.0
-    queue_depth: int = 32
-    keepalive_jitter: float = 5.0
-    write_buffer_high: int = 64 * 1024
-    # --- production limits, TLS, metrics, restart (derp.limits/tls/metrics) ---
-    #: TLS for the listener (derp.tls.server_ssl_context); None = plain HTTP
-    ssl_context: ssl.SSLContext | None = None
-    #: accepted connections per second (inf = unlimited) and burst
-    accept_limit: float = math.inf
-    accept_burst: int = 2**31 - 1
-    #: open sockets above which new ones are closed at accept (0 = unlimited)
-    max_connections: int = 0
-    #: per-client receive rate limit (advertised in ServerInfo; mesh peers exempt)
-    rate_config: RateConfig = field(default_factory=RateConfig)
-    #: drop a client whose socket stays blocked this long (0 disables); mesh peers get 30 s
-    write_timeout: float = 2.0
-    mesh_write_timeout: float = 30.0
-    #: networks allowed to read /debug/* and /metrics (None: loopback only)
-    debug_allow: tuple[str, ...] | None = None
-    #: Restarting frame sent to every client on stop(restarting=True)
-    restart_reconnect_in: float = 1.0
-    restart_try_for: float = 30.0
-    #: tell duplicate connections of a key about each other with Health frames
-    health_on_duplicate: bool = True
-    #: admission hook for non-mesh clients (derp.admission); None admits everyone
-    admission: Admission | None = None
-    #: mesh peers to dial (derp.mesh.parse_mesh_with); needs mesh_key
-    mesh_with: tuple[MeshPeer, ...] = ()
-    #: seconds between mesh reconnect attempts (derper: 5)
-    mesh_retry_interval: float = 5.0
-
-    def __post_init__(self) -> None:
-        if self.mesh_key is not None and len(self.mesh_key) != 32:
-            raise ValueError("mesh_key must be 32 raw bytes")
-        if self.keepalive_interval <= 0 or self.handshake_timeout <= 0:
-            raise ValueError("keepalive_interval and handshake_timeout must be positive")
-        if self.queue_depth < 0:
-            raise ValueError("queue_depth must be >= 0")
-        if self.mesh_with and self.mesh_key is None:
-            raise ValueError("mesh_with needs a mesh_key")
-        if self.write_timeout < 0 or self.mesh_write_timeout < 0 or self.max_connections < 0:
-            raise ValueError("write timeouts and max_connections must be >= 0")
-        if self.restart_reconnect_in < 0 or self.restart_try_for < 0:
-            raise ValueError("restart times must be >= 0")
-
-
-class ConnContext:
-    """State shared by all connections of one server (event loop thread only)."""
-
-    __slots__ = (
-        "loop",
-        "relay",
-        "stats",
-        "private_key",
-        "mesh_key",
-        "server_key_frame",
-        "handshake_timeout",
-        "keepalive_interval",
-        "keepalive_jitter",
-        "queue_depth",
-        "write_buffer_high",
-        "conns",
-        "pending",
-        "touched",
-        "batch_diverted",
-        "forward_hook",
-        "admission",
-        "rate_config",
-        "write_timeout",
-        "mesh_write_timeout",
-        "server_info_json",
-        "health_on_duplicate",
-        "wheel",
-        "_on_lost",
-    )
-
-    def __init__(
-        self,
-        config: ServerConfig,
-        loop: asyncio.AbstractEventLoop,
-        on_lost: Callable[[DerpConnection], None],
-        stats: ServerStats | None = None,
-    ) -> None:
-        self.loop = loop
-        self.relay: Relay[DerpConnection] = Relay()
-        self.stats = stats if stats is not None else ServerStats()
-        self.private_key = config.private_key
-        self.mesh_key = config.mesh_key
-        self.server_key_frame = encode_server_key(config.private_key.public.raw)
-        self.handshake_timeout = config.handshake_timeout
-        self.keepalive_interval = config.keepalive_interval
-        self.keepalive_jitter = config.keepalive_jitter
-        self.queue_depth = config.queue_depth
-        self.write_buffer_high = config.write_buffer_high
-        #: admitted connections
-        self.conns: set[DerpConnection] = set()
-        #: connections still in the handshake
-        self.pending: set[DerpConnection] = set()
-        #: destinations with a non-empty batch during one data_received
-        self.touched: list[DerpConnection] = []
-        #: [packets, bytes] of the current batch that were queued or dropped
-        self.batch_diverted = [0, 0]
-        #: mesh forwarding hook (dst not local, but in relay.forwarders)
-        self.forward_hook: ForwardHook | None = None
-        #: runs admission checks (None: admit everyone)
-        self.admission: AdmissionGate | None = None
-        if config.admission is not None:
-            self.admission = AdmissionGate(config.admission)
-        self.rate_config = config.rate_config
-        self.write_timeout = config.write_timeout
-        self.mesh_write_timeout = config.mesh_write_timeout
-        self.health_on_duplicate = config.health_on_duplicate
-        #: ServerInfo JSON (token bucket fields when a receive limit is set)
-        self.server_info_json = SERVER_INFO_JSON
-        rl = config.rate_config.server_info_fields()
-        if rl:
-            info = dict(json.loads(SERVER_INFO_JSON))
-            info.update(rl)
-            self.server_info_json = json.dumps(info, separators=(",", ":")).encode()
-        resolution = min(1.0, config.keepalive_interval / 10)
-        self.wheel: TimerWheel[DerpConnection] = TimerWheel(resolution, loop.time())
-        self._on_lost = on_lost
-
-    def schedule_keepalive(self, conn: DerpConnection) -> None:
-        """Put ``conn``'s next KeepAlive into the shared wheel."""
-        self.wheel.schedule(conn, self.loop.time() + conn._ka_period)
-
-    def on_lost(self, conn: DerpConnection) -> None:
-        self._on_lost(conn)
-
 
 class DerpServer:
     """A DERP relay server on one TCP port (HTTP + DERP upgrade).
@@ -217,7 +63,7 @@ class DerpServer:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self._ctx: ConnContext | None = None
+        self._ctx: ConnContext[DerpConnection] | None = None
         self._stats = ServerStats()
         self._listeners: list[asyncio.Server] = []
         self._sweep: asyncio.TimerHandle | None = None
@@ -225,15 +71,19 @@ class DerpServer:
         self._derp_live: set[DerpConnection] = set()
         self._idle: asyncio.Event | None = None
         self._upgrade_response = derp_upgrade_response(config.private_key.public)
-        self._mesh: Mesh | None = None
+        self._mesh: Any = None
         self._metrics: DerpMetrics | None = None
         self._dashboard: RelayDashboard | None = None
         self._debug_access = DebugAccess(config.debug_allow)
+        #: what /metrics and /debug/ show instead of this server's own counters
+        #: (derp.workers: totals over every worker process); None: own counters
+        self.metrics_view: Callable[[], DerpMetrics] | None = None
         self._gate = AcceptGate(
             self,
             AcceptLimiter(config.accept_limit, config.accept_burst),
             max_connections=config.max_connections,
             ssl_context=config.ssl_context,
+            reuse_port=config.reuse_port,
         )
 
     # ------------------------------------------------------------------ properties
@@ -257,13 +107,13 @@ class DerpServer:
         return self._context().relay
 
     @property
-    def context(self) -> ConnContext:
+    def context(self) -> ConnContext[DerpConnection]:
         """State shared by this server's connections (for in-process extensions: derp.mesh)."""
         return self._context()
 
     @property
-    def mesh(self) -> Mesh | None:
-        """The mesh started from ``config.mesh_with`` (None without one)."""
+    def mesh(self) -> Any:
+        """The :class:`derp.mesh.Mesh` started from ``config.mesh_with`` (None without one)."""
         return self._mesh
 
     @property
@@ -303,7 +153,10 @@ class DerpServer:
 
     def debug_response(self, path: str, remote_addr: object) -> tuple[int, bytes, str]:
         """HTTP front-door hook for ``/debug/*`` and ``/metrics`` (derp.metrics)."""
-        return self._debug_access.respond(self.metrics, path, remote_addr)
+        view = self.metrics_view
+        return self._debug_access.respond(
+            self.metrics if view is None else view(), path, remote_addr
+        )
 
     @property
     def dashboard(self) -> RelayDashboard:
@@ -318,7 +171,7 @@ class DerpServer:
         """HTTP front-door hook for ``/dashboard…`` (same access rule as ``/debug/``)."""
         return self.dashboard.respond(path, remote_addr)
 
-    def _context(self) -> ConnContext:
+    def _context(self) -> ConnContext[DerpConnection]:
         if self._ctx is None:
             self._ctx = ConnContext(
                 self.config, asyncio.get_running_loop(), self._derp_lost, self._stats
@@ -355,10 +208,22 @@ class DerpServer:
         else:
             log.info("derp: serving embedded (no listener) key %s", self.public_key.short())
         if self.config.mesh_with:
-            self._mesh = Mesh(
+            self._mesh = mesh_factory()(
                 self, self.config.mesh_with, retry_interval=self.config.mesh_retry_interval
             )
             self._mesh.start()
+
+    async def listen_extra(self, host: str, port: int = 0) -> int:
+        """Listen on one more port (no ``SO_REUSEPORT``); returns it. ``derper
+        --workers N`` tests use it to reach one particular worker."""
+        servers = await AcceptGate(
+            self,
+            self._gate.limiter,
+            max_connections=self.config.max_connections,
+            ssl_context=self.config.ssl_context,
+        ).listen(host, port)
+        self._listeners += servers
+        return int(servers[0].sockets[0].getsockname()[1])
 
     def accept(
         self,

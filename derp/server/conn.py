@@ -94,7 +94,7 @@ from .handshake import MIN_CLIENT_INFO_LEN, ClientInfoData, open_client_info
 
 if TYPE_CHECKING:
     from ..admission import AdmissionGate
-    from .app import ConnContext
+    from .context import ConnContext
 
 __all__ = ["DerpConnection", "DUPLICATE_KEY_HEALTH", "MAX_FRAME_LEN", "ip16_port"]
 
@@ -196,7 +196,7 @@ class DerpConnection(asyncio.Protocol):
         "_yielding",
     )
 
-    def __init__(self, ctx: ConnContext, remote_addr: object = None) -> None:
+    def __init__(self, ctx: ConnContext[DerpConnection], remote_addr: object = None) -> None:
         self._ctx = ctx
         self._transport: asyncio.Transport | None = None
         self._state = _HANDSHAKE
@@ -330,7 +330,7 @@ class DerpConnection(asyncio.Protocol):
         dep = ctx.relay.unregister(self._key, self)
         if not dep.last and self._health:
             left = ctx.relay.connections(self._key)
-            if len(left) == 1:
+            if len(left) == 1 and self._key not in ctx.relay.elsewhere:
                 left[0].set_health("")
         log.debug(
             "derp: disconnected %s: %s%s",
@@ -745,12 +745,17 @@ class DerpConnection(asyncio.Protocol):
             div[1] += plen
         if d is None:
             relay = ctx.relay
+            fwd = ctx.forward_hook
+            route = relay.forwarders.get(dst) if fwd is not None else None
+            # One hop: a mesh-forwarded packet may still cross to a sibling
+            # worker (a preferred route), never to another mesh peer.
+            if route is not None and fwd is not None and (
+                not forwarded or ctx.routes.is_preferred(route)
+            ):
+                fwd(src, dst, packet)
+                return
             if dst in relay:
                 st.drop(_D[DUP_CLIENT, disco], plen)
-                return
-            fwd = ctx.forward_hook
-            if fwd is not None and not forwarded and dst in relay.forwarders:
-                fwd(src, dst, packet)
                 return
             st.drop(_D[UNKNOWN_DEST_ON_FWD if forwarded else UNKNOWN_DEST, disco], plen)
             if disco:
@@ -863,17 +868,23 @@ class DerpConnection(asyncio.Protocol):
             if length != 0:
                 self.close(f"WatchConns of {length} bytes (must be 0)", protocol_error=True)
                 return
-            for k in ctx.relay.add_watcher(self):
-                c = ctx.relay.active.get(k)
-                if c is not None:
-                    self._push(c.peer_present_frame())
+            relay = ctx.relay
+            for k in relay.add_watcher(self):
+                conns = relay.connections(k)  # local ones (active may be a stand-in)
+                if conns:
+                    self._push(conns[-1].peer_present_frame())
+            if ctx.sibling_presence is not None:  # keys of sibling workers (derp.workers)
+                for frame in ctx.sibling_presence():
+                    self._push(frame)
         elif ftype == FrameType.CLOSE_PEER:
             if length != KEY_LEN:
                 self.close(f"ClosePeer of {length} bytes (must be 32)", protocol_error=True)
                 return
             target = data[start:end]
             conns = ctx.relay.connections(target)
-            if not conns:
+            if ctx.close_elsewhere is not None and target in ctx.relay.elsewhere:
+                ctx.close_elsewhere(target)  # sibling workers' connections too
+            elif not conns:
                 log.info("derp: ClosePeer from %s: [%s] not here", self._name(), target.hex()[:8])
             for c in conns:
                 c.close(f"ClosePeer from mesh peer {self._name()}")

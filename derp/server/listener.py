@@ -30,14 +30,23 @@ import logging
 import socket
 import ssl
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..limits import AcceptLimiter
 from ..tlsio import TlsProtocol
-from .http import HttpConnection
+from ..stats import ServerStats
+from .http import DerpAcceptor, HttpConnection
 
-if TYPE_CHECKING:
-    from .app import DerpServer
+
+
+class _Server(DerpAcceptor, Protocol):
+    """What the gate needs of its server (:class:`derp.server.DerpServer`)."""
+
+    @property
+    def open_connections(self) -> int: ...
+
+    @property
+    def stats(self) -> ServerStats: ...
 
 __all__ = ["AcceptGate", "bind_all"]
 
@@ -54,7 +63,9 @@ class _Reject(asyncio.Protocol):
 _BindInfo = tuple[int, int, int, str, tuple[Any, ...]]
 
 
-def bind_all(infos: Sequence[_BindInfo], port: int, backlog: int = 1024) -> list[socket.socket]:
+def bind_all(
+    infos: Sequence[_BindInfo], port: int, backlog: int = 1024, *, reuse_port: bool = False
+) -> list[socket.socket]:
     """Bound, listening, non-blocking sockets for the distinct addresses of ``infos``.
 
     IPv6 sockets are IPv6-only, so an IPv4 socket can share the port. With
@@ -62,6 +73,8 @@ def bind_all(infos: Sequence[_BindInfo], port: int, backlog: int = 1024) -> list
     taken on another address family retries with a new one). An address that
     cannot be bound because the host lacks it (``EADDRNOTAVAIL``, e.g. ::1 on
     a host without IPv6) is skipped with a warning if another one bound.
+    With ``reuse_port`` every socket gets ``SO_REUSEPORT`` (several worker
+    processes listen on one port; the kernel spreads new connections).
     """
     addrs: list[tuple[int, int, int, tuple[Any, ...]]] = []
     seen: set[tuple[int, str]] = set()
@@ -84,6 +97,8 @@ def bind_all(infos: Sequence[_BindInfo], port: int, backlog: int = 1024) -> list
                     continue
                 socks.append(sock)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 try:
@@ -117,13 +132,15 @@ class AcceptGate:
 
     def __init__(
         self,
-        server: DerpServer,
+        server: _Server,
         limiter: AcceptLimiter,
         *,
         max_connections: int = 0,
         ssl_context: ssl.SSLContext | None = None,
+        reuse_port: bool = False,
     ) -> None:
         self.server = server
+        self.reuse_port = reuse_port
         self.limiter = limiter
         self.max_connections = max_connections
         self.ssl_context = ssl_context
@@ -179,7 +196,7 @@ class AcceptGate:
             infos += await loop.getaddrinfo(
                 h, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
-        socks = bind_all(infos, port)
+        socks = bind_all(infos, port, reuse_port=self.reuse_port)
         servers: list[asyncio.Server] = []
         try:
             for sock in socks:

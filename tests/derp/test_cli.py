@@ -156,7 +156,15 @@ class Derper:
             self.proc.kill()
 
 
+#: ``--workers`` for every derper a test starts unless it names its own: the
+#: ``derpers`` fixture runs each of its tests with 1 (one process) and with 2 (a
+#: supervisor and two workers), so the CLI suite also runs with ``--workers 2``.
+_WORKERS = ["1"]
+
+
 async def start_derper(*args: str) -> Derper:
+    if "--workers" not in args:
+        args = (*args, "--workers", _WORKERS[0])
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -169,13 +177,17 @@ async def start_derper(*args: str) -> Derper:
     return Derper(proc)
 
 
-@pytest.fixture
-async def derpers() -> AsyncIterator[list[Derper]]:
+@pytest.fixture(params=["1", "2"], ids=["workers1", "workers2"])
+async def derpers(request: pytest.FixtureRequest) -> AsyncIterator[list[Derper]]:
     started: list[Derper] = []
-    yield started
-    for d in started:
-        d.kill()
-        await asyncio.wait_for(d.proc.wait(), WAIT)
+    _WORKERS[0] = request.param
+    try:
+        yield started
+    finally:
+        _WORKERS[0] = "1"
+        for d in started:
+            d.kill()  # with --workers 2 the workers follow (PR_SET_PDEATHSIG)
+            await asyncio.wait_for(d.proc.wait(), WAIT)
 
 
 async def _next_packet(client: DerpClient) -> PacketReceived:

@@ -7,6 +7,8 @@ import re
 import signal
 from pathlib import Path
 
+import pytest
+
 from derp.client import DerpClient
 from derp.events import Connected, Disconnected, HealthReceived, PacketReceived, ServerRestarting
 from derp.frames import FrameType
@@ -140,11 +142,12 @@ async def test_health_disabled_by_config() -> None:
         await srv.stop()
 
 
-async def test_derper_process_tls_pin_and_sigterm_restarting(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", ["1", "2"])
+async def test_derper_process_tls_pin_and_sigterm_restarting(tmp_path: Path, workers: str) -> None:
     d = await start_derper(
         "--dev", "-a", "127.0.0.1:0", "--no-stun", "--stats-interval", "0",
         "--certmode", "manual", "--certdir", str(tmp_path), "--hostname", "127.0.0.1",
-        "--restart-reconnect-in", "250ms", "--restart-try-for", "5s",
+        "--restart-reconnect-in", "250ms", "--restart-try-for", "5s", "--workers", workers,
     )  # fmt: skip
     client: DerpClient | None = None
     try:

@@ -1,0 +1,238 @@
+#!/usr/bin/env python3
+"""``derper --workers N`` scaling: the same per-packet load against 1, 2, … W workers.
+
+For each worker count the runner starts ``python -m derp --dev --workers N`` (the
+real CLI: supervisor + N SO_REUSEPORT workers; N = 1 is the single process),
+drives it with ``bench/derp_loadgen.py`` (per-packet writes, every delivery
+verified: source key, pair tag, crc32, sequence) and prints packets/s and the
+server's CPU per relayed packet, counting every process of the relay (the
+supervisor and all workers: ``/proc/<pid>/task/*/schedstat``).
+
+``--cross`` adds the case the issue's 1.3x target is about: 2 workers, senders
+connected to worker 0 and receivers to worker 1 (every packet crosses the Unix
+socket link), against senders and receivers both on worker 0 (no packet
+crosses). The workers' test ports (``--worker-test-ports``) address each one.
+
+Usage::
+
+    .venv/bin/python bench/derp_scale.py                       # 1..CPUs workers, 32x64
+    .venv/bin/python bench/derp_scale.py --max-workers 4 --pairs 8 --size 1400
+    .venv/bin/python bench/derp_scale.py --cross --runs 3      # + crossing vs staying, medians
+    .venv/bin/python bench/derp_scale.py --no-scale --idle 1000,3000   # marginal idle memory
+
+On a machine with C cores the load generator shares the cores with the relay:
+packets/s stops scaling at about C/2 workers here; give it its own host
+(``--host``/``--port`` of a relay started elsewhere is not supported: run on one
+box and read CPU per packet, which does not depend on who else runs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import select
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+
+from derp_loadgen import IdleClients, LoadSpec, Target, raise_nofile_limit, run_load  # noqa: E402
+
+
+class Relay:
+    """``derper --workers N`` in a child process; CPU summed over all its processes."""
+
+    def __init__(self, workers: int, log: Path) -> None:
+        self._log = open(log, "wb")
+        argv = [sys.executable, "-m", "derp", "--dev", "-a", "127.0.0.1:0", "--no-stun",
+                "--stats-interval", "0", "--log-level", "warning", "--workers", str(workers)]
+        if workers > 1:
+            argv.append("--worker-test-ports")
+        self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=self._log, cwd=HERE.parent)
+        self.port = 0
+        self.pids = [self.proc.pid]
+        self.test_ports: dict[int, int] = {}
+        self._read(workers)
+
+    def _read(self, workers: int) -> None:
+        """Parse the startup lines (raw ``os.read``: select() does not see what a
+        buffered reader already holds)."""
+        assert self.proc.stdout is not None
+        fd = self.proc.stdout.fileno()
+        deadline = time.monotonic() + 60
+        need_ports = workers if workers > 1 else 0
+        buf = b""
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if not ready:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                break
+            buf += chunk
+            *lines, buf = buf.split(b"\n")
+            for raw in lines:
+                line = raw.decode()
+                if m := re.search(r"listening on http://[^:]+:(\d+)/derp", line):
+                    self.port = int(m.group(1))
+                elif m := re.search(r"\d+ workers \(pids ([\d ]+)\)", line):
+                    self.pids += [int(p) for p in m.group(1).split()]
+                elif m := re.search(r"worker (\d+) test port (\d+)", line):
+                    self.test_ports[int(m.group(1))] = int(m.group(2))
+            if self.port and len(self.test_ports) >= need_ports and (workers == 1 or len(self.pids) > 1):
+                return
+        self.stop()
+        raise RuntimeError("derper did not start")
+
+    def cpu_s(self) -> float:
+        total = 0
+        for pid in self.pids:
+            for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+                try:
+                    with open(path) as f:
+                        total += int(f.read().split()[0])
+                except (OSError, ValueError, IndexError):
+                    pass
+        return total / 1e9
+
+    def rss_bytes(self) -> int:
+        """Resident memory summed over the supervisor and every worker."""
+        total = 0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    for line in f:
+                        if line.startswith("VmRSS:"):
+                            total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+
+
+def measure(relay: Relay, target: Target, spec: LoadSpec, gen_procs: int) -> dict[str, Any]:
+    res = run_load(target, spec, workers=gen_procs,
+                   on_window_start=relay.cpu_s, on_window_end=relay.cpu_s)
+    c0, c1 = res.pop("start_sample"), res.pop("end_sample")
+    res["srv_cpu_s"] = c1 - c0
+    res["us_per_pkt"] = (c1 - c0) / res["win_recv"] * 1e6 if res["win_recv"] else float("nan")
+    res["srv_cores"] = (c1 - c0) / res["window_s"]
+    return res
+
+
+def idle_marginal(workers: int, low: int, high: int, log: Path) -> tuple[float, float]:
+    """KB of relay RSS (all processes) per idle client between ``low`` and ``high``
+    clients, and the RSS at ``low`` in MB."""
+    relay = Relay(workers, log)
+    idle = IdleClients()
+    try:
+        target = Target("derp", "127.0.0.1", relay.port)
+        idle.add(target, low)
+        time.sleep(1.0)  # let the relay finish post-handshake work before sampling
+        r0 = relay.rss_bytes()
+        idle.add(target, high - low)
+        time.sleep(1.0)
+        r1 = relay.rss_bytes()
+        return (r1 - r0) / (idle.count - low) / 1e3, r0 / 1e6
+    finally:
+        idle.close()
+        relay.stop()
+
+
+def verify(r: dict[str, Any]) -> str:
+    bad = [f"{r[k]} {k}" for k in ("lost", "duplicated", "misdelivered", "corrupted", "gaps") if r.get(k)]
+    bad += [f"error: {e}" for e in r.get("errors", [])[:2]]
+    return "ok" if not bad else "!! " + ", ".join(bad)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-workers", type=int, default=len(os.sched_getaffinity(0)))
+    p.add_argument("--pairs", type=int, default=32)
+    p.add_argument("--size", type=int, default=64)
+    p.add_argument("--duration", type=float, default=3.0)
+    p.add_argument("--warmup", type=float, default=1.0)
+    p.add_argument("--gen-procs", type=int, default=2, help="load generator processes (default 2)")
+    p.add_argument("--runs", type=int, default=1, help="repeat and print medians")
+    p.add_argument("--cross", action="store_true", help="also: 2 workers, crossing vs staying")
+    p.add_argument("--no-scale", action="store_true", help="skip the 1..W curve")
+    p.add_argument("--idle", default="", metavar="LOW,HIGH",
+                   help="also: marginal idle memory per client between LOW and HIGH clients, "
+                   "for 1 and for W workers (e.g. 1000,3000)")
+    args = p.parse_args(argv)
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    spec = LoadSpec(pairs=args.pairs, size=args.size, mode="closed", warmup=args.warmup,
+                    duration=args.duration, per_packet=True)
+    print(f"# derp_scale: {args.pairs} pairs x {args.size} B, closed loop, per-packet writes, "
+          f"{args.gen_procs} generator processes, {args.runs} run(s); "
+          f"cores available {len(os.sched_getaffinity(0))}; load {os.getloadavg()[0]:.2f}")
+    rows: list[tuple[str, list[dict[str, Any]]]] = []
+    cases: list[tuple[str, int, str]] = []
+    if not args.no_scale:
+        cases += [(f"{w} worker{'s' if w > 1 else ''}", w, "shared") for w in range(1, args.max_workers + 1)]
+    if args.cross:
+        cases += [("2 workers, stay in w0", 2, "stay"), ("2 workers, cross w0->w1", 2, "cross")]
+    for name, w, how in cases:
+        runs = []
+        for _ in range(args.runs):
+            relay = Relay(w, results / f"scale-w{w}-{how}.log")
+            try:
+                if how == "shared":
+                    target = Target("derp", "127.0.0.1", relay.port)
+                elif how == "stay":
+                    target = Target("derp", "127.0.0.1", relay.test_ports[0], relay.test_ports[0])
+                else:
+                    target = Target("derp", "127.0.0.1", relay.test_ports[0], relay.test_ports[1])
+                runs.append(measure(relay, target, spec, args.gen_procs))
+            finally:
+                relay.stop()
+        rows.append((name, runs))
+        print(_line(name, runs), flush=True)
+    if args.idle:
+        raise_nofile_limit()
+        low, high = (int(x) for x in args.idle.split(","))
+        for w in sorted({1, args.max_workers}):
+            kb, base = idle_marginal(w, low, high, results / f"scale-idle-w{w}.log")
+            print(f"| idle, {w} worker{'s' if w > 1 else ''}: {kb:5.2f} KB per client between "
+                  f"{low} and {high} clients (relay RSS at {low}: {base:.1f} MB, all processes) |",
+                  flush=True)
+    by = dict(rows)
+    if args.cross:
+        stay = statistics.median(r["us_per_pkt"] for r in by["2 workers, stay in w0"])
+        cross = statistics.median(r["us_per_pkt"] for r in by["2 workers, cross w0->w1"])
+        print(f"\ncrossing / staying CPU per packet: {cross / stay:.2f}x (target <= 1.3x)")
+    return 0
+
+
+def _line(name: str, runs: list[dict[str, Any]]) -> str:
+    pps = statistics.median(r["pps"] for r in runs)
+    us = statistics.median(r["us_per_pkt"] for r in runs)
+    cores = statistics.median(r["srv_cores"] for r in runs)
+    checks = "; ".join(sorted({verify(r) for r in runs}))
+    return (f"| {name:<24} | {pps:>10,.0f} pkt/s | {us:6.2f} us server CPU/pkt | "
+            f"{cores:4.2f} server cores | {checks} |")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,739 @@
+"""One worker of ``derper --workers N``: its links to the sibling workers (asyncio).
+
+Every worker is a full :class:`~derp.server.DerpServer` on the shared port
+(``SO_REUSEPORT``: the kernel picks the worker of each new connection).
+:class:`WorkerNode` attaches to it as a :class:`derp.peers.PeerRelays` (like
+the DERP mesh) and joins the siblings through Unix-domain sockets::
+
+    worker i listens on  <dir>/w<i>.sock ;  worker i dials every j < i
+    both ends send HELLO, then the full state (PRESENT for every local key),
+    then stream PRESENT / GONE / ACTIVE / PACKET / STATS (derp.workers.link)
+
+Presence and routing (the server's shared :class:`~derp.peers.RouteTable`;
+sibling links are *preferred*, so they win over mesh routes):
+
+* a local registration → PRESENT(key) to every sibling (+ ACTIVE(key) if a
+  sibling also holds the key: the new connection is the most recent one);
+* the last local connection of a key leaving → GONE(key);
+* PRESENT(key) from sibling j → route key via j; ``relay.elsewhere[key]``
+  counts the siblings holding key;
+* GONE(key) from j, or link j breaking (worker died) → the route goes; a key
+  left with no route and no local connection owes PeerGone(Disconnected) to
+  every local client that received packets from it
+  (:meth:`~derp.server.context.ConnContext.unreachable`, as for the mesh).
+
+Behaviours across workers:
+
+* relaying: ``relay.active[key]`` for a key received on sibling j is a
+  :class:`_StandIn`, so the sender's packet path treats it like a local
+  connection: the RecvPacket frames of one read for that key are joined once
+  and become one FRAMES link frame; everything queued on a link in one loop
+  iteration goes out in one ``write``. Worker j appends the frames unchanged
+  to its client's write batch (one write per client per link read) and
+  subscribes the client to PeerGone for the source. Destinations that are
+  paused or gone take the per-packet path (queues and drop rules as for any
+  forwarded packet). ``forward`` (PACKET frames) serves the rest: a route in
+  use without a stand-in yet;
+* NotHere: a worker knows every key of the host, so an unknown key is unknown
+  everywhere (up to the link latency);
+* duplicate keys: the most recently active connection wins wherever it is. A
+  worker whose connection of key registers or speaks while a sibling was
+  active sends ACTIVE(key); the others :meth:`~derp.relay.Relay.step_aside`
+  (their ``active[key]`` becomes the stand-in for that sibling) until one of
+  their own connections of key speaks again; Health
+  frames tell every connection of a key split across workers it has a
+  duplicate, and the last one left that it is healthy again;
+* mesh: every worker dials the ``--mesh-with`` peers itself; a WatchConns
+  answer includes the siblings' keys (``ConnContext.sibling_presence``) and
+  watchers hear PeerPresent/PeerGone when a key appears on / leaves the whole
+  host; a ForwardPacket from a mesh peer may cross to a sibling (one hop);
+* metrics: every :data:`~derp.workers.stats.STATS_INTERVAL` each worker sends
+  its counters to every sibling; ``/metrics`` and ``/debug/`` on any worker
+  show the totals, and ``/metrics`` a few ``derp_worker_*{worker="i"}``
+  families besides (:mod:`derp.workers.stats`).
+
+Backpressure: a link whose pending bytes plus socket buffer exceed
+:data:`MAX_LINK_BUFFER` refuses packets (counted as ``write_error`` drops);
+presence frames are always queued (small, and losing one would leave a stale
+route).
+
+Invariants: ``relay.elsewhere[k]`` equals the number of up links whose sibling
+announced ``k``; a key appears in ``routes`` via link j iff j announced it and
+has not said GONE; nothing here blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final, cast
+
+from ..frames import (
+    HEADER_LEN,
+    FrameType,
+    PeerGoneReason,
+    encode_peer_gone,
+    encode_peer_present,
+    looks_like_disco,
+)
+from ..server.app import DerpServer
+from ..server.conn import DUPLICATE_KEY_HEALTH, DerpConnection
+from ..metrics import DerpMetrics
+from ..stats import KIND_DISCO, KIND_OTHER, UNKNOWN_DEST_ON_FWD, WRITE_ERROR, ServerStats
+from .link import (
+    MAX_FRAMES_LEN,
+    Active,
+    ClosePeer,
+    Frames,
+    Gone,
+    Hello,
+    LinkDecoder,
+    LinkEncoder,
+    LinkError,
+    Packet,
+    Present,
+    Stats,
+)
+from .stats import STATS_INTERVAL, WorkerCollector, decode_stats, encode_stats, merge_stats
+
+__all__ = ["MAX_LINK_BUFFER", "WorkerNode", "WorkerSpec", "socket_path"]
+
+log = logging.getLogger("derp.workers")
+
+_RECV_HDR: Final = struct.Struct(">BI")
+_RECV: Final = FrameType.RECV_PACKET.value
+_OPEN: Final = 1  # DerpConnection's open state (derp.server.conn)
+
+#: A link holding this many unsent bytes refuses further packets (drops).
+MAX_LINK_BUFFER: Final = 8 << 20
+_DIAL_RETRY: Final = 0.05
+
+
+def socket_path(sock_dir: str, index: int) -> str:
+    """The Unix socket worker ``index`` listens on."""
+    return os.path.join(sock_dir, f"w{index}.sock")
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSpec:
+    """Who this worker is: its index among ``count`` workers and the socket directory."""
+
+    index: int
+    count: int
+    sock_dir: str
+
+
+class _Link(asyncio.Protocol):
+    """One Unix-socket link to a sibling worker (a :class:`derp.peers.Forwarder`)."""
+
+    def __init__(self, node: WorkerNode, dialled_index: int | None) -> None:
+        self.node = node
+        self.loop = node.loop
+        self.index: int | None = dialled_index
+        self.enc = LinkEncoder()
+        self.dec = LinkDecoder()
+        self.transport: asyncio.Transport | None = None
+        self.up = False
+        self.closed: asyncio.Future[None] = self.loop.create_future()
+        self._flush_pending = False
+        #: keys the sibling announced → their 51-byte PeerPresent payload
+        self.keys: dict[bytes, bytes] = {}
+        self.packets_out = 0
+
+    def __repr__(self) -> str:
+        return f"_Link(w{self.index})"
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        spec = self.node.spec
+        self.enc.hello(spec.index, spec.count, os.getpid())
+        self._flush()
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            self.dec.receive_data(data)
+        except LinkError as exc:
+            log.warning("workers: link to w%s: %s; closing it", self.index, exc)
+            self.abort()
+            return
+        self.node._link_events(self, self.dec.events_received())
+
+    def eof_received(self) -> bool | None:
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.node._link_lost(self)
+        if not self.closed.done():
+            self.closed.set_result(None)
+
+    # Forwarder
+
+    def forward(self, src: bytes, dst: bytes, packet: memoryview) -> bool:
+        """Queue a packet for the sibling; false (dropped) if the link is backed up."""
+        t = self.transport
+        if t is None or not self.up:
+            return False
+        enc = self.enc
+        if enc.pending_bytes + t.get_write_buffer_size() > MAX_LINK_BUFFER:
+            return False
+        enc.packet(src, dst, packet)
+        self.packets_out += 1
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
+        return True
+
+    # writing
+
+    def schedule_flush(self) -> None:
+        if not self._flush_pending and self.transport is not None:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """One ``writelines`` of everything queued this iteration (no join: the
+        transport writes the buffers with one ``writev``)."""
+        self._flush_pending = False
+        t = self.transport
+        chunks = self.enc.chunks_to_send()
+        if chunks and t is not None and not t.is_closing():
+            t.writelines(chunks)
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class _StandIn:
+    """In ``relay.active`` for a key whose receiving connection is on a sibling.
+
+    It has the attributes the packet path of :class:`DerpConnection` touches
+    (``_out``, ``_paused``, ``_state``, ``_transport``, ``_push``), so a packet
+    for a sibling's key costs what a local one does: the RecvPacket frames of
+    one read are joined and "written" here once, and become one FRAMES link
+    frame. Never paused: a backed-up link drops (``write_error``) instead.
+    PeerGone owed to it is dropped (the sibling's own relay tells its clients).
+    """
+
+    __slots__ = ("key", "link", "node", "_out", "_paused", "_state", "_transport")
+
+    def __init__(self, node: WorkerNode, key: bytes, link: _Link) -> None:
+        self.node = node
+        self.key = key
+        self.link = link
+        self._out: list[bytes | memoryview] = []
+        self._paused = False
+        self._state = _OPEN
+        self._transport = self
+
+    def __repr__(self) -> str:
+        return f"_StandIn({self.key.hex()[:8]} via w{self.link.index})"
+
+    @property
+    def is_open(self) -> bool:
+        return True
+
+    @property
+    def is_mesh(self) -> bool:
+        return False
+
+    # the transport side (called by the packet path's flush)
+
+    def is_closing(self) -> bool:
+        return self.link.transport is None
+
+    def write(self, data: bytes) -> None:
+        link = self.link
+        t = link.transport
+        if t is None or not link.up or (
+            link.enc.pending_bytes + t.get_write_buffer_size() > MAX_LINK_BUFFER
+        ):
+            self.node.ctx.stats.drop((WRITE_ERROR, KIND_OTHER), len(data))
+            return
+        link.packets_out += 1  # one FRAMES link frame (one or more packets)
+        if len(data) <= MAX_FRAMES_LEN:
+            link.enc.frames(self.key, data)
+        else:  # split at frame boundaries (only a huge mesh-forwarded batch gets here)
+            pos = 0
+            while pos < len(data):
+                end = pos
+                while end < len(data) and end - pos < MAX_FRAMES_LEN // 2:
+                    end += 5 + _RECV_HDR.unpack_from(data, end)[1]
+                link.enc.frames(self.key, data[pos:end])
+                pos = end
+        link.schedule_flush()
+
+    # what the connection code calls on a receiver
+
+    def _push(self, frame: bytes) -> None:
+        out = self._out
+        if not out:
+            self.node.ctx.touched.append(cast(DerpConnection, self))
+        out.append(frame)
+
+    def _send_ctrl(self, frame: bytes) -> None:
+        pass
+
+    def send_control(self, frame: bytes) -> None:
+        pass
+
+    def set_health(self, problem: str) -> None:
+        pass
+
+
+class WorkerNode:
+    """The sibling links of one worker process (see the module docstring).
+
+    Usage (the ``derper`` worker does this)::
+
+        node = WorkerNode(server, WorkerSpec(index, count, sock_dir))
+        await node.start()          # listen, dial every lower-index sibling
+        await node.wait_linked()    # links to every lower-index sibling are up
+        ...
+        await node.stop()
+    """
+
+    def __init__(self, server: DerpServer, spec: WorkerSpec) -> None:
+        self.server = server
+        self.spec = spec
+        self.loop = asyncio.get_running_loop()
+        self.ctx = server.context
+        #: sibling index → its live link (after HELLO)
+        self.links: dict[int, _Link] = {}
+        self._all: set[_Link] = set()
+        self._unix: asyncio.AbstractServer | None = None
+        self._dialers: list[asyncio.Task[None]] = []
+        self._stats_timer: asyncio.TimerHandle | None = None
+        self._sibling_stats: dict[int, dict[str, Any]] = {}
+        self._linked = asyncio.Event()
+        self._stopping = False
+        self._total = ServerStats()
+        self._total_metrics = DerpMetrics(self._total, process=True)
+        self._total_metrics.gauges["workers"] = lambda: float(self.spec.count)
+        self._total_metrics.gauges["workers_linked"] = lambda: float(len(self.links) + 1)
+        #: key → stand-in in relay.active for a key received on a sibling
+        self.stand_ins: dict[bytes, _StandIn] = {}
+        self._total_metrics.registry.register(WorkerCollector(self._worker_docs))
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        """Install the hooks, listen on this worker's socket, dial lower siblings."""
+        ctx = self.ctx
+        ctx.forward_hook = ctx.forward_via_routes
+        ctx.relay.observer = self
+        ctx.sibling_presence = self._presence_frames
+        ctx.close_elsewhere = self._close_elsewhere
+        self.server.metrics_view = self.total_metrics
+        path = socket_path(self.spec.sock_dir, self.spec.index)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        self._unix = await self.loop.create_unix_server(lambda: self._track(_Link(self, None)), path)
+        for j in range(self.spec.index):
+            self._dialers.append(self.loop.create_task(self._dial(j), name=f"derp-worker-dial w{j}"))
+        self._check_linked()
+        self._stats_timer = self.loop.call_later(STATS_INTERVAL, self._send_stats)
+
+    async def wait_linked(self) -> None:
+        """Return once the links to every lower-index sibling are up."""
+        await self._linked.wait()
+
+    async def stop(self) -> None:
+        """Close every link and stop dialling."""
+        self._stopping = True
+        if self._stats_timer is not None:
+            self._stats_timer.cancel()
+            self._stats_timer = None
+        for t in self._dialers:
+            t.cancel()
+        for t in self._dialers:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        if self._unix is not None:
+            self._unix.close()
+        for link in list(self._all):
+            link.abort()
+        if self.ctx.relay.observer is self:
+            self.ctx.relay.observer = None
+
+    def _track(self, link: _Link) -> _Link:
+        self._all.add(link)
+        return link
+
+    async def _dial(self, j: int) -> None:
+        """Keep a link to sibling ``j`` up (redial while it restarts)."""
+        path = socket_path(self.spec.sock_dir, j)
+        while not self._stopping:
+            link = self._track(_Link(self, j))
+            try:
+                await self.loop.create_unix_connection(lambda: link, path)
+            except OSError:
+                self._all.discard(link)
+                await asyncio.sleep(_DIAL_RETRY)
+                continue
+            await link.closed
+            await asyncio.sleep(_DIAL_RETRY)
+
+    def _check_linked(self) -> None:
+        if all(j in self.links for j in range(self.spec.index)):
+            self._linked.set()
+
+    # ------------------------------------------------------------------ RelayObserver
+
+    def registered(self, key: bytes, conn: object) -> None:
+        c = cast(DerpConnection, conn)
+        payload = c.peer_present_frame()[HEADER_LEN:]
+        also = key in self.ctx.relay.elsewhere
+        for link in self.links.values():
+            link.enc.present_raw(payload)
+            if also:
+                link.enc.active(key)
+            link.schedule_flush()
+
+    def departed(self, key: bytes) -> None:
+        for link in self.links.values():
+            link.enc.gone(key)
+            link.schedule_flush()
+        self._sync(key)
+
+    def reactivated(self, key: bytes, conn: object) -> None:
+        if key not in self.ctx.relay.elsewhere:
+            return
+        for link in self.links.values():
+            link.enc.active(key)
+            link.schedule_flush()
+
+    # ------------------------------------------------------------------ link events
+
+    def _link_events(self, link: _Link, events: list[Any]) -> None:
+        ctx = self.ctx
+        relay = ctx.relay
+        active_get = relay.active.get
+        st = ctx.stats
+        deliver = DerpConnection._slow_deliver
+        touched = ctx.touched
+        stand_ins = relay.stand_ins
+        last_src = b""
+        last_d: DerpConnection | None = None
+        hk_len = -1
+        hk = b""
+        npk = nbytes = 0
+        for ev in events:
+            kind = type(ev)
+            if kind is Packet:
+                src, dst, pkt = ev
+                d = active_get(dst)
+                if d is not None and not d._paused and d._state == _OPEN:
+                    # Fast path, as in DerpConnection.data_received: header ‖ src
+                    # reused for equal sizes, the payload view appended uncopied.
+                    plen = len(pkt)
+                    out = d._out
+                    if not out:
+                        touched.append(d)
+                    if plen != hk_len or src != last_src:
+                        hk_len = plen
+                        hk = _RECV_HDR.pack(_RECV, 32 + plen) + src
+                    out.append(hk)
+                    out.append(pkt)
+                    if d is not last_d or src != last_src:
+                        last_d = d
+                        last_src = src
+                        relay.note_delivery(src, d)
+                    npk += 1
+                    nbytes += plen
+                    continue
+                if d is None:
+                    conns = relay.connections(dst)
+                    d = conns[-1] if conns else None
+                disco = looks_like_disco(pkt)
+                if d is None:
+                    st.drop((UNKNOWN_DEST_ON_FWD, KIND_DISCO if disco else KIND_OTHER), len(pkt))
+                    continue
+                deliver(d, src, dst, cast(memoryview, pkt), disco, d, forwarded=True)
+            elif kind is Present:
+                self._present(link, ev)
+            elif kind is Gone:
+                self._gone(link, ev.key)
+            elif kind is Frames:
+                dst, blob, src = ev
+                d = active_get(dst)
+                if d is None or d in stand_ins:  # one hop: deliver to a local connection
+                    conns = relay.connections(dst)
+                    d = conns[-1] if conns else None
+                if d is None or d._paused or d._state != _OPEN:
+                    self._frames_slow(d, blob, src)
+                    continue
+                out = d._out
+                if not out:
+                    touched.append(d)
+                out.append(blob)
+                if src:
+                    if d is not last_d or src != last_src:
+                        last_d, last_src = d, src
+                        relay.note_delivery(src, d)
+                else:
+                    self._note_sources(d, blob)
+            elif kind is Active:
+                key = ev.key
+                if key in relay and key in link.keys:
+                    ctx.routes.promote(key, link)
+                    relay.step_aside(key, cast(DerpConnection, self._stand_in(key, link)))
+            elif kind is Stats:
+                if link.index is not None:
+                    try:
+                        self._sibling_stats[link.index] = decode_stats(ev.data)
+                    except ValueError:
+                        log.warning("workers: bad STATS from w%s", link.index)
+            elif kind is ClosePeer:
+                for c in relay.connections(ev.key):
+                    c.close("ClosePeer from a mesh peer (via a sibling worker)")
+            elif kind is Hello:
+                self._hello(link, ev)
+        if npk:
+            st.packets_sent += npk
+            st.bytes_sent += nbytes
+        self._flush_touched()
+
+    def _stand_in(self, key: bytes, link: _Link) -> _StandIn:
+        si = self.stand_ins.get(key)
+        if si is None:
+            si = self.stand_ins[key] = _StandIn(self, key, link)
+            self.ctx.relay.stand_ins.add(cast(DerpConnection, si))
+        else:
+            si.link = link
+        return si
+
+    def _sync(self, key: bytes) -> None:
+        """Point ``relay.active[key]`` at a stand-in for the sibling route in use, or
+        retire the stand-in when ``key`` has no sibling route (or is local)."""
+        ctx = self.ctx
+        relay = ctx.relay
+        link = ctx.routes.route(key)
+        if isinstance(link, _Link) and link.up:
+            si = self._stand_in(key, link)
+            relay.route_remote(key, cast(DerpConnection, si))
+            return
+        old = self.stand_ins.pop(key, None)
+        if old is not None:
+            if key not in relay:
+                relay.route_remote(key, None)
+            relay.stand_ins.discard(cast(DerpConnection, old))
+
+    def _frames_slow(self, d: DerpConnection | None, blob: bytes | memoryview, src: bytes) -> None:
+        """FRAMES for a destination that is gone or paused: per packet, through the
+        connection's queues and drop rules (as a forwarded packet)."""
+        st = self.ctx.stats
+        data = bytes(blob)
+        pos = 0
+        while pos < len(data):
+            length = _RECV_HDR.unpack_from(data, pos)[1]
+            s, pkt = data[pos + 5 : pos + 5 + 32], memoryview(data)[pos + 37 : pos + 5 + length]
+            pos += 5 + length
+            disco = looks_like_disco(pkt)
+            if d is None:
+                st.drop((UNKNOWN_DEST_ON_FWD, KIND_DISCO if disco else KIND_OTHER), len(pkt))
+                continue
+            DerpConnection._slow_deliver(d, s, d.key, pkt, disco, d, forwarded=True)
+
+    def _note_sources(self, d: DerpConnection, blob: bytes | memoryview) -> None:
+        data = bytes(blob)
+        relay = self.ctx.relay
+        pos = 0
+        while pos < len(data):
+            length = _RECV_HDR.unpack_from(data, pos)[1]
+            relay.note_delivery(data[pos + 5 : pos + 37], d)
+            pos += 5 + length
+
+    def _flush_touched(self) -> None:
+        """One write per destination touched by this batch of link events."""
+        ctx = self.ctx
+        touched = ctx.touched
+        if not touched:
+            return
+        st = ctx.stats
+        for d in touched:
+            out = d._out
+            if d.is_open:
+                t = d._transport
+                if t is not None and not t.is_closing():
+                    t.write(b"".join(out))
+                else:
+                    st.drop((WRITE_ERROR, KIND_OTHER), 0, len(out) // 2)
+            out.clear()
+        del touched[:]
+
+    def _hello(self, link: _Link, hello: Hello) -> None:
+        if link.index is not None and link.index != hello.index:
+            log.warning("workers: dialled w%d but w%d answered", link.index, hello.index)
+            link.abort()
+            return
+        if hello.count != self.spec.count or hello.index == self.spec.index:
+            log.warning("workers: sibling w%d of %d does not fit (we are w%d of %d)",
+                        hello.index, hello.count, self.spec.index, self.spec.count)
+            link.abort()
+            return
+        old = self.links.get(hello.index)
+        if old is not None and old is not link:
+            old.abort()  # a restarted sibling; the old link's loss is handled first
+            self._link_lost(old)
+        link.index = hello.index
+        link.up = True
+        self.links[hello.index] = link
+        self.ctx.routes.prefer(link)
+        # Full state: every local key (its most recent connection's address/flags).
+        relay = self.ctx.relay
+        for key in list(relay.keys()):
+            conns = relay.connections(key)
+            if conns:
+                link.enc.present_raw(conns[-1].peer_present_frame()[HEADER_LEN:])
+        link.enc.stats(self._stats_payload())
+        link.schedule_flush()
+        log.info("workers: w%d linked to w%d (pid %d)", self.spec.index, hello.index, hello.pid)
+        self._check_linked()
+
+    def _present(self, link: _Link, ev: Present) -> None:
+        key = ev.key
+        if not link.up:
+            return
+        relay = self.ctx.relay
+        first = key not in link.keys
+        link.keys[key] = ev.payload
+        if not first:
+            return
+        was_on_host = key in relay or key in relay.elsewhere
+        relay.elsewhere[key] = relay.elsewhere.get(key, 0) + 1
+        self.ctx.routes.add(key, link)
+        self._sync(key)
+        if key in relay and self.ctx.health_on_duplicate:
+            for c in relay.connections(key):
+                c.set_health(DUPLICATE_KEY_HEALTH)
+        if not was_on_host and relay.watchers:
+            frame = encode_peer_present(key, ev.ip, ev.port, ev.flags)
+            for w in relay.watchers:
+                if w.is_open:
+                    w._send_ctrl(frame)
+
+    def _gone(self, link: _Link, key: bytes) -> None:
+        if link.keys.pop(key, None) is None:
+            return
+        self._forget(link, [key])
+
+    def _forget(self, link: _Link, keys: Iterable[bytes]) -> None:
+        """``link``'s sibling no longer holds ``keys`` (GONE, or the link broke)."""
+        ctx = self.ctx
+        relay = ctx.relay
+        routes = ctx.routes
+        lost: list[bytes] = []
+        for key in keys:
+            n = relay.elsewhere.get(key, 0) - 1
+            if n > 0:
+                relay.elsewhere[key] = n
+            else:
+                relay.elsewhere.pop(key, None)
+            if routes.remove(key, link):
+                lost.append(key)
+            if key in relay:
+                relay.take_back(key)  # the sibling it stepped aside for may be gone
+            self._sync(key)
+            if key in relay:
+                if key not in relay.elsewhere:
+                    conns = relay.connections(key)
+                    if len(conns) == 1:
+                        conns[0].set_health("")
+            elif key not in relay.elsewhere and relay.watchers:
+                frame = encode_peer_gone(key, PeerGoneReason.DISCONNECTED)
+                for w in relay.watchers:
+                    if w.is_open:
+                        w._send_ctrl(frame)
+        if lost:
+            ctx.unreachable(lost)
+
+    def _link_lost(self, link: _Link) -> None:
+        self._all.discard(link)
+        if not link.up:
+            return
+        link.up = False
+        if link.index is not None and self.links.get(link.index) is link:
+            del self.links[link.index]
+            self._sibling_stats.pop(link.index, None)
+        keys = list(link.keys)
+        link.keys.clear()
+        self._forget(link, keys)
+        self.ctx.routes.drop_link(link)
+        self.ctx.routes.forget_preference(link)
+        if not self._stopping:
+            log.info("workers: w%d lost its link to w%s (%d keys gone)",
+                     self.spec.index, link.index, len(keys))
+        self._flush_touched()
+
+    def _close_elsewhere(self, key: bytes) -> None:
+        """A mesh peer's ClosePeer(key): siblings holding key close their connections."""
+        for link in self.links.values():
+            if key in link.keys:
+                link.enc.close_peer(key)
+                link.schedule_flush()
+
+    # ------------------------------------------------------------------ presence for WatchConns
+
+    def _presence_frames(self) -> list[bytes]:
+        """PeerPresent frames for keys only siblings hold (one per key)."""
+        relay = self.ctx.relay
+        seen: set[bytes] = set()
+        out: list[bytes] = []
+        for link in self.links.values():
+            for key, payload in link.keys.items():
+                if key not in relay and key not in seen:
+                    seen.add(key)
+                    out.append(_peer_present(payload))
+        return out
+
+    # ------------------------------------------------------------------ stats
+
+    def _stats_payload(self) -> bytes:
+        srv = self.server
+        extra = {"link_batches_out": float(sum(lk.packets_out for lk in self.links.values()))}
+        return encode_stats(self.spec.index, srv.stats, srv.metrics.stun, extra)
+
+    def _worker_docs(self) -> list[dict[str, Any]]:
+        """Every worker's latest snapshot, this one's live (for WorkerCollector)."""
+        mine = decode_stats(self._stats_payload())
+        return [mine, *(self._sibling_stats[i] for i in sorted(self._sibling_stats))]
+
+    def _send_stats(self) -> None:
+        self._stats_timer = self.loop.call_later(STATS_INTERVAL, self._send_stats)
+        if not self.links:
+            return
+        payload = self._stats_payload()
+        for link in self.links.values():
+            link.enc.stats(payload)
+            link.schedule_flush()
+
+    def total_metrics(self) -> DerpMetrics:
+        """Prometheus view of the totals over every worker (refreshed per call)."""
+        srv = self.server
+        merge_stats(
+            self._total,
+            self._total_metrics.stun,
+            srv.stats,
+            srv.metrics.stun,
+            list(self._sibling_stats.values()),
+        )
+        gauges = srv.metrics.gauges
+        for name, fn in gauges.items():
+            if name not in self._total_metrics.gauges:
+                self._total_metrics.gauges[name] = fn
+        return self._total_metrics
+
+
+def _peer_present(payload: bytes) -> bytes:
+    """A PeerPresent frame (51-byte form) from a PRESENT payload."""
+    ev = Present(payload[:32], payload[32:48], int.from_bytes(payload[48:50], "big"), payload[50])
+    return encode_peer_present(ev.key, ev.ip, ev.port, ev.flags)
