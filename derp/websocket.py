@@ -67,9 +67,9 @@ from typing import Any, Final, Protocol, TypeVar, cast
 import h11
 from websockets.client import ClientProtocol
 from websockets.datastructures import Headers
-from websockets.frames import CloseCode, Opcode
+from websockets.frames import CloseCode, Frame, Opcode
 from websockets.http11 import Request
-from websockets.protocol import OPEN, SERVER, Protocol as WsProtocol
+from websockets.protocol import CLIENT, OPEN, SERVER, Protocol as WsProtocol
 from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
@@ -200,6 +200,8 @@ class WsPipe(asyncio.Protocol):
         self.closing = False
         self.close_reason = ""
         self.wst = WsTransport(self)
+        #: client frames are masked (RFC 6455 §5.3)
+        self._mask = ws.side is CLIENT
         #: pause reading while the socket's writes are backpressured (server side)
         self.read_follows_write = read_follows_write
         #: the DERP side asked to pause reading (rate limit, admission)
@@ -253,14 +255,24 @@ class WsPipe(asyncio.Protocol):
         ws = self.ws
         if self.closing or ws.state is not OPEN:
             return
+        # What ws.send_binary does, minus its per-call bookkeeping (~0.3 µs a
+        # message): websockets' own Frame serializes the message, and it goes
+        # straight to the socket. Whatever the protocol itself queued (pongs,
+        # close replies) is flushed as soon as it is produced, so it is sent
+        # first and the order of frames on the wire is kept.
+        self._flush()
+        mask = self._mask
         n = len(data)
         if n <= MAX_SEND_MESSAGE:
-            ws.send_binary(data)
+            self.transport.write(Frame(_BINARY, data).serialize(mask=mask))
         else:
             view = memoryview(data)
-            for i in range(0, n, MAX_SEND_MESSAGE):
-                ws.send_binary(view[i : i + MAX_SEND_MESSAGE])
-        self._flush()
+            self.transport.write(
+                b"".join(
+                    Frame(_BINARY, view[i : i + MAX_SEND_MESSAGE]).serialize(mask=mask)
+                    for i in range(0, n, MAX_SEND_MESSAGE)
+                )
+            )
 
     def close(self, code: int, reason: str = "") -> None:
         """Send a close frame (if open) and close the TCP connection after it."""
