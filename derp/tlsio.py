@@ -20,10 +20,10 @@ that is several allocations and a syscall per packet. Here the hot path is:
 
 * **read**: the socket reads into one buffer shared by all connections of the
   thread (``get_buffer``/``buffer_updated``); the bytes go into the incoming
-  BIO; then *every* complete record is decrypted into a shared plaintext
-  buffer in one loop (``SSLObject.read(n, buffer)``, no object per record
-  besides a ``memoryview`` slice), and the app gets all of it in one
-  ``data_received`` call (one ``bytes`` copy per read);
+  BIO; then *every* complete record is decrypted in one loop, one
+  ``SSLObject.read`` per record, each returning that record's plaintext as a
+  ``bytes`` of its size, and the app gets all of it in one ``data_received``
+  call (that ``bytes`` itself for a single record, one join for several);
 * **write**: app writes during one loop iteration are only queued; one
   ``call_soon`` per thread and iteration flushes every dirty connection:
   ``b"".join`` → one ``SSLObject.write`` (OpenSSL cuts full-size 16 KiB
@@ -65,8 +65,8 @@ Client side: :func:`open_tls_connection` dials, runs the client handshake and
 returns the :class:`TlsTransport` (``derp.client`` uses it for ``https``/``wss``,
 so mesh links too).
 
-Ownership: everything runs on the event loop thread. The shared read and
-plaintext buffers and the flush list are per thread (one loop per thread),
+Ownership: everything runs on the event loop thread. The shared read buffer
+and the flush list are per thread (one loop per thread),
 and are only used inside one callback (``buffer_updated``, the flush).
 """
 
@@ -85,8 +85,7 @@ log = logging.getLogger("derp.tls")
 
 #: Bytes read from the socket at once (shared buffer, one per thread).
 READ_BUFFER_SIZE: Final = 256 * 1024
-_MAX_RECORD: Final = 16 * 1024 + 256  # largest plaintext one SSL read can return, with margin
-_PLAIN_SIZE: Final = READ_BUFFER_SIZE + 2 * _MAX_RECORD
+_MAX_RECORD: Final = 16 * 1024  # largest plaintext of a TLS record: what one SSL read returns
 
 _HANDSHAKE, _OPEN, _CLOSING, _CLOSED = 0, 1, 2, 3
 
@@ -96,7 +95,6 @@ class _Shared(threading.local):
 
     def __init__(self) -> None:
         self.rbuf = memoryview(bytearray(READ_BUFFER_SIZE))
-        self.pbuf = memoryview(bytearray(_PLAIN_SIZE))
         self.dirty: list[TlsProtocol] = []
         #: the loop a flush is scheduled on (None: none pending)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -343,27 +341,22 @@ class TlsProtocol(asyncio.BufferedProtocol):
         """Decrypt every complete record in the incoming BIO; one ``data_received``."""
         read = self._read
         incoming = self._in
-        pbuf = _shared.pbuf
-        size = _MAX_RECORD
-        room = _PLAIN_SIZE - _MAX_RECORD
-        off = 0
-        parts: list[bytes] | None = None
+        parts: list[bytes] = []
+        append = parts.append
         err: Exception | None = None
         try:
             # OpenSSL reads a record's header, then exactly its body (no read-ahead):
             # once the BIO is empty every complete record was consumed, and stopping
             # there saves the SSLWantReadError (formatted by _ssl) of a last read.
+            # Each read returns one record's plaintext as its own ``bytes`` (sized by
+            # _ssl to what OpenSSL returned): the usual single-record read is then
+            # delivered without another copy, several are joined once.
             while incoming.pending:
-                n = read(size, pbuf[off:])
-                if not n:  # close_notify (reported as a 0-byte read)
+                data = read(_MAX_RECORD)
+                if not data:  # close_notify (reported as a 0-byte read)
                     self._eof = True
                     break
-                off += n
-                if off > room:  # rare: more than one buffer of plaintext
-                    if parts is None:
-                        parts = []
-                    parts.append(bytes(pbuf[:off]))
-                    off = 0
+                append(data)
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
@@ -373,12 +366,8 @@ class TlsProtocol(asyncio.BufferedProtocol):
         if self._out.pending:  # KeyUpdate answers, alerts, session tickets
             self._send_pending()
         app = self._app
-        if app is not None and (off or parts):
-            data = bytes(pbuf[:off])
-            if parts is not None:
-                parts.append(data)
-                data = b"".join(parts)
-            app.data_received(data)
+        if app is not None and parts:
+            app.data_received(parts[0] if len(parts) == 1 else b"".join(parts))
         if err is not None:
             if self._state < _CLOSED:
                 log.debug("tls: closing %s: %s", self._peer(), err)

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
+from websockets.frames import Frame, Opcode
 from websockets.protocol import CLIENT, OPEN, SERVER, Protocol as WsProtocol, Side
 from websockets.typing import Subprotocol
 
@@ -32,7 +33,7 @@ from derp.frames import (
 )
 from derp.keys import PrivateKey, open_sealed, seal
 from derp.server import DerpServer
-from derp.websocket import MAX_MESSAGE_SIZE, WsPipe
+from derp.websocket import MAX_MESSAGE_SIZE, MAX_SEND_MESSAGE, WsPipe
 
 from .conftest import WAIT, make_config, wait_until
 
@@ -363,3 +364,26 @@ def test_write_after_abort_is_dropped() -> None:
     assert pipe.wst.is_closing()
     pipe.wst.write(b"after")
     assert len(tcp.out) == sent
+
+
+@pytest.mark.parametrize("side", [CLIENT, SERVER])
+def test_pong_goes_out_before_the_reply_to_data_of_the_same_read(side: Side) -> None:
+    """Frames the protocol produces itself (a pong) and DERP writes (serialized
+    directly) keep their order on the wire; each side masks as RFC 6455 says."""
+    peer_side = SERVER if side is CLIENT else CLIENT
+    peer = WsProtocol(peer_side, state=OPEN)
+    peer.send_ping(b"p1")
+    peer.send_binary(b"data")
+    tcp = _FakeTcp()
+    pipe = WsPipe(tcp, WsProtocol(side, state=OPEN, max_size=MAX_MESSAGE_SIZE))
+    inner = _EchoInner()
+    pipe.inner = inner
+    inner.connection_made(pipe.wst)
+    pipe.data_received(b"".join(peer.data_to_send()))
+    pipe.wst.write(os.urandom(MAX_SEND_MESSAGE + 10))  # two messages
+    peer.receive_data(bytes(tcp.out))  # the peer's parser rejects wrong masking
+    frames = [e for e in peer.events_received() if isinstance(e, Frame)]
+    assert [f.opcode for f in frames] == [Opcode.PONG, Opcode.BINARY, Opcode.BINARY, Opcode.BINARY]
+    assert frames[0].data == b"p1" and frames[1].data == b"reply"
+    assert [len(f.data) for f in frames[2:]] == [MAX_SEND_MESSAGE, 10]
+    assert peer.parser_exc is None
