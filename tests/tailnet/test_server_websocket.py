@@ -180,3 +180,52 @@ async def test_the_handshake_request_is_not_kept_alive() -> None:
     ws.data_received(ws_frame(OP_BINARY, b"still works"))
     assert await asyncio.wait_for(ws.recv(), T) == b"still works"
     ws.connection_lost(None)
+
+
+async def test_an_upgraded_connection_keeps_no_http_state() -> None:
+    """Once the handshake is done the request task ends: the HTTP connection
+    object (h11 state, request) and the task are garbage while the WebSocket lives on,
+    and stop() still closes the live WebSocket with 1001."""
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    from tailnet.http import HttpApiServer
+    from tailnet.http.request import Request
+    from tailnet.http.server import Response, Upgrade, _ApiConnection
+
+    running = asyncio.Event()
+    got: list[bytes | str | None] = []
+
+    async def handler(ws: ServerWebSocket) -> None:
+        running.set()
+        while (msg := await ws.recv()) is not None:
+            got.append(msg)
+            await ws.send(b"echo")
+
+    class App:
+        async def handle(self, req: Request) -> Response | Upgrade:
+            return Upgrade(handler, ping_interval=None)
+
+    def live_http_conns() -> int:  # this server's (other tests may have their own)
+        gc.collect()
+        return sum(
+            1 for o in gc.get_objects() if type(o) is _ApiConnection and o._server is server
+        )
+
+    server = HttpApiServer(App())
+    await server.start("127.0.0.1", 0)
+    try:
+        async with connect(f"ws://127.0.0.1:{server.port}/x") as client:
+            await asyncio.wait_for(running.wait(), T)
+            await asyncio.sleep(0)  # let the request task finish
+            assert live_http_conns() == 0  # with it its h11 state and the request
+            await client.send(b"hi")
+            assert await asyncio.wait_for(client.recv(), T) == b"echo"
+            assert len(server._upgrades) == 1
+            await server.stop(1.0)
+            with pytest.raises(ConnectionClosed) as info:
+                await asyncio.wait_for(client.recv(), T)
+            assert info.value.rcvd is not None and info.value.rcvd.code == 1001
+        assert not server._upgrades
+    finally:
+        await server.stop(1.0)
