@@ -389,6 +389,11 @@ class TailnetService:
         #: open Coordinate streams per principal (kind, id), for max_peers_per_principal
         self._principal_streams: dict[tuple[str, uuid.UUID], int] = {}
         self._closing = asyncio.Event()
+        #: futures resolved by close() (StreamDERPMaps waiters; no task per stream)
+        self._close_waiters: set[asyncio.Future[None]] = set()
+        #: the DERP map as sent (home_params present) for one source version,
+        #: shared by every StreamDERPMaps stream
+        self._derp_sent: tuple[int, pb.DERPMap] | None = None
         #: counters for metrics and the dashboard (tailnet.metrics)
         self.stats = ServiceStats()
 
@@ -744,20 +749,40 @@ class TailnetService:
         return False, None
 
     # -- StreamDERPMaps -------------------------------------------------------
-    async def stream_derp_maps(self, call: CallContext) -> AsyncIterator[pb.DERPMap]:
-        """Current map at once, then each map that differs from the last one sent."""
+    def _derp_map_to_send(self) -> tuple[int, pb.DERPMap]:
+        """The source's version and its map with ``home_params`` present: one copy
+        per version, shared by every stream (never mutated once made)."""
         src = self._derp_maps
         version = src.version
-        last = with_home_params(src.current())
+        sent = self._derp_sent
+        if sent is None or sent[0] != version:
+            sent = self._derp_sent = (version, with_home_params(src.current()))
+        return sent
+
+    async def stream_derp_maps(self, call: CallContext) -> AsyncIterator[pb.DERPMap]:
+        """Current map at once, then each map that differs from the last one sent.
+
+        Waits with one future registered with the source (next version) and with
+        :meth:`close`: no task per stream (one stream per connected peer)."""
+        src = self._derp_maps
+        version, last = self._derp_map_to_send()
         yield last
+        loop = asyncio.get_running_loop()
+        waiters = self._close_waiters
         while not self.closed:
-            ok, new_version = await self._or_closing(src.wait_changed(version))
-            if not ok or new_version is None:
-                return
-            version = new_version
-            cur = src.current()
-            if not derp_maps_equal(last, cur):
-                last = with_home_params(cur)
+            if src.version == version:
+                fut: asyncio.Future[None] = loop.create_future()
+                src.add_waiter(fut)
+                waiters.add(fut)
+                try:
+                    await fut
+                finally:
+                    src.remove_waiter(fut)
+                    waiters.discard(fut)
+                continue
+            version, cur = self._derp_map_to_send()
+            if cur is not last and not derp_maps_equal(last, cur):
+                last = cur
                 yield last
 
     # -- RefreshResumeToken ---------------------------------------------------
@@ -860,6 +885,9 @@ class TailnetService:
         if self._closing.is_set():
             return
         self._closing.set()
+        for fut in self._close_waiters:
+            if not fut.done():
+                fut.set_result(None)
         self.coordinator.close()
         for live in list(self._streams.values()):
             live.sink.close("coordinator closed")
