@@ -337,6 +337,56 @@ class QueueSink:
             await self.wait()
 
 
+class _OnDemandReader:
+    """Runs :meth:`TailnetService._read_requests` as a task only while requests
+    wait (see :meth:`TailnetService.run_coordinate`). One task at a time, so
+    requests are handled in order; :meth:`kick` is the transport's "input
+    arrived" callback. ``cancel`` unregisters it and cancels a running task."""
+
+    __slots__ = ("_svc", "_ident", "_sink", "_read", "_eof", "_ready", "_listen", "_task")
+
+    def __init__(
+        self,
+        svc: TailnetService,
+        ident: StreamIdentity,
+        sink: QueueSink,
+        read: Callable[[], Awaitable[object]],
+        eof: object,
+        ready: Callable[[], bool],
+        listen: Callable[[Callable[[], None] | None], None],
+    ) -> None:
+        self._svc = svc
+        self._ident = ident
+        self._sink = sink
+        self._read = read
+        self._eof = eof
+        self._ready = ready
+        self._listen = listen
+        self._task: asyncio.Task[None] | None = None
+        listen(self.kick)
+
+    def kick(self) -> None:
+        if self._task is not None or self._sink.closed or not self._ready():
+            return
+        task = asyncio.ensure_future(
+            self._svc._read_requests(self._ident, self._sink, self._read, self._eof, self._ready)
+        )
+        self._task = task
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if self._task is task:
+            self._task = None
+            if not task.cancelled():
+                self.kick()  # input that arrived while the task was finishing
+
+    def cancel(self) -> None:
+        self._listen(None)  # the callback refers to us: no cycle left behind
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+
+
 @dataclass(slots=True)
 class _LiveStream:
     principal: Principal
@@ -628,9 +678,17 @@ class TailnetService:
         write: Callable[[pb.CoordinateResponse], Awaitable[object]],
         eof: object = None,
         on_open: Callable[[], Awaitable[object]] | None = None,
+        *,
+        ready: Callable[[], bool] | None = None,
+        listen: Callable[[Callable[[], None] | None], None] | None = None,
     ) -> None:
         """Run one Coordinate stream over reader/writer callables; same semantics as
         :meth:`coordinate`.
+
+        With ``ready`` (``read()`` would not wait) and ``listen`` (register a
+        callback for "input arrived"; ``None`` unregisters) the requests are read
+        on demand: a reader task runs only while requests are waiting, so an idle
+        peer costs no task, coroutine frames or waiter (one stream per peer).
 
         ``read()`` returns the next request, or ``eof`` once the peer half-closed
         (raising ``StopAsyncIteration`` also ends the requests); ``write(resp)``
@@ -641,11 +699,15 @@ class TailnetService:
         initial metadata then, so a refused stream never looks accepted).
         """
         sink, live = await self._open_stream(ident)
-        reader: asyncio.Future[None] | None = None
+        reader: asyncio.Future[None] | _OnDemandReader | None = None
         try:
             if on_open is not None:
                 await on_open()
-            reader = asyncio.ensure_future(self._read_requests(ident, sink, read, eof))
+            if ready is not None and listen is not None:
+                reader = _OnDemandReader(self, ident, sink, read, eof, ready, listen)
+                reader.kick()
+            else:
+                reader = asyncio.ensure_future(self._read_requests(ident, sink, read, eof))
             while True:
                 resp = sink.pop()
                 if resp is not None:
@@ -673,8 +735,10 @@ class TailnetService:
         sink: QueueSink,
         read: Callable[[], Awaitable[object]],
         eof: object,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
-        """Reader loop: validate → authorize → handle, until the stream ends."""
+        """Reader loop: validate → authorize → handle, until the stream ends (or,
+        with ``ready``, until no request is waiting: :class:`_OnDemandReader`)."""
         peer_id = ident.peer_id
         authorize = ident.policy.authorize
         handle = self.coordinator.handle
@@ -683,6 +747,8 @@ class TailnetService:
         clock = time.perf_counter
         try:
             while True:
+                if ready is not None and not ready():
+                    return  # idle: the on-demand reader starts us again
                 try:
                     req = await read()
                 except StopAsyncIteration:

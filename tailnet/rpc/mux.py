@@ -111,6 +111,19 @@ class ServerCall(Protocol):
         """The next request message, or ``None`` once the client sent CloseSend."""
         ...
 
+    @property
+    def ready(self) -> bool:
+        """:meth:`recv` would return without waiting (a message, CloseSend, or the end)."""
+        ...
+
+    def listen(self, on_input: Callable[[], None] | None) -> None:
+        """Call ``on_input()`` whenever :attr:`ready` may have become true (a message
+        or CloseSend arrived, or the call ended); ``None`` stops. Lets a handler
+        read on demand instead of keeping a task waiting in :meth:`recv`. The
+        handler must call ``listen(None)`` before it returns (the callback usually
+        refers to the call: a reference cycle otherwise)."""
+        ...
+
 
 Handler = Callable[..., Awaitable[Any]]
 

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from google.protobuf.message import DecodeError, Message
@@ -68,6 +68,7 @@ class _Call:
         "_head",
         "_close_send",
         "_waiter",
+        "_listener",
         "ended",
         "task",
     )
@@ -84,6 +85,7 @@ class _Call:
         self._head = 0
         self._close_send = False
         self._waiter: asyncio.Future[None] | None = None
+        self._listener: Callable[[], None] | None = None
         self.ended = False
         self.task: asyncio.Task[None] | None = None
 
@@ -104,6 +106,16 @@ class _Call:
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
+        listener = self._listener
+        if listener is not None:
+            listener()
+
+    @property
+    def ready(self) -> bool:
+        return self._head < len(self._inbox) or self.ended or self._close_send
+
+    def listen(self, on_input: Callable[[], None] | None) -> None:
+        self._listener = on_input
 
     async def send(self, msg: Message) -> None:
         if self.ended:

@@ -83,8 +83,14 @@ class _Handlers:
             wrote = True
             await call.send(resp)
 
+        def ready() -> bool:
+            return call.ready
+
         try:
-            await self.service.run_coordinate(ctx.ident, read, write, None)
+            # requests read on demand: no reader task while the peer is idle
+            await self.service.run_coordinate(
+                ctx.ident, read, write, None, ready=ready, listen=call.listen
+            )
         except ServiceError as exc:
             if not wrote:  # refused before it started (e.g. coordinator closed)
                 await call.send(pb.CoordinateResponse(error=exc.message))
