@@ -115,6 +115,7 @@ __all__ = [
     "Status",
     "ServiceError",
     "CallContext",
+    "DERPMapWatch",
     "StreamIdentity",
     "QueueSink",
     "TunnelAuthorizer",
@@ -335,6 +336,80 @@ class QueueSink:
                     yield pb.CoordinateResponse(error=self.error)
                 return
             await self.wait()
+
+
+class DERPMapWatch:
+    """StreamDERPMaps without a task: the same maps as
+    :meth:`TailnetService.stream_derp_maps`, pushed through callbacks.
+
+    Flow: :meth:`first` returns the current map (send it); after each map is
+    sent the consumer calls :meth:`resume`, which either calls ``on_map`` with a
+    map that differs from the last one sent, or waits (one future registered
+    with the DERP map source and the service's close, with a done-callback) and
+    checks again at the next change. Changes while a map is being sent
+    coalesce. ``on_end()`` is called once the service closes; :meth:`cancel`
+    stops the watch (idempotent). Callbacks run on the event loop.
+    """
+
+    __slots__ = ("_svc", "_on_map", "_on_end", "_version", "_last", "_fut", "closed")
+
+    def __init__(
+        self, svc: TailnetService, on_map: Callable[[pb.DERPMap], None], on_end: Callable[[], None]
+    ) -> None:
+        self._svc = svc
+        self._on_map = on_map
+        self._on_end = on_end
+        self._version = 0
+        self._last: pb.DERPMap | None = None
+        self._fut: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def first(self) -> pb.DERPMap:
+        self._version, last = self._svc._derp_map_to_send()
+        self._last = last
+        return last
+
+    def resume(self) -> None:
+        """The last map was sent: push the next change (now or when it happens)."""
+        if self.closed or self._fut is not None:
+            return
+        svc = self._svc
+        if svc.closed:
+            self.closed = True
+            self._on_end()
+            return
+        src = svc._derp_maps
+        if src.version != self._version:
+            self._version, cur = svc._derp_map_to_send()
+            last = self._last
+            if cur is not last and (last is None or not derp_maps_equal(last, cur)):
+                self._last = cur
+                self._on_map(cur)
+                return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        src.add_waiter(fut)
+        svc._close_waiters.add(fut)
+        fut.add_done_callback(self._fired)
+        self._fut = fut
+
+    def _fired(self, fut: asyncio.Future[None]) -> None:
+        self._unregister(fut)
+        if self._fut is fut:
+            self._fut = None
+            if not fut.cancelled():
+                self.resume()
+
+    def _unregister(self, fut: asyncio.Future[None]) -> None:
+        self._svc._derp_maps.remove_waiter(fut)
+        self._svc._close_waiters.discard(fut)
+
+    def cancel(self) -> None:
+        self.closed = True
+        fut, self._fut = self._fut, None
+        if fut is not None:
+            fut.remove_done_callback(self._fired)
+            self._unregister(fut)
+            fut.cancel()
 
 
 class _OnDemandReader:
@@ -824,6 +899,12 @@ class TailnetService:
         if sent is None or sent[0] != version:
             sent = self._derp_sent = (version, with_home_params(src.current()))
         return sent
+
+    def watch_derp_maps(
+        self, on_map: Callable[[pb.DERPMap], None], on_end: Callable[[], None]
+    ) -> DERPMapWatch:
+        """Callback form of :meth:`stream_derp_maps` (see :class:`DERPMapWatch`)."""
+        return DERPMapWatch(self, on_map, on_end)
 
     async def stream_derp_maps(self, call: CallContext) -> AsyncIterator[pb.DERPMap]:
         """Current map at once, then each map that differs from the last one sent.

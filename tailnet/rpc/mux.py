@@ -124,6 +124,22 @@ class ServerCall(Protocol):
         refers to the call: a reference cycle otherwise)."""
         ...
 
+    @property
+    def ended(self) -> bool:
+        """The call is over (ended by either side); nothing more can be sent."""
+        ...
+
+    def hold(self) -> None:
+        """Streaming calls only: keep the call open after the handler returns, until
+        :meth:`finish` (or the peer ends it: the :meth:`listen` callback hears that,
+        with :attr:`ended` true). Lets a long-lived stream live without a task."""
+        ...
+
+    def finish(self, exc: BaseException | None = None) -> None:
+        """End a held call as its handler's return (``exc`` None) or raising ``exc``
+        would have; also drops the listener. No-op once ended."""
+        ...
+
 
 Handler = Callable[..., Awaitable[Any]]
 

@@ -22,9 +22,17 @@ only the endings are DRPC's, as a Coder server ends them (§3.9, §3.11):
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
-from tailnet.service import CallContext, ServiceError, Status, StreamIdentity, TailnetService
+from tailnet.service import (
+    CallContext,
+    DERPMapWatch,
+    ServiceError,
+    Status,
+    StreamIdentity,
+    TailnetService,
+)
 from tailnet.v2 import tailnet_pb2 as pb
 
 from .mux import UNIMPLEMENTED, MethodKind, Mux, RpcError, ServerCall
@@ -58,6 +66,61 @@ def _ctx(call: ServerCall) -> TailnetContext:
     if not isinstance(ctx, TailnetContext):
         raise RpcError(UNIMPLEMENTED, "Unimplemented")
     return ctx
+
+
+class _DERPMapsCall:
+    """A held StreamDERPMaps call fed by a :class:`~tailnet.service.DERPMapWatch`.
+
+    A map is sent from a task that exists only while it is being sent (the
+    peer's window may be closed); when it is out the watch is resumed. The call
+    ends with Close when the service closes (``end``); if the peer ends the call
+    (``on_input`` sees it ended) or a send fails, the watch is cancelled.
+    ``stop`` drops every reference between the call, the watch and this object.
+    """
+
+    __slots__ = ("call", "watch", "task")
+
+    def __init__(self, call: ServerCall) -> None:
+        self.call = call
+        self.watch: DERPMapWatch | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    def send(self, m: pb.DERPMap) -> None:
+        task = asyncio.ensure_future(self.call.send(m))
+        self.task = task
+        task.add_done_callback(self._sent)
+
+    def _sent(self, task: asyncio.Task[None]) -> None:
+        if self.task is not task:
+            return
+        self.task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self.stop()
+            self.call.finish(exc)  # ConnectionError: the call is already over
+            return
+        if self.watch is not None:
+            self.watch.resume()
+
+    def end(self) -> None:
+        """The service closed: end with Close (as the generator's return did)."""
+        self.stop()
+        self.call.finish()
+
+    def on_input(self) -> None:
+        if self.call.ended:
+            self.stop()
+
+    def stop(self) -> None:
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            watch.cancel()
+        task, self.task = self.task, None
+        if task is not None:
+            task.cancel()
+        self.call.listen(None)
 
 
 class _Handlers:
@@ -101,12 +164,20 @@ class _Handlers:
             raise RpcError(code, message)
 
     async def stream_derp_maps(self, call: ServerCall, req: pb.StreamDERPMapsRequest) -> None:
-        ctx = _ctx(call)
+        """The current map, then the call is held open without a task: each change
+        is sent from a short task (:class:`_DERPMapsCall`)."""
+        _ctx(call)
+        pusher = _DERPMapsCall(call)
+        watch = self.service.watch_derp_maps(pusher.send, pusher.end)
+        pusher.watch = watch
         try:
-            async for m in self.service.stream_derp_maps(ctx.call):
-                await call.send(m)
-        except ServiceError as exc:
-            raise _rpc_error(exc) from None
+            await call.send(watch.first())
+        except BaseException:
+            pusher.stop()
+            raise
+        call.hold()
+        call.listen(pusher.on_input)
+        watch.resume()
 
     async def refresh_resume_token(
         self, call: ServerCall, req: pb.RefreshResumeTokenRequest
