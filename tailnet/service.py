@@ -115,6 +115,7 @@ __all__ = [
     "Status",
     "ServiceError",
     "CallContext",
+    "CoordinateRun",
     "DERPMapWatch",
     "StreamIdentity",
     "QueueSink",
@@ -230,7 +231,8 @@ class QueueSink:
     """
 
     __slots__ = (
-        "_bytes", "_max_bytes", "_maxsize", "_queue", "_waiter", "closed", "error", "failure",
+        "_bytes", "_listener", "_max_bytes", "_maxsize", "_queue", "_waiter", "closed", "error",
+        "failure",
     )
 
     def __init__(
@@ -243,9 +245,16 @@ class QueueSink:
         self._max_bytes = max_bytes
         self._bytes = 0
         self._waiter: asyncio.Future[None] | None = None
+        #: called (instead of a waiting consumer) when a response or the close arrives
+        self._listener: Callable[[], None] | None = None
         self.closed = False
         self.error: str | None = None
         self.failure: ServiceError | None = None
+
+    def listen(self, on_ready: Callable[[], None] | None) -> None:
+        """Call ``on_ready()`` whenever a response is queued or the sink closes (a
+        consumer without a waiting task); ``None`` stops."""
+        self._listener = on_ready
 
     def _wake(self) -> None:
         w = self._waiter
@@ -253,6 +262,9 @@ class QueueSink:
             self._waiter = None
             if not w.done():
                 w.set_result(None)
+        listener = self._listener
+        if listener is not None:
+            listener()
 
     def send(self, resp: pb.CoordinateResponse) -> bool:
         if self.closed:
@@ -263,7 +275,7 @@ class QueueSink:
             return False
         q.append((resp, size))
         self._bytes += size
-        if self._waiter is not None:
+        if self._waiter is not None or self._listener is not None:
             self._wake()
         return True
 
@@ -412,6 +424,115 @@ class DERPMapWatch:
             fut.cancel()
 
 
+class CoordinateRun:
+    """A Coordinate stream without a task of its own (callback form of
+    :meth:`TailnetService.run_coordinate`; made by
+    :meth:`TailnetService.start_coordinate`).
+
+    Requests are read by an on-demand reader task (the transport calls
+    :meth:`input` whenever ``read()`` may not wait); responses are written by
+    a task that exists only while responses are queued (``send`` may wait for
+    the peer's window), in order. When the sink is closed and drained the
+    close error is written, then ``on_end(None)`` — or ``on_end(ServiceError)``
+    for a failure status, or ``on_end(exc)`` if a send failed. :meth:`cancel`
+    (the transport ended the call) stops both tasks. Either way the peer leaves
+    the coordinator once, and every reference to the transport is dropped.
+    """
+
+    __slots__ = ("_svc", "_ident", "_sink", "_live", "_reader", "_send", "_on_end", "_task",
+                 "over")
+
+    def __init__(
+        self,
+        svc: TailnetService,
+        ident: StreamIdentity,
+        sink: QueueSink,
+        live: _LiveStream,
+        read: Callable[[], Awaitable[object]],
+        ready: Callable[[], bool],
+        eof: object,
+        send: Callable[[pb.CoordinateResponse], Awaitable[object]],
+        on_end: Callable[[BaseException | None], None],
+    ) -> None:
+        self._svc = svc
+        self._ident = ident
+        self._sink = sink
+        self._live = live
+        self._reader: _OnDemandReader | None = _OnDemandReader(
+            svc, ident, sink, read, eof, ready, None
+        )
+        self._send: Callable[[pb.CoordinateResponse], Awaitable[object]] | None = send
+        self._on_end: Callable[[BaseException | None], None] | None = on_end
+        self._task: asyncio.Task[bool] | None = None
+        self.over = False
+        sink.listen(self._kick)
+
+    def input(self) -> None:
+        """Requests may be waiting (the transport's "input arrived" callback)."""
+        reader = self._reader
+        if reader is not None:
+            reader.kick()
+
+    def _kick(self) -> None:
+        if self._task is not None or self.over:
+            return
+        sink = self._sink
+        if not len(sink) and not sink.closed:
+            return
+        task = asyncio.ensure_future(self._write_out())
+        self._task = task
+        task.add_done_callback(self._written)
+
+    async def _write_out(self) -> bool:
+        """Write what is queued; True once the stream's ending was written too."""
+        sink = self._sink
+        send = self._send
+        assert send is not None
+        while (resp := sink.pop()) is not None:
+            await send(resp)
+        if not sink.closed:
+            return False
+        if sink.error:
+            await send(pb.CoordinateResponse(error=sink.error))
+        sink.raise_failure()
+        return True
+
+    def _written(self, task: asyncio.Task[bool]) -> None:
+        if self._task is not task:
+            return
+        self._task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._end(exc)
+        elif task.result():
+            self._end(None)
+        else:
+            self._kick()  # responses that came while the task was finishing
+
+    def cancel(self) -> None:
+        """The transport ended the call: stop reading and writing; the peer is lost."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        self._end(None, notify=False)
+
+    def _end(self, exc: BaseException | None, *, notify: bool = True) -> None:
+        if self.over:
+            return
+        self.over = True
+        on_end = self._on_end
+        self._on_end = self._send = None
+        self._sink.listen(None)
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+        self._svc._end_stream(self._ident, self._sink, self._live)
+        if notify and on_end is not None:
+            on_end(exc)
+
+
 class _OnDemandReader:
     """Runs :meth:`TailnetService._read_requests` as a task only while requests
     wait (see :meth:`TailnetService.run_coordinate`). One task at a time, so
@@ -428,7 +549,7 @@ class _OnDemandReader:
         read: Callable[[], Awaitable[object]],
         eof: object,
         ready: Callable[[], bool],
-        listen: Callable[[Callable[[], None] | None], None],
+        listen: Callable[[Callable[[], None] | None], None] | None,
     ) -> None:
         self._svc = svc
         self._ident = ident
@@ -438,7 +559,8 @@ class _OnDemandReader:
         self._ready = ready
         self._listen = listen
         self._task: asyncio.Task[None] | None = None
-        listen(self.kick)
+        if listen is not None:
+            listen(self.kick)
 
     def kick(self) -> None:
         if self._task is not None or self._sink.closed or not self._ready():
@@ -456,7 +578,8 @@ class _OnDemandReader:
                 self.kick()  # input that arrived while the task was finishing
 
     def cancel(self) -> None:
-        self._listen(None)  # the callback refers to us: no cycle left behind
+        if self._listen is not None:
+            self._listen(None)  # the callback refers to us: no cycle left behind
         task, self._task = self._task, None
         if task is not None:
             task.cancel()
@@ -798,6 +921,25 @@ class TailnetService:
             if reader is not None:
                 reader.cancel()
             self._end_stream(ident, sink, live)
+
+    async def start_coordinate(
+        self,
+        ident: StreamIdentity,
+        *,
+        read: Callable[[], Awaitable[object]],
+        ready: Callable[[], bool],
+        send: Callable[[pb.CoordinateResponse], Awaitable[object]],
+        on_end: Callable[[BaseException | None], None],
+        eof: object = None,
+    ) -> CoordinateRun:
+        """Open a Coordinate stream that runs without a task of its own (see
+        :class:`CoordinateRun`); same semantics as :meth:`run_coordinate`.
+        Raises :class:`ServiceError` if the stream is refused."""
+        sink, live = await self._open_stream(ident)
+        run = CoordinateRun(self, ident, sink, live, read, ready, eof, send, on_end)
+        run.input()
+        run._kick()
+        return run
 
     def _fail(self, ident: StreamIdentity, sink: QueueSink, status: Status, msg: str) -> None:
         log.info("coordinate: closing peer %s: %s", ident.peer_id, msg)

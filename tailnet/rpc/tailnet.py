@@ -27,6 +27,7 @@ from dataclasses import dataclass
 
 from tailnet.service import (
     CallContext,
+    CoordinateRun,
     DERPMapWatch,
     ServiceError,
     Status,
@@ -66,6 +67,56 @@ def _ctx(call: ServerCall) -> TailnetContext:
     if not isinstance(ctx, TailnetContext):
         raise RpcError(UNIMPLEMENTED, "Unimplemented")
     return ctx
+
+
+class _CoordinateCall:
+    """A held Coordinate call driven by a :class:`~tailnet.service.CoordinateRun`.
+
+    Input (a request, CloseSend, or the call's end) reaches ``on_input``: the
+    run reads on demand, or is cancelled once the peer ended the call. When the
+    service ends the stream (``on_end``) the call ends with Close (Coder's
+    ``defer stream.Close()``; also after a failure's final error response), or
+    with an Error packet if a request did not parse (the peer is lost first).
+    """
+
+    __slots__ = ("call", "run", "bad")
+
+    def __init__(self, call: ServerCall) -> None:
+        self.call = call
+        self.run: CoordinateRun | None = None
+        self.bad: tuple[int, str] | None = None
+
+    async def read(self) -> object:
+        try:
+            return await self.call.recv()
+        except RpcError as exc:  # unparsable request: this peer is lost
+            self.bad = (exc.code, exc.message)
+            return None
+
+    def ready(self) -> bool:
+        return self.call.ready
+
+    def on_input(self) -> None:
+        run = self.run
+        if run is None:
+            return
+        if self.call.ended:
+            self.run = None
+            self.call.listen(None)
+            run.cancel()
+        else:
+            run.input()
+
+    def on_end(self, exc: BaseException | None) -> None:
+        self.run = None
+        call = self.call
+        bad, self.bad = self.bad, None
+        if bad is not None:
+            call.finish(RpcError(*bad))
+        elif exc is None or isinstance(exc, ServiceError):
+            call.finish()
+        else:
+            call.finish(exc)
 
 
 class _DERPMapsCall:
@@ -130,38 +181,22 @@ class _Handlers:
         self.service = service
 
     async def coordinate(self, call: ServerCall) -> None:
+        """Open the stream, then hold the call: no task while the peer is idle
+        (:class:`_CoordinateCall`, :class:`~tailnet.service.CoordinateRun`)."""
         ctx = _ctx(call)
-        bad: list[RpcError] = []
-        wrote = False
-
-        async def read() -> object:
-            try:
-                return await call.recv()
-            except RpcError as exc:  # unparsable request: this peer is lost
-                bad.append(exc)
-                return None
-
-        async def write(resp: pb.CoordinateResponse) -> None:
-            nonlocal wrote
-            wrote = True
-            await call.send(resp)
-
-        def ready() -> bool:
-            return call.ready
-
+        h = _CoordinateCall(call)
         try:
-            # requests read on demand: no reader task while the peer is idle
-            await self.service.run_coordinate(
-                ctx.ident, read, write, None, ready=ready, listen=call.listen
+            run = await self.service.start_coordinate(
+                ctx.ident, read=h.read, ready=h.ready, send=call.send, on_end=h.on_end
             )
-        except ServiceError as exc:
-            if not wrote:  # refused before it started (e.g. coordinator closed)
-                await call.send(pb.CoordinateResponse(error=exc.message))
-        if bad:
-            # a fresh error: re-raising the stored one would tie this frame to its traceback
-            code, message = bad[0].code, bad[0].message
-            bad.clear()
-            raise RpcError(code, message)
+        except ServiceError as exc:  # refused before it started (e.g. coordinator closed)
+            await call.send(pb.CoordinateResponse(error=exc.message))
+            return
+        h.run = run
+        call.hold()
+        call.listen(h.on_input)
+        if call.ended:  # ended while we were starting: the listener missed it
+            h.on_input()
 
     async def stream_derp_maps(self, call: ServerCall, req: pb.StreamDERPMapsRequest) -> None:
         """The current map, then the call is held open without a task: each change

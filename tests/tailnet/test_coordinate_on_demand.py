@@ -146,3 +146,83 @@ async def test_input_during_the_readers_last_step_is_not_lost() -> None:
     assert not io.items
     io.push(EOF_MARK)
     await asyncio.wait_for(run, T)
+
+
+class Ends:
+    def __init__(self) -> None:
+        self.got: list[BaseException | None] = []
+        self.event = asyncio.Event()
+
+    def __call__(self, exc: BaseException | None) -> None:
+        self.got.append(exc)
+        self.event.set()
+
+
+async def _start(svc: TailnetService, ident: StreamIdentity, io: PushedRequests, ends: Ends):
+    run = await svc.start_coordinate(
+        ident, read=io.read, ready=io.ready, send=io.write, on_end=ends, eof=EOF_MARK
+    )
+    io.listen(run.input)
+    return run
+
+
+async def test_start_coordinate_runs_without_tasks_while_idle() -> None:
+    """The held form: tasks only while requests or responses wait; a tunnel's
+    updates reach the peer in order; Disconnect ends it with on_end(None)."""
+    svc = _service()
+    a, b = _ident("a"), _ident("b")
+    io_a, io_b = PushedRequests(), PushedRequests()
+    end_a, end_b = Ends(), Ends()
+    baseline = len(asyncio.all_tasks())
+    run_a = await _start(svc, a, io_a, end_a)
+    run_b = await _start(svc, b, io_b, end_b)
+    await _settle()
+    assert len(asyncio.all_tasks()) == baseline
+    io_b.push(pb.CoordinateRequest(add_tunnel=pb.CoordinateRequest.Tunnel(id=a.peer_id.bytes)))
+    for derp in (1, 2, 3):
+        io_a.push(update_self(a.peer_id, derp))
+    await _settle()
+    assert len(asyncio.all_tasks()) == baseline
+    seen = [
+        u.node.preferred_derp
+        for r in io_b.responses for u in r.peer_updates if u.id == a.peer_id.bytes
+    ]
+    assert seen and seen[-1] == 3 and seen == sorted(seen)
+    io_a.push(pb.CoordinateRequest(disconnect=pb.CoordinateRequest.Disconnect()))
+    await asyncio.wait_for(end_a.event.wait(), T)
+    assert end_a.got == [None] and run_a.over
+    # b hears a go away (DISCONNECTED), then the transport cancels b: no on_end
+    run_b.cancel()
+    run_b.cancel()  # idempotent
+    await _settle()
+    assert end_b.got == [] and run_b.over
+    assert svc.coordinator.peers() == []
+    assert len(asyncio.all_tasks()) == baseline
+
+
+async def test_start_coordinate_service_close_writes_the_error_then_ends() -> None:
+    svc = _service()
+    a = _ident("a")
+    io, ends = PushedRequests(), Ends()
+    await _start(svc, a, io, ends)
+    svc.close()
+    await asyncio.wait_for(ends.event.wait(), T)
+    assert ends.got == [None]
+    assert io.responses[-1].error  # the close error, written before the end
+
+
+async def test_start_coordinate_failed_send_ends_with_that_error() -> None:
+    svc = _service()
+    a = _ident("a")
+    io, ends = PushedRequests(), Ends()
+
+    async def broken(resp: pb.CoordinateResponse) -> None:
+        raise ConnectionError("gone")
+
+    await svc.start_coordinate(
+        a, read=io.read, ready=io.ready, send=broken, on_end=ends, eof=EOF_MARK
+    )
+    svc.close()  # something to write
+    await asyncio.wait_for(ends.event.wait(), T)
+    assert len(ends.got) == 1 and isinstance(ends.got[0], ConnectionError)
+    assert svc.coordinator.peers() == []
