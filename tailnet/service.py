@@ -17,6 +17,12 @@ Coordinate flow (:meth:`TailnetService.coordinate`)::
         send(resp)                                  # may end by raising ServiceError
     # or, cheaper (no async generators; what the gRPC adapter uses):
     await service.run_coordinate(ident, read, write, eof)
+    # or without a task of its own (what the DRPC adapter uses: one per peer):
+    run = await service.start_coordinate(ident, read=, ready=, send=, on_end=)
+    run.input()   # whenever requests may be waiting;  run.cancel() if the call ended
+
+StreamDERPMaps likewise: :meth:`TailnetService.stream_derp_maps` (an async
+generator) or :meth:`TailnetService.watch_derp_maps` (callbacks, no task).
 
 * Opening a stream: at most ``limits.max_peers_per_principal`` concurrent
   Coordinate streams per principal (kind + id), else ``RESOURCE_EXHAUSTED``
@@ -29,7 +35,9 @@ Coordinate flow (:meth:`TailnetService.coordinate`)::
   without blocking; past either bound it evicts the peer (slow consumer), which
   ends only that stream: what was still queued for it is dropped, and only the
   close error is left to write.
-* A reader task runs, for every request: ``validate_request`` (once, with
+* A reader task runs (with ``start_coordinate`` only while requests wait;
+  responses are then written by a task that exists only while some are
+  queued), for every request: ``validate_request`` (once, with
   ``limits``) → ``await policy.authorize`` → ``coordinator.handle(...,
   validated=True)``. A malformed request (or one beyond a node/request cap)
   sends ``CoordinateResponse(error=<text>)`` and ends the stream with

@@ -16,7 +16,10 @@ Per stream::
       CloseSendReceived  → end of requests (recv() returns None)
       Close/Cancel/Error → the handler is cancelled; nothing more is sent
     handler returns    → unary: Message + CloseSend; streaming: CloseSend, or
-                         Close where registered ``end_with_close`` (Coder's handlers)
+                         Close where registered ``end_with_close`` (Coder's handlers);
+                         a streaming handler that called ``call.hold()`` leaves the
+                         call open with no task: it ends at ``call.finish()``, and
+                         the ``call.listen`` callback hears input and the peer's end
     RpcError           → Error(code, text); other exceptions → Error(0, "internal error")
     yamux FIN          → not a half-close in DRPC: the running call is cancelled
                          and we FIN back (Go tears the DRPC connection down on EOF)

@@ -18,6 +18,11 @@ only the endings are DRPC's, as a Coder server ends them (§3.9, §3.11):
   answer code 12 (Coder leaves their providers unset there);
 * a request that does not parse ends only its call with an Error packet
   (Coordinate: the peer is LOST to its tunnel peers first).
+
+Coordinate and StreamDERPMaps are *held* calls (one of each per connected
+peer): once started, no task or coroutine frame waits for them; short tasks
+run only while requests, responses or a new map are in flight
+(:class:`~tailnet.service.CoordinateRun`, :class:`~tailnet.service.DERPMapWatch`).
 """
 
 from __future__ import annotations
