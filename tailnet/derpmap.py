@@ -22,12 +22,14 @@ an empty one, and every map we send has ``home_params`` populated
 
 Sources: a :class:`DERPMapSource` has a ``current()`` map and a ``version``
 counter; ``await wait_changed(v)`` returns the new version once it differs from
-``v``. :class:`StaticDERPMapSource` is the in-process implementation (call
+``v``; ``add_waiter(fut)``/``remove_waiter(fut)`` register a future resolved at
+the next change (no task per watcher). :class:`StaticDERPMapSource` is the in-process implementation (call
 ``set()`` from the event loop thread).
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -290,6 +292,15 @@ class DERPMapSource(Protocol):
         """Return the current version as soon as it differs from ``last_version``."""
         ...
 
+    def add_waiter(self, fut: asyncio.Future[None]) -> None:
+        """Resolve ``fut`` (once) when ``version`` next changes; lets a watcher wait
+        for a change and something else with one future, without a task."""
+        ...
+
+    def remove_waiter(self, fut: asyncio.Future[None]) -> None:
+        """Forget ``fut`` (no-op if it was resolved or never added)."""
+        ...
+
 
 class StaticDERPMapSource:
     """A DERP map held in memory; :meth:`set` publishes a new one.
@@ -315,3 +326,9 @@ class StaticDERPMapSource:
 
     async def wait_changed(self, last_version: int) -> int:
         return await self._signal.wait_changed(last_version)
+
+    def add_waiter(self, fut: asyncio.Future[None]) -> None:
+        self._signal.add_waiter(fut)
+
+    def remove_waiter(self, fut: asyncio.Future[None]) -> None:
+        self._signal.remove_waiter(fut)

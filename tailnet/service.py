@@ -17,6 +17,12 @@ Coordinate flow (:meth:`TailnetService.coordinate`)::
         send(resp)                                  # may end by raising ServiceError
     # or, cheaper (no async generators; what the gRPC adapter uses):
     await service.run_coordinate(ident, read, write, eof)
+    # or without a task of its own (what the DRPC adapter uses: one per peer):
+    run = await service.start_coordinate(ident, read=, ready=, send=, on_end=)
+    run.input()   # whenever requests may be waiting;  run.cancel() if the call ended
+
+StreamDERPMaps likewise: :meth:`TailnetService.stream_derp_maps` (an async
+generator) or :meth:`TailnetService.watch_derp_maps` (callbacks, no task).
 
 * Opening a stream: at most ``limits.max_peers_per_principal`` concurrent
   Coordinate streams per principal (kind + id), else ``RESOURCE_EXHAUSTED``
@@ -29,7 +35,9 @@ Coordinate flow (:meth:`TailnetService.coordinate`)::
   without blocking; past either bound it evicts the peer (slow consumer), which
   ends only that stream: what was still queued for it is dropped, and only the
   close error is left to write.
-* A reader task runs, for every request: ``validate_request`` (once, with
+* A reader task runs (with ``start_coordinate`` only while requests wait;
+  responses are then written by a task that exists only while some are
+  queued), for every request: ``validate_request`` (once, with
   ``limits``) → ``await policy.authorize`` → ``coordinator.handle(...,
   validated=True)``. A malformed request (or one beyond a node/request cap)
   sends ``CoordinateResponse(error=<text>)`` and ends the stream with
@@ -115,6 +123,8 @@ __all__ = [
     "Status",
     "ServiceError",
     "CallContext",
+    "CoordinateRun",
+    "DERPMapWatch",
     "StreamIdentity",
     "QueueSink",
     "TunnelAuthorizer",
@@ -229,7 +239,8 @@ class QueueSink:
     """
 
     __slots__ = (
-        "_bytes", "_max_bytes", "_maxsize", "_queue", "_waiter", "closed", "error", "failure",
+        "_bytes", "_listener", "_max_bytes", "_maxsize", "_queue", "_waiter", "closed", "error",
+        "failure",
     )
 
     def __init__(
@@ -242,9 +253,16 @@ class QueueSink:
         self._max_bytes = max_bytes
         self._bytes = 0
         self._waiter: asyncio.Future[None] | None = None
+        #: called (instead of a waiting consumer) when a response or the close arrives
+        self._listener: Callable[[], None] | None = None
         self.closed = False
         self.error: str | None = None
         self.failure: ServiceError | None = None
+
+    def listen(self, on_ready: Callable[[], None] | None) -> None:
+        """Call ``on_ready()`` whenever a response is queued or the sink closes (a
+        consumer without a waiting task); ``None`` stops."""
+        self._listener = on_ready
 
     def _wake(self) -> None:
         w = self._waiter
@@ -252,6 +270,9 @@ class QueueSink:
             self._waiter = None
             if not w.done():
                 w.set_result(None)
+        listener = self._listener
+        if listener is not None:
+            listener()
 
     def send(self, resp: pb.CoordinateResponse) -> bool:
         if self.closed:
@@ -262,7 +283,7 @@ class QueueSink:
             return False
         q.append((resp, size))
         self._bytes += size
-        if self._waiter is not None:
+        if self._waiter is not None or self._listener is not None:
             self._wake()
         return True
 
@@ -337,6 +358,241 @@ class QueueSink:
             await self.wait()
 
 
+class DERPMapWatch:
+    """StreamDERPMaps without a task: the same maps as
+    :meth:`TailnetService.stream_derp_maps`, pushed through callbacks.
+
+    Flow: :meth:`first` returns the current map (send it); after each map is
+    sent the consumer calls :meth:`resume`, which either calls ``on_map`` with a
+    map that differs from the last one sent, or waits (one future registered
+    with the DERP map source and the service's close, with a done-callback) and
+    checks again at the next change. Changes while a map is being sent
+    coalesce. ``on_end()`` is called once the service closes; :meth:`cancel`
+    stops the watch (idempotent). Callbacks run on the event loop.
+    """
+
+    __slots__ = ("_svc", "_on_map", "_on_end", "_version", "_last", "_fut", "closed")
+
+    def __init__(
+        self, svc: TailnetService, on_map: Callable[[pb.DERPMap], None], on_end: Callable[[], None]
+    ) -> None:
+        self._svc = svc
+        self._on_map = on_map
+        self._on_end = on_end
+        self._version = 0
+        self._last: pb.DERPMap | None = None
+        self._fut: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def first(self) -> pb.DERPMap:
+        self._version, last = self._svc._derp_map_to_send()
+        self._last = last
+        return last
+
+    def resume(self) -> None:
+        """The last map was sent: push the next change (now or when it happens)."""
+        if self.closed or self._fut is not None:
+            return
+        svc = self._svc
+        if svc.closed:
+            self.closed = True
+            self._on_end()
+            return
+        src = svc._derp_maps
+        if src.version != self._version:
+            self._version, cur = svc._derp_map_to_send()
+            last = self._last
+            if cur is not last and (last is None or not derp_maps_equal(last, cur)):
+                self._last = cur
+                self._on_map(cur)
+                return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        src.add_waiter(fut)
+        svc._close_waiters.add(fut)
+        fut.add_done_callback(self._fired)
+        self._fut = fut
+
+    def _fired(self, fut: asyncio.Future[None]) -> None:
+        self._unregister(fut)
+        if self._fut is fut:
+            self._fut = None
+            if not fut.cancelled():
+                self.resume()
+
+    def _unregister(self, fut: asyncio.Future[None]) -> None:
+        self._svc._derp_maps.remove_waiter(fut)
+        self._svc._close_waiters.discard(fut)
+
+    def cancel(self) -> None:
+        self.closed = True
+        fut, self._fut = self._fut, None
+        if fut is not None:
+            fut.remove_done_callback(self._fired)
+            self._unregister(fut)
+            fut.cancel()
+
+
+class CoordinateRun:
+    """A Coordinate stream without a task of its own (callback form of
+    :meth:`TailnetService.run_coordinate`; made by
+    :meth:`TailnetService.start_coordinate`).
+
+    Requests are read by an on-demand reader task (the transport calls
+    :meth:`input` whenever ``read()`` may not wait); responses are written by
+    a task that exists only while responses are queued (``send`` may wait for
+    the peer's window), in order. When the sink is closed and drained the
+    close error is written, then ``on_end(None)`` — or ``on_end(ServiceError)``
+    for a failure status, or ``on_end(exc)`` if a send failed. :meth:`cancel`
+    (the transport ended the call) stops both tasks. Either way the peer leaves
+    the coordinator once, and every reference to the transport is dropped.
+    """
+
+    __slots__ = ("_svc", "_ident", "_sink", "_live", "_reader", "_send", "_on_end", "_task",
+                 "over")
+
+    def __init__(
+        self,
+        svc: TailnetService,
+        ident: StreamIdentity,
+        sink: QueueSink,
+        live: _LiveStream,
+        read: Callable[[], Awaitable[object]],
+        ready: Callable[[], bool],
+        eof: object,
+        send: Callable[[pb.CoordinateResponse], Awaitable[object]],
+        on_end: Callable[[BaseException | None], None],
+    ) -> None:
+        self._svc = svc
+        self._ident = ident
+        self._sink = sink
+        self._live = live
+        self._reader: _OnDemandReader | None = _OnDemandReader(
+            svc, ident, sink, read, eof, ready, None
+        )
+        self._send: Callable[[pb.CoordinateResponse], Awaitable[object]] | None = send
+        self._on_end: Callable[[BaseException | None], None] | None = on_end
+        self._task: asyncio.Task[bool] | None = None
+        self.over = False
+        sink.listen(self._kick)
+
+    def input(self) -> None:
+        """Requests may be waiting (the transport's "input arrived" callback)."""
+        reader = self._reader
+        if reader is not None:
+            reader.kick()
+
+    def _kick(self) -> None:
+        if self._task is not None or self.over:
+            return
+        sink = self._sink
+        if not len(sink) and not sink.closed:
+            return
+        task = asyncio.ensure_future(self._write_out())
+        self._task = task
+        task.add_done_callback(self._written)
+
+    async def _write_out(self) -> bool:
+        """Write what is queued; True once the stream's ending was written too."""
+        sink = self._sink
+        send = self._send
+        assert send is not None
+        while (resp := sink.pop()) is not None:
+            await send(resp)
+        if not sink.closed:
+            return False
+        if sink.error:
+            await send(pb.CoordinateResponse(error=sink.error))
+        sink.raise_failure()
+        return True
+
+    def _written(self, task: asyncio.Task[bool]) -> None:
+        if self._task is not task:
+            return
+        self._task = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is not None:
+            self._end(exc)
+        elif task.result():
+            self._end(None)
+        else:
+            self._kick()  # responses that came while the task was finishing
+
+    def cancel(self) -> None:
+        """The transport ended the call: stop reading and writing; the peer is lost."""
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+        self._end(None, notify=False)
+
+    def _end(self, exc: BaseException | None, *, notify: bool = True) -> None:
+        if self.over:
+            return
+        self.over = True
+        on_end = self._on_end
+        self._on_end = self._send = None
+        self._sink.listen(None)
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.cancel()
+        self._svc._end_stream(self._ident, self._sink, self._live)
+        if notify and on_end is not None:
+            on_end(exc)
+
+
+class _OnDemandReader:
+    """Runs :meth:`TailnetService._read_requests` as a task only while requests
+    wait (see :meth:`TailnetService.run_coordinate`). One task at a time, so
+    requests are handled in order; :meth:`kick` is the transport's "input
+    arrived" callback. ``cancel`` unregisters it and cancels a running task."""
+
+    __slots__ = ("_svc", "_ident", "_sink", "_read", "_eof", "_ready", "_listen", "_task")
+
+    def __init__(
+        self,
+        svc: TailnetService,
+        ident: StreamIdentity,
+        sink: QueueSink,
+        read: Callable[[], Awaitable[object]],
+        eof: object,
+        ready: Callable[[], bool],
+        listen: Callable[[Callable[[], None] | None], None] | None,
+    ) -> None:
+        self._svc = svc
+        self._ident = ident
+        self._sink = sink
+        self._read = read
+        self._eof = eof
+        self._ready = ready
+        self._listen = listen
+        self._task: asyncio.Task[None] | None = None
+        if listen is not None:
+            listen(self.kick)
+
+    def kick(self) -> None:
+        if self._task is not None or self._sink.closed or not self._ready():
+            return
+        task = asyncio.ensure_future(
+            self._svc._read_requests(self._ident, self._sink, self._read, self._eof, self._ready)
+        )
+        self._task = task
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[None]) -> None:
+        if self._task is task:
+            self._task = None
+            if not task.cancelled():
+                self.kick()  # input that arrived while the task was finishing
+
+    def cancel(self) -> None:
+        if self._listen is not None:
+            self._listen(None)  # the callback refers to us: no cycle left behind
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+
+
 @dataclass(slots=True)
 class _LiveStream:
     principal: Principal
@@ -389,6 +645,11 @@ class TailnetService:
         #: open Coordinate streams per principal (kind, id), for max_peers_per_principal
         self._principal_streams: dict[tuple[str, uuid.UUID], int] = {}
         self._closing = asyncio.Event()
+        #: futures resolved by close() (StreamDERPMaps waiters; no task per stream)
+        self._close_waiters: set[asyncio.Future[None]] = set()
+        #: the DERP map as sent (home_params present) for one source version,
+        #: shared by every StreamDERPMaps stream
+        self._derp_sent: tuple[int, pb.DERPMap] | None = None
         #: counters for metrics and the dashboard (tailnet.metrics)
         self.stats = ServiceStats()
 
@@ -623,9 +884,17 @@ class TailnetService:
         write: Callable[[pb.CoordinateResponse], Awaitable[object]],
         eof: object = None,
         on_open: Callable[[], Awaitable[object]] | None = None,
+        *,
+        ready: Callable[[], bool] | None = None,
+        listen: Callable[[Callable[[], None] | None], None] | None = None,
     ) -> None:
         """Run one Coordinate stream over reader/writer callables; same semantics as
         :meth:`coordinate`.
+
+        With ``ready`` (``read()`` would not wait) and ``listen`` (register a
+        callback for "input arrived"; ``None`` unregisters) the requests are read
+        on demand: a reader task runs only while requests are waiting, so an idle
+        peer costs no task, coroutine frames or waiter (one stream per peer).
 
         ``read()`` returns the next request, or ``eof`` once the peer half-closed
         (raising ``StopAsyncIteration`` also ends the requests); ``write(resp)``
@@ -636,11 +905,15 @@ class TailnetService:
         initial metadata then, so a refused stream never looks accepted).
         """
         sink, live = await self._open_stream(ident)
-        reader: asyncio.Future[None] | None = None
+        reader: asyncio.Future[None] | _OnDemandReader | None = None
         try:
             if on_open is not None:
                 await on_open()
-            reader = asyncio.ensure_future(self._read_requests(ident, sink, read, eof))
+            if ready is not None and listen is not None:
+                reader = _OnDemandReader(self, ident, sink, read, eof, ready, listen)
+                reader.kick()
+            else:
+                reader = asyncio.ensure_future(self._read_requests(ident, sink, read, eof))
             while True:
                 resp = sink.pop()
                 if resp is not None:
@@ -657,6 +930,25 @@ class TailnetService:
                 reader.cancel()
             self._end_stream(ident, sink, live)
 
+    async def start_coordinate(
+        self,
+        ident: StreamIdentity,
+        *,
+        read: Callable[[], Awaitable[object]],
+        ready: Callable[[], bool],
+        send: Callable[[pb.CoordinateResponse], Awaitable[object]],
+        on_end: Callable[[BaseException | None], None],
+        eof: object = None,
+    ) -> CoordinateRun:
+        """Open a Coordinate stream that runs without a task of its own (see
+        :class:`CoordinateRun`); same semantics as :meth:`run_coordinate`.
+        Raises :class:`ServiceError` if the stream is refused."""
+        sink, live = await self._open_stream(ident)
+        run = CoordinateRun(self, ident, sink, live, read, ready, eof, send, on_end)
+        run.input()
+        run._kick()
+        return run
+
     def _fail(self, ident: StreamIdentity, sink: QueueSink, status: Status, msg: str) -> None:
         log.info("coordinate: closing peer %s: %s", ident.peer_id, msg)
         sink.fail(status, msg)
@@ -668,8 +960,10 @@ class TailnetService:
         sink: QueueSink,
         read: Callable[[], Awaitable[object]],
         eof: object,
+        ready: Callable[[], bool] | None = None,
     ) -> None:
-        """Reader loop: validate → authorize → handle, until the stream ends."""
+        """Reader loop: validate → authorize → handle, until the stream ends (or,
+        with ``ready``, until no request is waiting: :class:`_OnDemandReader`)."""
         peer_id = ident.peer_id
         authorize = ident.policy.authorize
         handle = self.coordinator.handle
@@ -678,6 +972,8 @@ class TailnetService:
         clock = time.perf_counter
         try:
             while True:
+                if ready is not None and not ready():
+                    return  # idle: the on-demand reader starts us again
                 try:
                     req = await read()
                 except StopAsyncIteration:
@@ -744,20 +1040,46 @@ class TailnetService:
         return False, None
 
     # -- StreamDERPMaps -------------------------------------------------------
-    async def stream_derp_maps(self, call: CallContext) -> AsyncIterator[pb.DERPMap]:
-        """Current map at once, then each map that differs from the last one sent."""
+    def _derp_map_to_send(self) -> tuple[int, pb.DERPMap]:
+        """The source's version and its map with ``home_params`` present: one copy
+        per version, shared by every stream (never mutated once made)."""
         src = self._derp_maps
         version = src.version
-        last = with_home_params(src.current())
+        sent = self._derp_sent
+        if sent is None or sent[0] != version:
+            sent = self._derp_sent = (version, with_home_params(src.current()))
+        return sent
+
+    def watch_derp_maps(
+        self, on_map: Callable[[pb.DERPMap], None], on_end: Callable[[], None]
+    ) -> DERPMapWatch:
+        """Callback form of :meth:`stream_derp_maps` (see :class:`DERPMapWatch`)."""
+        return DERPMapWatch(self, on_map, on_end)
+
+    async def stream_derp_maps(self, call: CallContext) -> AsyncIterator[pb.DERPMap]:
+        """Current map at once, then each map that differs from the last one sent.
+
+        Waits with one future registered with the source (next version) and with
+        :meth:`close`: no task per stream (one stream per connected peer)."""
+        src = self._derp_maps
+        version, last = self._derp_map_to_send()
         yield last
+        loop = asyncio.get_running_loop()
+        waiters = self._close_waiters
         while not self.closed:
-            ok, new_version = await self._or_closing(src.wait_changed(version))
-            if not ok or new_version is None:
-                return
-            version = new_version
-            cur = src.current()
-            if not derp_maps_equal(last, cur):
-                last = with_home_params(cur)
+            if src.version == version:
+                fut: asyncio.Future[None] = loop.create_future()
+                src.add_waiter(fut)
+                waiters.add(fut)
+                try:
+                    await fut
+                finally:
+                    src.remove_waiter(fut)
+                    waiters.discard(fut)
+                continue
+            version, cur = self._derp_map_to_send()
+            if cur is not last and not derp_maps_equal(last, cur):
+                last = cur
                 yield last
 
     # -- RefreshResumeToken ---------------------------------------------------
@@ -860,6 +1182,9 @@ class TailnetService:
         if self._closing.is_set():
             return
         self._closing.set()
+        for fut in self._close_waiters:
+            if not fut.done():
+                fut.set_result(None)
         self.coordinator.close()
         for live in list(self._streams.values()):
             live.sink.close("coordinator closed")

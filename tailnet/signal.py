@@ -30,6 +30,14 @@ class VersionSignal:
                 fut.set_result(None)
         return self.version
 
+    def add_waiter(self, fut: asyncio.Future[None]) -> None:
+        """Resolve ``fut`` at the next :meth:`bump` (for callers that wait on
+        several things with one future; pair with :meth:`remove_waiter`)."""
+        self._waiters.add(fut)
+
+    def remove_waiter(self, fut: asyncio.Future[None]) -> None:
+        self._waiters.discard(fut)
+
     async def wait_changed(self, last_version: int) -> int:
         """Return the current version as soon as it differs from ``last_version``."""
         while self.version == last_version:

@@ -19,7 +19,10 @@ Connection flow::
         anything else → await app.handle(Request) in a task (reading paused):
             Response → written with h11 (keep-alive as h11 allows)
             Upgrade  → websockets handshake (ServerWebSocket.upgrade), then the
-                       upgrade's handler runs until the socket closes
+                       upgrade's handler runs in a task of its own until the
+                       socket closes; the request task ends at once, so the
+                       h11 state, the request and this connection object are
+                       not kept for the WebSocket's life
             Stream   → the head, then chunks pushed by the producer (server-sent
                        events) until it stops, the peer leaves or falls behind
             HttpError → Coder-style JSON error; other exceptions → 500 JSON
@@ -443,7 +446,7 @@ class _ApiConnection(asyncio.Protocol):
         )
         if ws is None:
             return
-        await self._server._run_upgrade(ws, up)
+        self._server._start_upgrade(ws, up)
 
 
 class HttpApiServer:
@@ -501,10 +504,13 @@ class HttpApiServer:
         self._handshaking.add(tls)
         return tls
 
-    async def _run_upgrade(self, ws: ServerWebSocket, up: Upgrade) -> None:
-        task = asyncio.current_task()
-        assert task is not None
+    def _start_upgrade(self, ws: ServerWebSocket, up: Upgrade) -> None:
+        """Run ``up``'s handler on ``ws`` in a task of its own (registered for stop)."""
+        task = asyncio.get_running_loop().create_task(self._run_upgrade(ws, up))
         self._upgrades[task] = (ws, up)
+        task.add_done_callback(self._upgrades.pop)
+
+    async def _run_upgrade(self, ws: ServerWebSocket, up: Upgrade) -> None:
         try:
             await up.handler(ws)
         except asyncio.CancelledError:
@@ -516,8 +522,6 @@ class HttpApiServer:
         else:
             if ws.open:
                 await ws.close(1000, "")
-        finally:
-            self._upgrades.pop(task, None)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop listening, close WebSockets with 1001, close idle connections."""

@@ -16,6 +16,14 @@ Pings: with ``ping_interval`` the server pings; a pong must arrive within
 ``ping_timeout`` or the connection is closed with 1011. Pings from the client
 are answered by websockets automatically.
 
+Weight per connection (there is one per peer): no task and no
+``asyncio.Event``. The ping schedule is one loop timer at a time (next ping,
+or the pong deadline); a future exists only while someone waits in
+:meth:`recv`, :meth:`drain`/:meth:`send` or :meth:`wait_closed`. The
+handshake is done by one ``ServerProtocol`` and the connection served by a
+second one created in the OPEN state, so the handshake request (headers) is
+not kept alive for the connection's life by the first one's parser.
+
 Byte budget (whatever the client sends or refuses to read): reading from the
 socket is paused while either
 
@@ -53,7 +61,6 @@ above (and while read bytes still wait to be parsed).
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
 import os
 import time
@@ -101,6 +108,31 @@ PARSE_BUDGET = 0.002
 class ServerWebSocket(asyncio.Protocol):
     """One accepted WebSocket (see module docstring)."""
 
+    __slots__ = (
+        "_proto",
+        "_transport",
+        "_messages",
+        "_queued_bytes",
+        "_recv_waiter",
+        "_write_paused",
+        "_drain_waiter",
+        "_max_queue",
+        "_max_queue_bytes",
+        "_queue_full",
+        "_reading",
+        "_lost",
+        "_lost_waiter",
+        "_ping_interval",
+        "_ping_timeout",
+        "_ping_timer",
+        "_ping_data",
+        "_close_timer",
+        "_rx_pending",
+        "_rx_off",
+        "_slice_scheduled",
+        "_eof_pending",
+    )
+
     def __init__(
         self,
         proto: ServerProtocol,
@@ -113,21 +145,25 @@ class ServerWebSocket(asyncio.Protocol):
     ) -> None:
         self._proto = proto
         self._transport = transport
-        self._messages: collections.deque[bytes | str] = collections.deque()
+        #: received messages not yet taken by recv() (at most max_queue + one read)
+        self._messages: list[bytes | str] = []
         self._queued_bytes = 0
-        self._wake = asyncio.Event()
-        self._writable = asyncio.Event()
-        self._writable.set()
+        #: futures that exist only while someone waits (see module docstring)
+        self._recv_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._drain_waiter: asyncio.Future[None] | None = None
         self._max_queue = max_queue
         self._max_queue_bytes = max_queue_bytes
         self._queue_full = False
         self._reading = True
-        self._lost = asyncio.Event()
+        self._lost = False
+        self._lost_waiter: asyncio.Future[None] | None = None
         self._ping_interval = ping_interval
         self._ping_timeout = ping_timeout
-        self._ping_task: asyncio.Task[None] | None = None
-        self._pong: asyncio.Future[None] | None = None
-        self._ping_data = b""
+        #: the next ping, or (after one was sent) the pong deadline
+        self._ping_timer: asyncio.TimerHandle | None = None
+        #: payload of the ping awaiting its pong (None: no ping outstanding)
+        self._ping_data: bytes | None = None
         self._close_timer: asyncio.TimerHandle | None = None
         #: a read not parsed yet from offset _rx_off on (CPU budget), whether a
         #: callback to go on is scheduled, and an EOF received after it
@@ -173,14 +209,22 @@ class ServerWebSocket(asyncio.Protocol):
             for name, value in extra_headers:
                 response.headers[name] = value
         proto.send_response(response)
+        head = proto.data_to_send()
         if response.status_code != 101:
-            for chunk in proto.data_to_send():
+            for chunk in head:
                 if chunk:
                     transport.write(chunk)
             transport.close()
             return None
+        for chunk in head:
+            transport.write(chunk)
+        # Serve the connection with a protocol that never saw the request: the
+        # handshake one keeps it (and its headers) alive in its parser's frame.
+        served = ServerProtocol(state=State.OPEN, max_size=max_size, logger=WS_PROTOCOL_LOG)
+        served.extensions = proto.extensions
+        served.subprotocol = proto.subprotocol
         ws = cls(
-            proto,
+            served,
             transport,
             ping_interval=ping_interval,
             ping_timeout=ping_timeout,
@@ -189,9 +233,8 @@ class ServerWebSocket(asyncio.Protocol):
         )
         transport.set_protocol(ws)
         transport.resume_reading()  # from here on only _update_reading() switches it
-        ws._flush()
         if ping_interval:
-            ws._ping_task = asyncio.get_running_loop().create_task(ws._ping_loop())
+            ws._ping_timer = asyncio.get_running_loop().call_later(ping_interval, ws._send_ping)
         if trailing:
             ws.data_received(trailing)
         return ws
@@ -230,23 +273,27 @@ class ServerWebSocket(asyncio.Protocol):
         parser_exc = self._proto.parser_exc
         if parser_exc is not None:
             parser_exc.__traceback__ = None
-        self._lost.set()
-        self._wake.set()
-        self._writable.set()
-        if self._ping_task is not None:
-            # Drop our reference too: the cancelled task keeps its CancelledError, whose
-            # traceback holds _ping_loop's frame and thus this object (a reference cycle).
-            self._ping_task.cancel()
-            self._ping_task = None
+        self._lost = True
+        self._write_paused = False
+        self._wake_recv()
+        self._wake_drain()
+        fut = self._lost_waiter
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
         if self._close_timer is not None:
             self._close_timer.cancel()
+            self._close_timer = None
 
     def pause_writing(self) -> None:
-        self._writable.clear()
+        self._write_paused = True
         self._update_reading()
 
     def resume_writing(self) -> None:
-        self._writable.set()
+        self._write_paused = False
+        self._wake_drain()
         self._update_reading()
 
     # ------------------------------------------------------------------ internals
@@ -263,19 +310,18 @@ class ServerWebSocket(asyncio.Protocol):
                 self._messages.append(text)
                 self._queued_bytes += len(text)  # the same measure recv() subtracts
             elif event.opcode is Opcode.PONG:
-                if self._pong is not None and bytes(event.data) == self._ping_data:
-                    if not self._pong.done():
-                        self._pong.set_result(None)
+                if self._ping_data is not None and bytes(event.data) == self._ping_data:
+                    self._pong_received()
             # CONT frames never surface: websockets reassembles fragmented messages
         if self._messages:
-            self._wake.set()
+            self._wake_recv()
             if (
                 len(self._messages) >= self._max_queue
                 or self._queued_bytes >= self._max_queue_bytes
             ):
                 self._queue_full = True
         if self._proto.state is State.CLOSED:
-            self._wake.set()
+            self._wake_recv()
         self._flush()
         self._update_reading()
 
@@ -283,13 +329,13 @@ class ServerWebSocket(asyncio.Protocol):
         """Read from the socket only while the queue has room and writes are not
         backpressured (module docstring: byte budget), and no read bytes wait to
         be parsed (those are fed first, a slice per loop iteration)."""
-        want = self._writable.is_set() and not self._queue_full
+        want = not self._write_paused and not self._queue_full
         if want and self._rx_pending is not None:
-            if not self._slice_scheduled and not self._lost.is_set():
+            if not self._slice_scheduled and not self._lost:
                 self._slice_scheduled = True
                 asyncio.get_running_loop().call_soon(self._next_slice)
             want = False
-        if want == self._reading or self._lost.is_set():
+        if want == self._reading or self._lost:
             return
         self._reading = want
         if want:
@@ -327,9 +373,9 @@ class ServerWebSocket(asyncio.Protocol):
         """Go on parsing the current read (see _update_reading)."""
         self._slice_scheduled = False
         pending = self._rx_pending
-        if pending is None or self._lost.is_set():
+        if pending is None or self._lost:
             return
-        if not self._writable.is_set() or self._queue_full:
+        if self._write_paused or self._queue_full:
             return  # _update_reading schedules us again when that changes
         self._parse(pending, self._rx_off)
 
@@ -343,32 +389,68 @@ class ServerWebSocket(asyncio.Protocol):
             loop = asyncio.get_running_loop()
             self._close_timer = loop.call_later(5.0, self._transport.abort)
 
-    async def _ping_loop(self) -> None:
-        assert self._ping_interval
+    def _wake_recv(self) -> None:
+        fut = self._recv_waiter
+        if fut is not None:
+            self._recv_waiter = None
+            if not fut.done():
+                fut.set_result(None)
+
+    def _wake_drain(self) -> None:
+        fut = self._drain_waiter
+        if fut is not None:
+            self._drain_waiter = None
+            if not fut.done():
+                fut.set_result(None)
+
+    # keepalive: one timer at a time (next ping, or the pong deadline)
+
+    def _send_ping(self) -> None:
+        self._ping_timer = None
+        if not self.open:
+            return
+        data = os.urandom(4)
+        try:
+            self._proto.send_ping(data)
+        except InvalidState:  # pragma: no cover - not open any more
+            return
+        self._ping_data = data
+        self._flush()
         loop = asyncio.get_running_loop()
-        while self.open:
-            await asyncio.sleep(self._ping_interval)
-            if not self.open:
-                return
-            self._ping_data = os.urandom(4)
-            self._pong = loop.create_future()
+        self._ping_timer = loop.call_later(self._ping_timeout, self._pong_overdue)
+
+    def _pong_received(self) -> None:
+        self._ping_data = None
+        if self._ping_timer is not None:
+            self._ping_timer.cancel()
+            self._ping_timer = None
+        if self._ping_interval and self.open:
+            loop = asyncio.get_running_loop()
+            self._ping_timer = loop.call_later(self._ping_interval, self._send_ping)
+
+    def _pong_overdue(self) -> None:
+        self._ping_timer = None
+        if not self.open:
+            return
+        log.info("websocket: no pong within %.0f s, closing", self._ping_timeout)
+        self._start_close(CLOSE_INTERNAL, "keepalive ping timeout")
+
+    def _start_close(self, code: int, reason: str) -> None:
+        """Send a close frame (the transport is aborted if the peer does not answer
+        within 5 s: see _flush) and wake recv()."""
+        if self._proto.state is State.OPEN:
             try:
-                self._proto.send_ping(self._ping_data)
-            except InvalidState:
-                return
+                self._proto.send_close(code, reason)
+            except InvalidState:  # pragma: no cover
+                pass
             self._flush()
-            try:
-                await asyncio.wait_for(self._pong, self._ping_timeout)
-            except TimeoutError:
-                log.info("websocket: no pong within %.0f s, closing", self._ping_timeout)
-                await self.close(CLOSE_INTERNAL, "keepalive ping timeout")
-                return
+        self._wake_recv()
 
     # ------------------------------------------------------------------ public API
 
     @property
     def open(self) -> bool:
-        return self._proto.state is State.OPEN and not self._lost.is_set()
+        return self._proto.state is State.OPEN and not self._lost
 
     @property
     def close_code(self) -> int | None:
@@ -387,7 +469,7 @@ class ServerWebSocket(asyncio.Protocol):
         """The next message, or ``None`` once the connection is closing/closed."""
         while True:
             if self._messages:
-                msg = self._messages.popleft()
+                msg = self._messages.pop(0)
                 self._queued_bytes -= len(msg)
                 if (
                     self._queue_full
@@ -397,10 +479,12 @@ class ServerWebSocket(asyncio.Protocol):
                     self._queue_full = False
                     self._update_reading()
                 return msg
-            if self._proto.state is not State.OPEN or self._lost.is_set():
+            if self._proto.state is not State.OPEN or self._lost:
                 return None
-            self._wake.clear()
-            await self._wake.wait()
+            fut = self._recv_waiter
+            if fut is None or fut.done():  # done: cancelled with an earlier caller
+                fut = self._recv_waiter = asyncio.get_running_loop().create_future()
+            await fut
 
     async def send(self, data: bytes) -> None:
         """Send one binary message; waits while the write buffer is full.
@@ -411,8 +495,8 @@ class ServerWebSocket(asyncio.Protocol):
             raise ConnectionError("websocket is closed")
         self._proto.send_binary(data)
         self._flush()
-        if not self._writable.is_set():
-            await self._writable.wait()
+        if self._write_paused:
+            await self.drain()
 
     def write(self, data: bytes) -> None:
         """Queue one binary message without waiting; dropped once not open."""
@@ -423,24 +507,24 @@ class ServerWebSocket(asyncio.Protocol):
     @property
     def writable(self) -> bool:
         """False while the transport's write buffer is above its high-water mark."""
-        return self._writable.is_set()
+        return not self._write_paused
 
     async def drain(self) -> None:
         """Return once the write buffer is below its high-water mark or the socket is gone."""
-        if not self._writable.is_set():
-            await self._writable.wait()
+        while self._write_paused:
+            fut = self._drain_waiter
+            if fut is None:
+                fut = self._drain_waiter = asyncio.get_running_loop().create_future()
+            # shielded: one waiter's cancellation must not cancel the others' future
+            await asyncio.shield(fut)
 
     async def close(self, code: int = CLOSE_NORMAL, reason: str = "", timeout: float = 5.0) -> None:
         """Start the closing handshake and wait (≤ ``timeout``) until the TCP connection is gone."""
-        if self._proto.state is State.OPEN:
-            try:
-                self._proto.send_close(code, reason)
-            except InvalidState:  # pragma: no cover
-                pass
-            self._flush()
-        self._wake.set()
+        self._start_close(code, reason)
+        if self._lost:
+            return
         try:
-            await asyncio.wait_for(self._lost.wait(), timeout)
+            await asyncio.wait_for(self.wait_closed(), timeout)
         except TimeoutError:
             self._transport.abort()
 
@@ -448,4 +532,10 @@ class ServerWebSocket(asyncio.Protocol):
         self._transport.abort()
 
     async def wait_closed(self) -> None:
-        await self._lost.wait()
+        """Return once the TCP connection is gone."""
+        if self._lost:
+            return
+        fut = self._lost_waiter
+        if fut is None:
+            fut = self._lost_waiter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(fut)

@@ -111,6 +111,35 @@ class ServerCall(Protocol):
         """The next request message, or ``None`` once the client sent CloseSend."""
         ...
 
+    @property
+    def ready(self) -> bool:
+        """:meth:`recv` would return without waiting (a message, CloseSend, or the end)."""
+        ...
+
+    def listen(self, on_input: Callable[[], None] | None) -> None:
+        """Call ``on_input()`` whenever :attr:`ready` may have become true (a message
+        or CloseSend arrived, or the call ended); ``None`` stops. Lets a handler
+        read on demand instead of keeping a task waiting in :meth:`recv`. The
+        handler must call ``listen(None)`` before it returns (the callback usually
+        refers to the call: a reference cycle otherwise)."""
+        ...
+
+    @property
+    def ended(self) -> bool:
+        """The call is over (ended by either side); nothing more can be sent."""
+        ...
+
+    def hold(self) -> None:
+        """Streaming calls only: keep the call open after the handler returns, until
+        :meth:`finish` (or the peer ends it: the :meth:`listen` callback hears that,
+        with :attr:`ended` true). Lets a long-lived stream live without a task."""
+        ...
+
+    def finish(self, exc: BaseException | None = None) -> None:
+        """End a held call as its handler's return (``exc`` None) or raising ``exc``
+        would have; also drops the listener. No-op once ended."""
+        ...
+
 
 Handler = Callable[..., Awaitable[Any]]
 

@@ -16,7 +16,10 @@ Per stream::
       CloseSendReceived  → end of requests (recv() returns None)
       Close/Cancel/Error → the handler is cancelled; nothing more is sent
     handler returns    → unary: Message + CloseSend; streaming: CloseSend, or
-                         Close where registered ``end_with_close`` (Coder's handlers)
+                         Close where registered ``end_with_close`` (Coder's handlers);
+                         a streaming handler that called ``call.hold()`` leaves the
+                         call open with no task: it ends at ``call.finish()``, and
+                         the ``call.listen`` callback hears input and the peer's end
     RpcError           → Error(code, text); other exceptions → Error(0, "internal error")
     yamux FIN          → not a half-close in DRPC: the running call is cancelled
                          and we FIN back (Go tears the DRPC connection down on EOF)
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Final
 
 from google.protobuf.message import DecodeError, Message
@@ -68,6 +71,9 @@ class _Call:
         "_head",
         "_close_send",
         "_waiter",
+        "_listener",
+        "_held",
+        "_ended_waiter",
         "ended",
         "task",
     )
@@ -84,6 +90,9 @@ class _Call:
         self._head = 0
         self._close_send = False
         self._waiter: asyncio.Future[None] | None = None
+        self._listener: Callable[[], None] | None = None
+        self._held = False
+        self._ended_waiter: asyncio.Future[None] | None = None
         self.ended = False
         self.task: asyncio.Task[None] | None = None
 
@@ -104,6 +113,62 @@ class _Call:
         w = self._waiter
         if w is not None and not w.done():
             w.set_result(None)
+        listener = self._listener
+        if listener is not None:
+            listener()
+
+    @property
+    def ready(self) -> bool:
+        return self._head < len(self._inbox) or self.ended or self._close_send
+
+    def listen(self, on_input: Callable[[], None] | None) -> None:
+        self._listener = on_input
+
+    def hold(self) -> None:
+        if not self._method.kind.server_streams:
+            raise TypeError(f"{self.method}: only a streaming call can be held open")
+        self._held = True
+
+    def finish(self, exc: BaseException | None = None) -> None:
+        """End a held call as if its handler had returned (``exc`` None) or raised."""
+        self._held = False
+        self._listener = None  # usually refers to the holder, which refers to us
+        if self.ended:
+            return
+        rpc = self._rpc
+        try:
+            if exc is None:
+                self.ended = True
+                if self._method.end_with_close:
+                    rpc.drpc.send_close()
+                else:
+                    rpc.drpc.send_close_send()
+            elif not self._send_failure(exc):
+                return
+        finally:
+            exc = None
+            if self.ended:
+                self._ended()
+        rpc.write_nowait()
+
+    def _ended(self) -> None:
+        """The call is over: wake whoever waits for that; break the call/stream cycle."""
+        w = self._ended_waiter
+        if w is not None:
+            self._ended_waiter = None
+            if not w.done():
+                w.set_result(None)
+        rpc = self._rpc
+        if rpc.call is self:
+            rpc.call = None  # the call and its stream refer to each other
+
+    async def wait_ended(self) -> None:
+        """Return once the call is over (used at shutdown for held calls)."""
+        if self.ended:
+            return
+        if self._ended_waiter is None:
+            self._ended_waiter = asyncio.get_running_loop().create_future()
+        await asyncio.shield(self._ended_waiter)
 
     async def send(self, msg: Message) -> None:
         if self.ended:
@@ -182,6 +247,8 @@ class _Call:
                     return
                 try:
                     result = task.result()
+                    if self._held:
+                        return  # stays open until finish() or the peer ends it
                     if not method.kind.server_streams:
                         if not isinstance(result, Message):
                             raise TypeError(
@@ -202,8 +269,9 @@ class _Call:
                 return
         finally:
             exc = None  # a kept exception would tie this frame to its own traceback
-            if self.ended and rpc.call is self:
-                rpc.call = None  # the call and its stream refer to each other
+            if self.ended:
+                self._listener = None
+                self._ended()
         rpc.write_nowait()  # the ending packets are a few bytes: no need to wait
 
     def _send_failure(self, exc: BaseException) -> bool:
@@ -335,7 +403,13 @@ class _RpcStream:
         self.call = None  # the call and this stream refer to each other
         if not call.ended:
             call.ended = True
-            call._wake()
+            call._wake()  # a held call's holder hears it through its listener
+            call._listener = None
+            call._held = False
+            w = call._ended_waiter
+            if w is not None and not w.done():
+                w.set_result(None)
+            call._ended_waiter = None
             task = call.task
             call.task = None
             if task is not None:
@@ -434,11 +508,15 @@ class RpcServerConnection:
         """Server going away: GoAway (no new streams), let running calls end
         (≤ ``grace`` s; Coordinate streams end once the service is closed), close."""
         self.yamux.go_away()
-        tasks = [
-            rpc.call.task
-            for rpc in self._rpcs
-            if rpc.call is not None and rpc.call.task is not None
-        ]
+        tasks: list[asyncio.Future[None]] = []
+        for rpc in self._rpcs:
+            call = rpc.call
+            if call is None:
+                continue
+            if call.task is not None:
+                tasks.append(call.task)
+            elif call._held:
+                tasks.append(asyncio.ensure_future(call.wait_ended()))
         if tasks:
             await asyncio.wait(tasks, timeout=grace)
         await self.yamux.close(code, "server shutting down")

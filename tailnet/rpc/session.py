@@ -22,9 +22,18 @@ Invariants and policy:
   RSTs) piles up for a peer that does not read. Received bytes are returned to
   the peer's window (``consumed``) only when the stream's consumer says so, so a
   slow consumer stalls only its own stream.
+* **CPU budget.** A received message (up to 4 MiB: e.g. a flood of 12-byte
+  pings) is fed to the core :data:`FEED_SLICE` bytes at a time; each slice's
+  events are dispatched and its replies flushed before the next. Once
+  :data:`FEED_BUDGET` seconds were spent on one message the reader yields to
+  the event loop and goes on in the next iteration, so one connection never
+  stalls every other for more than a few ms. Between slices the reader also
+  waits while the pipe's write buffer is full, so the replies a message
+  provokes pile up by at most one slice's worth past the high-water mark.
 * **Keepalive** (yamux's, both roles, as Coder's DefaultConfig): a ping every
   ``keepalive_interval`` (30 s); no reply within ``keepalive_timeout`` (10 s) ends
-  the session. Timers are loop callbacks, not tasks (cheap per connection).
+  the session (the unanswered ping is cancelled in the core). Timers are loop
+  callbacks, not tasks (cheap per connection).
 * The session ends on a fatal yamux error (GoAway sent, reason logged), on the
   peer's GoAway with an error code, when the pipe closes (a bare EOF is a
   normal end: Go's NetConn often drops TCP without a close frame), or on
@@ -42,6 +51,8 @@ from typing import Final, Protocol
 from . import yamux
 
 __all__ = [
+    "FEED_BUDGET",
+    "FEED_SLICE",
     "MAX_WRITE_MESSAGE",
     "Pipe",
     "YamuxStream",
@@ -53,6 +64,12 @@ log = logging.getLogger(__name__)
 #: Largest WebSocket message written (Go's NetConn reads any size; older
 #: nhooyr-era peers accepted at most 4 MiB, Python ``websockets`` 1 MiB by default).
 MAX_WRITE_MESSAGE: Final = 256 * 1024
+
+#: Bytes of a received message fed to the core at a time, and the time spent on
+#: one message after which the reader yields to the loop (module docstring: CPU
+#: budget).
+FEED_SLICE: Final = 4 * 1024
+FEED_BUDGET: Final = 0.002
 
 #: WebSocket close codes used here.
 CLOSE_NORMAL: Final = 1000
@@ -272,12 +289,37 @@ class YamuxConnection:
                     break
                 if not msg:
                     continue
-                sess.receive_data(msg)
-                self._dispatch()
-                self.flush()
+                if len(msg) <= FEED_SLICE:
+                    sess.receive_data(msg)
+                    self._dispatch()
+                    self.flush()
+                else:
+                    await self._feed(msg)
         finally:
             self._end(self.close_reason or "connection closed")
         await pipe.close(CLOSE_NORMAL, "")
+
+    async def _feed(self, msg: bytes) -> None:
+        """Feed a large message slice by slice (module docstring: CPU budget)."""
+        pipe = self.pipe
+        sess = self.session
+        n = len(msg)
+        off = 0
+        deadline = time.perf_counter() + FEED_BUDGET
+        while off < n and not self.closed:
+            end = off + FEED_SLICE
+            sess.receive_data(msg[off:end])
+            off = end
+            self._dispatch()
+            self.flush()
+            if off >= n or self.closed:
+                break
+            if not pipe.writable:
+                await pipe.drain()
+                deadline = time.perf_counter() + FEED_BUDGET
+            elif time.perf_counter() >= deadline:
+                await asyncio.sleep(0)
+                deadline = time.perf_counter() + FEED_BUDGET
 
     async def close(self, code: int = CLOSE_NORMAL, reason: str = "") -> None:
         """End the session and close the pipe (streams hear ``on_end``)."""
@@ -327,6 +369,7 @@ class YamuxConnection:
             await asyncio.wait_for(fut, timeout)
         finally:
             pings.pop(opaque, None)
+            self.session.cancel_ping(opaque)  # a late reply is then ignored
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ internals
@@ -457,6 +500,9 @@ class YamuxConnection:
         if self.closed:
             return
         log.info("%s: keepalive ping unanswered for %.0f s, closing", self.name, self._ka_timeout)
+        opaque, self._ka_opaque = self._ka_opaque, None
+        if opaque is not None:
+            self.session.cancel_ping(opaque)
         self._end("keepalive timeout")
         self.pipe.abort()
 

@@ -206,3 +206,58 @@ async def test_version_signal_coalesces_bursts_and_never_misses_a_change() -> No
     sig.bump()
     assert await asyncio.wait_for(waiter, 5) == 2
     assert await asyncio.wait_for(sig.wait_changed(1), 5) == 2  # already changed
+
+
+async def test_static_source_add_and_remove_waiter() -> None:
+    src = StaticDERPMapSource(_base())
+    loop = asyncio.get_running_loop()
+    kept: asyncio.Future[None] = loop.create_future()
+    removed: asyncio.Future[None] = loop.create_future()
+    src.add_waiter(kept)
+    src.add_waiter(removed)
+    src.remove_waiter(removed)
+    src.remove_waiter(removed)  # idempotent
+    src.set(_base())
+    assert kept.done() and not removed.done()
+
+
+async def test_stream_derp_maps_share_one_map_and_wait_without_tasks() -> None:
+    """Every StreamDERPMaps stream waits on one future (no task of its own), gets
+    the same map object per version, and ends when the service closes."""
+    import uuid
+
+    from tailnet.core import Coordinator
+    from tailnet.identity import Principal, StaticTokenAuthenticator
+    from tailnet.service import CallContext, TailnetService
+
+    src = StaticDERPMapSource(_base())
+    svc = TailnetService(
+        coordinator=Coordinator(), authenticator=StaticTokenAuthenticator({}), derp_maps=src
+    )
+    call = CallContext(Principal("user", uuid.uuid4(), "u"), (2, 3), {})
+    streams = [svc.stream_derp_maps(call) for _ in range(3)]
+    first = [await anext(s) for s in streams]
+    assert first[0] is first[1] is first[2]
+    assert first[0].HasField("home_params")
+    tasks_before = len(asyncio.all_tasks())
+    pending = [asyncio.ensure_future(anext(s)) for s in streams]
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    # only the three consumers: the streams themselves start no tasks to wait
+    assert len(asyncio.all_tasks()) == tasks_before + 3
+    src.set(_base())  # a version bump with an equal map: nothing is sent
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert not any(p.done() for p in pending)
+    changed = _base()
+    changed.home_params.region_score[1] = 3.0
+    src.set(changed)
+    second = await asyncio.wait_for(asyncio.gather(*pending), 10)
+    assert second[0] is second[1] is second[2]
+    assert second[0].home_params.region_score[1] == 3.0
+    pending = [asyncio.ensure_future(anext(s)) for s in streams]
+    await asyncio.sleep(0)
+    svc.close()
+    for p in pending:
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(p, 10)

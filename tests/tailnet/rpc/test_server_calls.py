@@ -154,3 +154,107 @@ async def test_client_cancel_cancels_the_handler(
     await asyncio.wait_for(started.wait(), T)
     await st.close()  # Close + FIN
     await asyncio.wait_for(cancelled.wait(), T)
+
+
+async def test_a_held_call_stays_open_without_its_handler_and_ends_by_finish(
+    stack: TailnetStack, client: RpcClient
+) -> None:
+    """hold(): the handler returns, the call stays open; messages sent later
+    arrive; finish() ends it (CloseSend here: not registered end_with_close)."""
+    held: asyncio.Queue[ServerCall] = asyncio.Queue()
+
+    async def h(call: ServerCall, req: pb.Node) -> None:
+        await call.send(pb.Node(id=req.id))
+        call.hold()
+        await held.put(call)
+
+    path = reg(stack, "Held", MethodKind.SERVER_STREAM, h)
+    st = await client.server_stream(path, pb.Node(id=5), pb.Node)
+    first = await asyncio.wait_for(st.recv(), T)
+    assert first is not None and first.id == 5
+    call = await asyncio.wait_for(held.get(), T)
+    assert not call.ended
+    await call.send(pb.Node(id=6))  # from outside any handler
+    later = await asyncio.wait_for(st.recv(), T)
+    assert later is not None and later.id == 6
+    call.finish()
+    assert call.ended
+    assert await asyncio.wait_for(st.recv(), T) is None
+    call.finish()  # idempotent
+    await st.close()
+
+
+async def test_a_held_call_ended_by_the_peer_tells_its_listener(
+    stack: TailnetStack, client: RpcClient
+) -> None:
+    held: asyncio.Queue[ServerCall] = asyncio.Queue()
+    ended = asyncio.Event()
+
+    async def h(call: ServerCall, req: pb.Node) -> None:
+        call.hold()
+
+        def on_input() -> None:
+            if call.ended:
+                ended.set()
+
+        call.listen(on_input)
+        await held.put(call)
+
+    path = reg(stack, "HeldPeerEnd", MethodKind.SERVER_STREAM, h)
+    st = await client.server_stream(path, pb.Node(), pb.Node)
+    call = await asyncio.wait_for(held.get(), T)
+    await st.close()  # Close + FIN
+    await asyncio.wait_for(ended.wait(), T)
+    assert call.ended
+    with pytest.raises(ConnectionError):
+        await call.send(pb.Node())
+    call.finish(RuntimeError("too late"))  # no-op once ended
+
+
+async def test_hold_is_for_streaming_calls_only(stack: TailnetStack, client: RpcClient) -> None:
+    async def h(call: ServerCall, req: pb.Node) -> pb.Node:
+        call.hold()
+        return req
+
+    path = reg(stack, "HoldUnary", MethodKind.UNARY, h)
+    with pytest.raises(RpcError) as info:
+        await asyncio.wait_for(client.unary(path, pb.Node(), pb.Node), T)
+    assert (info.value.code, info.value.message) == (0, "internal error")
+
+
+async def test_stream_derp_maps_held_pushes_changes_and_ends_with_the_service(
+    stack: TailnetStack, client: RpcClient
+) -> None:
+    """StreamDERPMaps runs held (no task between changes): an equal map is not
+    sent, a changed one is; closing the stream unregisters its waiter; the
+    service closing ends the others with Close."""
+    from tailnet.derpmap import StaticDERPMapSource, embedded_region, new_derp_map
+    from tailnet.rpc.tailnet_client import METHOD_STREAM_DERP_MAPS
+
+    src = stack.derp_maps
+    assert isinstance(src, StaticDERPMapSource)
+    svc = stack.service
+    assert svc is not None
+    a = await client.server_stream(METHOD_STREAM_DERP_MAPS, pb.StreamDERPMapsRequest(), pb.DERPMap)
+    b = await client.server_stream(METHOD_STREAM_DERP_MAPS, pb.StreamDERPMapsRequest(), pb.DERPMap)
+    first_a = await asyncio.wait_for(a.recv(), T)
+    first_b = await asyncio.wait_for(b.recv(), T)
+    assert first_a is not None and first_a == first_b and first_a.HasField("home_params")
+    src.set(src.current())  # equal: nothing is sent
+    changed = new_derp_map(*src.current().regions.values(),
+                           embedded_region("127.0.0.1", 3341, region_id=1000, scheme="http"))
+    src.set(changed)
+    second = await asyncio.wait_for(a.recv(), T)
+    assert second is not None and 1000 in second.regions
+    second_b = await asyncio.wait_for(b.recv(), T)
+    assert second_b == second
+    await a.close()
+
+    async def waiters_left() -> None:
+        while len(svc._close_waiters) != 1:
+            await asyncio.sleep(0.01)
+
+    await asyncio.wait_for(waiters_left(), T)  # only b's
+    svc.close()
+    assert await asyncio.wait_for(b.recv(), T) is None  # ended (Close)
+    assert not svc._close_waiters
