@@ -6,8 +6,16 @@ What one run measures (see ``bench/README.md``):
   the DERP server and, for comparison, through the byte-forwarding ceiling relay
   (``bench/ceiling_relay.py``); delivered packets/s, MB/s, loss, one-way latency
   p50/p99, server CPU per relayed packet, server RSS, generator CPU, DERP/ceiling;
-* idle memory cases ``idle-{clients}``: server RSS per idle handshaked client, on a
-  fresh server process (clients are added cumulatively: 1,000 then up to 10,000).
+* idle memory cases ``idle-{clients}``: the *marginal* server RSS per idle handshaked
+  client, on a fresh server process (clients are added cumulatively: 1,000 then up to
+  10,000; each row's KB/client is its RSS growth over the previous row divided by the
+  clients added, so the base process and the first connections' one-time allocations
+  are not averaged in).
+
+Load: by default every packet is its own ``write`` (Tailscale's client flushes per
+packet); ``--batched`` writes every packet due at once instead. Every delivered packet
+is verified; lost, duplicated, reordered, misdelivered and corrupted packets are
+counted separately and any non-zero count is printed after the row.
 
 Every server runs in its own process so its CPU time (``/proc/<pid>/task/*/schedstat``,
 ns resolution) and RSS (``VmRSS``) are read at the start and end of each
@@ -17,7 +25,8 @@ measurement window. Load comes from forked uvloop worker processes
 Usage::
 
     python bench/derp_bench.py                  # full matrix, ~4 min
-    python bench/derp_bench.py --quick          # small subset, < 1 min
+    python bench/derp_bench.py --quick          # small subset, ~1 min
+    python bench/derp_bench.py --quick --batched   # one write per batch of due packets
     python bench/derp_bench.py --cases closed-8x1400 idle-1000 --duration 5
     python bench/derp_bench.py --quick --json bench/results/run1.json
     python bench/derp_bench.py --cases closed-8x1400 --targets derp --profile bench/results/srv.prof
@@ -57,7 +66,7 @@ FULL_CASES = [
     for pairs in (1, 8, 32)
     for size in (64, 1024, 1400)
 ] + ["idle-1000", "idle-10000"]
-QUICK_CASES = ["closed-1x1400", "closed-8x1400", "open-8x1400", "idle-1000"]
+QUICK_CASES = ["closed-1x1400", "closed-8x1400", "open-8x1400", "idle-1000", "idle-10000"]
 
 
 # --------------------------------------------------------------------------- server processes
@@ -233,7 +242,7 @@ def run_throughput(
         warmup=args.warmup,
         duration=args.duration,
         rate=args.open_rate,
-        per_packet=getattr(args, "per_packet", False),
+        per_packet=not getattr(args, "batched", False),
         drain=getattr(args, "drain", 1.0),
     )
     target = Target(kind, "127.0.0.1", srv.port)
@@ -258,14 +267,22 @@ def run_throughput(
 def verify_note(r: dict[str, Any]) -> str:
     """``""`` if every packet arrived intact and in order, else what went wrong."""
     parts = [
-        f"{r[k]} {k}" for k in ("lost", "duplicated", "misdelivered", "corrupted", "gaps") if r.get(k)
+        f"{r[k]} {k}"
+        for k in ("lost", "duplicated", "reordered", "misdelivered", "corrupted")
+        if r.get(k)
     ]
     parts += [f"error: {e}" for e in r.get("errors", [])[:3]]
     return ("  !! " + ", ".join(parts)) if parts else ""
 
 
 def run_idle(counts: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Add idle clients cumulatively to a fresh DERP server and report RSS per client."""
+    """Add idle clients cumulatively to a fresh DERP server; report marginal RSS per client.
+
+    Each row's ``kb_per_client`` is (RSS - previous row's RSS) / (clients -
+    previous row's clients): what one more idle connection costs at that scale.
+    The first row's previous point is the warmed-up server with no client
+    (``kb_from_base`` keeps the old average over all clients for reference).
+    """
     rows: list[dict[str, Any]] = []
     srv = start_derp()
     idle = IdleClients()
@@ -277,6 +294,7 @@ def run_idle(counts: list[int], args: argparse.Namespace) -> list[dict[str, Any]
         warm.close()
         time.sleep(0.5)
         base = srv.rss_bytes()
+        prev_rss, prev_n = base, 0
         for n in sorted(counts):
             add = n - idle.count
             if add > 0:
@@ -296,10 +314,13 @@ def run_idle(counts: list[int], args: argparse.Namespace) -> list[dict[str, Any]
                     server_fds=fds,
                     base_rss_mb=base / 1e6,
                     rss_mb=rss / 1e6,
-                    kb_per_client=(rss - base) / idle.count / 1e3,
+                    kb_per_client=(rss - prev_rss) / max(1, idle.count - prev_n) / 1e3,
+                    marginal_from=prev_n,
+                    kb_from_base=(rss - base) / max(1, idle.count) / 1e3,
                     setup_s=setup_s,
                 )
             )
+            prev_rss, prev_n = rss, idle.count
             print(_idle_line(rows[-1]), flush=True)
     finally:
         idle.close()
@@ -319,8 +340,9 @@ def _fmt(v: float, nd: int = 1) -> str:
 def _idle_line(r: dict[str, Any]) -> str:
     return (
         f"  idle {r['clients']:>6} clients: RSS {r['rss_mb']:.1f} MB "
-        f"(base {r['base_rss_mb']:.1f} MB) -> {r['kb_per_client']:.1f} KB/client, "
-        f"server has {r['server_fds']} fds"
+        f"(base {r['base_rss_mb']:.1f} MB) -> {r['kb_per_client']:.2f} KB/client marginal "
+        f"over {r['marginal_from']:,} -> {r['clients']:,} clients "
+        f"({r['kb_from_base']:.2f} KB averaged from the base), server has {r['server_fds']} fds"
     )
 
 
@@ -350,13 +372,15 @@ def table(rows: list[dict[str, Any]]) -> str:
     if idle:
         out.append("")
         out.append(
-            "| idle clients | server fds | server RSS MB | base RSS MB | RSS per client KB | connect s |"
+            "| idle clients | server fds | server RSS MB | base RSS MB | marginal KB per client "
+            "| (over clients) | KB per client from base | connect s |"
         )
-        out.append("|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|")
         for r in idle:
             out.append(
                 f"| {r['clients']:,.0f} | {r['server_fds']:,.0f} | {_fmt(r['rss_mb'])} | {_fmt(r['base_rss_mb'])} "
-                f"| {_fmt(r['kb_per_client'])} | {_fmt(r['setup_s'])} |"
+                f"| {_fmt(r['kb_per_client'], 2)} | {r['marginal_from']:,.0f} → {r['clients']:,.0f} "
+                f"| {_fmt(r['kb_from_base'], 2)} | {_fmt(r['setup_s'])} |"
             )
     return "\n".join(out)
 
@@ -424,7 +448,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-procs", type=int, default=2, help="processes holding idle clients")
     p.add_argument("--open-rate", type=float, default=100_000, help="open loop: total offered pkt/s")
     p.add_argument("--per-packet", action="store_true",
-                   help="one write per packet (default: one write per batch of due packets)")
+                   help="one write per packet, as Tailscale's client (the default; kept for old commands)")
+    p.add_argument("--batched", action="store_true",
+                   help="one write per batch of due packets instead of one per packet")
     p.add_argument("--repeat", type=int, default=1, help="run everything N times, print medians")
     p.add_argument("--json", help="write all rows to this JSON file")
     p.add_argument("--profile", help="run the DERP server under cProfile, dump stats here")
@@ -467,7 +493,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n({len(rows)} rows, {len(runs)} run(s) in {time.monotonic() - t_begin:.0f} s; "
         f"duration {args.duration} s, warmup {args.warmup} s, {args.workers} generator "
-        f"processes, open loop {args.open_rate:,.0f} pkt/s offered in total)"
+        f"processes, open loop {args.open_rate:,.0f} pkt/s offered in total, "
+        f"{'batched' if args.batched else 'per-packet'} writes)"
     )
     if args.profile and tp_cases and "derp" in targets:
         import pstats
