@@ -15,14 +15,23 @@ then are the frames that followed ClientInfo processed.
 
 Hot path (``data_received`` in OPEN state):
 
-* every complete frame in the received chunk is parsed in one loop, with
-  ``struct.unpack_from`` on the immutable ``bytes`` chunk (no copies);
-* a SendPacket becomes ``RecvPacket`` = precomputed-struct header ‖ source key ‖
-  a ``memoryview`` slice of the chunk, appended to the destination's batch
-  list ``_out``; at the end of the chunk every touched destination gets exactly
-  one ``transport.write(b"".join(_out))`` (the only payload copy);
-* a partial trailing frame is kept in a ``bytearray`` until ``_need`` bytes
-  are present (linear, not quadratic, for big frames split into many reads).
+* the read is copied once into a fresh ``bytearray`` (the only payload copy)
+  and every complete frame in it is parsed in one loop with
+  ``struct.unpack_from``;
+* a SendPacket and a RecvPacket have the same layout and length (type ‖
+  length ‖ 32-byte key ‖ packet), so a SendPacket is turned into its delivery
+  *in place*: one ``pack_into`` writes the RecvPacket type and the source key
+  over the destination key. Consecutive SendPackets to one destination form a
+  *run* (one ``startswith`` per frame tells the next one has the same
+  destination, without a lookup); a run is handed to the destination's batch
+  list ``_out`` as one ``memoryview`` slice of the buffer;
+* at the end of the read every touched destination gets one write: its single
+  slice as is (copied only if under half the read, so a slow receiver's
+  transport never pins a big read for a small packet), several joined;
+* the buffer is never written again once slices of it are handed out (a
+  partial trailing frame is copied out into ``_pend``, a ``bytearray`` that
+  grows until ``_need`` bytes are present: linear, not quadratic, for big
+  frames split into many reads).
 
 Backpressure (spec §3.2): a sender is never blocked. A destination whose
 transport called ``pause_writing`` gets packets in two bounded deques (data
@@ -108,6 +117,9 @@ _MAX_FWD_LEN: Final = MAX_PACKET_SIZE + 2 * KEY_LEN
 _HDR = struct.Struct(">BI")
 _hdr_unpack = _HDR.unpack_from
 _hdr_pack = _HDR.pack
+#: RecvPacket header ‖ source key, written over a SendPacket's header ‖ destination
+#: key (same length: 5 + 32 bytes), which turns the frame into its delivery in place.
+_recv_pack = struct.Struct(">BI32s").pack_into
 _RECV = FrameType.RECV_PACKET.value
 _SEND = FrameType.SEND_PACKET.value
 _DISCO_MIN = 62
@@ -148,6 +160,18 @@ CONTROL_FRAME_BUDGET: Final = 2048
 #: iteration (one read per iteration for floods of small packets; a read of
 #: 1400-byte packets holds ~190).
 YIELD_AFTER_FRAMES: Final = 2048
+
+
+def _count_recv_packets(segments: list[bytes | memoryview]) -> int:
+    """RecvPacket frames in a destination's pending segments (whole frames each)."""
+    count = 0
+    for seg in segments:
+        pos, n = 0, len(seg)
+        while n - pos >= HEADER_LEN:
+            ftype, length = _hdr_unpack(seg, pos)
+            count += ftype == _RECV
+            pos += HEADER_LEN + length
+    return count
 
 
 def ip16_port(addr: object) -> tuple[bytes, int]:
@@ -194,6 +218,7 @@ class DerpConnection(asyncio.Protocol):
         "_q_since",
         "_health",
         "_yielding",
+        "_noted",
     )
 
     def __init__(self, ctx: ConnContext, remote_addr: object = None) -> None:
@@ -230,6 +255,9 @@ class DerpConnection(asyncio.Protocol):
         self._health = ""
         #: reading paused until the next loop iteration (CONTROL_FRAME_BUDGET)
         self._yielding = False
+        #: the receiver most recently subscribed to PeerGone(our key): skips
+        #: repeating the idempotent Relay.note_delivery for every read
+        self._noted: DerpConnection | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -574,16 +602,19 @@ class DerpConnection(asyncio.Protocol):
             if state == _HANDSHAKE:
                 self._handshake_data(data)
             return
-        pend = self._pend
         fresh = len(data)
+        pend = self._pend
         if pend is not None:
             pend += data
             if len(pend) < self._need:
                 if self._bucket is not None:
                     self._rate_limit(fresh)
                 return
-            data = bytes(pend)
+            buf = pend  # never written to again: segments of it may sit in transports
             self._pend = None
+            data = b""
+        else:
+            buf = bytearray(data)  # the one copy of the payload bytes
         ctx = self._ctx
         key = self._key
         relay = ctx.relay
@@ -591,17 +622,19 @@ class DerpConnection(asyncio.Protocol):
         if active_get(key) is not self:
             relay.note_activity(key, self)  # a duplicate spoke: it becomes active
         touched = ctx.touched
-        n = len(data)
-        mv = memoryview(data)
+        n = len(buf)
+        mv = memoryview(buf)
         pos = 0
         npk = 0
         nbytes = 0
-        last_d: DerpConnection | None = None
-        hk_len = -1
-        hk = b""
         nctl = 0
+        # The current run: consecutive SendPackets to one writable destination,
+        # rewritten in place into RecvPackets, handed over as one slice.
+        run_d: DerpConnection | None = None
+        run_key = b""
+        run_at = 0
         while n - pos >= HEADER_LEN:
-            ftype, length = _hdr_unpack(data, pos)
+            ftype, length = _hdr_unpack(buf, pos)
             end = pos + HEADER_LEN + length
             if ftype == _SEND:
                 if length < KEY_LEN or length > _MAX_SEND_LEN:
@@ -609,25 +642,34 @@ class DerpConnection(asyncio.Protocol):
                     break
                 if end > n:
                     break
-                dst = data[pos + HEADER_LEN : pos + HEADER_LEN + KEY_LEN]
-                plen = length - KEY_LEN
                 npk += 1
-                nbytes += plen
+                nbytes += length
+                if run_d is not None and buf.startswith(run_key, pos + HEADER_LEN):
+                    _recv_pack(buf, pos, _RECV, length, key)
+                    pos = end
+                    continue
+                if run_d is not None:  # the destination changed: hand the run over
+                    out = run_d._out
+                    if not out:
+                        touched.append(run_d)
+                    out.append(mv[run_at:pos])
+                    run_d = None
+                if data:
+                    dst = data[pos + HEADER_LEN : pos + HEADER_LEN + KEY_LEN]
+                else:
+                    dst = bytes(mv[pos + HEADER_LEN : pos + HEADER_LEN + KEY_LEN])
                 d = active_get(dst)
                 if d is not None and not d._paused:
-                    out = d._out
-                    if not out:
-                        touched.append(d)
-                    if length != hk_len:  # reuse header ‖ src key for equal sizes
-                        hk_len = length
-                        hk = _hdr_pack(_RECV, length) + key
-                    out.append(hk)
-                    out.append(mv[pos + HEADER_LEN + KEY_LEN : end])
-                    if d is not last_d:
-                        last_d = d
+                    _recv_pack(buf, pos, _RECV, length, key)
+                    run_d = d
+                    run_key = dst
+                    run_at = pos
+                    if d is not self._noted:  # PeerGone subscription, once per receiver
+                        self._noted = d
                         relay.note_delivery(key, d)
                 else:
-                    disco = plen >= _DISCO_MIN and data.startswith(
+                    plen = length - KEY_LEN
+                    disco = plen >= _DISCO_MIN and buf.startswith(
                         DISCO_MAGIC, pos + HEADER_LEN + KEY_LEN
                     )
                     self._slow_deliver(key, dst, mv[pos + HEADER_LEN + KEY_LEN : end], disco, d)
@@ -637,7 +679,16 @@ class DerpConnection(asyncio.Protocol):
                     break
                 if end > n:
                     break
-                self._control(ftype, data, pos + HEADER_LEN, end)
+                if run_d is not None:  # packets before a control frame go first
+                    out = run_d._out
+                    if not out:
+                        touched.append(run_d)
+                    out.append(mv[run_at:pos])
+                    run_d = None
+                if data:  # the read's own bytes (immutable; offsets as in buf)
+                    self._control(ftype, data, pos + HEADER_LEN, end)
+                else:
+                    self._control(ftype, bytes(mv[pos:end]), HEADER_LEN, end - pos)
                 if self._state != _OPEN:
                     break
                 nctl += 1
@@ -645,6 +696,11 @@ class DerpConnection(asyncio.Protocol):
                     pos = end
                     break  # the rest waits in _pend for the next iteration
             pos = end
+        if run_d is not None:
+            out = run_d._out
+            if not out:
+                touched.append(run_d)
+            out.append(mv[run_at:pos])
         # Flush: one write per touched destination (including ourselves).
         st = ctx.stats
         if touched:
@@ -653,14 +709,23 @@ class DerpConnection(asyncio.Protocol):
                 if d._state == _OPEN:
                     t = d._transport
                     if t is not None and not t.is_closing():
-                        t.write(b"".join(out))
+                        if len(out) == 1:
+                            seg = out[0]
+                            # A slice of under half a read would pin the whole read
+                            # in a slow receiver's buffer: copy it instead.
+                            if type(seg) is memoryview and 2 * len(seg) < n:
+                                seg = bytes(seg)
+                            t.write(seg)
+                        else:
+                            t.write(b"".join(out))
                     else:  # transport died under us; its connection_lost is pending
-                        st.drop(_D[WRITE_ERROR, False], 0, len(out) // 2)
+                        st.drop(_D[WRITE_ERROR, False], 0, _count_recv_packets(out))
                 out.clear()
             del touched[:]
         if npk:
             # Packets relayed directly count as sent here; queued or dropped
             # ones (diverted) are accounted in _slow_deliver / resume_writing.
+            nbytes -= KEY_LEN * npk
             div = ctx.batch_diverted
             st.packets_received += npk
             st.bytes_received += nbytes
