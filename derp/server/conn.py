@@ -25,9 +25,22 @@ Hot path (``data_received`` in OPEN state):
   *run* (one ``startswith`` per frame tells the next one has the same
   destination, without a lookup); a run is handed to the destination's batch
   list ``_out`` as one ``memoryview`` slice of the buffer;
-* at the end of the read every touched destination gets one write: its single
-  slice as is (copied only if under half the read, so a slow receiver's
-  transport never pins a big read for a small packet), several joined;
+* writes (one per destination: its single slice as is, copied only if under
+  half its read so a slow receiver's transport never pins a big read for a
+  small packet; several segments joined):
+
+  - a destination whose last sender is this one and that has nothing pending
+    is written at the end of this read (one-to-one traffic: no added latency
+    and no per-iteration callback);
+  - otherwise (fan-in: several senders to one receiver) the run is collected in
+    ``_out`` and the destination is written once at the end of the loop
+    iteration (``_flush_touched``, scheduled with ``call_soon`` when the shared
+    ``ConnContext.touched`` list becomes non-empty), so the reads of one
+    iteration cost it one write instead of one each. Order per destination is
+    the order of ``_out``; a destination with more than :data:`COALESCE_LIMIT`
+    bytes collected is written at once (then its transport may pause, and what
+    follows goes to the bounded queues), so coalescing never holds more than
+    that plus one read per connection;
 * the buffer is never written again once slices of it are handed out (a
   partial trailing frame is copied out into ``_pend``, a ``bytearray`` that
   grows until ``_need`` bytes are present: linear, not quadratic, for big
@@ -55,9 +68,14 @@ Limits and notices (spec §3.9, §3.11, §1.4):
   Health frame (healthy again). Restarting frames come from
   :meth:`derp.server.DerpServer.announce_restart` via :meth:`send_control`.
 
+What the packet path uses of a destination (anything in ``relay.active``):
+``_out``, ``_outn``, ``_last_src``, ``_paused``, ``_state``, ``_transport``
+(``write`` may get a ``memoryview``; ``is_closing``), ``_take``, ``_flush_out``,
+``_push``, ``_send_ctrl``.
+
 Ownership: everything here runs on the event loop thread; ``_out`` and the
-shared ``ConnContext.touched`` list are only non-empty during one
-``data_received`` call.
+shared ``ConnContext.touched`` list are non-empty at most until the end of the
+loop iteration (``touched`` is non-empty exactly while a flush is scheduled).
 """
 
 from __future__ import annotations
@@ -162,6 +180,24 @@ CONTROL_FRAME_BUDGET: Final = 2048
 YIELD_AFTER_FRAMES: Final = 2048
 
 
+#: Bytes a destination may collect within one loop iteration before they are
+#: written at once (then its transport may pause, and further packets go to the
+#: bounded queues): what keeps coalescing across reads bounded per connection.
+COALESCE_LIMIT: Final = 64 * 1024
+
+
+def _flush_touched(touched: list[DerpConnection]) -> None:
+    """End of a loop iteration: one write per destination that collected frames.
+
+    Scheduled (``call_soon``) when ``touched`` goes from empty to non-empty, so
+    ``touched`` is non-empty exactly while a flush is pending; destinations
+    appended during the flush are written by this same loop.
+    """
+    for d in touched:
+        d._flush_out()
+    del touched[:]
+
+
 def _count_recv_packets(segments: list[bytes | memoryview]) -> int:
     """RecvPacket frames in a destination's pending segments (whole frames each)."""
     count = 0
@@ -219,6 +255,8 @@ class DerpConnection(asyncio.Protocol):
         "_health",
         "_yielding",
         "_noted",
+        "_outn",
+        "_last_src",
     )
 
     def __init__(self, ctx: ConnContext, remote_addr: object = None) -> None:
@@ -258,6 +296,11 @@ class DerpConnection(asyncio.Protocol):
         #: the receiver most recently subscribed to PeerGone(our key): skips
         #: repeating the idempotent Relay.note_delivery for every read
         self._noted: DerpConnection | None = None
+        #: bytes in ``_out`` (bounded by COALESCE_LIMIT)
+        self._outn = 0
+        #: the sender whose packets we last received; a run from another one is
+        #: collected until the end of the loop iteration (fan-in: coalesced)
+        self._last_src: DerpConnection | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -319,6 +362,7 @@ class DerpConnection(asyncio.Protocol):
         self._rl_timer = self._wt_timer = None
         self._hs_buf = None
         self._pend = None
+        self._noted = self._last_src = None  # keep no chain of closed connections alive
         if protocol_error:
             ctx.stats.protocol_errors += 1
             if was_open:
@@ -622,6 +666,7 @@ class DerpConnection(asyncio.Protocol):
         if active_get(key) is not self:
             relay.note_activity(key, self)  # a duplicate spoke: it becomes active
         touched = ctx.touched
+        local: list[DerpConnection] = []  # destinations written at the end of this read
         n = len(buf)
         mv = memoryview(buf)
         pos = 0
@@ -649,10 +694,12 @@ class DerpConnection(asyncio.Protocol):
                     pos = end
                     continue
                 if run_d is not None:  # the destination changed: hand the run over
-                    out = run_d._out
-                    if not out:
-                        touched.append(run_d)
-                    out.append(mv[run_at:pos])
+                    if not run_d._out and run_d._last_src is self:
+                        run_d._out.append(mv[run_at:pos])
+                        local.append(run_d)
+                    else:
+                        run_d._last_src = self
+                        run_d._take(mv[run_at:pos], pos - run_at, touched)
                     run_d = None
                 if data:
                     dst = data[pos + HEADER_LEN : pos + HEADER_LEN + KEY_LEN]
@@ -680,10 +727,7 @@ class DerpConnection(asyncio.Protocol):
                 if end > n:
                     break
                 if run_d is not None:  # packets before a control frame go first
-                    out = run_d._out
-                    if not out:
-                        touched.append(run_d)
-                    out.append(mv[run_at:pos])
+                    self._hand_over(run_d, mv[run_at:pos], local)
                     run_d = None
                 if data:  # the read's own bytes (immutable; offsets as in buf)
                     self._control(ftype, data, pos + HEADER_LEN, end)
@@ -697,31 +741,15 @@ class DerpConnection(asyncio.Protocol):
                     break  # the rest waits in _pend for the next iteration
             pos = end
         if run_d is not None:
-            out = run_d._out
-            if not out:
-                touched.append(run_d)
-            out.append(mv[run_at:pos])
-        # Flush: one write per touched destination (including ourselves).
+            if not run_d._out and run_d._last_src is self:
+                run_d._out.append(mv[run_at:pos])
+                local.append(run_d)
+            else:
+                run_d._last_src = self
+                run_d._take(mv[run_at:pos], pos - run_at, touched)
+        for d in local:
+            d._flush_out()
         st = ctx.stats
-        if touched:
-            for d in touched:
-                out = d._out
-                if d._state == _OPEN:
-                    t = d._transport
-                    if t is not None and not t.is_closing():
-                        if len(out) == 1:
-                            seg = out[0]
-                            # A slice of under half a read would pin the whole read
-                            # in a slow receiver's buffer: copy it instead.
-                            if type(seg) is memoryview and 2 * len(seg) < n:
-                                seg = bytes(seg)
-                            t.write(seg)
-                        else:
-                            t.write(b"".join(out))
-                    else:  # transport died under us; its connection_lost is pending
-                        st.drop(_D[WRITE_ERROR, False], 0, _count_recv_packets(out))
-                out.clear()
-            del touched[:]
         if npk:
             # Packets relayed directly count as sent here; queued or dropped
             # ones (diverted) are accounted in _slow_deliver / resume_writing.
@@ -865,11 +893,54 @@ class DerpConnection(asyncio.Protocol):
         self._ctx.stats.peer_gone_not_here_frames += 1
 
     def _push(self, frame: bytes) -> None:
-        """Append a frame to this connection's batch (only during ``data_received``)."""
+        """Append a frame to this connection's batch (written at the end of the
+        loop iteration, or at once past COALESCE_LIMIT)."""
+        self._take(frame, len(frame), self._ctx.touched)
+
+    def _hand_over(self, d: DerpConnection, seg: memoryview, local: list[DerpConnection]) -> None:
+        """Give ``d`` a run of our packets: written at the end of this read if
+        ``d`` has nothing pending and we were its last sender; else collected
+        with other senders' runs until the end of the loop iteration."""
+        if not d._out and d._last_src is self:
+            d._out.append(seg)
+            local.append(d)
+        else:
+            d._last_src = self
+            d._take(seg, len(seg), self._ctx.touched)
+
+    def _take(self, seg: bytes | memoryview, nbytes: int, touched: list[DerpConnection]) -> None:
+        """Append ``seg`` (whole frames) to the batch; schedule or do the flush."""
         out = self._out
         if not out:
-            self._ctx.touched.append(self)
-        out.append(frame)
+            if not touched:
+                self._ctx.loop.call_soon(_flush_touched, touched)
+            touched.append(self)
+        out.append(seg)
+        n = self._outn + nbytes
+        self._outn = n
+        if n > COALESCE_LIMIT:
+            self._flush_out()
+
+    def _flush_out(self) -> None:
+        """Write the batch in one ``transport.write`` (or count it dropped)."""
+        out = self._out
+        if not out:
+            return
+        self._outn = 0
+        t = self._transport
+        if self._state == _OPEN and t is not None and not t.is_closing():
+            if len(out) == 1:
+                seg = out[0]
+                # A slice of under half its read would pin the whole read in a
+                # slow receiver's transport buffer: copy it instead.
+                if type(seg) is memoryview and 2 * len(seg) < len(seg.obj):  # type: ignore[arg-type]
+                    seg = bytes(seg)
+                t.write(seg)
+            else:
+                t.write(b"".join(out))
+        elif self._state == _OPEN:  # transport died under us; connection_lost is pending
+            self._ctx.stats.drop(_D[WRITE_ERROR, False], 0, _count_recv_packets(out))
+        out.clear()
 
     def _control(self, ftype: int, data: bytes, start: int, end: int) -> None:
         """Handle one non-SendPacket frame whose payload is ``data[start:end]``."""
