@@ -198,7 +198,7 @@ def _flush_touched(touched: list[DerpConnection]) -> None:
     del touched[:]
 
 
-def _count_recv_packets(segments: list[bytes | memoryview]) -> int:
+def _count_recv_packets(segments: list[bytes | bytearray | memoryview]) -> int:
     """RecvPacket frames in a destination's pending segments (whole frames each)."""
     count = 0
     for seg in segments:
@@ -268,7 +268,7 @@ class DerpConnection(asyncio.Protocol):
         self._hs_timer: asyncio.TimerHandle | None = None
         self._pend: bytearray | None = None
         self._need = 0
-        self._out: list[bytes | memoryview] = []
+        self._out: list[bytes | bytearray | memoryview] = []
         self._paused = False
         self._q: deque[bytes] | None = None
         self._dq: deque[bytes] | None = None
@@ -742,24 +742,41 @@ class DerpConnection(asyncio.Protocol):
             pos = end
         if run_d is not None:
             if not run_d._out and run_d._last_src is self:
-                run_d._out.append(mv[run_at:pos])
+                # the usual read: all of it is one run (handed over without a slice)
+                run_d._out.append(buf if run_at == 0 and pos == n else mv[run_at:pos])
                 local.append(run_d)
             else:
                 run_d._last_src = self
                 run_d._take(mv[run_at:pos], pos - run_at, touched)
-        for d in local:
-            d._flush_out()
         st = ctx.stats
+        for d in local:  # _flush_out, inlined: its segments are all from this read
+            out = d._out
+            t = d._transport
+            if d._state == _OPEN and t is not None and not t.is_closing():
+                if len(out) == 1:
+                    seg = out[0]
+                    if type(seg) is memoryview and 2 * len(seg) < n:
+                        seg = bytes(seg)  # don't pin the whole read for a small part
+                    t.write(seg)
+                else:
+                    t.write(b"".join(out))
+            elif d._state == _OPEN:  # transport died under us; connection_lost is pending
+                st.drop(_D[WRITE_ERROR, False], 0, _count_recv_packets(out))
+            out.clear()
         if npk:
             # Packets relayed directly count as sent here; queued or dropped
             # ones (diverted) are accounted in _slow_deliver / resume_writing.
             nbytes -= KEY_LEN * npk
-            div = ctx.batch_diverted
             st.packets_received += npk
             st.bytes_received += nbytes
-            st.packets_sent += npk - div[0]
-            st.bytes_sent += nbytes - div[1]
-            div[0] = div[1] = 0
+            div = ctx.batch_diverted
+            if div[0]:
+                st.packets_sent += npk - div[0]
+                st.bytes_sent += nbytes - div[1]
+                div[0] = div[1] = 0
+            else:
+                st.packets_sent += npk
+                st.bytes_sent += nbytes
         if pos < n and self._state == _OPEN:
             rest = bytearray(mv[pos:])
             self._pend = rest
@@ -908,7 +925,7 @@ class DerpConnection(asyncio.Protocol):
             d._last_src = self
             d._take(seg, len(seg), self._ctx.touched)
 
-    def _take(self, seg: bytes | memoryview, nbytes: int, touched: list[DerpConnection]) -> None:
+    def _take(self, seg: bytes | bytearray | memoryview, nbytes: int, touched: list[DerpConnection]) -> None:
         """Append ``seg`` (whole frames) to the batch; schedule or do the flush."""
         out = self._out
         if not out:
