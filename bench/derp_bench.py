@@ -136,8 +136,24 @@ class ServerProcess:
         except OSError:
             return -1
 
-    def sample(self) -> tuple[tuple[float, float], int, tuple[float, float]]:
-        return self.schedstat(), self.rss_bytes(), host_cpu()
+    def syscalls(self) -> tuple[int, int]:
+        """(read-like, write-like) system calls of the server so far (``/proc/<pid>/io``)."""
+        r = w = 0
+        try:
+            with open(f"/proc/{self.pid}/io") as f:
+                for line in f:
+                    if line.startswith("syscr:"):
+                        r = int(line.split()[1])
+                    elif line.startswith("syscw:"):
+                        w = int(line.split()[1])
+        except OSError:
+            pass
+        return r, w
+
+    def sample(
+        self,
+    ) -> tuple[tuple[float, float], int, tuple[float, float], tuple[int, int]]:
+        return self.schedstat(), self.rss_bytes(), host_cpu(), self.syscalls()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -247,7 +263,8 @@ def run_throughput(
     )
     target = Target(kind, "127.0.0.1", srv.port)
     res = run_load(target, spec, workers=args.workers, on_window_start=srv.sample, on_window_end=srv.sample)
-    ((c0, w0), _, h0), ((c1, w1), rss, h1) = res.pop("start_sample"), res.pop("end_sample")
+    ((c0, w0), _, h0, io0), ((c1, w1), rss, h1, io1) = res.pop("start_sample"), res.pop("end_sample")
+    win = res["win_recv"] or float("nan")
     res.update(
         target=kind,
         case=case,
@@ -257,6 +274,9 @@ def run_throughput(
         gen_cores=res["gen_cpu_s"] / res["window_s"],
         srv_cores=(c1 - c0) / res["window_s"],
         srv_wait=(w1 - w0) / res["window_s"],
+        # socket reads and writes per relayed packet (both relays: what batching the load allowed)
+        srv_reads_per_pkt=(io1[0] - io0[0]) / win,
+        srv_writes_per_pkt=(io1[1] - io0[1]) / win,
         host_cores=(h1[0] - h0[0]) / res["window_s"],
         steal_cores=(h1[1] - h0[1]) / res["window_s"],
         offered_pps=(res["sent"] + res["gen_skipped"]) / (args.warmup + args.duration),
@@ -354,10 +374,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     if tp:
         out.append(
             "| target | case | offered pkt/s | delivered pkt/s | MB/s | loss % | p50 µs | p99 µs "
-            "| srv CPU µs/pkt | srv cores | srv runq wait | srv RSS MB | gen cores | host busy cores "
-            "| vs ceiling |"
+            "| srv CPU µs/pkt | srv reads/pkt | srv writes/pkt | srv cores | srv runq wait | srv RSS MB "
+            "| gen cores | host busy cores | vs ceiling |"
         )
-        out.append("|" + "---|" * 15)
+        out.append("|" + "---|" * 17)
         for r in tp:
             ratio = ""
             if r["target"] == "derp" and ceiling.get(r["case"]):
@@ -365,7 +385,9 @@ def table(rows: list[dict[str, Any]]) -> str:
             out.append(
                 f"| {r['target']} | {r['case']} | {_fmt(r['offered_pps'], 0)} | {_fmt(r['pps'], 0)} "
                 f"| {_fmt(r['mbps'])} | {_fmt(100 * r['loss'], 2)} | {_fmt(r['p50_us'], 0)} "
-                f"| {_fmt(r['p99_us'], 0)} | {_fmt(r['srv_us_per_pkt'], 2)} | {_fmt(r['srv_cores'], 2)} "
+                f"| {_fmt(r['p99_us'], 0)} | {_fmt(r['srv_us_per_pkt'], 2)} "
+                f"| {_fmt(r.get('srv_reads_per_pkt', float('nan')), 2)} "
+                f"| {_fmt(r.get('srv_writes_per_pkt', float('nan')), 2)} | {_fmt(r['srv_cores'], 2)} "
                 f"| {_fmt(r['srv_wait'], 2)} "
                 f"| {_fmt(r['srv_rss_mb'])} | {_fmt(r['gen_cores'], 2)} | {_fmt(r['host_cores'], 2)} | {ratio} |"
             )
@@ -404,7 +426,9 @@ def run_once(
                     print(
                         f"  {kind:8} {case:14} {r['pps']:>10,.0f} pkt/s  loss {100 * r['loss']:.2f}%"
                         f"  p50 {r['p50_us']:,.0f} µs  p99 {r['p99_us']:,.0f} µs"
-                        f"  srv {r['srv_us_per_pkt']:.2f} µs/pkt  gen {r['gen_cores']:.2f} cores"
+                        f"  srv {r['srv_us_per_pkt']:.2f} µs/pkt"
+                        f" ({r['srv_reads_per_pkt']:.2f} reads, {r['srv_writes_per_pkt']:.2f} writes/pkt)"
+                        f"  gen {r['gen_cores']:.2f} cores"
                         f"  srv waited {r['srv_wait']:.2f} s/s  host {r['host_cores']:.2f} busy"
                         f"{verify_note(r)}",
                         flush=True,

@@ -689,11 +689,12 @@ class DerpConnection(asyncio.Protocol):
                     break
                 npk += 1
                 nbytes += length
-                if run_d is not None and buf.startswith(run_key, pos + HEADER_LEN):
-                    _recv_pack(buf, pos, _RECV, length, key)
-                    pos = end
-                    continue
-                if run_d is not None:  # the destination changed: hand the run over
+                if run_d is not None:
+                    if buf.startswith(run_key, pos + HEADER_LEN):  # same destination
+                        _recv_pack(buf, pos, _RECV, length, key)
+                        pos = end
+                        continue
+                    # the destination changed: hand the run over
                     if not run_d._out and run_d._last_src is self:
                         run_d._out.append(mv[run_at:pos])
                         local.append(run_d)
