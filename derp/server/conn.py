@@ -137,7 +137,11 @@ _hdr_unpack = _HDR.unpack_from
 _hdr_pack = _HDR.pack
 #: RecvPacket header ‖ source key, written over a SendPacket's header ‖ destination
 #: key (same length: 5 + 32 bytes), which turns the frame into its delivery in place.
-_recv_pack = struct.Struct(">BI32s").pack_into
+_HK = struct.Struct(">BI32s")
+_recv_pack = _HK.pack_into
+#: frame header and the first 32 payload bytes (a SendPacket's destination) in one call
+_hk_unpack = _HK.unpack_from
+_HK_LEN: Final = HEADER_LEN + KEY_LEN
 _RECV = FrameType.RECV_PACKET.value
 _SEND = FrameType.SEND_PACKET.value
 _DISCO_MIN = 62
@@ -675,11 +679,17 @@ class DerpConnection(asyncio.Protocol):
         nctl = 0
         # The current run: consecutive SendPackets to one writable destination,
         # rewritten in place into RecvPackets, handed over as one slice.
+        # ``run_key`` is the run's destination key, b"" (matching no key) without a run
         run_d: DerpConnection | None = None
         run_key = b""
         run_at = 0
+        src = data if data else buf  # frames ahead of ``pos`` are the same in both
         while n - pos >= HEADER_LEN:
-            ftype, length = _hdr_unpack(buf, pos)
+            if n - pos >= _HK_LEN:  # header and (for a SendPacket) destination at once
+                ftype, length, dst = _hk_unpack(src, pos)
+            else:
+                ftype, length = _hdr_unpack(src, pos)
+                dst = b""
             end = pos + HEADER_LEN + length
             if ftype == _SEND:
                 if length < KEY_LEN or length > _MAX_SEND_LEN:
@@ -689,12 +699,11 @@ class DerpConnection(asyncio.Protocol):
                     break
                 npk += 1
                 nbytes += length
-                if run_d is not None:
-                    if buf.startswith(run_key, pos + HEADER_LEN):  # same destination
-                        _recv_pack(buf, pos, _RECV, length, key)
-                        pos = end
-                        continue
-                    # the destination changed: hand the run over
+                if dst == run_key:  # same destination as the frame before
+                    _recv_pack(buf, pos, _RECV, length, key)
+                    pos = end
+                    continue
+                if run_d is not None:  # the destination changed: hand the run over
                     if not run_d._out and run_d._last_src is self:
                         run_d._out.append(mv[run_at:pos])
                         local.append(run_d)
@@ -702,10 +711,7 @@ class DerpConnection(asyncio.Protocol):
                         run_d._last_src = self
                         run_d._take(mv[run_at:pos], pos - run_at, touched)
                     run_d = None
-                if data:
-                    dst = data[pos + HEADER_LEN : pos + HEADER_LEN + KEY_LEN]
-                else:
-                    dst = bytes(mv[pos + HEADER_LEN : pos + HEADER_LEN + KEY_LEN])
+                    run_key = b""
                 d = active_get(dst)
                 if d is not None and not d._paused:
                     _recv_pack(buf, pos, _RECV, length, key)
@@ -730,6 +736,7 @@ class DerpConnection(asyncio.Protocol):
                 if run_d is not None:  # packets before a control frame go first
                     self._hand_over(run_d, mv[run_at:pos], local)
                     run_d = None
+                    run_key = b""
                 if data:  # the read's own bytes (immutable; offsets as in buf)
                     self._control(ftype, data, pos + HEADER_LEN, end)
                 else:
