@@ -6,8 +6,16 @@ What one run measures (see ``bench/README.md``):
   the DERP server and, for comparison, through the byte-forwarding ceiling relay
   (``bench/ceiling_relay.py``); delivered packets/s, MB/s, loss, one-way latency
   p50/p99, server CPU per relayed packet, server RSS, generator CPU, DERP/ceiling;
-* idle memory cases ``idle-{clients}``: server RSS per idle handshaked client, on a
-  fresh server process (clients are added cumulatively: 1,000 then up to 10,000).
+* idle memory cases ``idle-{clients}``: the *marginal* server RSS per idle handshaked
+  client, on a fresh server process (clients are added cumulatively: 1,000 then up to
+  10,000; each row's KB/client is its RSS growth over the previous row divided by the
+  clients added, so the base process and the first connections' one-time allocations
+  are not averaged in).
+
+Load: by default every packet is its own ``write`` (Tailscale's client flushes per
+packet); ``--batched`` writes every packet due at once instead. Every delivered packet
+is verified; lost, duplicated, reordered, misdelivered and corrupted packets are
+counted separately and any non-zero count is printed after the row.
 
 Every server runs in its own process so its CPU time (``/proc/<pid>/task/*/schedstat``,
 ns resolution) and RSS (``VmRSS``) are read at the start and end of each
@@ -17,7 +25,8 @@ measurement window. Load comes from forked uvloop worker processes
 Usage::
 
     python bench/derp_bench.py                  # full matrix, ~4 min
-    python bench/derp_bench.py --quick          # small subset, < 1 min
+    python bench/derp_bench.py --quick          # small subset, ~1 min
+    python bench/derp_bench.py --quick --batched   # one write per batch of due packets
     python bench/derp_bench.py --cases closed-8x1400 idle-1000 --duration 5
     python bench/derp_bench.py --quick --json bench/results/run1.json
     python bench/derp_bench.py --cases closed-8x1400 --targets derp --profile bench/results/srv.prof
@@ -57,7 +66,7 @@ FULL_CASES = [
     for pairs in (1, 8, 32)
     for size in (64, 1024, 1400)
 ] + ["idle-1000", "idle-10000"]
-QUICK_CASES = ["closed-1x1400", "closed-8x1400", "open-8x1400", "idle-1000"]
+QUICK_CASES = ["closed-1x1400", "closed-8x1400", "open-8x1400", "idle-1000", "idle-10000"]
 
 
 # --------------------------------------------------------------------------- server processes
@@ -127,8 +136,24 @@ class ServerProcess:
         except OSError:
             return -1
 
-    def sample(self) -> tuple[tuple[float, float], int, tuple[float, float]]:
-        return self.schedstat(), self.rss_bytes(), host_cpu()
+    def syscalls(self) -> tuple[int, int]:
+        """(read-like, write-like) system calls of the server so far (``/proc/<pid>/io``)."""
+        r = w = 0
+        try:
+            with open(f"/proc/{self.pid}/io") as f:
+                for line in f:
+                    if line.startswith("syscr:"):
+                        r = int(line.split()[1])
+                    elif line.startswith("syscw:"):
+                        w = int(line.split()[1])
+        except OSError:
+            pass
+        return r, w
+
+    def sample(
+        self,
+    ) -> tuple[tuple[float, float], int, tuple[float, float], tuple[int, int]]:
+        return self.schedstat(), self.rss_bytes(), host_cpu(), self.syscalls()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -233,12 +258,13 @@ def run_throughput(
         warmup=args.warmup,
         duration=args.duration,
         rate=args.open_rate,
-        per_packet=getattr(args, "per_packet", False),
+        per_packet=not getattr(args, "batched", False),
         drain=getattr(args, "drain", 1.0),
     )
     target = Target(kind, "127.0.0.1", srv.port)
     res = run_load(target, spec, workers=args.workers, on_window_start=srv.sample, on_window_end=srv.sample)
-    ((c0, w0), _, h0), ((c1, w1), rss, h1) = res.pop("start_sample"), res.pop("end_sample")
+    ((c0, w0), _, h0, io0), ((c1, w1), rss, h1, io1) = res.pop("start_sample"), res.pop("end_sample")
+    win = res["win_recv"] or float("nan")
     res.update(
         target=kind,
         case=case,
@@ -248,6 +274,9 @@ def run_throughput(
         gen_cores=res["gen_cpu_s"] / res["window_s"],
         srv_cores=(c1 - c0) / res["window_s"],
         srv_wait=(w1 - w0) / res["window_s"],
+        # socket reads and writes per relayed packet (both relays: what batching the load allowed)
+        srv_reads_per_pkt=(io1[0] - io0[0]) / win,
+        srv_writes_per_pkt=(io1[1] - io0[1]) / win,
         host_cores=(h1[0] - h0[0]) / res["window_s"],
         steal_cores=(h1[1] - h0[1]) / res["window_s"],
         offered_pps=(res["sent"] + res["gen_skipped"]) / (args.warmup + args.duration),
@@ -258,14 +287,22 @@ def run_throughput(
 def verify_note(r: dict[str, Any]) -> str:
     """``""`` if every packet arrived intact and in order, else what went wrong."""
     parts = [
-        f"{r[k]} {k}" for k in ("lost", "duplicated", "misdelivered", "corrupted", "gaps") if r.get(k)
+        f"{r[k]} {k}"
+        for k in ("lost", "duplicated", "reordered", "misdelivered", "corrupted")
+        if r.get(k)
     ]
     parts += [f"error: {e}" for e in r.get("errors", [])[:3]]
     return ("  !! " + ", ".join(parts)) if parts else ""
 
 
 def run_idle(counts: list[int], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Add idle clients cumulatively to a fresh DERP server and report RSS per client."""
+    """Add idle clients cumulatively to a fresh DERP server; report marginal RSS per client.
+
+    Each row's ``kb_per_client`` is (RSS - previous row's RSS) / (clients -
+    previous row's clients): what one more idle connection costs at that scale.
+    The first row's previous point is the warmed-up server with no client
+    (``kb_from_base`` keeps the old average over all clients for reference).
+    """
     rows: list[dict[str, Any]] = []
     srv = start_derp()
     idle = IdleClients()
@@ -277,6 +314,7 @@ def run_idle(counts: list[int], args: argparse.Namespace) -> list[dict[str, Any]
         warm.close()
         time.sleep(0.5)
         base = srv.rss_bytes()
+        prev_rss, prev_n = base, 0
         for n in sorted(counts):
             add = n - idle.count
             if add > 0:
@@ -296,10 +334,13 @@ def run_idle(counts: list[int], args: argparse.Namespace) -> list[dict[str, Any]
                     server_fds=fds,
                     base_rss_mb=base / 1e6,
                     rss_mb=rss / 1e6,
-                    kb_per_client=(rss - base) / idle.count / 1e3,
+                    kb_per_client=(rss - prev_rss) / max(1, idle.count - prev_n) / 1e3,
+                    marginal_from=prev_n,
+                    kb_from_base=(rss - base) / max(1, idle.count) / 1e3,
                     setup_s=setup_s,
                 )
             )
+            prev_rss, prev_n = rss, idle.count
             print(_idle_line(rows[-1]), flush=True)
     finally:
         idle.close()
@@ -319,8 +360,9 @@ def _fmt(v: float, nd: int = 1) -> str:
 def _idle_line(r: dict[str, Any]) -> str:
     return (
         f"  idle {r['clients']:>6} clients: RSS {r['rss_mb']:.1f} MB "
-        f"(base {r['base_rss_mb']:.1f} MB) -> {r['kb_per_client']:.1f} KB/client, "
-        f"server has {r['server_fds']} fds"
+        f"(base {r['base_rss_mb']:.1f} MB) -> {r['kb_per_client']:.2f} KB/client marginal "
+        f"over {r['marginal_from']:,} -> {r['clients']:,} clients "
+        f"({r['kb_from_base']:.2f} KB averaged from the base), server has {r['server_fds']} fds"
     )
 
 
@@ -332,10 +374,10 @@ def table(rows: list[dict[str, Any]]) -> str:
     if tp:
         out.append(
             "| target | case | offered pkt/s | delivered pkt/s | MB/s | loss % | p50 µs | p99 µs "
-            "| srv CPU µs/pkt | srv cores | srv runq wait | srv RSS MB | gen cores | host busy cores "
-            "| vs ceiling |"
+            "| srv CPU µs/pkt | srv reads/pkt | srv writes/pkt | srv cores | srv runq wait | srv RSS MB "
+            "| gen cores | host busy cores | vs ceiling |"
         )
-        out.append("|" + "---|" * 15)
+        out.append("|" + "---|" * 17)
         for r in tp:
             ratio = ""
             if r["target"] == "derp" and ceiling.get(r["case"]):
@@ -343,20 +385,24 @@ def table(rows: list[dict[str, Any]]) -> str:
             out.append(
                 f"| {r['target']} | {r['case']} | {_fmt(r['offered_pps'], 0)} | {_fmt(r['pps'], 0)} "
                 f"| {_fmt(r['mbps'])} | {_fmt(100 * r['loss'], 2)} | {_fmt(r['p50_us'], 0)} "
-                f"| {_fmt(r['p99_us'], 0)} | {_fmt(r['srv_us_per_pkt'], 2)} | {_fmt(r['srv_cores'], 2)} "
+                f"| {_fmt(r['p99_us'], 0)} | {_fmt(r['srv_us_per_pkt'], 2)} "
+                f"| {_fmt(r.get('srv_reads_per_pkt', float('nan')), 2)} "
+                f"| {_fmt(r.get('srv_writes_per_pkt', float('nan')), 2)} | {_fmt(r['srv_cores'], 2)} "
                 f"| {_fmt(r['srv_wait'], 2)} "
                 f"| {_fmt(r['srv_rss_mb'])} | {_fmt(r['gen_cores'], 2)} | {_fmt(r['host_cores'], 2)} | {ratio} |"
             )
     if idle:
         out.append("")
         out.append(
-            "| idle clients | server fds | server RSS MB | base RSS MB | RSS per client KB | connect s |"
+            "| idle clients | server fds | server RSS MB | base RSS MB | marginal KB per client "
+            "| (over clients) | KB per client from base | connect s |"
         )
-        out.append("|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|")
         for r in idle:
             out.append(
                 f"| {r['clients']:,.0f} | {r['server_fds']:,.0f} | {_fmt(r['rss_mb'])} | {_fmt(r['base_rss_mb'])} "
-                f"| {_fmt(r['kb_per_client'])} | {_fmt(r['setup_s'])} |"
+                f"| {_fmt(r['kb_per_client'], 2)} | {r['marginal_from']:,.0f} → {r['clients']:,.0f} "
+                f"| {_fmt(r['kb_from_base'], 2)} | {_fmt(r['setup_s'])} |"
             )
     return "\n".join(out)
 
@@ -380,7 +426,9 @@ def run_once(
                     print(
                         f"  {kind:8} {case:14} {r['pps']:>10,.0f} pkt/s  loss {100 * r['loss']:.2f}%"
                         f"  p50 {r['p50_us']:,.0f} µs  p99 {r['p99_us']:,.0f} µs"
-                        f"  srv {r['srv_us_per_pkt']:.2f} µs/pkt  gen {r['gen_cores']:.2f} cores"
+                        f"  srv {r['srv_us_per_pkt']:.2f} µs/pkt"
+                        f" ({r['srv_reads_per_pkt']:.2f} reads, {r['srv_writes_per_pkt']:.2f} writes/pkt)"
+                        f"  gen {r['gen_cores']:.2f} cores"
                         f"  srv waited {r['srv_wait']:.2f} s/s  host {r['host_cores']:.2f} busy"
                         f"{verify_note(r)}",
                         flush=True,
@@ -424,7 +472,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--idle-procs", type=int, default=2, help="processes holding idle clients")
     p.add_argument("--open-rate", type=float, default=100_000, help="open loop: total offered pkt/s")
     p.add_argument("--per-packet", action="store_true",
-                   help="one write per packet (default: one write per batch of due packets)")
+                   help="one write per packet, as Tailscale's client (the default; kept for old commands)")
+    p.add_argument("--batched", action="store_true",
+                   help="one write per batch of due packets instead of one per packet")
     p.add_argument("--repeat", type=int, default=1, help="run everything N times, print medians")
     p.add_argument("--json", help="write all rows to this JSON file")
     p.add_argument("--profile", help="run the DERP server under cProfile, dump stats here")
@@ -467,7 +517,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\n({len(rows)} rows, {len(runs)} run(s) in {time.monotonic() - t_begin:.0f} s; "
         f"duration {args.duration} s, warmup {args.warmup} s, {args.workers} generator "
-        f"processes, open loop {args.open_rate:,.0f} pkt/s offered in total)"
+        f"processes, open loop {args.open_rate:,.0f} pkt/s offered in total, "
+        f"{'batched' if args.batched else 'per-packet'} writes)"
     )
     if args.profile and tp_cases and "derp" in targets:
         import pstats

@@ -28,16 +28,19 @@ Packet payload (``size`` >= 24 bytes), so that every delivery is verified::
 frame, the source key (the pair's sender; for the ceiling relay, which forwards
 SendPacket verbatim, the receiver's own key), the pair tag, the checksum and the
 sequence number, and counts ``misdelivered`` (wrong key or tag), ``corrupted``
-(checksum), ``duplicated`` (a sequence number already seen) and ``gaps``
-(sequence numbers skipped); ``lost`` is sent minus distinct valid packets
-received after the drain. One-way latency uses the send time (same clock). Only
+(checksum), ``duplicated`` (a sequence number already delivered), ``reordered``
+(a skipped sequence number that arrived late) and ``gaps`` (sequence numbers
+skipped when a later one arrived; a late arrival fills its gap again); ``lost``
+is sent minus distinct valid packets received after the drain. All must be zero.
+One-way latency uses the send time (same clock). Only
 deliveries received in ``[t_m0, t_m1)`` count towards rates and latency; the
 runner samples the server's CPU time and RSS at the same instants.
 
-Write modes: ``per_packet`` (every packet is its own ``transport.write``, as
-Tailscale's client flushes per packet: over TLS one record per packet, over
-WebSocket one message per packet) or batched (one write carries every packet
-due at that moment; a TLS record then holds many packets).
+Write modes: ``per_packet`` (the default: every packet is its own
+``transport.write``, as Tailscale's client flushes per packet: over TLS one
+record per packet, over WebSocket one message per packet) or batched
+(``per_packet=False``: one write carries every packet due at that moment; a TLS
+record then holds many packets).
 
 Closed loop: each pair keeps at most ``window`` (32) packets in flight; every read
 on the receiver refills the pair's window (one write, or one per packet). Open
@@ -85,6 +88,7 @@ WINDOW = 32
 HELLO_LEN = 64
 TICK_S = 0.001
 GEN_BUFFER_LIMIT = 1 << 20
+MISSING_LIMIT = 1 << 16  # skipped sequence numbers remembered per pair (to tell late from dup)
 _HDR = struct.Struct(">BI")
 _TS = struct.Struct(">q")
 _PH = struct.Struct(">qQI")  # send time, seq, pair tag
@@ -118,7 +122,7 @@ class LoadSpec:
     rate: float = 100_000.0  # open loop: total offered packets/s over all pairs
     window: int = WINDOW
     drain: float = 1.0
-    per_packet: bool = False  # one transport.write per packet (else one per batch)
+    per_packet: bool = True  # one transport.write per packet (False: one per batch)
 
 
 def raise_nofile_limit() -> None:
@@ -288,7 +292,7 @@ class GenConn(asyncio.Protocol):
             src = pair.src_key_seen
             tag = pair.tag
             expect = pair.expect
-        mis = bad = dup = gaps = fresh = 0
+        mis = bad = dup = gaps = late = fresh = 0
         while n - pos >= 5:
             t, ln = hdr(data, pos)
             end = pos + 5 + ln
@@ -307,10 +311,17 @@ class GenConn(asyncio.Protocol):
                 elif seq >= expect:
                     if seq > expect:
                         gaps += seq - expect
+                        if pair is not None:
+                            pair.note_gap(expect, seq)
                     expect = seq + 1
                     fresh += 1
                     if lat is not None:
                         lat.append(now - sent_ns)
+                elif pair is not None and seq in pair.missing:
+                    pair.missing.discard(seq)  # late, not duplicated: it fills its gap
+                    late += 1
+                    gaps -= 1
+                    fresh += 1
                 else:
                     dup += 1
             else:
@@ -319,11 +330,12 @@ class GenConn(asyncio.Protocol):
         self.rest = data[pos:] if pos < n else b""
         if cnt and pair is not None:
             pair.expect = expect
-            if mis or bad or dup or gaps:
+            if mis or bad or dup or gaps or late:
                 pair.misdelivered += mis
                 pair.corrupted += bad
                 pair.duplicated += dup
                 pair.gaps += gaps
+                pair.reordered += late
             pair.valid += fresh
             pair.delivered(cnt, inwin)
 
@@ -372,6 +384,8 @@ class Pair:
         "corrupted",
         "duplicated",
         "gaps",
+        "reordered",
+        "missing",
     )
 
     def __init__(
@@ -399,6 +413,9 @@ class Pair:
         self.corrupted = 0
         self.duplicated = 0
         self.gaps = 0
+        self.reordered = 0
+        #: skipped sequence numbers not seen yet (bounded: a huge gap is not tracked)
+        self.missing: set[int] = set()
         self.closed_loop = True
         self.window = window
         self.inflight = 0
@@ -410,6 +427,11 @@ class Pair:
         self.gen_skipped = 0
         self.stalls = 0
         receiver.pair = self
+
+    def note_gap(self, first: int, stop: int) -> None:
+        """Sequence numbers ``first .. stop-1`` were skipped: remember them (bounded)."""
+        if len(self.missing) + stop - first <= MISSING_LIMIT:
+            self.missing.update(range(first, stop))
 
     def send(self, k: int) -> None:
         """Write ``k`` packets (``k <= max_batch``), stamped now: one write, or one each."""
@@ -549,6 +571,7 @@ async def _run_pairs(
         "corrupted": sum(p.corrupted for p in pairs),
         "duplicated": sum(p.duplicated for p in pairs),
         "gaps": sum(p.gaps for p in pairs),
+        "reordered": sum(p.reordered for p in pairs),
         "errors": [c.error for c in receivers + senders if c.error],
         "win_recv": sum(p.win_recv for p in pairs),
         "gen_skipped": sum(p.gen_skipped for p in pairs),
@@ -705,6 +728,7 @@ def run_load(
         "corrupted": sum(r["corrupted"] for r in results),
         "duplicated": sum(r["duplicated"] for r in results),
         "gaps": sum(r["gaps"] for r in results),
+        "reordered": sum(r["reordered"] for r in results),
         "errors": [e for r in results for e in r["errors"]],
         "win_recv": sum(r["win_recv"] for r in results),
         "gen_skipped": sum(r["gen_skipped"] for r in results),
@@ -720,7 +744,7 @@ def run_load(
     agg["mbps"] = agg["pps"] * spec.size / 1e6
     agg["lost"] = max(0, agg["sent"] - agg["valid"])
     agg["loss"] = agg["lost"] / agg["sent"] if agg["sent"] else 0.0
-    agg["bad"] = agg["misdelivered"] + agg["corrupted"] + agg["duplicated"]
+    agg["bad"] = agg["misdelivered"] + agg["corrupted"] + agg["duplicated"] + agg["reordered"]
     agg["p50_us"] = _pct(lat_sorted, 0.50) / 1e3
     agg["p99_us"] = _pct(lat_sorted, 0.99) / 1e3
     agg["lat_samples"] = len(lat_sorted)

@@ -15,14 +15,36 @@ then are the frames that followed ClientInfo processed.
 
 Hot path (``data_received`` in OPEN state):
 
-* every complete frame in the received chunk is parsed in one loop, with
-  ``struct.unpack_from`` on the immutable ``bytes`` chunk (no copies);
-* a SendPacket becomes ``RecvPacket`` = precomputed-struct header ‖ source key ‖
-  a ``memoryview`` slice of the chunk, appended to the destination's batch
-  list ``_out``; at the end of the chunk every touched destination gets exactly
-  one ``transport.write(b"".join(_out))`` (the only payload copy);
-* a partial trailing frame is kept in a ``bytearray`` until ``_need`` bytes
-  are present (linear, not quadratic, for big frames split into many reads).
+* the read is copied once into a fresh ``bytearray`` (the only payload copy)
+  and every complete frame in it is parsed in one loop with
+  ``struct.unpack_from``;
+* a SendPacket and a RecvPacket have the same layout and length (type ‖
+  length ‖ 32-byte key ‖ packet), so a SendPacket is turned into its delivery
+  *in place*: one ``pack_into`` writes the RecvPacket type and the source key
+  over the destination key. Consecutive SendPackets to one destination form a
+  *run* (one ``startswith`` per frame tells the next one has the same
+  destination, without a lookup); a run is handed to the destination's batch
+  list ``_out`` as one ``memoryview`` slice of the buffer;
+* writes (one per destination: its single slice as is, copied only if under
+  half its read so a slow receiver's transport never pins a big read for a
+  small packet; several segments joined):
+
+  - a destination whose last sender is this one and that has nothing pending
+    is written at the end of this read (one-to-one traffic: no added latency
+    and no per-iteration callback);
+  - otherwise (fan-in: several senders to one receiver) the run is collected in
+    ``_out`` and the destination is written once at the end of the loop
+    iteration (``_flush_touched``, scheduled with ``call_soon`` when the shared
+    ``ConnContext.touched`` list becomes non-empty), so the reads of one
+    iteration cost it one write instead of one each. Order per destination is
+    the order of ``_out``; a destination with more than :data:`COALESCE_LIMIT`
+    bytes collected is written at once (then its transport may pause, and what
+    follows goes to the bounded queues), so coalescing never holds more than
+    that plus one read per connection;
+* the buffer is never written again once slices of it are handed out (a
+  partial trailing frame is copied out into ``_pend``, a ``bytearray`` that
+  grows until ``_need`` bytes are present: linear, not quadratic, for big
+  frames split into many reads).
 
 Backpressure (spec §3.2): a sender is never blocked. A destination whose
 transport called ``pause_writing`` gets packets in two bounded deques (data
@@ -46,9 +68,14 @@ Limits and notices (spec §3.9, §3.11, §1.4):
   Health frame (healthy again). Restarting frames come from
   :meth:`derp.server.DerpServer.announce_restart` via :meth:`send_control`.
 
+What the packet path uses of a destination (anything in ``relay.active``):
+``_out``, ``_outn``, ``_last_src``, ``_paused``, ``_state``, ``_transport``
+(``write`` may get a ``memoryview``; ``is_closing``), ``_take``, ``_flush_out``,
+``_push``, ``_send_ctrl``.
+
 Ownership: everything here runs on the event loop thread; ``_out`` and the
-shared ``ConnContext.touched`` list are only non-empty during one
-``data_received`` call.
+shared ``ConnContext.touched`` list are non-empty at most until the end of the
+loop iteration (``touched`` is non-empty exactly while a flush is scheduled).
 """
 
 from __future__ import annotations
@@ -108,6 +135,13 @@ _MAX_FWD_LEN: Final = MAX_PACKET_SIZE + 2 * KEY_LEN
 _HDR = struct.Struct(">BI")
 _hdr_unpack = _HDR.unpack_from
 _hdr_pack = _HDR.pack
+#: RecvPacket header ‖ source key, written over a SendPacket's header ‖ destination
+#: key (same length: 5 + 32 bytes), which turns the frame into its delivery in place.
+_HK = struct.Struct(">BI32s")
+_recv_pack = _HK.pack_into
+#: frame header and the first 32 payload bytes (a SendPacket's destination) in one call
+_hk_unpack = _HK.unpack_from
+_HK_LEN: Final = HEADER_LEN + KEY_LEN
 _RECV = FrameType.RECV_PACKET.value
 _SEND = FrameType.SEND_PACKET.value
 _DISCO_MIN = 62
@@ -148,6 +182,36 @@ CONTROL_FRAME_BUDGET: Final = 2048
 #: iteration (one read per iteration for floods of small packets; a read of
 #: 1400-byte packets holds ~190).
 YIELD_AFTER_FRAMES: Final = 2048
+
+
+#: Bytes a destination may collect within one loop iteration before they are
+#: written at once (then its transport may pause, and further packets go to the
+#: bounded queues): what keeps coalescing across reads bounded per connection.
+COALESCE_LIMIT: Final = 64 * 1024
+
+
+def _flush_touched(touched: list[DerpConnection]) -> None:
+    """End of a loop iteration: one write per destination that collected frames.
+
+    Scheduled (``call_soon``) when ``touched`` goes from empty to non-empty, so
+    ``touched`` is non-empty exactly while a flush is pending; destinations
+    appended during the flush are written by this same loop.
+    """
+    for d in touched:
+        d._flush_out()
+    del touched[:]
+
+
+def _count_recv_packets(segments: list[bytes | bytearray | memoryview]) -> int:
+    """RecvPacket frames in a destination's pending segments (whole frames each)."""
+    count = 0
+    for seg in segments:
+        pos, n = 0, len(seg)
+        while n - pos >= HEADER_LEN:
+            ftype, length = _hdr_unpack(seg, pos)
+            count += ftype == _RECV
+            pos += HEADER_LEN + length
+    return count
 
 
 def ip16_port(addr: object) -> tuple[bytes, int]:
@@ -194,6 +258,9 @@ class DerpConnection(asyncio.Protocol):
         "_q_since",
         "_health",
         "_yielding",
+        "_noted",
+        "_outn",
+        "_last_src",
     )
 
     def __init__(self, ctx: ConnContext[DerpConnection], remote_addr: object = None) -> None:
@@ -205,7 +272,7 @@ class DerpConnection(asyncio.Protocol):
         self._hs_timer: asyncio.TimerHandle | None = None
         self._pend: bytearray | None = None
         self._need = 0
-        self._out: list[bytes | memoryview] = []
+        self._out: list[bytes | bytearray | memoryview] = []
         self._paused = False
         self._q: deque[bytes] | None = None
         self._dq: deque[bytes] | None = None
@@ -230,6 +297,14 @@ class DerpConnection(asyncio.Protocol):
         self._health = ""
         #: reading paused until the next loop iteration (CONTROL_FRAME_BUDGET)
         self._yielding = False
+        #: the receiver most recently subscribed to PeerGone(our key): skips
+        #: repeating the idempotent Relay.note_delivery for every read
+        self._noted: DerpConnection | None = None
+        #: bytes in ``_out`` (bounded by COALESCE_LIMIT)
+        self._outn = 0
+        #: the sender whose packets we last received; a run from another one is
+        #: collected until the end of the loop iteration (fan-in: coalesced)
+        self._last_src: DerpConnection | None = None
 
     # ------------------------------------------------------------------ properties
 
@@ -291,6 +366,7 @@ class DerpConnection(asyncio.Protocol):
         self._rl_timer = self._wt_timer = None
         self._hs_buf = None
         self._pend = None
+        self._noted = self._last_src = None  # keep no chain of closed connections alive
         if protocol_error:
             ctx.stats.protocol_errors += 1
             if was_open:
@@ -574,16 +650,19 @@ class DerpConnection(asyncio.Protocol):
             if state == _HANDSHAKE:
                 self._handshake_data(data)
             return
-        pend = self._pend
         fresh = len(data)
+        pend = self._pend
         if pend is not None:
             pend += data
             if len(pend) < self._need:
                 if self._bucket is not None:
                     self._rate_limit(fresh)
                 return
-            data = bytes(pend)
+            buf = pend  # never written to again: segments of it may sit in transports
             self._pend = None
+            data = b""
+        else:
+            buf = bytearray(data)  # the one copy of the payload bytes
         ctx = self._ctx
         key = self._key
         relay = ctx.relay
@@ -591,17 +670,26 @@ class DerpConnection(asyncio.Protocol):
         if active_get(key) is not self:
             relay.note_activity(key, self)  # a duplicate spoke: it becomes active
         touched = ctx.touched
-        n = len(data)
-        mv = memoryview(data)
+        local: list[DerpConnection] = []  # destinations written at the end of this read
+        n = len(buf)
+        mv = memoryview(buf)
         pos = 0
         npk = 0
         nbytes = 0
-        last_d: DerpConnection | None = None
-        hk_len = -1
-        hk = b""
         nctl = 0
+        # The current run: consecutive SendPackets to one writable destination,
+        # rewritten in place into RecvPackets, handed over as one slice.
+        # ``run_key`` is the run's destination key, b"" (matching no key) without a run
+        run_d: DerpConnection | None = None
+        run_key = b""
+        run_at = 0
+        src = data if data else buf  # frames ahead of ``pos`` are the same in both
         while n - pos >= HEADER_LEN:
-            ftype, length = _hdr_unpack(data, pos)
+            if n - pos >= _HK_LEN:  # header and (for a SendPacket) destination at once
+                ftype, length, dst = _hk_unpack(src, pos)
+            else:
+                ftype, length = _hdr_unpack(src, pos)
+                dst = b""
             end = pos + HEADER_LEN + length
             if ftype == _SEND:
                 if length < KEY_LEN or length > _MAX_SEND_LEN:
@@ -609,25 +697,33 @@ class DerpConnection(asyncio.Protocol):
                     break
                 if end > n:
                     break
-                dst = data[pos + HEADER_LEN : pos + HEADER_LEN + KEY_LEN]
-                plen = length - KEY_LEN
                 npk += 1
-                nbytes += plen
+                nbytes += length
+                if dst == run_key:  # same destination as the frame before
+                    _recv_pack(buf, pos, _RECV, length, key)
+                    pos = end
+                    continue
+                if run_d is not None:  # the destination changed: hand the run over
+                    if not run_d._out and run_d._last_src is self:
+                        run_d._out.append(mv[run_at:pos])
+                        local.append(run_d)
+                    else:
+                        run_d._last_src = self
+                        run_d._take(mv[run_at:pos], pos - run_at, touched)
+                    run_d = None
+                    run_key = b""
                 d = active_get(dst)
                 if d is not None and not d._paused:
-                    out = d._out
-                    if not out:
-                        touched.append(d)
-                    if length != hk_len:  # reuse header ‖ src key for equal sizes
-                        hk_len = length
-                        hk = _hdr_pack(_RECV, length) + key
-                    out.append(hk)
-                    out.append(mv[pos + HEADER_LEN + KEY_LEN : end])
-                    if d is not last_d:
-                        last_d = d
+                    _recv_pack(buf, pos, _RECV, length, key)
+                    run_d = d
+                    run_key = dst
+                    run_at = pos
+                    if d is not self._noted:  # PeerGone subscription, once per receiver
+                        self._noted = d
                         relay.note_delivery(key, d)
                 else:
-                    disco = plen >= _DISCO_MIN and data.startswith(
+                    plen = length - KEY_LEN
+                    disco = plen >= _DISCO_MIN and buf.startswith(
                         DISCO_MAGIC, pos + HEADER_LEN + KEY_LEN
                     )
                     self._slow_deliver(key, dst, mv[pos + HEADER_LEN + KEY_LEN : end], disco, d)
@@ -637,7 +733,14 @@ class DerpConnection(asyncio.Protocol):
                     break
                 if end > n:
                     break
-                self._control(ftype, data, pos + HEADER_LEN, end)
+                if run_d is not None:  # packets before a control frame go first
+                    self._hand_over(run_d, mv[run_at:pos], local)
+                    run_d = None
+                    run_key = b""
+                if data:  # the read's own bytes (immutable; offsets as in buf)
+                    self._control(ftype, data, pos + HEADER_LEN, end)
+                else:
+                    self._control(ftype, bytes(mv[pos:end]), HEADER_LEN, end - pos)
                 if self._state != _OPEN:
                     break
                 nctl += 1
@@ -645,28 +748,43 @@ class DerpConnection(asyncio.Protocol):
                     pos = end
                     break  # the rest waits in _pend for the next iteration
             pos = end
-        # Flush: one write per touched destination (including ourselves).
+        if run_d is not None:
+            if not run_d._out and run_d._last_src is self:
+                # the usual read: all of it is one run (handed over without a slice)
+                run_d._out.append(buf if run_at == 0 and pos == n else mv[run_at:pos])
+                local.append(run_d)
+            else:
+                run_d._last_src = self
+                run_d._take(mv[run_at:pos], pos - run_at, touched)
         st = ctx.stats
-        if touched:
-            for d in touched:
-                out = d._out
-                if d._state == _OPEN:
-                    t = d._transport
-                    if t is not None and not t.is_closing():
-                        t.write(b"".join(out))
-                    else:  # transport died under us; its connection_lost is pending
-                        st.drop(_D[WRITE_ERROR, False], 0, len(out) // 2)
-                out.clear()
-            del touched[:]
+        for d in local:  # _flush_out, inlined: its segments are all from this read
+            out = d._out
+            t = d._transport
+            if d._state == _OPEN and t is not None and not t.is_closing():
+                if len(out) == 1:
+                    seg = out[0]
+                    if type(seg) is memoryview and 2 * len(seg) < n:
+                        seg = bytes(seg)  # don't pin the whole read for a small part
+                    t.write(seg)
+                else:
+                    t.write(b"".join(out))
+            elif d._state == _OPEN:  # transport died under us; connection_lost is pending
+                st.drop(_D[WRITE_ERROR, False], 0, _count_recv_packets(out))
+            out.clear()
         if npk:
             # Packets relayed directly count as sent here; queued or dropped
             # ones (diverted) are accounted in _slow_deliver / resume_writing.
-            div = ctx.batch_diverted
+            nbytes -= KEY_LEN * npk
             st.packets_received += npk
             st.bytes_received += nbytes
-            st.packets_sent += npk - div[0]
-            st.bytes_sent += nbytes - div[1]
-            div[0] = div[1] = 0
+            div = ctx.batch_diverted
+            if div[0]:
+                st.packets_sent += npk - div[0]
+                st.bytes_sent += nbytes - div[1]
+                div[0] = div[1] = 0
+            else:
+                st.packets_sent += npk
+                st.bytes_sent += nbytes
         if pos < n and self._state == _OPEN:
             rest = bytearray(mv[pos:])
             self._pend = rest
@@ -805,11 +923,54 @@ class DerpConnection(asyncio.Protocol):
         self._ctx.stats.peer_gone_not_here_frames += 1
 
     def _push(self, frame: bytes) -> None:
-        """Append a frame to this connection's batch (only during ``data_received``)."""
+        """Append a frame to this connection's batch (written at the end of the
+        loop iteration, or at once past COALESCE_LIMIT)."""
+        self._take(frame, len(frame), self._ctx.touched)
+
+    def _hand_over(self, d: DerpConnection, seg: memoryview, local: list[DerpConnection]) -> None:
+        """Give ``d`` a run of our packets: written at the end of this read if
+        ``d`` has nothing pending and we were its last sender; else collected
+        with other senders' runs until the end of the loop iteration."""
+        if not d._out and d._last_src is self:
+            d._out.append(seg)
+            local.append(d)
+        else:
+            d._last_src = self
+            d._take(seg, len(seg), self._ctx.touched)
+
+    def _take(self, seg: bytes | bytearray | memoryview, nbytes: int, touched: list[DerpConnection]) -> None:
+        """Append ``seg`` (whole frames) to the batch; schedule or do the flush."""
         out = self._out
         if not out:
-            self._ctx.touched.append(self)
-        out.append(frame)
+            if not touched:
+                self._ctx.loop.call_soon(_flush_touched, touched)
+            touched.append(self)
+        out.append(seg)
+        n = self._outn + nbytes
+        self._outn = n
+        if n > COALESCE_LIMIT:
+            self._flush_out()
+
+    def _flush_out(self) -> None:
+        """Write the batch in one ``transport.write`` (or count it dropped)."""
+        out = self._out
+        if not out:
+            return
+        self._outn = 0
+        t = self._transport
+        if self._state == _OPEN and t is not None and not t.is_closing():
+            if len(out) == 1:
+                seg = out[0]
+                # A slice of under half its read would pin the whole read in a
+                # slow receiver's transport buffer: copy it instead.
+                if type(seg) is memoryview and 2 * len(seg) < len(seg.obj):  # type: ignore[arg-type]
+                    seg = bytes(seg)
+                t.write(seg)
+            else:
+                t.write(b"".join(out))
+        elif self._state == _OPEN:  # transport died under us; connection_lost is pending
+            self._ctx.stats.drop(_D[WRITE_ERROR, False], 0, _count_recv_packets(out))
+        out.clear()
 
     def _control(self, ftype: int, data: bytes, start: int, end: int) -> None:
         """Handle one non-SendPacket frame whose payload is ``data[start:end]``."""

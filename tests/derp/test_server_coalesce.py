@@ -1,0 +1,195 @@
+"""The server's write path: in-place RecvPacket rewriting, and coalescing per destination.
+
+On in-memory transports (no sockets): a SendPacket run is delivered as the same
+bytes with the RecvPacket type and the source key; a destination that gets
+packets from several senders in one loop iteration gets one write at the end of
+the iteration (order per sender kept, bounded by ``COALESCE_LIMIT``); a paused
+receiver never holds up the others; a small packet never pins a big read in a
+receiver's buffer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from derp.frames import FrameType, encode_ping, encode_send_packet
+from derp.keys import PrivateKey
+from derp.server import DerpServer
+from derp.server.conn import COALESCE_LIMIT
+
+from .conftest import make_config
+from .test_server_conn import SERVER_KEY, MemoryTransport, client_info, split
+
+KEYS = [PrivateKey.generate() for _ in range(6)]
+
+
+class RecordingTransport(MemoryTransport):
+    """A MemoryTransport that records every write (its type and length)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[tuple[type, int]] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append((type(data), len(data)))
+        super().write(data)
+
+
+def _recv(t: MemoryTransport) -> list[bytes]:
+    """Payloads (source key ‖ packet) of the RecvPacket frames written to ``t``."""
+    return [p for ty, p in t.frames() if ty == FrameType.RECV_PACKET]
+
+
+def _open(srv: DerpServer, key: PrivateKey) -> tuple[Any, RecordingTransport]:
+    t = RecordingTransport()
+    conn = srv.accept(t, fast_start=True, initial_data=client_info(key))
+    t.writes.clear()
+    return conn, t
+
+
+@settings(max_examples=60, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    items=st.lists(
+        st.one_of(st.tuples(st.integers(1, 3), st.binary(max_size=200)), st.just((0, b""))),
+        min_size=1,
+        max_size=16,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=12),
+)
+def test_mixed_destinations_and_control_frames_in_any_chunking(
+    items: list[tuple[int, bytes]], cuts: list[int]
+) -> None:
+    """Packets to three destinations interleaved with Pings, split anywhere:
+    every destination gets exactly its packets, in order, from the right source;
+    the sender gets its Pongs."""
+
+    async def run() -> None:
+        srv = DerpServer(make_config(private_key=SERVER_KEY))
+        dests = {i: _open(srv, KEYS[i]) for i in (1, 2, 3)}
+        a, ta = _open(srv, KEYS[0])
+        stream = b"".join(
+            encode_ping(b"pingpong") if i == 0 else encode_send_packet(KEYS[i].public.raw, p)
+            for i, p in items
+        )
+        for ch in split(stream, cuts):
+            a.data_received(ch)
+        await asyncio.sleep(0)
+        for i, (_, t) in dests.items():
+            want = [KEYS[0].public.raw + p for j, p in items if j == i]
+            assert _recv(t) == want
+        pongs = sum(1 for i, _ in items if i == 0)
+        assert [ty for ty, _ in ta.frames()[2:]] == [FrameType.PONG] * pongs  # after ServerKey, Info
+        await srv.stop()
+
+    asyncio.run(run())
+
+
+async def test_one_sender_one_receiver_is_written_at_the_end_of_each_read() -> None:
+    srv = DerpServer(make_config(private_key=SERVER_KEY))
+    b, tb = _open(srv, KEYS[1])
+    a, _ = _open(srv, KEYS[0])
+    a.data_received(encode_send_packet(KEYS[1].public.raw, b"first"))  # learns its sender
+    await asyncio.sleep(0)
+    tb.writes.clear()
+    a.data_received(b"".join(encode_send_packet(KEYS[1].public.raw, bytes([i])) for i in range(5)))
+    assert len(tb.writes) == 1  # at once, one write for the whole run
+    assert _recv(tb)[1:] == [KEYS[0].public.raw + bytes([i]) for i in range(5)]
+    await srv.stop()
+
+
+async def test_fan_in_is_coalesced_per_loop_iteration_in_order() -> None:
+    """Four senders to one destination in one iteration: one write, each sender's
+    packets in their order; the next iteration starts a new write."""
+    srv = DerpServer(make_config(private_key=SERVER_KEY))
+    d, td = _open(srv, KEYS[5])
+    senders = [_open(srv, KEYS[i])[0] for i in range(4)]
+    dst = KEYS[5].public.raw
+    for rnd in range(2):
+        for k in range(3):  # three reads per sender, interleaved between senders
+            for i, s in enumerate(senders):
+                s.data_received(
+                    b"".join(encode_send_packet(dst, bytes([rnd, i, k, j])) for j in range(2))
+                )
+        await asyncio.sleep(0)
+    got = _recv(td)
+    assert len(got) == 2 * 4 * 3 * 2
+    for i in range(4):
+        src = KEYS[i].public.raw
+        mine = [p[32:] for p in got if p[:32] == src]
+        assert mine == [bytes([r, i, k, j]) for r in range(2) for k in range(3) for j in range(2)]
+    # The first read of the iteration may be written at once (its sender was the
+    # last one); everything after it is collected into one write per iteration.
+    assert len(td.writes) <= 2 * 2
+    await srv.stop()
+
+
+async def test_a_paused_receiver_does_not_hold_up_the_others() -> None:
+    srv = DerpServer(make_config(private_key=SERVER_KEY, queue_depth=4))
+    slow, tslow = _open(srv, KEYS[1])
+    fast, tfast = _open(srv, KEYS[2])
+    senders = [_open(srv, KEYS[i])[0] for i in (3, 4)]
+    slow.pause_writing()  # its socket is full
+    for s in senders:
+        s.data_received(
+            b"".join(
+                encode_send_packet(k.public.raw, bytes([i]))
+                for i in range(10)
+                for k in (KEYS[1], KEYS[2])
+            )
+        )
+    await asyncio.sleep(0)
+    assert len(_recv(tfast)) == 20  # everything, at the end of the iteration
+    assert tslow.writes == []  # nothing written to the paused one ...
+    assert srv.stats.drops_by_reason("queue_head") == 20 - 4  # ... its queue is bounded
+    slow.resume_writing()
+    # the newest four (the second sender's last), in order
+    assert _recv(tslow) == [KEYS[4].public.raw + bytes([i]) for i in (6, 7, 8, 9)]
+    await srv.stop()
+
+
+async def test_coalescing_is_bounded_per_destination() -> None:
+    """Many senders' reads to one destination in one iteration: it is written as
+    soon as it has collected more than COALESCE_LIMIT bytes, not at the end."""
+    srv = DerpServer(make_config(private_key=SERVER_KEY))
+    d, td = _open(srv, KEYS[5])
+    senders = [_open(srv, KEYS[i])[0] for i in range(5)]
+    dst = KEYS[5].public.raw
+    read = b"".join(encode_send_packet(dst, bytes(1000)) for _ in range(8))  # ~8 KB
+    n_reads = 0
+    for _ in range(4):
+        for s in senders:
+            s.data_received(read)
+            n_reads += 1
+            # never more than the limit plus one read waits for the iteration's end
+            assert d._outn <= COALESCE_LIMIT
+    assert n_reads * len(read) > 2 * COALESCE_LIMIT
+    assert td.writes and max(n for _, n in td.writes) <= COALESCE_LIMIT + len(read)
+    await asyncio.sleep(0)
+    assert len(_recv(td)) == 8 * n_reads
+    await srv.stop()
+
+
+async def test_a_small_packet_does_not_pin_a_big_read() -> None:
+    """A receiver's write is a slice of the read only if it is most of the read."""
+    srv = DerpServer(make_config(private_key=SERVER_KEY))
+    small, tsmall = _open(srv, KEYS[1])
+    big, tbig = _open(srv, KEYS[2])
+    a, _ = _open(srv, KEYS[0])
+    for c, k in ((small, KEYS[1]), (big, KEYS[2])):  # let them learn their sender
+        a.data_received(encode_send_packet(k.public.raw, b"hi"))
+    await asyncio.sleep(0)
+    tsmall.writes.clear()
+    tbig.writes.clear()
+    a.data_received(
+        encode_send_packet(KEYS[1].public.raw, b"x" * 10)
+        + encode_send_packet(KEYS[2].public.raw, b"y" * 10_000)
+    )
+    await asyncio.sleep(0)
+    assert tsmall.writes == [(bytes, 5 + 32 + 10)]  # copied out
+    assert tbig.writes == [(memoryview, 5 + 32 + 10_000)]  # handed over as is
+    assert _recv(tbig) == [KEYS[0].public.raw + b"hi", KEYS[0].public.raw + b"y" * 10_000]
+    await srv.stop()
