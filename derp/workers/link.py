@@ -210,7 +210,7 @@ class LinkEncoder:
     __slots__ = ("_out", "pending_bytes")
 
     def __init__(self) -> None:
-        self._out: list[bytes | memoryview] = []
+        self._out: list[bytes | bytearray | memoryview] = []
         self.pending_bytes = 0
 
     def __bool__(self) -> bool:
@@ -226,7 +226,7 @@ class LinkEncoder:
         self.pending_bytes = 0
         return data
 
-    def chunks_to_send(self) -> list[bytes | memoryview]:
+    def chunks_to_send(self) -> list[bytes | bytearray | memoryview]:
         """All pending frames as a list of buffers (for ``writelines``: no join,
         no copy); the encoder starts a new list."""
         out = self._out
@@ -266,7 +266,7 @@ class LinkEncoder:
             raise ValueError("stats payload too large")
         self._frame(_T_STATS, data)
 
-    def frames(self, dst: bytes, data: bytes) -> None:
+    def frames(self, dst: bytes, data: bytes | bytearray | memoryview) -> None:
         """Queue DERP RecvPacket frames for ``dst`` (the caller built them)."""
         n = len(data)
         if n > MAX_FRAMES_LEN:

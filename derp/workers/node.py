@@ -82,7 +82,7 @@ from ..frames import (
     looks_like_disco,
 )
 from ..server.app import DerpServer
-from ..server.conn import DUPLICATE_KEY_HEALTH, DerpConnection
+from ..server.conn import COALESCE_LIMIT, DUPLICATE_KEY_HEALTH, DerpConnection, _flush_touched
 from ..metrics import DerpMetrics
 from ..stats import KIND_DISCO, KIND_OTHER, UNKNOWN_DEST_ON_FWD, WRITE_ERROR, ServerStats
 from .link import (
@@ -215,21 +215,25 @@ class _Link(asyncio.Protocol):
 class _StandIn:
     """In ``relay.active`` for a key whose receiving connection is on a sibling.
 
-    It has the attributes the packet path of :class:`DerpConnection` touches
-    (``_out``, ``_paused``, ``_state``, ``_transport``, ``_push``), so a packet
+    It has what the packet path of :class:`DerpConnection` uses of a destination
+    (``_out``, ``_outn``, ``_last_src``, ``_paused``, ``_state``, ``_transport``,
+    ``_take``, ``_flush_out``, ``_push``, ``_send_ctrl``: see derp.server.conn), so a packet
     for a sibling's key costs what a local one does: the RecvPacket frames of
     one read are joined and "written" here once, and become one FRAMES link
     frame. Never paused: a backed-up link drops (``write_error``) instead.
     PeerGone owed to it is dropped (the sibling's own relay tells its clients).
     """
 
-    __slots__ = ("key", "link", "node", "_out", "_paused", "_state", "_transport")
+    __slots__ = ("key", "link", "node", "_out", "_outn", "_last_src", "_paused", "_state",
+                 "_transport")
 
     def __init__(self, node: WorkerNode, key: bytes, link: _Link) -> None:
         self.node = node
         self.key = key
         self.link = link
-        self._out: list[bytes | memoryview] = []
+        self._out: list[bytes | bytearray | memoryview] = []
+        self._outn = 0
+        self._last_src: object | None = None
         self._paused = False
         self._state = _OPEN
         self._transport = self
@@ -250,7 +254,7 @@ class _StandIn:
     def is_closing(self) -> bool:
         return self.link.transport is None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray | memoryview) -> None:
         link = self.link
         t = link.transport
         if t is None or not link.up or (
@@ -274,10 +278,32 @@ class _StandIn:
     # what the connection code calls on a receiver
 
     def _push(self, frame: bytes) -> None:
+        self._take(frame, len(frame), self.node.ctx.touched)
+
+    def _take(
+        self, seg: bytes | bytearray | memoryview, nbytes: int, touched: list[DerpConnection]
+    ) -> None:
+        """As :meth:`DerpConnection._take`: collect whole frames until the end of
+        the loop iteration (``touched`` is non-empty exactly while a flush is
+        scheduled), or write at once past COALESCE_LIMIT."""
         out = self._out
         if not out:
-            self.node.ctx.touched.append(cast(DerpConnection, self))
-        out.append(frame)
+            if not touched:
+                self.node.ctx.loop.call_soon(_flush_touched, touched)
+            touched.append(cast(DerpConnection, self))
+        out.append(seg)
+        self._outn += nbytes
+        if self._outn > COALESCE_LIMIT:
+            self._flush_out()
+
+    def _flush_out(self) -> None:
+        """One FRAMES link frame for what was collected (see :meth:`write`)."""
+        out = self._out
+        if not out:
+            return
+        self._outn = 0
+        self.write(out[0] if len(out) == 1 else b"".join(out))
+        out.clear()
 
     def _send_ctrl(self, frame: bytes) -> None:
         pass
