@@ -38,6 +38,7 @@ from typing import Callable
 
 from ..admission import Admission, AdmissionGate
 from ..dashboard import RelayDashboard, SseStart
+from ..fairlane import lane_for
 from ..frames import encode_restarting, encode_server_key
 from ..keys import PrivateKey, PublicKey
 from ..mesh import Mesh, MeshPeer
@@ -146,6 +147,7 @@ class ConnContext:
         "server_info_json",
         "health_on_duplicate",
         "wheel",
+        "lane",
         "_on_lost",
     )
 
@@ -157,6 +159,8 @@ class ConnContext:
         stats: ServerStats | None = None,
     ) -> None:
         self.loop = loop
+        #: the loop's shared lane for connections over their per-callback budget
+        self.lane = lane_for(loop)
         self.relay: Relay[DerpConnection] = Relay()
         self.stats = stats if stats is not None else ServerStats()
         self.private_key = config.private_key
