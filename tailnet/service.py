@@ -229,7 +229,8 @@ class QueueSink:
     """
 
     __slots__ = (
-        "_bytes", "_max_bytes", "_maxsize", "_queue", "_waiter", "closed", "error", "failure",
+        "_bytes", "_max_bytes", "_maxsize", "_queue", "_waiter", "closed", "direct", "error",
+        "failure",
     )
 
     def __init__(
@@ -245,6 +246,9 @@ class QueueSink:
         self.closed = False
         self.error: str | None = None
         self.failure: ServiceError | None = None
+        #: the transport's non-waiting write (``True`` = sent), used only while the
+        #: consumer sleeps in :meth:`wait` on an empty queue (see :meth:`send`)
+        self.direct: Callable[[pb.CoordinateResponse], bool] | None = None
 
     def _wake(self) -> None:
         w = self._waiter
@@ -254,10 +258,26 @@ class QueueSink:
                 w.set_result(None)
 
     def send(self, resp: pb.CoordinateResponse) -> bool:
+        """Queue ``resp`` (``False``: over the limits, see the class docstring).
+
+        With :attr:`direct` set, a response for a consumer that is asleep on an
+        empty queue (so nothing is queued or being written before it) is handed
+        to ``direct`` at once instead: written now if the transport can take it
+        without waiting, saving the loop iteration that waking the consumer
+        task costs on every hop of a node update. Otherwise, or if ``direct``
+        declines, it is queued as usual.
+        """
         if self.closed:
             return True
-        size = response_size(resp)
         q = self._queue
+        direct = self.direct
+        if direct is not None and self._waiter is not None and not q:
+            try:
+                if direct(resp):
+                    return True
+            except Exception:  # the queued path reports the failure
+                log.debug("direct write failed; queued instead", exc_info=True)
+        size = response_size(resp)
         if q and (len(q) >= self._maxsize or self._bytes + size > self._max_bytes):
             return False
         q.append((resp, size))
@@ -623,6 +643,7 @@ class TailnetService:
         write: Callable[[pb.CoordinateResponse], Awaitable[object]],
         eof: object = None,
         on_open: Callable[[], Awaitable[object]] | None = None,
+        write_nowait: Callable[[pb.CoordinateResponse], bool] | None = None,
     ) -> None:
         """Run one Coordinate stream over reader/writer callables; same semantics as
         :meth:`coordinate`.
@@ -634,6 +655,10 @@ class TailnetService:
         written last); raises :class:`ServiceError` for a failure status.
         ``on_open()`` runs once the stream is accepted (the gRPC adapter sends its
         initial metadata then, so a refused stream never looks accepted).
+        ``write_nowait(resp)``, if given, sends a response without waiting and
+        returns ``True``, or ``False`` if it would have to wait; it becomes the
+        sink's :attr:`QueueSink.direct` path (responses for an idle writer are
+        written by whoever produced them, one loop iteration sooner).
         """
         sink, live = await self._open_stream(ident)
         reader: asyncio.Future[None] | None = None
@@ -641,6 +666,7 @@ class TailnetService:
             if on_open is not None:
                 await on_open()
             reader = asyncio.ensure_future(self._read_requests(ident, sink, read, eof))
+            sink.direct = write_nowait
             while True:
                 resp = sink.pop()
                 if resp is not None:
@@ -653,6 +679,7 @@ class TailnetService:
                 await write(pb.CoordinateResponse(error=sink.error))
             sink.raise_failure()
         finally:
+            sink.direct = None  # it holds the transport's call
             if reader is not None:
                 reader.cancel()
             self._end_stream(ident, sink, live)

@@ -83,8 +83,17 @@ class _Handlers:
             wrote = True
             await call.send(resp)
 
+        def write_nowait(resp: pb.CoordinateResponse) -> bool:
+            nonlocal wrote
+            if call.send_nowait(resp):
+                wrote = True
+                return True
+            return False
+
         try:
-            await self.service.run_coordinate(ctx.ident, read, write, None)
+            await self.service.run_coordinate(
+                ctx.ident, read, write, None, write_nowait=write_nowait
+            )
         except ServiceError as exc:
             if not wrote:  # refused before it started (e.g. coordinator closed)
                 await call.send(pb.CoordinateResponse(error=exc.message))
