@@ -31,6 +31,11 @@ Invariants:
 * an exception in a callback is logged and does not stop the lane.
 
 No task and no thread: one ``call_soon`` per iteration while anything waits.
+
+Users: the DERP relay's connections (:mod:`derp.server.conn`, the
+control-frame budget and the yield after a read of many frames). The API
+WebSocket's parse budget and the HTTP pipelining budget (``tailnet.http``)
+still continue with their own ``call_soon``.
 """
 
 from __future__ import annotations
