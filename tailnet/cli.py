@@ -27,8 +27,11 @@ and port, the file, the PostgreSQL URL without its password) and exits 1.
 
 The serve process tunes CPython's cyclic GC before serving
 (:func:`tailnet.tuning.tune_gc`: ``gc.freeze()`` of the startup heap and
-thresholds ``--gc-thresholds``, default 50000,50,1000); ``--no-gc-tuning`` keeps
-the interpreter defaults. The library never touches the GC of an embedding host.
+thresholds ``--gc-thresholds``, default 50000,50,1000) and glibc's malloc
+(:func:`tailnet.tuning.tune_malloc`: large blocks always mapped on their own, so
+freed ones go back to the system); ``--no-gc-tuning`` keeps the interpreter's
+and the C library's defaults. The library never touches the GC or the
+allocator of an embedding host.
 
 ``tailnet demo`` starts an in-memory stack on ephemeral ports (or uses
 ``--grpc-target`` + tokens of a running one) and runs :func:`tailnet.demo.run_demo`.
@@ -59,7 +62,7 @@ from typing import Any, TypeVar
 
 from tailnet.config import ConfigError, StackConfig, add_arguments, default_data_dir, load_config
 from tailnet.stack import TOKENS_FILE, StartupError, TailnetStack
-from tailnet.tuning import DEFAULT_GC_THRESHOLDS, parse_thresholds, tune_gc
+from tailnet.tuning import DEFAULT_GC_THRESHOLDS, parse_thresholds, tune_gc, tune_malloc
 
 __all__ = ["main", "build_parser"]
 
@@ -92,7 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--no-gc-tuning", dest="gc_tuning", action="store_false",
-        help="keep CPython's default GC settings (no gc.freeze(), default thresholds)",
+        help="keep CPython's default GC settings (no gc.freeze(), default thresholds) "
+        "and glibc's default malloc settings",
     )
     demo = sub.add_parser(
         "demo",
@@ -220,6 +224,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         handler.addFilter(_one_line)
     if args.gc_tuning:
         tune_gc(parse_thresholds(args.gc_thresholds))
+        tune_malloc()
     return _run(lambda: _serve(config))
 
 

@@ -239,7 +239,8 @@ class QueueSink:
     """
 
     __slots__ = (
-        "_bytes", "_listener", "_max_bytes", "_maxsize", "_queue", "_waiter", "closed", "error",
+        "_bytes", "_listener", "_max_bytes", "_maxsize", "_queue", "_waiter", "closed", "direct",
+        "error",
         "failure",
     )
 
@@ -258,6 +259,10 @@ class QueueSink:
         self.closed = False
         self.error: str | None = None
         self.failure: ServiceError | None = None
+        #: the transport's non-waiting write (``True`` = sent), used only while the
+        #: queue is empty and the consumer sleeps in :meth:`wait` or listens (a
+        #: listening consumer's ``direct`` itself declines while it is writing)
+        self.direct: Callable[[pb.CoordinateResponse], bool] | None = None
 
     def listen(self, on_ready: Callable[[], None] | None) -> None:
         """Call ``on_ready()`` whenever a response is queued or the sink closes (a
@@ -275,10 +280,27 @@ class QueueSink:
             listener()
 
     def send(self, resp: pb.CoordinateResponse) -> bool:
+        """Queue ``resp`` (``False``: over the limits, see the class docstring).
+
+        With :attr:`direct` set, a response for a consumer that is asleep on an
+        empty queue, or listens with nothing queued (so nothing is queued or, as
+        its ``direct`` checks, being written before it) is handed
+        to ``direct`` at once instead: written now if the transport can take it
+        without waiting, saving the loop iteration that waking the consumer
+        task costs on every hop of a node update. Otherwise, or if ``direct``
+        declines, it is queued as usual.
+        """
         if self.closed:
             return True
-        size = response_size(resp)
         q = self._queue
+        direct = self.direct
+        if direct is not None and not q and (self._waiter is not None or self._listener is not None):
+            try:
+                if direct(resp):
+                    return True
+            except Exception:  # the queued path reports the failure
+                log.debug("direct write failed; queued instead", exc_info=True)
+        size = response_size(resp)
         if q and (len(q) >= self._maxsize or self._bytes + size > self._max_bytes):
             return False
         q.append((resp, size))
@@ -887,6 +909,7 @@ class TailnetService:
         *,
         ready: Callable[[], bool] | None = None,
         listen: Callable[[Callable[[], None] | None], None] | None = None,
+        write_nowait: Callable[[pb.CoordinateResponse], bool] | None = None,
     ) -> None:
         """Run one Coordinate stream over reader/writer callables; same semantics as
         :meth:`coordinate`.
@@ -903,6 +926,10 @@ class TailnetService:
         written last); raises :class:`ServiceError` for a failure status.
         ``on_open()`` runs once the stream is accepted (the gRPC adapter sends its
         initial metadata then, so a refused stream never looks accepted).
+        ``write_nowait(resp)``, if given, sends a response without waiting and
+        returns ``True``, or ``False`` if it would have to wait; it becomes the
+        sink's :attr:`QueueSink.direct` path (responses for an idle writer are
+        written by whoever produced them, one loop iteration sooner).
         """
         sink, live = await self._open_stream(ident)
         reader: asyncio.Future[None] | _OnDemandReader | None = None
@@ -914,6 +941,7 @@ class TailnetService:
                 reader.kick()
             else:
                 reader = asyncio.ensure_future(self._read_requests(ident, sink, read, eof))
+            sink.direct = write_nowait
             while True:
                 resp = sink.pop()
                 if resp is not None:
@@ -926,6 +954,7 @@ class TailnetService:
                 await write(pb.CoordinateResponse(error=sink.error))
             sink.raise_failure()
         finally:
+            sink.direct = None  # it holds the transport's call
             if reader is not None:
                 reader.cancel()
             self._end_stream(ident, sink, live)

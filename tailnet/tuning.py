@@ -26,17 +26,44 @@ burst: one full collection (a single pause), then every survivor is frozen so
 later passes never rescan the connected peers. Objects frozen this way are
 still freed by reference counting when they die; only cycles among them are
 left uncollected, which is why the full collection runs first.
+
+:func:`tune_malloc` (also called by ``tailnet serve``): glibc's malloc serves
+blocks of at least ``M_MMAP_THRESHOLD`` (128 KiB) with their own ``mmap`` and
+unmaps them when freed, but raises that threshold (up to 32 MiB) each time
+such a block is freed. After one 4 MiB request (a big WebSocket message, a
+CoordinateRequest refused for its size, gRPC's receive buffers, a ~63 KB node
+fanned out to many peers) every later one is carved from the heap instead,
+where freed memory is rarely returned to the system. The soak benchmark
+measured it (``bench/soak.py --attacks huge-request-grpc huge-request-drpc
+slow-consumers-grpc slow-consumers-drpc ws-big-messages``, 25 s): RSS +49 MB
+at the peak and +40–46 MB still held 5 s after the attackers left; with the
+threshold pinned at 128 KiB +33 MB and +20–22 MB. Pinning it (any ``mallopt``
+of it disables the adjustment) costs one ``mmap``/``munmap`` pair per large
+block.
 """
 
 from __future__ import annotations
 
+import ctypes
 import gc
 from typing import Final
 
-__all__ = ["DEFAULT_GC_THRESHOLDS", "parse_thresholds", "refreeze", "tune_gc"]
+__all__ = [
+    "DEFAULT_GC_THRESHOLDS",
+    "MMAP_THRESHOLD",
+    "parse_thresholds",
+    "refreeze",
+    "tune_gc",
+    "tune_malloc",
+]
 
 #: (gen0, gen1, gen2) thresholds used by :func:`tune_gc` by default.
 DEFAULT_GC_THRESHOLDS: Final = (50_000, 50, 1000)
+
+
+#: Bytes from which glibc's malloc maps a block on its own (see :func:`tune_malloc`).
+MMAP_THRESHOLD: Final = 128 * 1024
+_M_MMAP_THRESHOLD: Final = -3  # <malloc.h>
 
 
 def parse_thresholds(text: str) -> tuple[int, int, int]:
@@ -67,3 +94,22 @@ def refreeze() -> int:
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()
+
+
+def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD) -> bool:
+    """Pin glibc's ``M_MMAP_THRESHOLD`` (see module docstring) so large blocks
+    are always returned to the system when freed.
+
+    Returns False (and changes nothing) where the C library is not glibc or
+    refuses the setting. Process-wide: call once, from a server's entry point.
+    """
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+        # only glibc has this symbol; musl and macOS have no mallopt tuning
+        libc.gnu_get_libc_version  # noqa: B018
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    return bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold))

@@ -807,7 +807,9 @@ class DerpConnection(asyncio.Protocol):
             return
         self._yielding = True
         t.pause_reading()
-        self._ctx.loop.call_soon(self._end_yield)
+        # Not call_soon: with several floods, each would add its budget to every
+        # iteration; the shared lane runs about one budget per iteration (derp.fairlane).
+        self._ctx.lane.defer(self._end_yield)
 
     def _end_yield(self) -> None:
         """Next iteration: handle frames left over, then read again (unless the

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable
 from typing import Any, Generic, Protocol, TypeVar
 
 from ..admission import AdmissionGate
+from ..fairlane import lane_for
 from ..frames import PeerGoneReason, encode_peer_gone, encode_server_key, looks_like_disco
 from ..peers import ForwardHook, RouteTable
 from ..relay import Relay
@@ -61,6 +62,7 @@ class ConnContext(Generic[C]):
         "conns",
         "pending",
         "touched",
+        "lane",
         "batch_diverted",
         "forward_hook",
         "routes",
@@ -100,6 +102,8 @@ class ConnContext(Generic[C]):
         self.pending: set[C] = set()
         #: destinations with a non-empty batch during one data_received
         self.touched: list[C] = []
+        #: the loop's shared lane for connections over their per-callback budget
+        self.lane = lane_for(loop)
         #: [packets, bytes] of the current batch that were queued or dropped
         self.batch_diverted = [0, 0]
         #: forwarding hook (dst not local, but in relay.forwarders); installed by

@@ -107,6 +107,13 @@ class ServerCall(Protocol):
         """
         ...
 
+    def send_nowait(self, msg: Message) -> bool:
+        """Send one response message now if that needs no waiting: ``False``
+        (nothing sent) once the call is over, while earlier output still waits
+        for the peer's window or the pipe's write buffer is above its mark;
+        then :meth:`send` it."""
+        ...
+
     async def recv(self) -> Message | None:
         """The next request message, or ``None`` once the client sent CloseSend."""
         ...

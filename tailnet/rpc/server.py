@@ -180,6 +180,28 @@ class _Call:
         rpc.drpc.send_message(data)
         await rpc.write_out()
 
+    def send_nowait(self, msg: Message) -> bool:
+        if self.ended:
+            return False
+        rpc = self._rpc
+        ys = rpc.ys
+        conn = ys.conn
+        if (
+            ys.gone
+            or ys.local_closed
+            or ys.reset
+            or conn.closed
+            or not conn.pipe.writable
+            or conn.session.pending_bytes(ys.id) > 0
+        ):
+            return False
+        data = msg.SerializeToString()
+        if len(data) > drpc.MAX_MESSAGE_SIZE:
+            return False  # send() raises the error
+        rpc.drpc.send_message(data)
+        rpc.write_nowait()
+        return True
+
     async def recv(self) -> Message | None:
         inbox = self._inbox
         while self._head >= len(inbox):
