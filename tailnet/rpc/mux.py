@@ -111,6 +111,16 @@ class ServerCall(Protocol):
         """The next request message, or ``None`` once the client sent CloseSend."""
         ...
 
+    def send_nowait(self, msg: Message) -> bool:
+        """Queue one response without waiting. True if it went out at once; False
+        if it waits for the peer's window (or the pipe is full): then
+        ``await drain()`` before sending more. Raises like :meth:`send`."""
+        ...
+
+    async def drain(self) -> None:
+        """Return once a send would not wait (``ConnectionError`` if the call ends)."""
+        ...
+
     @property
     def ready(self) -> bool:
         """:meth:`recv` would return without waiting (a message, CloseSend, or the end)."""

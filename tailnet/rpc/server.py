@@ -180,6 +180,25 @@ class _Call:
         rpc.drpc.send_message(data)
         await rpc.write_out()
 
+    def send_nowait(self, msg: Message) -> bool:
+        if self.ended:
+            raise ConnectionError("call is over")
+        data = msg.SerializeToString()
+        if len(data) > drpc.MAX_MESSAGE_SIZE:
+            raise RpcError(0, f"response of {len(data)} bytes exceeds {drpc.MAX_MESSAGE_SIZE}")
+        rpc = self._rpc
+        ys = rpc.ys
+        if ys.gone or ys.local_closed or ys.reset:
+            raise ConnectionError("yamux stream closed")
+        rpc.drpc.send_message(data)
+        rpc.write_nowait()
+        return ys.sendable
+
+    async def drain(self) -> None:
+        if self.ended:
+            raise ConnectionError("call is over")
+        await self._rpc.ys.drain()
+
     async def recv(self) -> Message | None:
         inbox = self._inbox
         while self._head >= len(inbox):
