@@ -239,8 +239,7 @@ class QueueSink:
     """
 
     __slots__ = (
-        "_bytes", "_listener", "_max_bytes", "_maxsize", "_queue", "_waiter", "closed", "direct",
-        "error",
+        "_bytes", "_listener", "_max_bytes", "_maxsize", "_queue", "_waiter", "closed", "error",
         "failure",
     )
 
@@ -259,10 +258,6 @@ class QueueSink:
         self.closed = False
         self.error: str | None = None
         self.failure: ServiceError | None = None
-        #: the transport's non-waiting write (``True`` = sent), used only while the
-        #: queue is empty and the consumer sleeps in :meth:`wait` or listens (a
-        #: listening consumer's ``direct`` itself declines while it is writing)
-        self.direct: Callable[[pb.CoordinateResponse], bool] | None = None
 
     def listen(self, on_ready: Callable[[], None] | None) -> None:
         """Call ``on_ready()`` whenever a response is queued or the sink closes (a
@@ -280,26 +275,10 @@ class QueueSink:
             listener()
 
     def send(self, resp: pb.CoordinateResponse) -> bool:
-        """Queue ``resp`` (``False``: over the limits, see the class docstring).
-
-        With :attr:`direct` set, a response for a consumer that is asleep on an
-        empty queue, or listens with nothing queued (so nothing is queued or, as
-        its ``direct`` checks, being written before it) is handed
-        to ``direct`` at once instead: written now if the transport can take it
-        without waiting, saving the loop iteration that waking the consumer
-        task costs on every hop of a node update. Otherwise, or if ``direct``
-        declines, it is queued as usual.
-        """
+        """Queue ``resp`` (``False``: over the limits, see the class docstring)."""
         if self.closed:
             return True
         q = self._queue
-        direct = self.direct
-        if direct is not None and not q and (self._waiter is not None or self._listener is not None):
-            try:
-                if direct(resp):
-                    return True
-            except Exception:  # the queued path reports the failure
-                log.debug("direct write failed; queued instead", exc_info=True)
         size = response_size(resp)
         if q and (len(q) >= self._maxsize or self._bytes + size > self._max_bytes):
             return False
@@ -460,17 +439,20 @@ class CoordinateRun:
     :meth:`TailnetService.start_coordinate`).
 
     Requests are read by an on-demand reader task (the transport calls
-    :meth:`input` whenever ``read()`` may not wait); responses are written by
-    a task that exists only while responses are queued (``send`` may wait for
-    the peer's window), in order. When the sink is closed and drained the
+    :meth:`input` whenever ``read()`` may not wait); responses are written in
+    order by a task that exists only while responses are queued (``send`` may
+    wait for the peer's window) — or, with ``send_nowait``/``drain``, from a
+    loop callback scheduled when the first one is queued (never inside the
+    coordinator's call that queued it), the task starting only once the
+    transport must be waited for. When the sink is closed and drained the
     close error is written, then ``on_end(None)`` — or ``on_end(ServiceError)``
     for a failure status, or ``on_end(exc)`` if a send failed. :meth:`cancel`
     (the transport ended the call) stops both tasks. Either way the peer leaves
     the coordinator once, and every reference to the transport is dropped.
     """
 
-    __slots__ = ("_svc", "_ident", "_sink", "_live", "_reader", "_send", "_on_end", "_task",
-                 "over")
+    __slots__ = ("_svc", "_ident", "_sink", "_live", "_reader", "_send", "_send_nowait",
+                 "_drain", "_on_end", "_task", "_soon", "over")
 
     def __init__(
         self,
@@ -483,6 +465,8 @@ class CoordinateRun:
         eof: object,
         send: Callable[[pb.CoordinateResponse], Awaitable[object]],
         on_end: Callable[[BaseException | None], None],
+        send_nowait: Callable[[pb.CoordinateResponse], bool] | None = None,
+        drain: Callable[[], Awaitable[object]] | None = None,
     ) -> None:
         self._svc = svc
         self._ident = ident
@@ -492,8 +476,11 @@ class CoordinateRun:
             svc, ident, sink, read, eof, ready, None
         )
         self._send: Callable[[pb.CoordinateResponse], Awaitable[object]] | None = send
+        self._send_nowait = send_nowait if drain is not None else None
+        self._drain = drain
         self._on_end: Callable[[BaseException | None], None] | None = on_end
         self._task: asyncio.Task[bool] | None = None
+        self._soon = False  # a _write_soon callback is scheduled
         self.over = False
         sink.listen(self._kick)
 
@@ -504,20 +491,51 @@ class CoordinateRun:
             reader.kick()
 
     def _kick(self) -> None:
-        if self._task is not None or self.over:
+        if self._task is not None or self._soon or self.over:
             return
         sink = self._sink
         if not len(sink) and not sink.closed:
             return
-        task = asyncio.ensure_future(self._write_out())
+        if self._send_nowait is not None:
+            # write from the next loop iteration (as a task would), never inside
+            # the coordinator call that queued the response
+            self._soon = True
+            asyncio.get_running_loop().call_soon(self._write_soon)
+            return
+        self._start_task(False)
+
+    def _write_soon(self) -> None:
+        self._soon = False
+        if self._task is not None or self.over:
+            return
+        sink = self._sink
+        drain_first = False
+        send_nowait = self._send_nowait
+        if send_nowait is not None and not sink.closed:
+            try:
+                while (resp := sink.pop()) is not None:
+                    if not send_nowait(resp):
+                        drain_first = True
+                        break
+            except Exception as exc:  # the call is over, or a response too big
+                self._end(exc)
+                return
+            if not drain_first and not len(sink) and not sink.closed:
+                return  # all written at once
+        self._start_task(drain_first)
+
+    def _start_task(self, drain_first: bool) -> None:
+        task = asyncio.ensure_future(self._write_out(drain_first))
         self._task = task
         task.add_done_callback(self._written)
 
-    async def _write_out(self) -> bool:
+    async def _write_out(self, drain_first: bool = False) -> bool:
         """Write what is queued; True once the stream's ending was written too."""
         sink = self._sink
         send = self._send
         assert send is not None
+        if drain_first and self._drain is not None:
+            await self._drain()
         while (resp := sink.pop()) is not None:
             await send(resp)
         if not sink.closed:
@@ -553,7 +571,7 @@ class CoordinateRun:
             return
         self.over = True
         on_end = self._on_end
-        self._on_end = self._send = None
+        self._on_end = self._send = self._send_nowait = self._drain = None
         self._sink.listen(None)
         reader, self._reader = self._reader, None
         if reader is not None:
@@ -909,7 +927,6 @@ class TailnetService:
         *,
         ready: Callable[[], bool] | None = None,
         listen: Callable[[Callable[[], None] | None], None] | None = None,
-        write_nowait: Callable[[pb.CoordinateResponse], bool] | None = None,
     ) -> None:
         """Run one Coordinate stream over reader/writer callables; same semantics as
         :meth:`coordinate`.
@@ -926,10 +943,6 @@ class TailnetService:
         written last); raises :class:`ServiceError` for a failure status.
         ``on_open()`` runs once the stream is accepted (the gRPC adapter sends its
         initial metadata then, so a refused stream never looks accepted).
-        ``write_nowait(resp)``, if given, sends a response without waiting and
-        returns ``True``, or ``False`` if it would have to wait; it becomes the
-        sink's :attr:`QueueSink.direct` path (responses for an idle writer are
-        written by whoever produced them, one loop iteration sooner).
         """
         sink, live = await self._open_stream(ident)
         reader: asyncio.Future[None] | _OnDemandReader | None = None
@@ -941,7 +954,6 @@ class TailnetService:
                 reader.kick()
             else:
                 reader = asyncio.ensure_future(self._read_requests(ident, sink, read, eof))
-            sink.direct = write_nowait
             while True:
                 resp = sink.pop()
                 if resp is not None:
@@ -954,7 +966,6 @@ class TailnetService:
                 await write(pb.CoordinateResponse(error=sink.error))
             sink.raise_failure()
         finally:
-            sink.direct = None  # it holds the transport's call
             if reader is not None:
                 reader.cancel()
             self._end_stream(ident, sink, live)
@@ -968,12 +979,16 @@ class TailnetService:
         send: Callable[[pb.CoordinateResponse], Awaitable[object]],
         on_end: Callable[[BaseException | None], None],
         eof: object = None,
+        send_nowait: Callable[[pb.CoordinateResponse], bool] | None = None,
+        drain: Callable[[], Awaitable[object]] | None = None,
     ) -> CoordinateRun:
         """Open a Coordinate stream that runs without a task of its own (see
         :class:`CoordinateRun`); same semantics as :meth:`run_coordinate`.
         Raises :class:`ServiceError` if the stream is refused."""
         sink, live = await self._open_stream(ident)
-        run = CoordinateRun(self, ident, sink, live, read, ready, eof, send, on_end)
+        run = CoordinateRun(
+            self, ident, sink, live, read, ready, eof, send, on_end, send_nowait, drain
+        )
         run.input()
         run._kick()
         return run

@@ -107,15 +107,18 @@ class ServerCall(Protocol):
         """
         ...
 
-    def send_nowait(self, msg: Message) -> bool:
-        """Send one response message now if that needs no waiting: ``False``
-        (nothing sent) once the call is over, while earlier output still waits
-        for the peer's window or the pipe's write buffer is above its mark;
-        then :meth:`send` it."""
-        ...
-
     async def recv(self) -> Message | None:
         """The next request message, or ``None`` once the client sent CloseSend."""
+        ...
+
+    def send_nowait(self, msg: Message) -> bool:
+        """Queue one response without waiting. True if it went out at once; False
+        if it waits for the peer's window (or the pipe is full): then
+        ``await drain()`` before sending more. Raises like :meth:`send`."""
+        ...
+
+    async def drain(self) -> None:
+        """Return once a send would not wait (``ConnectionError`` if the call ends)."""
         ...
 
     @property

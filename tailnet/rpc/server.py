@@ -182,25 +182,22 @@ class _Call:
 
     def send_nowait(self, msg: Message) -> bool:
         if self.ended:
-            return False
-        rpc = self._rpc
-        ys = rpc.ys
-        conn = ys.conn
-        if (
-            ys.gone
-            or ys.local_closed
-            or ys.reset
-            or conn.closed
-            or not conn.pipe.writable
-            or conn.session.pending_bytes(ys.id) > 0
-        ):
-            return False
+            raise ConnectionError("call is over")
         data = msg.SerializeToString()
         if len(data) > drpc.MAX_MESSAGE_SIZE:
-            return False  # send() raises the error
+            raise RpcError(0, f"response of {len(data)} bytes exceeds {drpc.MAX_MESSAGE_SIZE}")
+        rpc = self._rpc
+        ys = rpc.ys
+        if ys.gone or ys.local_closed or ys.reset:
+            raise ConnectionError("yamux stream closed")
         rpc.drpc.send_message(data)
         rpc.write_nowait()
-        return True
+        return ys.sendable
+
+    async def drain(self) -> None:
+        if self.ended:
+            raise ConnectionError("call is over")
+        await self._rpc.ys.drain()
 
     async def recv(self) -> Message | None:
         inbox = self._inbox

@@ -154,6 +154,19 @@ class YamuxStream:
         except yamux.YamuxError as exc:
             raise ConnectionError(str(exc)) from None
         conn.flush()
+        await self.drain()
+
+    @property
+    def sendable(self) -> bool:
+        """Everything written so far is framed (the peer's window took it) and the
+        pipe is below its high-water mark: a write now would not wait."""
+        conn = self.conn
+        return conn.session.pending_bytes(self.id) == 0 and conn.pipe.writable
+
+    async def drain(self) -> None:
+        """Wait until :attr:`sendable` (``ConnectionError`` if the stream ends first)."""
+        conn = self.conn
+        sess = conn.session
         while sess.pending_bytes(self.id) > 0:
             if self.gone or self.reset:
                 raise ConnectionError("yamux stream closed")

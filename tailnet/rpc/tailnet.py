@@ -192,7 +192,8 @@ class _Handlers:
         h = _CoordinateCall(call)
         try:
             run = await self.service.start_coordinate(
-                ctx.ident, read=h.read, ready=h.ready, send=call.send, on_end=h.on_end
+                ctx.ident, read=h.read, ready=h.ready, send=call.send, on_end=h.on_end,
+                send_nowait=call.send_nowait, drain=call.drain,
             )
         except ServiceError as exc:  # refused before it started (e.g. coordinator closed)
             await call.send(pb.CoordinateResponse(error=exc.message))

@@ -226,3 +226,94 @@ async def test_start_coordinate_failed_send_ends_with_that_error() -> None:
     await asyncio.wait_for(ends.event.wait(), T)
     assert len(ends.got) == 1 and isinstance(ends.got[0], ConnectionError)
     assert svc.coordinator.peers() == []
+
+
+class NowaitIO(PushedRequests):
+    """A transport with the fast path: send_nowait / drain (a window we control)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.room = True
+        self.drains = 0
+        self.opened = asyncio.Event()
+        self.order: list[str] = []
+
+    def send_nowait(self, resp: pb.CoordinateResponse) -> bool:
+        self.responses.append(resp)
+        self.order.append("nowait")
+        self.got.set()
+        return self.room
+
+    async def drain(self) -> None:
+        self.drains += 1
+        self.order.append("drain")
+        await self.opened.wait()
+
+    async def write(self, resp: pb.CoordinateResponse) -> None:
+        self.order.append("send")
+        await super().write(resp)
+
+
+async def _start_nowait(svc: TailnetService, ident: StreamIdentity, io: NowaitIO, ends: Ends):
+    run = await svc.start_coordinate(
+        ident, read=io.read, ready=io.ready, send=io.write, on_end=ends, eof=EOF_MARK,
+        send_nowait=io.send_nowait, drain=io.drain,
+    )
+    io.listen(run.input)
+    return run
+
+
+async def test_fast_path_writes_without_tasks_and_waits_when_told() -> None:
+    svc = _service()
+    a, b = _ident("a"), _ident("b")
+    io_a, io_b = NowaitIO(), NowaitIO()
+    end_a, end_b = Ends(), Ends()
+    await _start_nowait(svc, a, io_a, end_a)
+    await _start_nowait(svc, b, io_b, end_b)
+    await _settle()
+    baseline = len(asyncio.all_tasks())
+    io_b.push(pb.CoordinateRequest(add_tunnel=pb.CoordinateRequest.Tunnel(id=a.peer_id.bytes)))
+    io_a.push(update_self(a.peer_id, 1))
+    await _settle()
+    assert io_b.order and set(io_b.order) == {"nowait"}  # written at once
+    assert len(asyncio.all_tasks()) == baseline
+    # the transport is full: the next response waits for drain(), then send()
+    io_b.room = False
+    io_a.push(update_self(a.peer_id, 2))
+    await _settle()
+    mark = len(io_b.order)
+    io_a.push(update_self(a.peer_id, 3))
+    await _settle()
+    assert io_b.order[mark - 2 :] == ["nowait", "drain"]  # 2 went out; then it waits
+    io_b.opened.set()
+    await _settle()
+    assert io_b.order[-1] == "send"
+    derps = [u.node.preferred_derp for r in io_b.responses for u in r.peer_updates
+             if u.id == a.peer_id.bytes and u.HasField("node")]
+    assert derps == [1, 2, 3]
+    svc.close()
+    await asyncio.wait_for(end_b.event.wait(), T)
+    assert end_b.got == [None] and io_b.responses[-1].error
+
+
+async def test_fast_path_error_ends_the_stream_with_it() -> None:
+    """send_nowait raising (e.g. a response too big) ends the stream with that error."""
+    svc = _service()
+    a, b = _ident("a"), _ident("b")
+    io_a, io_b = NowaitIO(), NowaitIO()
+    end_a, end_b = Ends(), Ends()
+
+    def too_big(resp: pb.CoordinateResponse) -> bool:
+        raise ValueError("too big")
+
+    await _start_nowait(svc, a, io_a, end_a)
+    run_b = await svc.start_coordinate(
+        b, read=io_b.read, ready=io_b.ready, send=io_b.write, on_end=end_b, eof=EOF_MARK,
+        send_nowait=too_big, drain=io_b.drain,
+    )
+    io_b.listen(run_b.input)
+    io_b.push(pb.CoordinateRequest(add_tunnel=pb.CoordinateRequest.Tunnel(id=a.peer_id.bytes)))
+    io_a.push(update_self(a.peer_id, 1))  # b gets a response: it cannot be sent
+    await asyncio.wait_for(end_b.event.wait(), T)
+    assert len(end_b.got) == 1 and isinstance(end_b.got[0], ValueError)
+    assert run_b.over and [p.id for p in svc.coordinator.peers()] == [a.peer_id]

@@ -582,39 +582,3 @@ async def _blocked_client_leaves(stack: Stack, how: str, caplog: pytest.LogCaptu
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert not errors, [r.getMessage() for r in errors]
     await channel.close(None)
-
-
-async def test_queue_sink_direct_path_only_for_an_idle_consumer() -> None:
-    """A response for a writer asleep on an empty queue goes to ``direct`` at
-    once (one loop iteration saved per hop); declined, raising, or with
-    anything queued or being written, it is queued in order as before."""
-    sink = QueueSink(maxsize=10, max_bytes=10**6)
-    direct_got: list[pb.CoordinateResponse] = []
-    accept = [True]
-
-    def direct(resp: pb.CoordinateResponse) -> bool:
-        if accept[0] is None:
-            raise ConnectionError("gone")
-        if accept[0]:
-            direct_got.append(resp)
-        return bool(accept[0])
-
-    sink.direct = direct
-    a, b, c, d = (_resp(i) for i in range(1, 5))
-    assert sink.send(a) and len(sink) == 1 and not direct_got  # no consumer waiting yet
-    assert sink.pop() is a
-    waiting = asyncio.ensure_future(sink.wait())
-    await asyncio.sleep(0)  # the consumer sleeps on the empty queue
-    assert sink.send(b) and direct_got == [b] and len(sink) == 0
-    await asyncio.sleep(0)
-    assert not waiting.done()  # written for it: the consumer was not woken
-    accept[0] = False  # the transport would have to wait
-    assert sink.send(c) and direct_got == [b] and len(sink) == 1
-    assert sink.send(d) and len(sink) == 2  # queued behind c, never direct
-    await asyncio.wait_for(waiting, 1)
-    assert sink.pop() is c and sink.pop() is d
-    accept[0] = None  # a failing direct write: queued, the writer reports it
-    waiting = asyncio.ensure_future(sink.wait())
-    await asyncio.sleep(0)
-    assert sink.send(a) and len(sink) == 1
-    await asyncio.wait_for(waiting, 1)

@@ -258,30 +258,3 @@ async def test_stream_derp_maps_held_pushes_changes_and_ends_with_the_service(
     svc.close()
     assert await asyncio.wait_for(b.recv(), T) is None  # ended (Close)
     assert not svc._close_waiters
-
-
-async def test_send_nowait_writes_at_once_but_never_ahead_of_waiting_output(
-    stack: TailnetStack, client: RpcClient
-) -> None:
-    """send_nowait (the coordinator's direct path) sends without a loop
-    iteration when the stream can take it; while earlier output still waits for
-    the client's window it declines, so nothing overtakes it."""
-    results: list[bool] = []
-
-    async def stream(call: ServerCall, req: pb.Node) -> None:
-        results.append(call.send_nowait(pb.Node(id=1)))  # small: written at once
-        results.append(call.send_nowait(pb.Node(id=2, key=b"k" * (700 * 1024))))  # > window
-        results.append(call.send_nowait(pb.Node(id=3)))  # 2 still waits: declined
-        await call.send(pb.Node(id=3))  # the waiting path, after 2
-        results.append(call.send_nowait(pb.Node(id=4)))  # all out again: at once
-
-    path = reg(stack, "Nowait", MethodKind.SERVER_STREAM, stream)
-    st = client.bidi(path, pb.Node)
-    await st.send(pb.Node())
-    await st.close_send()
-    got = []
-    while (m := await asyncio.wait_for(st.recv(), T)) is not None:
-        got.append((m.id, len(m.key)))
-    assert got == [(1, 0), (2, 700 * 1024), (3, 0), (4, 0)]
-    assert results == [True, True, False, True]
-    await st.close()
