@@ -42,9 +42,10 @@ Rules, both sides:
 CPU budget: a read is fed to the frame parser :data:`READ_SLICE` bytes at a
 time until it is all parsed or :data:`PARSE_BUDGET` seconds went by; what was
 parsed is delivered (one ``data_received`` for all its binary payloads), and
-the rest waits, socket reading paused, for a later loop iteration
-(``call_soon``), and only while neither the DERP side nor the write buffer
-holds reading (so the byte budgets above hold for it too). A read full of
+the rest waits, socket reading paused, for a later loop iteration (through
+the loop's shared lane, :mod:`derp.fairlane`, so several floods together take
+about one budget per iteration), and only while neither the DERP side nor the
+write buffer holds reading (so the byte budgets above hold for it too). A read full of
 one-byte messages (a 256 KiB read holds ~37,000; ~3 µs each in the parser) so
 holds the event loop for a few ms at a time, not for 100 ms. Bytes read
 meanwhile are appended after the pending ones, an EOF is handled after them,
@@ -74,6 +75,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+from .fairlane import lane_for
 from .errors import HandshakeError
 from .frames import HEADER_LEN, MAX_CLIENT_INFO_LEN
 
@@ -356,7 +358,7 @@ class WsPipe(asyncio.Protocol):
     def _schedule_slice(self) -> None:
         if not self._slice_scheduled and not self.inner_paused and not self.write_paused:
             self._slice_scheduled = True
-            asyncio.get_running_loop().call_soon(self._next_slice)
+            lane_for(asyncio.get_running_loop()).defer(self._next_slice)
 
     def _next_slice(self) -> None:
         """Go on parsing the pending read (see :meth:`_parse`)."""

@@ -62,6 +62,7 @@ from typing import Protocol, cast
 
 import h11
 
+from derp.fairlane import lane_for
 from derp.server import DerpServer
 from derp.server.http import HttpConnection as DerpFrontDoor
 from derp.server.http import front_door_response
@@ -280,14 +281,15 @@ class _ApiConnection(asyncio.Protocol):
             if self._write_paused or answered >= SYNC_ANSWERS_PER_CALL:
                 # Responses are not being read, or many pipelined requests were just
                 # answered in this callback: read nothing more for now. resume_writing,
-                # or the next loop iteration, goes on (a byte and CPU budget).
+                # or a later loop iteration through the loop's shared lane
+                # (derp.fairlane), goes on (a byte and CPU budget).
                 if self._transport is not None:
                     self._transport.pause_reading()
                 if self._timer is None:
                     self._arm_timer()  # a client that never reads is dropped in time
                 if not self._write_paused and not self._continue_scheduled:
                     self._continue_scheduled = True
-                    asyncio.get_running_loop().call_soon(self._continue)
+                    lane_for(asyncio.get_running_loop()).defer(self._continue)
                 return
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 if self._transport is not None:

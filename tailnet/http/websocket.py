@@ -40,8 +40,9 @@ mark + one read's worth of replies.
 
 CPU budget: a read is fed to the parser :data:`READ_SLICE` bytes at a time,
 until it is all parsed or :data:`PARSE_BUDGET` seconds were spent; the rest
-waits (reading paused) for the next loop iteration, under the same two
-conditions. A read full of tiny frames (a 256 KiB read holds ~37,000 one-byte
+waits (reading paused) for a later loop iteration, under the same two
+conditions, through the loop's shared lane (:mod:`derp.fairlane`: several
+floods together take about one budget per iteration, not one each). A read full of tiny frames (a 256 KiB read holds ~37,000 one-byte
 messages, ~7 µs each to parse) so never holds the event loop, and with it
 every other connection, for more than a few ms, while bulk data (big frames
 are cheap per byte) is parsed a whole read at a time as before. An EOF is
@@ -75,6 +76,7 @@ from websockets.http11 import Request as WsRequest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
+from derp.fairlane import lane_for
 from tailnet.redact import WS_PROTOCOL_LOG
 
 __all__ = [
@@ -333,7 +335,7 @@ class ServerWebSocket(asyncio.Protocol):
         if want and self._rx_pending is not None:
             if not self._slice_scheduled and not self._lost:
                 self._slice_scheduled = True
-                asyncio.get_running_loop().call_soon(self._next_slice)
+                lane_for(asyncio.get_running_loop()).defer(self._next_slice)
             want = False
         if want == self._reading or self._lost:
             return
