@@ -177,7 +177,7 @@ _NOT_HERE_BURST = 3.0
 #: 256 KiB read of 6-byte NotePreferred frames is ~43,000 frames: handled in one
 #: go it held the event loop (every other connection, the coordinator) for tens
 #: of milliseconds, and libuv reads a busy socket up to 32 times per wake-up.
-CONTROL_FRAME_BUDGET: Final = 2048
+CONTROL_FRAME_BUDGET: Final = 1024
 #: After a read that held this many frames, reading pauses until the next loop
 #: iteration (one read per iteration for floods of small packets; a read of
 #: 1400-byte packets holds ~190).

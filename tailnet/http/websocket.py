@@ -103,7 +103,7 @@ MAX_QUEUE_BYTES = 1 << 20
 #: Bytes handed to the frame parser at a time, and the parsing time per callback
 #: after which the rest of a read waits for the next loop iteration (module
 #: docstring: CPU budget).
-READ_SLICE = 4 * 1024
+READ_SLICE = 1024
 PARSE_BUDGET = 0.002
 
 
