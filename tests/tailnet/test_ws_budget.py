@@ -20,6 +20,7 @@ from tailnet.http.server import Response, Upgrade
 from tailnet.http.websocket import READ_SLICE, ServerWebSocket
 from tailnet.stack import TailnetStack
 
+from .test_server_websocket import _Transport, _upgraded
 from ..rawws import OP_BINARY, OP_PING, push_until_stalled, ws_connect, ws_frame
 
 T = 10.0
@@ -144,65 +145,13 @@ async def test_debug_ws_echo_to_a_non_reader_is_closed_when_idle(stack: TailnetS
         sock.close()
 
 
-class _Transport(asyncio.Transport):
-    """In-memory transport: records writes and whether reading is paused."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.reading = True
-        self.closed = False
-        self.protocol: asyncio.BaseProtocol | None = None
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out += data
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self.protocol = protocol
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        assert self.protocol is not None
-        return self.protocol
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def is_reading(self) -> bool:
-        return self.reading
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-
-def _upgraded(t: _Transport) -> ServerWebSocket:
-    req = h11.Request(method="GET", target="/ws", headers=[
-        ("Host", "127.0.0.1"), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
-        ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13"),
-    ])
-    ws = ServerWebSocket.upgrade(t, req, ping_interval=None)
-    assert ws is not None
-    return ws
-
-
 async def test_a_read_of_tiny_messages_is_parsed_a_slice_per_loop_iteration() -> None:
     """bench/soak.py: a 256 KiB read of one-byte messages held the event loop for
     ~250 ms. The parser gets READ_SLICE bytes at a time for at most PARSE_BUDGET
     per callback; the rest waits with reading paused, and is parsed in order as
     the handler drains the queue."""
     t = _Transport()
-    ws = _upgraded(t)
+    ws = _upgraded(t, ping_interval=None)
     n = 40_000
     ws.data_received(b"".join(ws_frame(OP_BINARY, bytes([i % 251])) for i in range(n)))
     assert READ_SLICE // len(ws_frame(OP_BINARY, b"x")) <= len(ws._messages) < n // 4
@@ -220,7 +169,7 @@ async def test_a_read_of_tiny_messages_is_parsed_a_slice_per_loop_iteration() ->
 
 async def test_bytes_read_before_eof_are_all_delivered() -> None:
     t = _Transport()
-    ws = _upgraded(t)
+    ws = _upgraded(t, ping_interval=None)
     n = 20_000
     ws.data_received(b"".join(ws_frame(OP_BINARY, bytes([i % 251])) for i in range(n)))
     assert ws.eof_received() is True  # kept open until what came before is parsed
@@ -233,7 +182,7 @@ async def test_bytes_read_before_eof_are_all_delivered() -> None:
 
 async def test_big_messages_arrive_whole() -> None:
     t = _Transport()
-    ws = _upgraded(t)
+    ws = _upgraded(t, ping_interval=None)
     big = bytes(range(256)) * 1024  # 256 KiB, fed in READ_SLICE pieces
     ws.data_received(ws_frame(OP_BINARY, big) + ws_frame(OP_BINARY, b"after"))
     assert await asyncio.wait_for(ws.recv(), T) == big
