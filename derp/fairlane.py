@@ -48,7 +48,7 @@ import weakref
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["DEFAULT_BUDGET", "FairLane", "lane_for"]
+__all__ = ["DEFAULT_BUDGET", "FairLane", "feed_slices", "lane_for"]
 
 log = logging.getLogger(__name__)
 
@@ -128,3 +128,25 @@ def lane_for(loop: asyncio.AbstractEventLoop) -> FairLane:
     if lane is None:
         lane = _LANES[loop] = FairLane(loop)
     return lane
+
+
+def feed_slices(
+    feed: Callable[[bytes], object], data: bytes, off: int, size: int, budget: float
+) -> int:
+    """Feed ``data[off:]`` to a parser ``size`` bytes at a time until it is all
+    fed or ``budget`` seconds went by; the offset reached (``len(data)`` when
+    done). A rest of at most ``size`` bytes is fed in one call, whatever the
+    budget: the common small read costs one call and no clock reads. The
+    caller keeps the rest (reading paused) and continues through the lane."""
+    n = len(data)
+    if n - off <= size:
+        feed(data[off:] if off else data)
+        return n
+    deadline = time.perf_counter() + budget
+    while off < n:
+        end = off + size
+        feed(data[off:end])
+        off = end
+        if time.perf_counter() >= deadline:
+            break
+    return min(off, n)

@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Iterable
 from typing import Any, Final, Protocol, TypeVar, cast
 
@@ -75,7 +74,7 @@ from websockets.server import ServerProtocol
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
-from .fairlane import lane_for
+from .fairlane import feed_slices, lane_for
 from .errors import HandshakeError
 from .frames import HEADER_LEN, MAX_CLIENT_INFO_LEN
 
@@ -320,18 +319,7 @@ class WsPipe(asyncio.Protocol):
         iteration. What was parsed is delivered before that, in one call.
         """
         n = len(data)
-        feed = self.ws.receive_data
-        if n - off <= READ_SLICE:
-            feed(data[off:] if off else data)
-            off = n
-        else:
-            deadline = time.perf_counter() + PARSE_BUDGET
-            while off < n:
-                end = off + READ_SLICE
-                feed(data[off:end])
-                off = end
-                if time.perf_counter() >= deadline:
-                    break
+        off = feed_slices(self.ws.receive_data, data, off, READ_SLICE, PARSE_BUDGET)
         if off < n:
             self._rx, self._rx_off = data, off
             self._process()

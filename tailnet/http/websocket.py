@@ -64,7 +64,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Sequence
 from typing import cast
 
@@ -76,7 +75,7 @@ from websockets.http11 import Request as WsRequest
 from websockets.protocol import State
 from websockets.server import ServerProtocol
 
-from derp.fairlane import lane_for
+from derp.fairlane import feed_slices, lane_for
 from tailnet.redact import WS_PROTOCOL_LOG
 
 __all__ = [
@@ -350,18 +349,7 @@ class ServerWebSocket(asyncio.Protocol):
         all parsed or PARSE_BUDGET is spent; the rest waits in ``_rx_pending``
         (reading paused; :meth:`_update_reading` schedules :meth:`_next_slice`)."""
         n = len(data)
-        feed = self._proto.receive_data
-        if n - off <= READ_SLICE:  # the common case: a small read, parsed at once
-            feed(data[off:] if off else data)
-            off = n
-        else:
-            deadline = time.perf_counter() + PARSE_BUDGET
-            while off < n:
-                end = off + READ_SLICE
-                feed(data[off:end])
-                off = end
-                if time.perf_counter() >= deadline:
-                    break
+        off = feed_slices(self._proto.receive_data, data, off, READ_SLICE, PARSE_BUDGET)
         if off < n:
             self._rx_pending, self._rx_off = data, off
         else:
