@@ -4,20 +4,7 @@ Layout: :mod:`derp.client.core` (sans-I/O :class:`ClientConnection`) and
 :mod:`derp.client.connection` (asyncio :class:`DerpClient`); this package
 re-exports the public names of both.
 
-Login flow (client side, spec §1.5/§2.1)::
-
-    client                                              server
-      | TCP connect (TLS for https)
-      | GET /derp HTTP/1.1, Host, Upgrade: DERP, Connection: Upgrade
-      |-------------------------------------------------->|
-      |          HTTP/1.1 101 Switching Protocols ...      |   anything else: HandshakeError
-      |          ServerKey   magic ‖ server key            |   must be the first frame
-      |<--------------------------------------------------|
-      | ClientInfo  client key ‖ nonce ‖ box(JSON)         |
-      |-------------------------------------------------->|
-      |          ServerInfo  nonce ‖ box(JSON)             |   must follow ServerKey
-      |<--------------------------------------------------|
-      | steady state: SendPacket / RecvPacket / KeepAlive / Ping / Pong / PeerGone ...
+The login flow (spec §1.5/§2.1) is drawn in :mod:`derp.client.core`.
 
 :class:`ClientConnection` is the pure state machine (no sockets, no clock): feed it
 bytes with :meth:`~ClientConnection.receive_data`, then collect
