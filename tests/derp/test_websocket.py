@@ -35,6 +35,7 @@ from derp.keys import PrivateKey, open_sealed, seal
 from derp.server import DerpServer
 from derp.websocket import MAX_MESSAGE_SIZE, MAX_SEND_MESSAGE, WsPipe
 
+from ..memtransport import MemoryTransport
 from .conftest import WAIT, make_config, wait_until
 
 
@@ -281,30 +282,6 @@ async def test_ws_backpressure_small_write_buffer() -> None:
         await srv.stop()
 
 
-class _FakeTcp(asyncio.Transport):
-    """A stand-in TCP transport for driving :class:`WsPipe` without sockets."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-
 class _EchoInner(asyncio.Protocol):
     """Inner DERP protocol that answers every chunk at once (like a Pong to a Ping)."""
 
@@ -334,7 +311,7 @@ def test_inner_write_after_peer_close_in_same_read_is_dropped(side: Side, ending
     else:
         peer.send_text(b"oops")
     wire = b"".join(peer.data_to_send())
-    tcp = _FakeTcp()
+    tcp = MemoryTransport()
     pipe = WsPipe(tcp, WsProtocol(side, state=OPEN, max_size=MAX_MESSAGE_SIZE))
     inner = _EchoInner()
     pipe.inner = inner
@@ -347,7 +324,7 @@ def test_inner_write_after_peer_close_in_same_read_is_dropped(side: Side, ending
 
 def test_write_after_peer_eof_is_dropped() -> None:
     """A write from elsewhere between the peer's EOF and ``connection_lost`` is a no-op."""
-    tcp = _FakeTcp()
+    tcp = MemoryTransport()
     pipe = WsPipe(tcp, WsProtocol(CLIENT, state=OPEN, max_size=MAX_MESSAGE_SIZE))
     pipe.eof_received()
     pipe.wst.write(b"late write")
@@ -355,7 +332,7 @@ def test_write_after_peer_eof_is_dropped() -> None:
 
 
 def test_write_after_abort_is_dropped() -> None:
-    tcp = _FakeTcp()
+    tcp = MemoryTransport()
     pipe = WsPipe(tcp, WsProtocol(SERVER, state=OPEN, max_size=MAX_MESSAGE_SIZE))
     pipe.wst.write(b"before")
     sent = len(tcp.out)
@@ -374,7 +351,7 @@ def test_pong_goes_out_before_the_reply_to_data_of_the_same_read(side: Side) -> 
     peer = WsProtocol(peer_side, state=OPEN)
     peer.send_ping(b"p1")
     peer.send_binary(b"data")
-    tcp = _FakeTcp()
+    tcp = MemoryTransport()
     pipe = WsPipe(tcp, WsProtocol(side, state=OPEN, max_size=MAX_MESSAGE_SIZE))
     inner = _EchoInner()
     pipe.inner = inner

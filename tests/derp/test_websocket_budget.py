@@ -32,6 +32,7 @@ from derp.keys import PrivateKey, seal
 from derp.server import DerpServer
 from derp.websocket import MAX_MESSAGE_SIZE, READ_SLICE, WsPipe, WsTransport
 
+from ..memtransport import MemoryTransport
 from ..rawws import OP_BINARY, OP_PING, push_until_stalled, ws_connect, ws_frame
 from .conftest import WAIT, make_config, wait_until
 
@@ -85,40 +86,6 @@ async def test_ping_flood_from_a_non_reading_ws_client_is_bounded() -> None:
 # ------------------------------------------------------------------ CPU budget
 
 
-class _Tcp(asyncio.Transport):
-    """A stand-in socket transport that records reading state and writes."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.closed = False
-        self.reading = True
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out += data
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.closed = True
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def is_reading(self) -> bool:
-        return self.reading
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-
 class _Sink(asyncio.Protocol):
     def __init__(self) -> None:
         self.data = bytearray()
@@ -137,8 +104,8 @@ def _one_byte_messages(payload: bytes) -> bytes:
     return b"".join(peer.data_to_send())
 
 
-def _pipe() -> tuple[WsPipe, _Tcp, _Sink]:
-    tcp = _Tcp()
+def _pipe() -> tuple[WsPipe, MemoryTransport, _Sink]:
+    tcp = MemoryTransport()
     pipe = WsPipe(tcp, WsProtocol(SERVER, state=OPEN, max_size=MAX_MESSAGE_SIZE))
     sink = _Sink()
     pipe.inner = sink

@@ -14,56 +14,14 @@ from websockets.http11 import Request as WsRequest
 
 from tailnet.http.websocket import ServerWebSocket
 
+from ..memtransport import MemoryTransport
 from ..rawws import OP_BINARY, ws_frame
 
 T = 10.0
 OP_PONG = 0xA
 
 
-class _Transport(asyncio.Transport):
-    """Records writes; reading switches and close/abort flags."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.out = bytearray()
-        self.reading = True
-        self.closed = False
-        self.aborted = False
-        self.protocol: asyncio.BaseProtocol | None = None
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.out += data
-
-    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
-        self.protocol = protocol
-
-    def get_protocol(self) -> asyncio.BaseProtocol:
-        assert self.protocol is not None
-        return self.protocol
-
-    def pause_reading(self) -> None:
-        self.reading = False
-
-    def resume_reading(self) -> None:
-        self.reading = True
-
-    def is_reading(self) -> bool:
-        return self.reading
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def abort(self) -> None:
-        self.aborted = self.closed = True
-
-    def get_write_buffer_size(self) -> int:
-        return 0
-
-
-def _upgraded(t: _Transport, **kw: object) -> ServerWebSocket:
+def _upgraded(t: MemoryTransport, **kw: object) -> ServerWebSocket:
     req = h11.Request(method="GET", target="/ws", headers=[
         ("Host", "127.0.0.1"), ("Upgrade", "websocket"), ("Connection", "Upgrade"),
         ("Sec-WebSocket-Key", "dGhlIHNhbXBsZSBub25jZQ=="), ("Sec-WebSocket-Version", "13"),
@@ -100,7 +58,7 @@ def _server_pings(out: bytes) -> list[bytes]:
 
 
 async def test_server_pings_on_a_timer_and_closes_1011_without_a_pong() -> None:
-    t = _Transport()
+    t = MemoryTransport()
     # ping_timeout leaves the test's polling time to answer the first ping even
     # on a loaded machine (0.1 s failed about 1 run in 7 under load)
     ws = _upgraded(t, ping_interval=0.02, ping_timeout=0.5)
@@ -121,7 +79,7 @@ async def test_server_pings_on_a_timer_and_closes_1011_without_a_pong() -> None:
 
 
 async def test_a_wrong_pong_does_not_count() -> None:
-    t = _Transport()
+    t = MemoryTransport()
     ws = _upgraded(t, ping_interval=0.02, ping_timeout=0.1)
     await _until(lambda: len(_server_pings(bytes(t.out))) == 1)
     ws.data_received(ws_frame(OP_PONG, b"nope"))
@@ -131,7 +89,7 @@ async def test_a_wrong_pong_does_not_count() -> None:
 
 
 async def test_recv_after_a_cancelled_recv_still_gets_messages() -> None:
-    t = _Transport()
+    t = MemoryTransport()
     ws = _upgraded(t, ping_interval=None)
     waiting = asyncio.create_task(ws.recv())
     await asyncio.sleep(0)
@@ -147,7 +105,7 @@ async def test_recv_after_a_cancelled_recv_still_gets_messages() -> None:
 
 
 async def test_drain_waiters_survive_one_of_them_being_cancelled() -> None:
-    t = _Transport()
+    t = MemoryTransport()
     ws = _upgraded(t, ping_interval=None)
     ws.pause_writing()
     assert not ws.writable
@@ -176,7 +134,7 @@ async def test_the_handshake_request_is_not_kept_alive() -> None:
         return sum(1 for o in gc.get_objects() if isinstance(o, WsRequest))
 
     before = live_requests()
-    t = _Transport()
+    t = MemoryTransport()
     ws = _upgraded(t, ping_interval=None)
     assert live_requests() == before
     ws.data_received(ws_frame(OP_BINARY, b"still works"))

@@ -20,7 +20,8 @@ from tailnet.http.server import Response, Upgrade
 from tailnet.http.websocket import READ_SLICE, ServerWebSocket
 from tailnet.stack import TailnetStack
 
-from .test_server_websocket import _Transport, _upgraded
+from ..memtransport import MemoryTransport
+from .test_server_websocket import _upgraded
 from ..rawws import OP_BINARY, OP_PING, push_until_stalled, ws_connect, ws_frame
 
 T = 10.0
@@ -150,7 +151,7 @@ async def test_a_read_of_tiny_messages_is_parsed_a_slice_per_loop_iteration() ->
     ~250 ms. The parser gets READ_SLICE bytes at a time for at most PARSE_BUDGET
     per callback; the rest waits with reading paused, and is parsed in order as
     the handler drains the queue."""
-    t = _Transport()
+    t = MemoryTransport()
     ws = _upgraded(t, ping_interval=None)
     n = 40_000
     ws.data_received(b"".join(ws_frame(OP_BINARY, bytes([i % 251])) for i in range(n)))
@@ -168,7 +169,7 @@ async def test_a_read_of_tiny_messages_is_parsed_a_slice_per_loop_iteration() ->
 
 
 async def test_bytes_read_before_eof_are_all_delivered() -> None:
-    t = _Transport()
+    t = MemoryTransport()
     ws = _upgraded(t, ping_interval=None)
     n = 20_000
     ws.data_received(b"".join(ws_frame(OP_BINARY, bytes([i % 251])) for i in range(n)))
@@ -181,7 +182,7 @@ async def test_bytes_read_before_eof_are_all_delivered() -> None:
 
 
 async def test_big_messages_arrive_whole() -> None:
-    t = _Transport()
+    t = MemoryTransport()
     ws = _upgraded(t, ping_interval=None)
     big = bytes(range(256)) * 1024  # 256 KiB, fed in READ_SLICE pieces
     ws.data_received(ws_frame(OP_BINARY, big) + ws_frame(OP_BINARY, b"after"))
