@@ -69,7 +69,7 @@ from .mesh import MeshPeer, parse_mesh_with
 from .port80 import Port80Server
 from .server import DerpServer, ServerConfig
 from .stunserver import DEFAULT_STUN_PORT, StunServer
-from .workers.node import WorkerNode, WorkerSpec
+from .workers.node import LINK_HOLD, WorkerNode, WorkerSpec
 from .workers.supervisor import (
     Supervisor,
     WorkerReady,
@@ -323,6 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="worker processes sharing the ports (default: the CPUs available, "
         f"{default_workers()} here; 1 = one process, no supervisor)",
     )
+    p.add_argument(
+        "--worker-link-hold",
+        type=float,
+        default=LINK_HOLD * 1000,
+        metavar="MS",
+        help="with --workers: longest time a busy link between workers holds packets "
+        "to send many in one write (0: write every loop iteration; default %(default)g ms; "
+        "an idle link never holds)",
+    )
     p.add_argument("--worker-stdin", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--worker-test-ports", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -513,7 +522,13 @@ async def _serve(
     node: WorkerNode | None = None
     if worker is not None:
         node = WorkerNode(
-            server, WorkerSpec(int(worker["index"]), int(worker["count"]), str(worker["sock_dir"]))
+            server,
+            WorkerSpec(
+                int(worker["index"]),
+                int(worker["count"]),
+                str(worker["sock_dir"]),
+                hold=args.worker_link_hold / 1000,
+            ),
         )
         await node.start()
         await asyncio.wait_for(node.wait_linked(), 30.0)
@@ -664,6 +679,8 @@ def main(argv: list[str] | None = None) -> int:
         workers = default_workers() if args.workers is None else args.workers
         if workers < 1:
             raise _CliError(f"--workers {workers}: must be >= 1")
+        if not 0 <= args.worker_link_hold <= 100:
+            raise _CliError(f"--worker-link-hold {args.worker_link_hold:g}: must be 0..100 ms")
         worker: dict[str, Any] | None = None
         if args.worker_stdin:  # one worker of a supervisor (derp.workers.supervisor)
             worker = json.loads(sys.stdin.readline())

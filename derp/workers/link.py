@@ -16,15 +16,24 @@ direction of frames::
     0x06  STATS       JSON object (≤ 1 MiB)                        sender's counters (derp.workers.stats)
     0x07  CLOSE_PEER  key[32]                                      close the receiver's connections
                                                                    of key (a mesh peer's ClosePeer)
-    0x08  FRAMES      dst[32] ‖ RecvPacket frames (1+, ≤ 1 MiB)     append these exact DERP frames
-                                                                   to dst's connection (hot path)
+    0x08  FRAMES      dst[32] ‖ src[32] ‖ RecvPacket frames         append these exact DERP frames
+                      (1+, ≤ 1 MiB)                                to dst's connection (hot path);
+                                                                   src: the key every frame comes
+                                                                   from, 32 zero bytes if several
 
 FRAMES is what a packet crossing workers normally travels as: the sending
 worker's packet path builds RecvPacket frames (``0x05 ‖ len ‖ src ‖ packet``)
 for the sibling's stand-in exactly as for a local connection, and the
 receiving worker appends the bytes to its client's write batch unchanged.
-The decoder checks that the blob is a whole number of well-formed RecvPacket
-frames (each at least 32 bytes of payload, at most 64 KiB + 32).
+
+Trust: a link joins two workers of one ``derper`` (a Unix socket in a private
+directory), and the frames in a FRAMES blob were checked when the sending
+worker read them from its client, then rewritten in place. So the decoder
+checks what keeps the *link* in step (every frame's length against its type
+and bounds, HELLO first) and the first inner frame's header, but does not walk
+the inner frames one by one: that walk cost as much as a third of a crossing
+packet's CPU. A sibling with a bug could garble only the stream of that one
+destination, whose client then disconnects.
 
 PRESENT is sent once per *connection* that registers (and once per key when a
 link comes up: the full state), GONE once per key when its last connection on
@@ -85,7 +94,7 @@ HELLO_MAGIC: Final = b"DWL1"
 MAX_STATS_LEN: Final = 1 << 20
 _MAX_PACKET_FRAME: Final = 2 * KEY_LEN + MAX_PACKET_SIZE
 #: Largest frame payload of any type.
-MAX_LINK_FRAME: Final = max(MAX_STATS_LEN, _MAX_PACKET_FRAME, KEY_LEN + (1 << 20))
+MAX_LINK_FRAME: Final = max(MAX_STATS_LEN, _MAX_PACKET_FRAME, 2 * KEY_LEN + (1 << 20))
 _PRESENT_LEN: Final = KEY_LEN + _PRESENT_TAIL.size
 
 
@@ -114,6 +123,7 @@ _T_FRAMES = LinkFrame.FRAMES.value
 MAX_FRAMES_LEN: Final = 1 << 20
 _RECV_T: Final = 0x05  # DERP RecvPacket
 _MAX_RECV_LEN: Final = KEY_LEN + MAX_PACKET_SIZE
+_NO_SRC: Final = bytes(KEY_LEN)
 
 
 class LinkError(DerpError):
@@ -169,7 +179,8 @@ class Packet(NamedTuple):
 
 class Frames(NamedTuple):
     """DERP RecvPacket frames for the receiver's connection of ``dst``; ``src`` is
-    the source key they all share, or ``b""`` if they come from several."""
+    the source key they all share, or ``b""`` if they come from several (or the
+    sender did not know)."""
 
     dst: bytes
     data: bytes | memoryview
@@ -266,14 +277,26 @@ class LinkEncoder:
             raise ValueError("stats payload too large")
         self._frame(_T_STATS, data)
 
-    def frames(self, dst: bytes, data: bytes | bytearray | memoryview) -> None:
-        """Queue DERP RecvPacket frames for ``dst`` (the caller built them)."""
-        n = len(data)
-        if n > MAX_FRAMES_LEN:
-            raise ValueError("FRAMES payload too large")
-        self._out.append(_HDR.pack(_T_FRAMES, KEY_LEN + n) + dst)
-        self._out.append(data)
-        self.pending_bytes += 5 + KEY_LEN + n
+    def frames(self, dst: bytes, data: bytes | bytearray | memoryview, src: bytes = b"") -> None:
+        """Queue DERP RecvPacket frames for ``dst`` (the caller built them: whole,
+        well-formed frames); ``src`` is the key all of them come from, or ``b""``."""
+        self.frames_parts(dst, [data], len(data), src)
+
+    def frames_parts(
+        self,
+        dst: bytes,
+        parts: list[bytes | bytearray | memoryview],
+        nbytes: int,
+        src: bytes = b"",
+    ) -> None:
+        """Queue one FRAMES frame whose payload is ``parts`` back to back
+        (``nbytes`` in all, each part whole RecvPacket frames): no join, the
+        adapter's ``writelines`` sends the parts as they are."""
+        if not 0 < nbytes <= MAX_FRAMES_LEN:
+            raise ValueError("FRAMES payload must be 1 byte to 1 MiB")
+        self._out.append(_HDR.pack(_T_FRAMES, 2 * KEY_LEN + nbytes) + _key(dst) + (src or _NO_SRC))
+        self._out.extend(parts)
+        self.pending_bytes += 5 + 2 * KEY_LEN + nbytes
 
     def packet(self, src: bytes, dst: bytes, payload: bytes | memoryview) -> None:
         """Queue a packet (hot path: one header+keys object and the payload view)."""
@@ -286,24 +309,6 @@ class LinkEncoder:
         self.pending_bytes += 69 + n
 
 
-def _check_recv_frames(data: bytes, pos: int, end: int) -> bytes:
-    """Check that ``data[pos:end]`` is whole RecvPacket frames; their common source
-    key, or ``b""`` if there are several."""
-    unpack = _HDR.unpack_from
-    src = data[pos + 5 : pos + 5 + KEY_LEN]
-    same = True
-    while pos < end:
-        if end - pos < 5:
-            raise LinkError("FRAMES ends inside a frame header")
-        ftype, length = unpack(data, pos)
-        if ftype != _RECV_T or length < KEY_LEN or length > _MAX_RECV_LEN or pos + 5 + length > end:
-            raise LinkError(f"FRAMES holds a bad frame (type 0x{ftype:02x}, {length} bytes)")
-        if same and not data.startswith(src, pos + 5):
-            same = False
-        pos += 5 + length
-    return src if same else b""
-
-
 class LinkDecoder:
     """Parses the incoming byte stream of one link into :data:`LinkEvent` values.
 
@@ -312,10 +317,14 @@ class LinkDecoder:
     decoder is then unusable (the link is closed).
     """
 
-    __slots__ = ("_buf", "_events", "_hello", "_failed")
+    __slots__ = ("_parts", "_have", "_need", "_events", "_hello", "_failed")
 
     def __init__(self, *, expect_hello: bool = True) -> None:
-        self._buf = b""
+        #: the pieces of an incomplete frame, their bytes, and the frame's size
+        #: (0 while its header is incomplete)
+        self._parts: list[bytes | memoryview] = []
+        self._have = 0
+        self._need = 0
         self._events: list[LinkEvent] = []
         self._hello = expect_hello
         self._failed = False
@@ -323,7 +332,7 @@ class LinkDecoder:
     @property
     def buffered(self) -> int:
         """Bytes of an incomplete frame held."""
-        return len(self._buf)
+        return self._have
 
     def events_received(self) -> list[LinkEvent]:
         """Events parsed so far (the list is handed over; a new one starts)."""
@@ -332,13 +341,52 @@ class LinkDecoder:
         return ev
 
     def receive_data(self, data: bytes) -> None:
-        """Feed received bytes; complete frames become events."""
+        """Feed received bytes; complete frames become events.
+
+        An incomplete frame at the end is kept as pieces of the reads it came
+        in; the call that completes it joins them once and parses the rest of
+        its data in place (no byte is copied twice, however frames are split).
+        """
         if self._failed:
             raise LinkError("link already failed")
-        if self._buf:
-            data = self._buf + data
-        n = len(data)
         pos = 0
+        parts = self._parts
+        if parts:
+            have = self._have
+            need = self._need
+            if not need:  # under 5 bytes held: the header first
+                head = b"".join(parts) + data[: 5 - have]
+                if len(head) < 5:
+                    parts[:] = [head]
+                    self._have = len(head)
+                    return
+                ftype, length = _HDR.unpack(head)
+                if length > MAX_LINK_FRAME:
+                    self._fail()
+                    raise LinkError(f"link frame type 0x{ftype:02x} of {length} bytes")
+                need = self._need = 5 + length
+            take = need - have
+            if len(data) < take:
+                parts.append(data)
+                self._have = have + len(data)
+                return
+            parts.append(memoryview(data)[:take])
+            frame = b"".join(parts)
+            parts.clear()
+            self._have = self._need = 0
+            self._parse(frame, 0)
+            pos = take
+            if pos >= len(data):
+                return
+        self._parse(data, pos)
+
+    def _fail(self) -> None:
+        self._failed = True
+        self._parts.clear()
+        self._have = self._need = 0
+
+    def _parse(self, data: bytes, pos: int) -> None:
+        n = len(data)
         events = self._events
         mv: memoryview | None = None
         unpack = _HDR.unpack_from
@@ -350,16 +398,22 @@ class LinkDecoder:
                 start = pos + 5
                 end = start + length
                 if ftype == _T_FRAMES:
-                    if length < KEY_LEN + 5 + KEY_LEN or length > KEY_LEN + MAX_FRAMES_LEN:
+                    if length < 2 * KEY_LEN + 5 + KEY_LEN or length > 2 * KEY_LEN + MAX_FRAMES_LEN:
                         raise LinkError(f"FRAMES of {length} bytes")
                     if end > n:
                         break
                     if self._hello:
                         raise LinkError("first link frame is not HELLO")
+                    at = start + 2 * KEY_LEN
+                    rtype, rlen = unpack(data, at)
+                    if rtype != _RECV_T or rlen < KEY_LEN or rlen > _MAX_RECV_LEN or at + 5 + rlen > end:
+                        raise LinkError(f"FRAMES starts with a bad frame (type 0x{rtype:02x}, {rlen} bytes)")
                     if mv is None:
                         mv = memoryview(data)
-                    src = _check_recv_frames(data, start + KEY_LEN, end)
-                    events.append(Frames(data[start : start + KEY_LEN], mv[start + KEY_LEN : end], src))
+                    src = data[start + KEY_LEN : at]
+                    events.append(
+                        Frames(data[start : start + KEY_LEN], mv[at:end], b"" if src == _NO_SRC else src)
+                    )
                 elif ftype == _T_PACKET:
                     if length < 64 or length > _MAX_PACKET_FRAME:
                         raise LinkError(f"PACKET of {length} bytes")
@@ -379,10 +433,12 @@ class LinkDecoder:
                     self._control(ftype, data[start:end])
                 pos = end
         except LinkError:
-            self._failed = True
-            self._buf = b""
+            self._fail()
             raise
-        self._buf = data[pos:] if pos < n else b""
+        if pos < n:
+            self._parts.append(memoryview(data)[pos:])
+            self._have = n - pos
+            self._need = 5 + _HDR.unpack_from(data, pos)[1] if n - pos >= 5 else 0
 
     @staticmethod
     def _check_length(ftype: int, length: int) -> None:

@@ -69,7 +69,8 @@ import contextlib
 import logging
 import os
 import struct
-from collections.abc import Iterable
+import time
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, cast
 
@@ -82,7 +83,7 @@ from ..frames import (
     looks_like_disco,
 )
 from ..server.app import DerpServer
-from ..server.conn import COALESCE_LIMIT, DUPLICATE_KEY_HEALTH, DerpConnection, _flush_touched
+from ..server.conn import DUPLICATE_KEY_HEALTH, DerpConnection, _count_recv_packets
 from ..metrics import DerpMetrics
 from ..stats import KIND_DISCO, KIND_OTHER, UNKNOWN_DEST_ON_FWD, WRITE_ERROR, ServerStats
 from .link import (
@@ -111,6 +112,13 @@ _OPEN: Final = 1  # DerpConnection's open state (derp.server.conn)
 
 #: A link holding this many unsent bytes refuses further packets (drops).
 MAX_LINK_BUFFER: Final = 8 << 20
+#: Default longest time a busy link holds relayed packets to batch them (seconds).
+LINK_HOLD: Final = 0.001
+#: A link writes at once when this many packet bytes are waiting, held or not.
+LINK_HOLD_BYTES: Final = 64 << 10
+#: A staged slice of a read larger than this (and under half of it) is copied,
+#: so held slices pin at most this much each.
+PIN_LIMIT: Final = 16 << 10
 _DIAL_RETRY: Final = 0.05
 
 
@@ -126,6 +134,8 @@ class WorkerSpec:
     index: int
     count: int
     sock_dir: str
+    #: longest hold of relayed packets on a busy link, seconds (0: never hold)
+    hold: float = LINK_HOLD
 
 
 class _Link(asyncio.Protocol):
@@ -141,6 +151,14 @@ class _Link(asyncio.Protocol):
         self.up = False
         self.closed: asyncio.Future[None] = self.loop.create_future()
         self._flush_pending = False
+        #: the next flush writes even if the link is holding (a control frame waits)
+        self._urgent = False
+        self._hold_ns = int(node.spec.hold * 1e9)
+        self._hold_timer: asyncio.TimerHandle | None = None
+        self._last_write = 0
+        #: stand-ins holding RecvPacket frames for this link, and their bytes
+        self.staged: list[_StandIn] = []
+        self.staged_bytes = 0
         #: keys the sibling announced → their 51-byte PeerPresent payload
         self.keys: dict[bytes, bytes] = {}
         self.packets_out = 0
@@ -154,7 +172,7 @@ class _Link(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)
         spec = self.node.spec
         self.enc.hello(spec.index, spec.count, os.getpid())
-        self._flush()
+        self._write()
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -170,6 +188,10 @@ class _Link(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self._drop_staged()
         self.node._link_lost(self)
         if not self.closed.done():
             self.closed.set_result(None)
@@ -181,17 +203,35 @@ class _Link(asyncio.Protocol):
         t = self.transport
         if t is None or not self.up:
             return False
-        enc = self.enc
-        if enc.pending_bytes + t.get_write_buffer_size() > MAX_LINK_BUFFER:
+        if self.backed_up(t):
             return False
-        enc.packet(src, dst, packet)
+        if self.staged:
+            self._drain_staged()  # frames staged for dst before this packet go first
+        self.enc.packet(src, dst, packet)
         self.packets_out += 1
-        if not self._flush_pending:
-            self._flush_pending = True
-            self.loop.call_soon(self._flush)
+        self.schedule_flush()
         return True
 
     # writing
+
+    def backed_up(self, t: asyncio.Transport) -> bool:
+        """Whether the link holds more than MAX_LINK_BUFFER unsent bytes."""
+        return self.enc.pending_bytes + self.staged_bytes + t.get_write_buffer_size() > MAX_LINK_BUFFER
+
+    def control(self) -> LinkEncoder:
+        """The encoder, for a presence/control frame: staged packet frames are
+        queued first (order kept) and this iteration's flush writes at once."""
+        if self.staged:
+            self._drain_staged()
+        self._urgent = True
+        self.schedule_flush()
+        return self.enc
+
+    def stage(self, si: _StandIn) -> None:
+        """``si`` holds frames for this link (called once per stand-in per batch)."""
+        self.staged.append(si)
+        if self._hold_timer is None or self.staged_bytes >= LINK_HOLD_BYTES:
+            self.schedule_flush()
 
     def schedule_flush(self) -> None:
         if not self._flush_pending and self.transport is not None:
@@ -199,13 +239,60 @@ class _Link(asyncio.Protocol):
             self.loop.call_soon(self._flush)
 
     def _flush(self) -> None:
-        """One ``writelines`` of everything queued this iteration (no join: the
-        transport writes the buffers with one ``writev``)."""
+        """End of a loop iteration: write what is queued, or hold it.
+
+        A link that wrote less than ``hold`` ago is busy: its relayed packets
+        wait (a timer, at most ``hold``) so one write carries many of them and
+        the sibling wakes once for all. A link idle for longer writes at once,
+        so light traffic gets no added latency. Control frames
+        (:meth:`control`) and LINK_HOLD_BYTES of packets always write at once.
+        """
         self._flush_pending = False
+        if self._hold_timer is not None:
+            if not self._urgent and self.staged_bytes + self.enc.pending_bytes < LINK_HOLD_BYTES:
+                return  # the timer writes
+        elif not self._urgent and self._hold_ns and self.staged_bytes + self.enc.pending_bytes < LINK_HOLD_BYTES:
+            if time.monotonic_ns() - self._last_write < self._hold_ns:
+                self._hold_timer = self.loop.call_later(self._hold_ns / 1e9, self._held)
+                return
+        self._write()
+
+    def _held(self) -> None:
+        self._hold_timer = None
+        self._write()
+
+    def _write(self) -> None:
+        """One ``writelines`` of everything queued (no join: the transport writes
+        the buffers with one ``writev``)."""
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        self._urgent = False
+        if self.staged:
+            self._drain_staged()
         t = self.transport
         chunks = self.enc.chunks_to_send()
         if chunks and t is not None and not t.is_closing():
             t.writelines(chunks)
+            self._last_write = time.monotonic_ns()
+
+    def _drain_staged(self) -> None:
+        """Queue every staged stand-in's frames as FRAMES link frames."""
+        enc = self.enc
+        for si in self.staged:
+            self.packets_out += si.emit(enc)
+        self.staged.clear()
+        self.staged_bytes = 0
+
+    def _drop_staged(self) -> None:
+        """The link is gone: staged packets are dropped (counted)."""
+        st = self.node.ctx.stats
+        for si in self.staged:
+            nbytes, count = si.discard()
+            if count:
+                st.drop((WRITE_ERROR, KIND_OTHER), nbytes, count)
+        self.staged.clear()
+        self.staged_bytes = 0
 
     def abort(self) -> None:
         if self.transport is not None:
@@ -218,14 +305,16 @@ class _StandIn:
     It has what the packet path of :class:`DerpConnection` uses of a destination
     (``_out``, ``_outn``, ``_last_src``, ``_paused``, ``_state``, ``_transport``,
     ``_take``, ``_flush_out``, ``_push``, ``_send_ctrl``: see derp.server.conn), so a packet
-    for a sibling's key costs what a local one does: the RecvPacket frames of
-    one read are joined and "written" here once, and become one FRAMES link
-    frame. Never paused: a backed-up link drops (``write_error``) instead.
-    PeerGone owed to it is dropped (the sibling's own relay tells its clients).
+    for a sibling's key costs what a local one does. What the packet path
+    "writes" here is staged on the link (``_held``) until the link writes: then
+    everything held for the key becomes one FRAMES link frame (several past
+    MAX_FRAMES_LEN). Never paused: a backed-up link drops (``write_error``)
+    instead. PeerGone owed to it is dropped (the sibling's own relay tells its
+    clients).
     """
 
     __slots__ = ("key", "link", "node", "_out", "_outn", "_last_src", "_paused", "_state",
-                 "_transport")
+                 "_transport", "_held", "_heldn", "_hsrc")
 
     def __init__(self, node: WorkerNode, key: bytes, link: _Link) -> None:
         self.node = node
@@ -237,6 +326,11 @@ class _StandIn:
         self._paused = False
         self._state = _OPEN
         self._transport = self
+        #: whole RecvPacket frames staged on ``link`` (none unless in ``link.staged``)
+        self._held: list[bytes | bytearray | memoryview] = []
+        self._heldn = 0
+        #: the key every held frame comes from; b"" if several or unknown
+        self._hsrc = b""
 
     def __repr__(self) -> str:
         return f"_StandIn({self.key.hex()[:8]} via w{self.link.index})"
@@ -255,54 +349,115 @@ class _StandIn:
         return self.link.transport is None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Stage whole RecvPacket frames from ``_last_src`` on the link (as the
+        packet path calls it: ``_last_src`` is the connection whose read the
+        frames come from)."""
+        last = self._last_src
+        src = cast(DerpConnection, last)._key if last is not None else b""
+        held = self._held
+        link = self.link
+        if held and link.staged_bytes < LINK_HOLD_BYTES:
+            # Fast path: this batch already passed the checks of _stage and is
+            # far below every bound; add to it.
+            n = len(data)
+            if type(data) is memoryview and 2 * n < len(data.obj) > PIN_LIMIT:  # type: ignore[arg-type]
+                data = bytes(data)
+            held.append(data)
+            self._heldn += n
+            link.staged_bytes += n
+            if src != self._hsrc:
+                self._hsrc = b""
+            return
+        self._stage(data, src)
+
+    def _stage(self, data: bytes | bytearray | memoryview, src: bytes) -> None:
+        """Stage whole RecvPacket frames, all from ``src`` (b"": unknown) on the
+        link, or drop them if it is down or backed up."""
         link = self.link
         t = link.transport
-        if t is None or not link.up or (
-            link.enc.pending_bytes + t.get_write_buffer_size() > MAX_LINK_BUFFER
-        ):
-            self.node.ctx.stats.drop((WRITE_ERROR, KIND_OTHER), len(data))
+        n = len(data)
+        if t is None or not link.up or link.backed_up(t):
+            self.node.ctx.stats.drop((WRITE_ERROR, KIND_OTHER), n, _count_recv_packets([data]))
             return
-        link.packets_out += 1  # one FRAMES link frame (one or more packets)
-        if len(data) <= MAX_FRAMES_LEN:
-            link.enc.frames(self.key, data)
-        else:  # split at frame boundaries (only a huge mesh-forwarded batch gets here)
-            pos = 0
-            while pos < len(data):
-                end = pos
-                while end < len(data) and end - pos < MAX_FRAMES_LEN // 2:
-                    end += 5 + _RECV_HDR.unpack_from(data, end)[1]
-                link.enc.frames(self.key, data[pos:end])
-                pos = end
-        link.schedule_flush()
+        if type(data) is memoryview and 2 * n < len(data.obj) > PIN_LIMIT:  # type: ignore[arg-type]
+            data = bytes(data)  # a held slice must not pin a large read
+        held = self._held
+        if not held:
+            self._hsrc = src
+            link.stage(self)
+        elif src != self._hsrc:
+            self._hsrc = b""
+        held.append(data)
+        self._heldn += n
+        link.staged_bytes += n
+        if link.staged_bytes >= LINK_HOLD_BYTES and link._hold_timer is not None:
+            link.schedule_flush()
+
+    def emit(self, enc: LinkEncoder) -> int:
+        """Queue the held frames as FRAMES link frames; how many."""
+        held = self._held
+        key = self.key
+        src = self._hsrc
+        if self._heldn <= MAX_FRAMES_LEN:  # the usual case: one FRAMES
+            enc.frames_parts(key, held, self._heldn, src)
+            self._held = []
+            self._heldn = 0
+            return 1
+        frames = 0
+        group: list[bytes | bytearray | memoryview] = []
+        size = 0
+        for seg in held:
+            n = len(seg)
+            if group and size + n > MAX_FRAMES_LEN:
+                enc.frames_parts(key, group, size, src)
+                frames += 1
+                group, size = [], 0
+            if n > MAX_FRAMES_LEN:  # split at frame boundaries (a huge mesh-forwarded batch)
+                pos = 0
+                while pos < n:
+                    end = pos
+                    while end < n and end - pos < MAX_FRAMES_LEN // 2:
+                        end += 5 + _RECV_HDR.unpack_from(seg, end)[1]
+                    enc.frames(key, seg[pos:end], src)
+                    frames += 1
+                    pos = end
+                continue
+            group.append(seg)
+            size += n
+        if group:
+            enc.frames_parts(key, group, size, src)
+            frames += 1
+        self._held = []
+        self._heldn = 0
+        return frames
+
+    def discard(self) -> tuple[int, int]:
+        """Forget the held frames; their bytes and packet count."""
+        held = self._held
+        out = (self._heldn, _count_recv_packets(held))
+        self._held = []
+        self._heldn = 0
+        return out
 
     # what the connection code calls on a receiver
 
     def _push(self, frame: bytes) -> None:
-        self._take(frame, len(frame), self.node.ctx.touched)
+        self._stage(frame, b"")  # a forwarded packet: its source is in the frame only
 
     def _take(
         self, seg: bytes | bytearray | memoryview, nbytes: int, touched: list[DerpConnection]
     ) -> None:
-        """As :meth:`DerpConnection._take`: collect whole frames until the end of
-        the loop iteration (``touched`` is non-empty exactly while a flush is
-        scheduled), or write at once past COALESCE_LIMIT."""
-        out = self._out
-        if not out:
-            if not touched:
-                self.node.ctx.loop.call_soon(_flush_touched, touched)
-            touched.append(cast(DerpConnection, self))
-        out.append(seg)
-        self._outn += nbytes
-        if self._outn > COALESCE_LIMIT:
-            self._flush_out()
+        """As :meth:`DerpConnection._take` (the caller set ``_last_src``), but
+        staged on the link at once: the link's batch is the coalescing."""
+        self.write(seg)
 
     def _flush_out(self) -> None:
-        """One FRAMES link frame for what was collected (see :meth:`write`)."""
+        """Stage what was appended to ``_out`` directly (see :meth:`write`)."""
         out = self._out
         if not out:
             return
         self._outn = 0
-        self.write(out[0] if len(out) == 1 else b"".join(out))
+        self._stage(out[0] if len(out) == 1 else b"".join(out), b"")
         out.clear()
 
     def _send_ctrl(self, frame: bytes) -> None:
@@ -419,23 +574,21 @@ class WorkerNode:
         payload = c.peer_present_frame()[HEADER_LEN:]
         also = key in self.ctx.relay.elsewhere
         for link in self.links.values():
-            link.enc.present_raw(payload)
+            enc = link.control()
+            enc.present_raw(payload)
             if also:
-                link.enc.active(key)
-            link.schedule_flush()
+                enc.active(key)
 
     def departed(self, key: bytes) -> None:
         for link in self.links.values():
-            link.enc.gone(key)
-            link.schedule_flush()
+            link.control().gone(key)
         self._sync(key)
 
     def reactivated(self, key: bytes, conn: object) -> None:
         if key not in self.ctx.relay.elsewhere:
             return
         for link in self.links.values():
-            link.enc.active(key)
-            link.schedule_flush()
+            link.control().active(key)
 
     # ------------------------------------------------------------------ link events
 
@@ -558,11 +711,8 @@ class WorkerNode:
         connection's queues and drop rules (as a forwarded packet)."""
         st = self.ctx.stats
         data = bytes(blob)
-        pos = 0
-        while pos < len(data):
-            length = _RECV_HDR.unpack_from(data, pos)[1]
+        for pos, length in _frame_spans(data):
             s, pkt = data[pos + 5 : pos + 5 + 32], memoryview(data)[pos + 37 : pos + 5 + length]
-            pos += 5 + length
             disco = looks_like_disco(pkt)
             if d is None:
                 st.drop((UNKNOWN_DEST_ON_FWD, KIND_DISCO if disco else KIND_OTHER), len(pkt))
@@ -572,11 +722,8 @@ class WorkerNode:
     def _note_sources(self, d: DerpConnection, blob: bytes | memoryview) -> None:
         data = bytes(blob)
         relay = self.ctx.relay
-        pos = 0
-        while pos < len(data):
-            length = _RECV_HDR.unpack_from(data, pos)[1]
+        for pos, _ in _frame_spans(data):
             relay.note_delivery(data[pos + 5 : pos + 37], d)
-            pos += 5 + length
 
     def _flush_touched(self) -> None:
         """One write per destination touched by this batch of link events."""
@@ -610,12 +757,12 @@ class WorkerNode:
         self.ctx.routes.prefer(link)
         # Full state: every local key (its most recent connection's address/flags).
         relay = self.ctx.relay
+        enc = link.control()
         for key in list(relay.keys()):
             conns = relay.connections(key)
             if conns:
-                link.enc.present_raw(conns[-1].peer_present_frame()[HEADER_LEN:])
-        link.enc.stats(self._stats_payload())
-        link.schedule_flush()
+                enc.present_raw(conns[-1].peer_present_frame()[HEADER_LEN:])
+        enc.stats(self._stats_payload())
         log.info("workers: w%d linked to w%d (pid %d)", self.spec.index, hello.index, hello.pid)
         self._check_linked()
 
@@ -698,8 +845,7 @@ class WorkerNode:
         """A mesh peer's ClosePeer(key): siblings holding key close their connections."""
         for link in self.links.values():
             if key in link.keys:
-                link.enc.close_peer(key)
-                link.schedule_flush()
+                link.control().close_peer(key)
 
     # ------------------------------------------------------------------ presence for WatchConns
 
@@ -733,8 +879,7 @@ class WorkerNode:
             return
         payload = self._stats_payload()
         for link in self.links.values():
-            link.enc.stats(payload)
-            link.schedule_flush()
+            link.control().stats(payload)
 
     def total_metrics(self) -> DerpMetrics:
         """Prometheus view of the totals over every worker (refreshed per call)."""
@@ -751,6 +896,20 @@ class WorkerNode:
             if name not in self._total_metrics.gauges:
                 self._total_metrics.gauges[name] = fn
         return self._total_metrics
+
+
+def _frame_spans(data: bytes) -> Iterator[tuple[int, int]]:
+    """(offset, length) of each RecvPacket frame in a FRAMES blob; stops (with a
+    warning) at a frame that does not fit (see the trust note in derp.workers.link)."""
+    pos, n = 0, len(data)
+    while n - pos >= HEADER_LEN + 32:
+        ftype, length = _RECV_HDR.unpack_from(data, pos)
+        if ftype != _RECV or length < 32 or pos + HEADER_LEN + length > n:
+            break
+        yield pos, length
+        pos += HEADER_LEN + length
+    if pos != n:
+        log.warning("workers: a FRAMES blob from a sibling is malformed at byte %d of %d", pos, n)
 
 
 def _peer_present(payload: bytes) -> bytes:

@@ -51,6 +51,8 @@ def _parse(*argv: str) -> dict[str, object]:
         (["-version"], {"version": True}),
         (["-v"], {"verbose": True}),
         (["-tcp-user-timeout=15s", "-home=blank"], {"tcp_user_timeout": "15s", "home": "blank"}),
+        ([], {"worker_link_hold": 1.0}),
+        (["--worker-link-hold=0"], {"worker_link_hold": 0.0}),
     ],
 )
 def test_go_style_flags(argv: list[str], want: dict[str, object]) -> None:
@@ -74,6 +76,8 @@ def test_unsupported_derper_flags_fail_by_name(capsys: pytest.CaptureFixture[str
     assert "nothing to serve" in capsys.readouterr().err
     assert main(["-dev", "-http-port=70000"]) == 1
     assert "-http-port 70000" in capsys.readouterr().err
+    assert main(["-dev", "--worker-link-hold=500"]) == 1
+    assert "--worker-link-hold 500: must be 0..100 ms" in capsys.readouterr().err
 
 
 async def _get(port: int, path: str, headers: str = "") -> bytes:

@@ -94,23 +94,26 @@ def test_golden_packet_and_stats() -> None:
 
 
 def test_golden_frames() -> None:
-    # FRAMES: dst, then two DERP RecvPacket frames from K1 (0x05, len 32+2 and 32+0)
+    # FRAMES: dst K2, src K1, then two DERP RecvPacket frames from K1 (0x05, len 32+2 and 32+0)
     recv = "05" "00000022" + K1.hex() + "0102" + "05" "00000020" + K1.hex()
-    wire = bytes.fromhex("08" "0000006c" + K2.hex() + recv)  # 32 + 39 + 37 = 108 = 0x6c
+    wire = bytes.fromhex("08" "0000008c" + K2.hex() + K1.hex() + recv)  # 64 + 39 + 37 = 140
     enc = LinkEncoder()
-    enc.frames(K2, bytes.fromhex(recv))
+    enc.frames(K2, bytes.fromhex(recv), K1)
+    assert enc.pending_bytes == len(wire)
     assert enc.data_to_send() == wire
     dec = LinkDecoder(expect_hello=False)
     dec.receive_data(wire)
     (ev,) = dec.events_received()
     assert isinstance(ev, Frames)
     assert (ev.dst, bytes(ev.data), ev.src) == (K2, bytes.fromhex(recv), K1)
-    # frames from two sources: src is empty
-    mixed = bytes.fromhex("05" "00000020" + K1.hex() + "05" "00000020" + K2.hex())
-    enc.frames(K1, mixed)
-    dec.receive_data(enc.data_to_send())
+    # frames from two sources: the src field is 32 zero bytes, src is empty
+    mixed = "05" "00000020" + K1.hex() + "05" "00000020" + K2.hex()
+    wire = bytes.fromhex("08" "0000008a" + K1.hex() + "00" * 32 + mixed)  # 64 + 2 * 37 = 138
+    enc.frames_parts(K1, [bytes.fromhex(mixed[:74]), bytes.fromhex(mixed[74:])], 74)
+    assert b"".join(enc.chunks_to_send()) == wire
+    dec.receive_data(wire)
     (ev,) = dec.events_received()
-    assert isinstance(ev, Frames) and ev.src == b"" and bytes(ev.data) == mixed
+    assert isinstance(ev, Frames) and ev.src == b"" and bytes(ev.data) == bytes.fromhex(mixed)
 
 
 @pytest.mark.parametrize(
@@ -119,14 +122,37 @@ def test_golden_frames() -> None:
         "06" "00000020" + K1.hex(),  # not RecvPacket
         "05" "0000001f" + K1.hex()[:62],  # RecvPacket shorter than a key
         "05" "00000022" + K1.hex(),  # runs past the end
-        "05" "00000020" + K1.hex() + "05",  # trailing partial header
     ],
 )
-def test_frames_with_a_bad_inner_frame_fail_the_link(inner: str) -> None:
-    body = K2 + bytes.fromhex(inner)
+def test_frames_with_a_bad_first_frame_fail_the_link(inner: str) -> None:
+    body = K2 + K1 + bytes.fromhex(inner)
     dec = LinkDecoder(expect_hello=False)
     with pytest.raises(LinkError):
         dec.receive_data(bytes([8]) + len(body).to_bytes(4, "big") + body)
+
+
+def test_frames_shorter_than_keys_and_one_frame_fail_the_link() -> None:
+    body = K2 + K1 + bytes.fromhex("05" "00000020") + K1[:31]  # 100 bytes: one short
+    dec = LinkDecoder(expect_hello=False)
+    with pytest.raises(LinkError):
+        dec.receive_data(bytes([8]) + len(body).to_bytes(4, "big") + body)
+    with pytest.raises(ValueError):
+        LinkEncoder().frames(K2, b"", K1)
+
+
+def test_a_split_frame_is_joined_once() -> None:
+    # one PACKET frame split over three reads, then a STATS frame in the last read
+    wire = bytes.fromhex("05" "00000043" + K1.hex() + K2.hex() + "aabbcc" + "06" "00000002" "7b7d")
+    dec = LinkDecoder(expect_hello=False)
+    dec.receive_data(wire[:3])
+    assert dec.buffered == 3 and dec.events_received() == []
+    dec.receive_data(wire[3:40])
+    assert dec.buffered == 40
+    dec.receive_data(wire[40:])
+    ev = dec.events_received()
+    assert dec.buffered == 0
+    assert [type(e) for e in ev] == [Packet, Stats]
+    assert bytes(ev[0].payload) == b"\xaa\xbb\xcc" and ev[1] == Stats(b"{}")
 
 
 def test_unknown_type_is_skipped() -> None:
@@ -180,7 +206,7 @@ events = st.one_of(
             dst, b"".join(b"\x05" + (32 + len(p)).to_bytes(4, "big") + src + p for p in pkts), src
         ),
         keys,
-        keys,
+        keys.filter(any),  # 32 zero bytes mean "several sources" on the wire
         st.lists(st.binary(max_size=80), min_size=1, max_size=4),
     ),
 )
@@ -203,7 +229,7 @@ def _encode(evs: list[object]) -> bytes:
         elif isinstance(ev, Stats):
             enc.stats(ev.data)
         elif isinstance(ev, Frames):
-            enc.frames(ev.dst, bytes(ev.data))
+            enc.frames(ev.dst, bytes(ev.data), ev.src)
     return enc.data_to_send()
 
 
