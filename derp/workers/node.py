@@ -26,14 +26,24 @@ Behaviours across workers:
 
 * relaying: ``relay.active[key]`` for a key received on sibling j is a
   :class:`_StandIn`, so the sender's packet path treats it like a local
-  connection: the RecvPacket frames of one read for that key are joined once
-  and become one FRAMES link frame; everything queued on a link in one loop
-  iteration goes out in one ``write``. Worker j appends the frames unchanged
-  to its client's write batch (one write per client per link read) and
-  subscribes the client to PeerGone for the source. Destinations that are
-  paused or gone take the per-packet path (queues and drop rules as for any
-  forwarded packet). ``forward`` (PACKET frames) serves the rest: a route in
-  use without a stand-in yet;
+  connection: what it "writes" there (RecvPacket frames, rewritten in place)
+  is staged on the link, and when the link writes, everything staged for that
+  key becomes one FRAMES link frame carrying the source key, all of it in one
+  ``writev``. Worker j appends the frames unchanged to its client's write
+  batch (one write per client per link read) and subscribes the client to
+  PeerGone for the source. Destinations that are paused or gone take the
+  per-packet path (queues and drop rules as for any forwarded packet).
+  ``forward`` (PACKET frames) serves the rest: a route in use without a
+  stand-in yet;
+* when a link writes (:meth:`_Link._flush`): at the end of the loop iteration
+  if it has been idle for ``hold`` (default :data:`LINK_HOLD`, 1 ms;
+  ``--worker-link-hold``), so light traffic gets no added latency; a link that
+  wrote less than ``hold`` ago is busy and holds relayed packets until
+  ``hold`` has passed since that write, so under load one write and one
+  wake-up of the sibling carry many packets (at most ``hold`` of added latency
+  for a crossing packet). Presence and control frames, and
+  :data:`LINK_HOLD_BYTES` of staged packets, are written at once (staged
+  packets first: order on a link is always kept);
 * NotHere: a worker knows every key of the host, so an unknown key is unknown
   everywhere (up to the link latency);
 * duplicate keys: the most recently active connection wins wherever it is. A
@@ -52,10 +62,12 @@ Behaviours across workers:
   show the totals, and ``/metrics`` a few ``derp_worker_*{worker="i"}``
   families besides (:mod:`derp.workers.stats`).
 
-Backpressure: a link whose pending bytes plus socket buffer exceed
+Backpressure: a link whose staged and pending bytes plus socket buffer exceed
 :data:`MAX_LINK_BUFFER` refuses packets (counted as ``write_error`` drops);
 presence frames are always queued (small, and losing one would leave a stale
-route).
+route). A staged slice of a read over :data:`PIN_LIMIT` is copied, so held
+packets never pin large reads; packets staged on a link that breaks are
+dropped and counted.
 
 Invariants: ``relay.elsewhere[k]`` equals the number of up links whose sibling
 announced ``k``; a key appears in ``routes`` via link j iff j announced it and
