@@ -527,7 +527,7 @@ async def _serve(
                 int(worker["index"]),
                 int(worker["count"]),
                 str(worker["sock_dir"]),
-                hold=args.worker_link_hold / 1000,
+                hold=float(worker.get("link_hold", LINK_HOLD)),
             ),
         )
         await node.start()
@@ -684,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
         worker: dict[str, Any] | None = None
         if args.worker_stdin:  # one worker of a supervisor (derp.workers.supervisor)
             worker = json.loads(sys.stdin.readline())
+            worker["link_hold"] = args.worker_link_hold / 1000
             die_with_parent(int(worker["parent"]))
             key = PrivateKey(bytes.fromhex(worker.pop("key")))
             port = int(worker["port"])
