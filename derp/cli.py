@@ -34,8 +34,9 @@ error naming the flag; those that only tune derper internals it does not share
   supervisor and N worker processes that all listen on the same TCP/UDP ports
   (SO_REUSEPORT) and relay to each other over Unix sockets
   (:mod:`derp.workers`); ``--workers 1`` is one process, exactly as before.
-  ``--max-connections`` and the accept limits are host totals, split evenly
-  between the workers. ``-derp=false`` (STUN only) always runs one process.
+  ``--max-connections`` and the accept limits are exact host totals (the
+  workers share one small counter file, :mod:`derp.workers.shared`).
+  ``-derp=false`` (STUN only) always runs one process.
 * TLS (``--certmode manual``), accept/receive limits, the write timeout,
   ``/debug/`` access and the SIGTERM Restarting notice: see
   :mod:`derp.prodflags`. Without ``--certmode`` the server speaks plain HTTP
@@ -56,6 +57,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -75,8 +77,8 @@ from .workers.supervisor import (
     WorkerReady,
     default_workers,
     die_with_parent,
-    split_limits,
 )
+from .workers.shared import SharedLimits
 
 __all__ = [
     "DEFAULT_ADDR",
@@ -452,8 +454,11 @@ async def _serve(
     ``derper --workers N`` (spec from the supervisor, see derp.workers.supervisor)."""
     prod = prod or prodflags.ServerOptions()
     config = dict(prod.config)
-    if worker is not None:
-        config = split_limits(config, int(worker["index"]), int(worker["count"]))
+    host_limits: SharedLimits | None = None
+    if worker is not None and worker.get("limits"):
+        # Host totals shared with the sibling workers; our slot starts at 0.
+        # (Left open until the process exits: the supervisor zeroes the slot then.)
+        host_limits = SharedLimits.open(str(worker["limits"]), int(worker["index"]))
     server = DerpServer(
         ServerConfig(
             private_key=key,
@@ -462,6 +467,7 @@ async def _serve(
             mesh_with=mesh_with,
             admission=admission,
             reuse_port=worker is not None,
+            host_limits=host_limits,
             **config,
         )
     )
@@ -636,19 +642,34 @@ def _supervise(
                 print(f"derper: worker {r.index} test port {r.test_port}", flush=True)
 
     with tempfile.TemporaryDirectory(prefix="derper-workers-") as sock_dir:
+        cfg = prod.config
+        limits: SharedLimits | None = None
+        if cfg.get("max_connections", 0) or math.isfinite(cfg.get("accept_limit", math.inf)):
+            # --max-connections / accept limits as host totals (derp.workers.shared)
+            limits = SharedLimits.create(
+                os.path.join(sock_dir, "limits"),
+                workers,
+                max_connections=int(cfg.get("max_connections", 0)),
+                accept_limit=float(cfg.get("accept_limit", math.inf)),
+                accept_burst=int(cfg.get("accept_burst", 2**31 - 1)),
+            )
         spec: dict[str, Any] = {
             "key": key.raw.hex(),
             "sock_dir": sock_dir,
+            "limits": os.path.join(sock_dir, "limits") if limits is not None else None,
             "port": port,
             "stun_port": args.stun_port if args.stun else -1,
             "http_port": args.http_port,
             "test_port": bool(args.worker_test_ports),
         }
-        sup = Supervisor(workers, command, spec, announce)
+        sup = Supervisor(workers, command, spec, announce, limits=limits)
         try:
             return asyncio.run(sup.run())
         except KeyboardInterrupt:  # pragma: no cover - SIGINT before the handlers
             return 0
+        finally:
+            if limits is not None:
+                limits.close()
 
 
 def main(argv: list[str] | None = None) -> int:

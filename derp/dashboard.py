@@ -14,6 +14,14 @@ Data flow::
 
     RelaySampler.sample() ─► {"relay": {...}, "point": {...}}   (JSON-friendly dicts)
 
+With ``derper --workers N`` the worker that answers shows host totals: the
+counters come from the server's ``metrics_view`` (the same merged
+:class:`ServerStats` that ``/metrics`` renders, :mod:`derp.workers.stats`), and
+``relay.workers`` lists every worker's own counters from ``workers_view`` (its
+siblings' last STATS snapshots, at most :data:`derp.workers.stats.STATS_INTERVAL`
+old). The connection table lists the answering worker's connections only
+(``relay.worker`` says which); socket byte rates are per process.
+
 Wire format (``text/event-stream``): a new subscriber first gets ``retry`` and
 one ``history`` event (the last :data:`HISTORY_POINTS` rate points), then a
 ``snapshot`` event per tick; every ``data:`` line is one JSON document.
@@ -330,11 +338,20 @@ class RelaySampler:
         """One snapshot: ``{"relay": {...}, "point": {...}}``."""
         now = self._clock()
         wall = self._wall()
-        st: ServerStats = self.server.stats
+        srv = self.server
+        view = getattr(srv, "metrics_view", None)
+        stun = self.stun
+        if view is None:
+            st: ServerStats = srv.stats
+        else:  # derp.workers: host totals, as /metrics shows them
+            merged = view()
+            st = merged.stats
+            if stun is not None:
+                stun = merged.stun
         drops: dict[str, int] = dict.fromkeys(DROP_REASONS, 0)
         for (reason, _kind), n in st.packets_dropped.items():
             drops[reason] = drops.get(reason, 0) + n
-        stun_total = sum(self.stun.requests.values()) if self.stun is not None else 0
+        stun_total = sum(stun.requests.values()) if stun is not None else 0
         totals = {
             "packets_in": st.packets_received,
             "packets_out": st.packets_sent,
@@ -363,7 +380,6 @@ class RelaySampler:
         }
         if not first:
             self.history.append(point)
-        srv = self.server
         mesh = srv.mesh
         links = mesh.links if mesh is not None else []
         relay: dict[str, Any] = {
@@ -387,11 +403,16 @@ class RelaySampler:
                 for link in links
             ],
             "stun": {
-                "enabled": self.stun is not None,
-                "requests": dict(self.stun.requests) if self.stun is not None else {},
+                "enabled": stun is not None,
+                "requests": dict(stun.requests) if stun is not None else {},
                 "rate": rates["stun"],
             },
         }
+        workers = getattr(srv, "workers_view", None)
+        if workers is not None:
+            docs = workers()
+            relay["worker"] = docs[0].get("worker") if docs else None
+            relay["workers"] = [_worker_row(d) for d in docs]
         return {"relay": relay, "point": point}
 
     def _connections(
@@ -457,6 +478,26 @@ class RelaySampler:
                 }
             )
         return rows
+
+
+def _worker_row(doc: Mapping[str, Any]) -> dict[str, Any]:
+    """One worker's line from its STATS snapshot (:func:`derp.workers.stats.encode_stats`)."""
+    st = doc.get("stats")
+    st = st if isinstance(st, Mapping) else {}
+
+    def n(name: str) -> int:
+        v = st.get(name)
+        return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else 0
+
+    return {
+        "worker": doc.get("worker"),
+        "connections": n("current_connections"),
+        "home_connections": n("current_home_connections"),
+        "accepts": n("accepts"),
+        "accepts_rejected": n("accepts_rejected"),
+        "packets_in": n("packets_received"),
+        "packets_out": n("packets_sent"),
+    }
 
 
 def _addr_text(addr: object) -> str:

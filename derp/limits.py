@@ -14,6 +14,9 @@ Time is always injected (``now`` in seconds from any monotonic clock, e.g.
 * :class:`AcceptLimiter` — derper's ``-accept-connection-limit`` /
   ``-accept-connection-burst``: connections over the limit are accepted and
   closed at once (a cheap signal, no kernel backlog build-up).
+* :class:`HostLimits` — what the listener needs of limits shared with other
+  processes (``derper --workers N``: :class:`derp.workers.shared.SharedLimits`,
+  the connection cap and the accept bucket as host totals).
 * :class:`RateConfig` — derper's ``-rate-config`` JSON
   ``{"PerClientRateLimitBytesPerSec": N, "PerClientRateBurstBytes": M}``. A
   zero rate disables the limit; the burst is raised to at least one maximal
@@ -29,12 +32,13 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 from .frames import KEY_LEN, MAX_PACKET_SIZE
 
 __all__ = [
     "AcceptLimiter",
+    "HostLimits",
     "MIN_CLIENT_BURST",
     "RateConfig",
     "TokenBucket",
@@ -111,6 +115,24 @@ class AcceptLimiter:
             return True
         self.rejected += 1
         return False
+
+
+class HostLimits(Protocol):
+    """``max_connections`` and the accept limit kept for several processes at once.
+
+    The listener calls :meth:`admit` for every accepted socket instead of its
+    own cap and :class:`AcceptLimiter`, and :meth:`publish` when its count of
+    open sockets went down (sockets it admitted are counted by :meth:`admit`).
+    """
+
+    def admit(self, open_here: int) -> bool:
+        """Decide one socket, given this process's ``open_here`` other open sockets;
+        True also counts it (this process then has ``open_here + 1``)."""
+        ...
+
+    def publish(self, open_here: int) -> None:
+        """This process now has ``open_here`` open sockets."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -78,12 +78,16 @@ class DerpServer:
         #: what /metrics and /debug/ show instead of this server's own counters
         #: (derp.workers: totals over every worker process); None: own counters
         self.metrics_view: Callable[[], DerpMetrics] | None = None
+        #: every worker's latest counters for /dashboard, this one's first
+        #: (derp.workers.stats.encode_stats documents); None: one process
+        self.workers_view: Callable[[], list[dict[str, Any]]] | None = None
         self._gate = AcceptGate(
             self,
             AcceptLimiter(config.accept_limit, config.accept_burst),
             max_connections=config.max_connections,
             ssl_context=config.ssl_context,
             reuse_port=config.reuse_port,
+            host_limits=config.host_limits,
         )
 
     # ------------------------------------------------------------------ properties
@@ -141,8 +145,9 @@ class DerpServer:
 
     @property
     def open_connections(self) -> int:
-        """Open sockets: HTTP, in the TLS handshake, and DERP (admitted or not)."""
-        return len(self._http) + len(self._derp_live) + len(self._gate.handshaking)
+        """Open sockets: HTTP, in the TLS handshake, and DERP (admitted or not),
+        counting a socket from its acceptance (before its ``connection_made``)."""
+        return len(self._http) + len(self._derp_live) + self._gate.in_setup
 
     @property
     def metrics(self) -> DerpMetrics:
@@ -214,14 +219,10 @@ class DerpServer:
             self._mesh.start()
 
     async def listen_extra(self, host: str, port: int = 0) -> int:
-        """Listen on one more port (no ``SO_REUSEPORT``); returns it. ``derper
-        --workers N`` tests use it to reach one particular worker."""
-        servers = await AcceptGate(
-            self,
-            self._gate.limiter,
-            max_connections=self.config.max_connections,
-            ssl_context=self.config.ssl_context,
-        ).listen(host, port)
+        """Listen on one more port (no ``SO_REUSEPORT``; same limits and counts
+        as the main one); returns it. ``derper --workers N`` tests use it to
+        reach one particular worker."""
+        servers = await self._gate.listen(host, port, reuse_port=False)
         self._listeners += servers
         return int(servers[0].sockets[0].getsockname()[1])
 
@@ -328,13 +329,16 @@ class DerpServer:
 
     def _http_opened(self, conn: HttpConnection) -> None:
         self._http.add(conn)
+        self._gate.opened(conn)
 
     def _http_closed(self, conn: HttpConnection, upgraded: bool) -> None:
         self._http.discard(conn)
+        self._gate.changed()
         self._check_idle()
 
     def _derp_lost(self, conn: DerpConnection) -> None:
         self._derp_live.discard(conn)
+        self._gate.changed()
         self._check_idle()
 
     def _check_idle(self) -> None:

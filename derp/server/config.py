@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from ..admission import Admission
 from ..keys import PrivateKey
-from ..limits import RateConfig
+from ..limits import HostLimits, RateConfig
 from ..meshconfig import MeshPeer
 
 __all__ = ["ServerConfig"]
@@ -62,6 +62,10 @@ class ServerConfig:
     #: bind the listening sockets with SO_REUSEPORT (``derper --workers N``: every
     #: worker process listens on the same port and the kernel spreads connections)
     reuse_port: bool = False
+    #: the connection cap and accept limit shared with sibling processes
+    #: (``derper --workers N``: :class:`derp.workers.shared.SharedLimits`); its
+    #: host totals apply instead of ``max_connections``/``accept_limit``/``accept_burst``
+    host_limits: HostLimits | None = None
 
     def __post_init__(self) -> None:
         if self.mesh_key is not None and len(self.mesh_key) != 32:

@@ -207,6 +207,7 @@ class HttpConnection(asyncio.Protocol):
     """Serves HTTP on one accepted connection until it is upgraded or closed."""
 
     __slots__ = (
+        "__weakref__",  # AcceptGate.pending
         "_server",
         "_h11",
         "_transport",

@@ -10,7 +10,15 @@ Every TCP connection it accepts goes through :meth:`AcceptGate.factory` (the
    ``-burst``): the socket is accepted and closed at once, counted in
    ``stats.accepts_rejected``. This happens *before* any TLS work, which is
    the point: a connection storm must not cost a TLS handshake each (derper
-   PR #3908).
+   PR #3908). An admitted socket counts as open from that moment (also before
+   the event loop calls its protocol's ``connection_made``), so a burst of
+   accepts in one loop iteration cannot overshoot the cap.
+   With ``host_limits`` (``derper --workers N``, :mod:`derp.workers.shared`)
+   the cap and the accept bucket are host totals: :meth:`HostLimits.admit
+   <derp.limits.HostLimits.admit>` decides instead, and the gate publishes its
+   open-socket count once per event-loop iteration after it went down
+   (:meth:`AcceptGate.changed`). One worker, no ``host_limits``: no shared
+   state, no lock.
 2. plain HTTP: the connection goes straight to
    :class:`~derp.server.http.HttpConnection`.
 3. TLS: the socket's protocol is a :class:`derp.tlsio.TlsProtocol` (TLS on
@@ -29,10 +37,11 @@ import errno
 import logging
 import socket
 import ssl
+import weakref
 from collections.abc import Sequence
 from typing import Any, Protocol
 
-from ..limits import AcceptLimiter
+from ..limits import AcceptLimiter, HostLimits
 from ..tlsio import TlsProtocol
 from ..stats import ServerStats
 from .http import DerpAcceptor, HttpConnection
@@ -128,7 +137,12 @@ def bind_all(
 
 
 class AcceptGate:
-    """Protocol factory for the listener; see the module docstring."""
+    """Protocol factory for the listener; see the module docstring.
+
+    The server tells the gate when its count of open sockets may have gone
+    down (:meth:`changed`) and when an HTTP connection the gate made is set up
+    (:meth:`opened`).
+    """
 
     def __init__(
         self,
@@ -138,18 +152,36 @@ class AcceptGate:
         max_connections: int = 0,
         ssl_context: ssl.SSLContext | None = None,
         reuse_port: bool = False,
+        host_limits: HostLimits | None = None,
     ) -> None:
         self.server = server
         self.reuse_port = reuse_port
         self.limiter = limiter
         self.max_connections = max_connections
         self.ssl_context = ssl_context
+        self.host_limits = host_limits
         #: sockets in the TLS handshake
         self.handshaking: set[TlsProtocol] = set()
+        #: HTTP connections made here whose ``connection_made`` has not run yet
+        #: (weak: one the event loop dropped without setting it up goes away)
+        self.pending: weakref.WeakSet[HttpConnection] = weakref.WeakSet()
+        self._publish_due = False
+
+    @property
+    def in_setup(self) -> int:
+        """Sockets admitted here not yet counted by the server: TLS handshakes and
+        HTTP connections not yet set up."""
+        return len(self.handshaking) + len(self.pending)
 
     def admit(self) -> bool:
         """Decide one accepted socket (counts rejections)."""
         server = self.server
+        shared = self.host_limits
+        if shared is not None:
+            if shared.admit(server.open_connections):
+                return True
+            server.stats.accepts_rejected += 1
+            return False
         if self.max_connections and server.open_connections >= self.max_connections:
             server.stats.accepts_rejected += 1
             return False
@@ -164,7 +196,7 @@ class AcceptGate:
             return _Reject()
         ctx = self.ssl_context
         if ctx is None:
-            return HttpConnection(self.server)
+            return self._http()
         tls = TlsProtocol(
             ctx,
             self._http,
@@ -174,18 +206,42 @@ class AcceptGate:
         self.handshaking.add(tls)
         return tls
 
+    def opened(self, conn: HttpConnection) -> None:
+        """``conn`` is set up (the server counts it from now on)."""
+        self.pending.discard(conn)
+
+    def changed(self) -> None:
+        """The open-socket count may have gone down: publish it to ``host_limits``
+        at the end of this event-loop iteration (once however many sockets
+        closed; a socket moving from HTTP to DERP in between changes nothing)."""
+        if self.host_limits is None or self._publish_due:
+            return
+        self._publish_due = True
+        asyncio.get_running_loop().call_soon(self._publish)
+
+    def _publish(self) -> None:
+        self._publish_due = False
+        if self.host_limits is not None:
+            self.host_limits.publish(self.server.open_connections)
+
     def _http(self) -> HttpConnection:
-        return HttpConnection(self.server)
+        conn = HttpConnection(self.server)
+        self.pending.add(conn)
+        return conn
 
     def _handshake_done(self, tls: TlsProtocol, exc: BaseException | None) -> None:
         self.handshaking.discard(tls)
+        self.changed()
 
-    async def listen(self, host: str | Sequence[str] | None, port: int) -> list[asyncio.Server]:
+    async def listen(
+        self, host: str | Sequence[str] | None, port: int, *, reuse_port: bool | None = None
+    ) -> list[asyncio.Server]:
         """Listen on every address ``host`` resolves to (all interfaces for ``""``/None).
 
         ``host`` may also be a sequence of names/addresses (e.g. ``["127.0.0.1",
         "::1"]``). All sockets share one port, also when ``port`` is 0 (the
         first bind picks it). Returns one ``asyncio.Server`` per socket.
+        ``reuse_port`` overrides the gate's own setting for these sockets.
         """
         loop = asyncio.get_running_loop()
         hosts: list[str | None] = (
@@ -196,7 +252,8 @@ class AcceptGate:
             infos += await loop.getaddrinfo(
                 h, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
-        socks = bind_all(infos, port, reuse_port=self.reuse_port)
+        reuse = self.reuse_port if reuse_port is None else reuse_port
+        socks = bind_all(infos, port, reuse_port=reuse)
         servers: list[asyncio.Server] = []
         try:
             for sock in socks:
@@ -214,3 +271,4 @@ class AcceptGate:
         for tls in list(self.handshaking):
             tls.abort()
         self.handshaking.clear()
+        self.changed()

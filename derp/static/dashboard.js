@@ -110,6 +110,10 @@
         tablePanel("peers", "Peers", ["Name", "Kind", "Node key", "Home region", "Addresses", "Connected", "Last update", "Replica"]),
         tablePanel("tunnels", "Tunnels", ["From", "", "To"]));
     }
+    if (snap.relay.workers) {
+      app.append(tablePanel("workers", "Workers (derper --workers)",
+        ["Worker", "Connections", "Home", "Accepted", "Refused", "Packets in", "Packets out"]));
+    }
     app.append(
       el("div", { class: "grid2" },
         tablePanel("talkers", "Top talkers", ["Connection", "Sent/s", "Received/s"]),
@@ -244,6 +248,15 @@
         td(t.src_name, "", t.src), td("→", "arrow"), td(t.dst_name, "", t.dst))), c.tunnels_total, "tunnel");
     }
 
+    // workers of derper --workers N (the totals above are over all of them)
+    if (relay.workers) {
+      fillTable("workers", relay.workers.map((w) => el("tr", { "data-worker": String(w.worker) },
+        td(String(w.worker) + (w.worker === relay.worker ? " (this page)" : "")),
+        td(num(w.connections), "num"), td(num(w.home_connections), "num"), td(num(w.accepts), "num"),
+        td(num(w.accepts_rejected), "num"), td(num(w.packets_in), "num"),
+        td(num(w.packets_out), "num"))), relay.workers.length, "worker");
+    }
+
     // DERP connections and top talkers
     const named = (c) => c.name || keyNames[c.key] || "";
     fillTable("conns", relay.conns.map((c) => el("tr", { "data-key": c.key },
@@ -251,6 +264,10 @@
       td(c.home ? "yes" : ""), td(c.mesh ? "mesh" : c.prober ? "prober" : "client"),
       td(c.tx_rate === null ? "–" : bytes(c.tx_rate) + "/s", "num"),
       td(c.rx_rate === null ? "–" : bytes(c.rx_rate) + "/s", "num"))), relay.conns_total, "connection");
+    if (relay.workers) {
+      const e = document.getElementById("conns-count");
+      if (e) e.textContent += " on worker " + relay.worker;
+    }
     const talkers = relay.conns.filter((c) => (c.tx_rate || 0) + (c.rx_rate || 0) > 0).slice(0, 5);
     fillTable("talkers", talkers.map((c) => el("tr", {},
       td(named(c) || shortKey(c.key), "", c.key), td(bytes(c.tx_rate) + "/s", "num"), td(bytes(c.rx_rate) + "/s", "num"))));

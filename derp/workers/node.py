@@ -60,7 +60,8 @@ Behaviours across workers:
 * metrics: every :data:`~derp.workers.stats.STATS_INTERVAL` each worker sends
   its counters to every sibling; ``/metrics`` and ``/debug/`` on any worker
   show the totals, and ``/metrics`` a few ``derp_worker_*{worker="i"}``
-  families besides (:mod:`derp.workers.stats`).
+  families besides (:mod:`derp.workers.stats`); ``/dashboard`` shows the same
+  totals and one line per worker (``DerpServer.workers_view``).
 
 Backpressure: a link whose staged and pending bytes plus socket buffer exceed
 :data:`MAX_LINK_BUFFER` refuses packets (counted as ``write_error`` drops);
@@ -526,6 +527,7 @@ class WorkerNode:
         ctx.sibling_presence = self._presence_frames
         ctx.close_elsewhere = self._close_elsewhere
         self.server.metrics_view = self.total_metrics
+        self.server.workers_view = self._worker_docs
         path = socket_path(self.spec.sock_dir, self.spec.index)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(path)

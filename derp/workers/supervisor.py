@@ -26,14 +26,18 @@ Flow:
 The spec is one JSON line on the worker's stdin: it carries the server private
 key (never on the command line or in the environment, never logged).
 
-Limits as totals (:func:`split_limits`): ``--max-connections`` and the accept
-limits are pre-split into per-worker budgets (M // N, the remainder to the
-first workers; rate / N; burst / N rounded up). No coordination on the accept
-path; the cost is that a worker whose share is used up refuses a connection
-while another still has room (the kernel's SO_REUSEPORT hash spreads
-connections evenly on average, not exactly). A budget is at least 1, so with
-fewer connections allowed than workers the total may exceed the limit by at
-most N - M.
+Limits as totals: ``--max-connections`` and the accept limits hold for the
+host, not per worker. The CLI creates a small shared file in the socket
+directory before the first worker starts (:mod:`derp.workers.shared`, only when
+a limit is set); every worker maps it and decides each accepted socket under
+a file lock against the sum of every worker's open sockets and one shared
+token bucket; the check and the reservation of the place are one step under
+that lock, so the totals are exact: two workers accepting at the same instant
+cannot overshoot. What remains errs on the refusing side only: a socket that
+closed is published at the end of its worker's event-loop iteration (a sibling
+may refuse in that instant although a place was just freed), and a dead
+worker's sockets count until the supervisor sees it exit and zeroes its slot
+(at once, before restarting it).
 """
 
 from __future__ import annotations
@@ -42,13 +46,14 @@ import asyncio
 import contextlib
 import json
 import logging
-import math
 import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final
+
+from .shared import SharedLimits
 
 __all__ = [
     "MAX_RESTART_DELAY",
@@ -58,7 +63,6 @@ __all__ = [
     "WorkerReady",
     "default_workers",
     "die_with_parent",
-    "split_limits",
 ]
 
 log = logging.getLogger("derper.supervisor")
@@ -96,20 +100,6 @@ def die_with_parent(parent_pid: int) -> None:
         raise SystemExit(0)
 
 
-def split_limits(config: dict[str, Any], index: int, count: int) -> dict[str, Any]:
-    """Worker ``index``'s share of the host-wide limits in a ServerConfig dict."""
-    out = dict(config)
-    m = int(config.get("max_connections", 0))
-    if m > 0:
-        out["max_connections"] = max(1, m // count + (1 if index < m % count else 0))
-    rate = float(config.get("accept_limit", math.inf))
-    if math.isfinite(rate):
-        out["accept_limit"] = rate / count
-        burst = int(config.get("accept_burst", 2**31 - 1))
-        out["accept_burst"] = max(1, math.ceil(burst / count))
-    return out
-
-
 @dataclass(frozen=True, slots=True)
 class WorkerReady:
     """What a worker reported once ready."""
@@ -128,7 +118,9 @@ class Supervisor:
     ``command`` is the worker command line (``[python, -m, derp, …,
     --worker-stdin]``); ``spec`` the JSON-able spec shared by all workers (key,
     socket directory, ports); ``announce`` is called once with the ready reports
-    of all workers (the CLI prints its startup lines there).
+    of all workers (the CLI prints its startup lines there). ``limits`` is the
+    host-wide limits file the workers share, if any (a worker's slot is zeroed
+    when it exits).
     """
 
     def __init__(
@@ -139,12 +131,14 @@ class Supervisor:
         announce: Callable[[list[WorkerReady]], None],
         *,
         grace: float = 15.0,
+        limits: SharedLimits | None = None,
     ) -> None:
         self.count = count
         self.command = list(command)
         self.spec = dict(spec)
         self.announce = announce
         self.grace = grace
+        self.limits = limits
         self.procs: dict[int, asyncio.subprocess.Process] = {}
         self.ready: dict[int, WorkerReady] = {}
         self.restarts = 0
@@ -228,6 +222,8 @@ class Supervisor:
             if proc is None:
                 return
             code = await proc.wait()
+            if self.limits is not None:
+                self.limits.reset(index)  # its sockets are gone with it
             if self._stopping:
                 return
             if loop.time() - started >= STABLE_AFTER:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import math
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -148,6 +149,29 @@ async def test_max_connections() -> None:
         await c.close()
     finally:
         await a.close()
+        await srv.stop()
+
+
+async def test_max_connections_exact_under_an_accept_burst() -> None:
+    """Sockets accepted in one loop iteration count before their ``connection_made``
+    (asyncio calls the factory for a whole batch first): no overshoot."""
+    srv = DerpServer(make_config(max_connections=3))
+    await srv.start("127.0.0.1", 0)
+    socks: list[socket.socket] = []
+    try:
+        for _ in range(20):  # connect all at once, without awaiting in between
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", srv.port))
+            except BlockingIOError:
+                pass
+            socks.append(s)
+        await wait_until(lambda: srv.stats.accepts_rejected + srv.open_connections == 20)
+        assert (srv.open_connections, srv.stats.accepts_rejected) == (3, 17)
+    finally:
+        for s in socks:
+            s.close()
         await srv.stop()
 
 

@@ -1,9 +1,7 @@
 """derp.workers.link: the worker-link codec (golden bytes written by hand, round trips,
-arbitrary chunking) and derp.workers.stats / supervisor pure helpers."""
+arbitrary chunking) and derp.workers.stats pure helpers."""
 
 from __future__ import annotations
-
-import math
 
 import pytest
 from hypothesis import given, settings
@@ -25,7 +23,6 @@ from derp.workers.link import (
     Stats,
 )
 from derp.workers.stats import decode_stats, encode_stats, merge_stats
-from derp.workers.supervisor import split_limits
 
 K1 = bytes(range(32))
 K2 = bytes(range(32, 64))
@@ -302,13 +299,3 @@ def test_decode_stats_rejects_other_shapes() -> None:
     with pytest.raises(ValueError):
         decode_stats(b"not json")
 
-
-def test_split_limits() -> None:
-    cfg = {"max_connections": 5, "accept_limit": 10.0, "accept_burst": 3}
-    parts = [split_limits(cfg, i, 2) for i in range(2)]
-    assert [p["max_connections"] for p in parts] == [3, 2]
-    assert [p["accept_limit"] for p in parts] == [5.0, 5.0]
-    assert [p["accept_burst"] for p in parts] == [2, 2]
-    unlimited = split_limits({"max_connections": 0, "accept_limit": math.inf}, 1, 4)
-    assert unlimited == {"max_connections": 0, "accept_limit": math.inf}
-    assert split_limits({"max_connections": 1}, 3, 4)["max_connections"] == 1
