@@ -652,6 +652,38 @@ class DerpConnection(asyncio.Protocol):
             return
         fresh = len(data)
         pend = self._pend
+        if pend is None and fresh >= _HK_LEN:
+            # Fast path for the commonest read on a lightly loaded relay: exactly
+            # one SendPacket, to a writable destination that has nothing pending
+            # and last heard from us (so PeerGone subscription, activity and
+            # ordering are as the general path would leave them).
+            ftype, length, dst = _hk_unpack(data, 0)
+            if ftype == _SEND and fresh == HEADER_LEN + length and length <= _MAX_SEND_LEN:
+                active_get = self._ctx.relay.active.get
+                d = active_get(dst)
+                if (
+                    d is not None
+                    and d is self._noted
+                    and d._last_src is self
+                    and not d._out
+                    and not d._paused
+                    and d._state == _OPEN
+                    and active_get(self._key) is self
+                ):
+                    t = d._transport
+                    if t is not None and not t.is_closing():
+                        buf = bytearray(data)
+                        _recv_pack(buf, 0, _RECV, length, self._key)
+                        t.write(buf)
+                        st = self._ctx.stats
+                        plen = length - KEY_LEN
+                        st.packets_received += 1
+                        st.bytes_received += plen
+                        st.packets_sent += 1
+                        st.bytes_sent += plen
+                        if self._bucket is not None:
+                            self._rate_limit(fresh)
+                        return
         if pend is not None:
             pend += data
             if len(pend) < self._need:

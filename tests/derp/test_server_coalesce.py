@@ -193,3 +193,33 @@ async def test_a_small_packet_does_not_pin_a_big_read() -> None:
     assert tbig.writes == [(memoryview, 5 + 32 + 10_000)]  # handed over as is
     assert _recv(tbig) == [KEYS[0].public.raw + b"hi", KEYS[0].public.raw + b"y" * 10_000]
     await srv.stop()
+
+
+async def test_single_packet_reads_are_written_at_once_only_when_nothing_is_pending() -> None:
+    """A read of exactly one SendPacket to a destination that last heard from the
+    same sender is written at once (the fast path); once another sender's packet
+    is pending there, it queues behind it: arrival order is kept."""
+    srv = DerpServer(make_config(private_key=SERVER_KEY))
+    d, td = _open(srv, KEYS[5])
+    a, _ = _open(srv, KEYS[0])
+    b, _ = _open(srv, KEYS[1])
+    dst = KEYS[5].public.raw
+    a.data_received(encode_send_packet(dst, b"p0"))  # d learns its sender
+    await asyncio.sleep(0)
+    td.writes.clear()
+    sent0 = srv.stats.packets_sent
+    a.data_received(encode_send_packet(dst, b"p1"))
+    assert td.writes == [(bytearray, 5 + 32 + 2)]  # at once
+    b.data_received(encode_send_packet(dst, b"q1"))  # another sender: collected
+    a.data_received(encode_send_packet(dst, b"p2"))  # behind q1, not at once
+    assert len(td.writes) == 1
+    await asyncio.sleep(0)
+    assert _recv(td) == [
+        KEYS[0].public.raw + b"p0",
+        KEYS[0].public.raw + b"p1",
+        KEYS[1].public.raw + b"q1",
+        KEYS[0].public.raw + b"p2",
+    ]
+    assert srv.stats.packets_sent - sent0 == 3
+    assert srv.stats.packets_received == 4
+    await srv.stop()
