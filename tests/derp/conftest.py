@@ -331,12 +331,12 @@ class Host:
                 self._sock_dir = None
 
 
-async def start_host(config: ServerConfig, workers: int = 1, **start: Any) -> Host:
+async def start_host(config: ServerConfig, workers: int = 1, *, port: int = 0) -> Host:
     """Start the relay (``workers`` 1 or more) on 127.0.0.1 with ``config`` split as
-    ``derper --workers N`` splits it (the host-wide limits)."""
+    ``derper --workers N`` splits it (the host-wide limits); worker 0 on ``port``."""
     if workers == 1:
         srv = DerpServer(config)
-        await srv.start("127.0.0.1", 0, **start)
+        await srv.start("127.0.0.1", port)
         return Host([srv], [], None)
     # Not tmp_path: a Unix socket path must stay under ~107 bytes.
     sock_dir = tempfile.mkdtemp(prefix="derp-w-")
@@ -349,7 +349,7 @@ async def start_host(config: ServerConfig, workers: int = 1, **start: Any) -> Ho
             cfg = dataclasses.replace(config, **split_limits(limits, i, workers))
             srv = DerpServer(cfg)
             servers.append(srv)
-            await srv.start("127.0.0.1", 0, **start)
+            await srv.start("127.0.0.1", port if i == 0 else 0)
             node = WorkerNode(srv, WorkerSpec(i, workers, sock_dir))
             nodes.append(node)
             await node.start()
