@@ -255,6 +255,11 @@ class _StandIn:
         return self.link.transport is None
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if not data:
+            # Nothing, as for an asyncio transport: the packet path writes an empty
+            # batch when a run's _take already flushed it (COALESCE_LIMIT), and an
+            # empty FRAMES is a link protocol error (the sibling would drop the link).
+            return
         link = self.link
         t = link.transport
         if t is None or not link.up or (

@@ -424,9 +424,10 @@ def connect(
     request: pytest.FixtureRequest, make_host: HostFactory, clients: list[RawClient]
 ) -> ClientFactory:
     """``await connect()`` → a handshaken RawClient on the ``server`` fixture (or on
-    ``host=``), on the next worker in turn; it returns once every worker routes
-    its key to it (:meth:`Host.known`). A test that uses ``connect`` without
-    ``server`` gets a default host on its first call."""
+    ``host=``), on the next worker in turn (or on ``worker=`` modulo the count);
+    it returns once every worker routes its key to it (:meth:`Host.known`). A
+    test that uses ``connect`` without ``server`` gets a default host on its
+    first call."""
     default: list[Host] = []
     if "server" in request.fixturenames:
         default.append(request.getfixturevalue("server"))
@@ -438,12 +439,13 @@ def connect(
         handshake: bool = True,
         rcvbuf: int | None = None,
         host: Host | None = None,
+        worker: int | None = None,
     ) -> RawClient:
         if host is None:
             if not default:
                 default.append(await make_host())
             host = default[0]
-        w = host.next_worker()
+        w = host.next_worker() if worker is None else worker % host.workers
         c = await RawClient.open(host.servers[w].port, key, rcvbuf=rcvbuf)
         clients.append(c)
         if handshake:

@@ -250,14 +250,20 @@ async def test_duplicates_most_recently_active_receives(
 async def test_stalled_receiver_does_not_slow_others(
     server: DerpServer, connect: ClientFactory
 ) -> None:
-    s = await connect()
-    live = await connect()
-    stalled = await connect(rcvbuf=4096)
-    stalled.writer.transport.pause_reading()
+    s = await connect(worker=0)
+    live = await connect(worker=1)
+    # Two workers: one stalled receiver on each, so runs for the one across the
+    # link alternate with runs for live in every read of s.
+    stalled = [await connect(rcvbuf=4096, worker=w) for w in (1, 0)]
+    for c in stalled:
+        c.writer.transport.pause_reading()
     big = bytes(60_000)
-    n = 200  # 12 MB to the stalled receiver: far beyond socket buffers + queue
+    n = 200  # 12 MB to each stalled receiver: far beyond socket buffers + queue
     for i in range(n):
-        s.send(encode_send_packet(stalled.pub, big) + encode_send_packet(live.pub, i.to_bytes(4, "big")))
+        s.send(
+            b"".join(encode_send_packet(c.pub, big) for c in stalled)
+            + encode_send_packet(live.pub, i.to_bytes(4, "big"))
+        )
         if i % 16 == 0:
             await s.writer.drain()
     for i in range(n):
@@ -265,7 +271,7 @@ async def test_stalled_receiver_does_not_slow_others(
     st = server.stats
     head = st.packets_dropped[QUEUE_HEAD, KIND_OTHER] + st.packets_dropped[QUEUE_TAIL, KIND_OTHER]
     assert head > 0
-    assert server.client_count == 3  # the stalled one is slow, not closed
+    assert server.client_count == 4  # the stalled ones are slow, not closed
 
 
 async def test_keepalive_sent_periodically(make_host: HostFactory, connect: ClientFactory) -> None:
