@@ -206,7 +206,9 @@ class Host:
     :meth:`next_port` the port of the worker the next client goes to.
     """
 
-    def __init__(self, servers: list[DerpServer], nodes: list[WorkerNode], sock_dir: str | None) -> None:
+    def __init__(
+        self, servers: list[DerpServer], nodes: list[WorkerNode], sock_dir: str | None
+    ) -> None:
         self.servers = servers
         self.nodes = nodes
         self._sock_dir = sock_dir
@@ -312,8 +314,11 @@ class Host:
 
         async def loop() -> None:
             while not current():
-                for node in self.nodes:
-                    node._send_stats()
+                for node in self.nodes:  # a STATS frame now (as its timer does)
+                    payload = node._stats_payload()
+                    for link in node.links.values():
+                        link.enc.stats(payload)
+                        link.schedule_flush()
                 await asyncio.sleep(0.005)
 
         await asyncio.wait_for(loop(), WAIT)

@@ -34,7 +34,9 @@ async def test_stop_restarting_sends_frame_before_close(
     assert h.stats.restarting_frames_sent == h.workers
 
 
-async def test_plain_stop_sends_no_restarting(make_host: HostFactory, connect: ClientFactory) -> None:
+async def test_plain_stop_sends_no_restarting(
+    make_host: HostFactory, connect: ClientFactory
+) -> None:
     h = await make_host()
     cs = [await connect(host=h) for _ in range(h.workers)]
     await h.stop()

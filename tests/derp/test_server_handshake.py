@@ -116,7 +116,8 @@ async def test_mesh_key_match_and_case_insensitive_json(
     make_host: HostFactory, connect: ClientFactory
 ) -> None:
     h = await make_host(mesh_key=MESH)
-    good = await connect(info={"MESHKEY": MESH.hex().upper(), "Version": 2, "isprober": True}, host=h)
+    good_info = {"MESHKEY": MESH.hex().upper(), "Version": 2, "isprober": True}
+    good = await connect(info=good_info, host=h)
     bad = await connect(info={"meshKey": "11" * 32, "version": 2, "Unknown": [1, 2]}, host=h)
     await wait_until(lambda: h.client_count == 2)
     by_key = {c.key: c for c in h.connections}
