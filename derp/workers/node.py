@@ -637,6 +637,17 @@ class WorkerNode:
         relay.elsewhere[key] = relay.elsewhere.get(key, 0) + 1
         self.ctx.routes.add(key, link)
         self._sync(key)
+        if key in relay and link.index is not None:
+            # A connection of key registered here and one on the sibling, each
+            # before hearing of the other (or a link came up): no ACTIVE follows
+            # either PRESENT, so without a rule each worker would keep its own
+            # connection as the receiver for good. The lowest index wins until one
+            # speaks; when the sibling knew of ours, its ACTIVE comes next anyway.
+            cur = relay.active.get(key)
+            mine = cur.link.index if isinstance(cur, _StandIn) else self.spec.index
+            if mine is not None and link.index < mine:
+                self.ctx.routes.promote(key, link)
+                relay.step_aside(key, cast(DerpConnection, self._stand_in(key, link)))
         if key in relay and self.ctx.health_on_duplicate:
             for c in relay.connections(key):
                 c.set_health(DUPLICATE_KEY_HEALTH)

@@ -296,6 +296,7 @@ class Host:
         (arrivals and departures have crossed the links)."""
         if self.nodes:
             await wait_until(self._synced)
+        self.check_invariants()
 
     async def stats_synced(self) -> None:
         """Make every worker send its counters now and wait until each sibling
@@ -322,6 +323,32 @@ class Host:
                 await asyncio.sleep(0.005)
 
         await asyncio.wait_for(loop(), WAIT)
+
+    def check_invariants(self) -> None:
+        """Every worker's registry and route table are consistent, and with two,
+        each worker's view of its sibling matches what the sibling announced
+        (``relay.elsewhere``, the routes via the link, the stand-ins)."""
+        for i, srv in enumerate(self.servers):
+            relay = srv.relay
+            relay.check_invariants()
+            srv.context.routes.check_invariants()
+            if not self.nodes:
+                continue
+            node = self.nodes[i]
+            counts: dict[bytes, int] = {}
+            for link in node.links.values():
+                assert link.up
+                for k in link.keys:
+                    counts[k] = counts.get(k, 0) + 1
+                    assert link in srv.context.routes.links_for(k), "announced key not routed"
+            assert counts == relay.elsewhere, "elsewhere is not what the siblings announced"
+            for k, si in node.stand_ins.items():
+                assert si in relay.stand_ins
+                assert k in relay.elsewhere, "stand-in for a key no sibling holds"
+            for k, c in relay.active.items():
+                if c in relay.stand_ins:
+                    assert node.stand_ins.get(k) is c
+                    assert k not in relay or relay.is_aside(k)
 
     async def stop(self, grace: float = 5.0, *, restarting: bool = False) -> None:
         """Stop every worker (each closes its own clients), then the links."""
@@ -390,6 +417,7 @@ async def hosts() -> AsyncIterator[list[Host]]:
     made: list[Host] = []
     yield made
     for h in reversed(made):
+        h.check_invariants()
         await h.stop()
 
 
@@ -456,6 +484,7 @@ def connect(
         if handshake:
             await c.handshake(info)
             await host.known(c.pub, w)
+            host.check_invariants()
         return c
 
     return factory

@@ -134,6 +134,47 @@ async def test_paused_receiver_queue_drop_policy(make_host: HostFactory) -> None
     assert h.stats.packets_sent == 4
 
 
+async def test_duplicates_registered_at_once_agree_on_one_receiver(
+    make_host: HostFactory,
+) -> None:
+    """Two connections of one key register in one callback, on different workers
+    (two): neither worker has heard of the other's, and no ACTIVE follows either
+    PRESENT. Every sender still reaches the same one of them, and once the other
+    speaks, that one, wherever the sender is."""
+    h = await make_host(private_key=SERVER_KEY)
+    last = h.workers - 1
+    key = PrivateKey.generate()
+    dup = [MemoryTransport(), MemoryTransport()]
+    conns = [
+        h.servers[0].accept(dup[0], fast_start=True, initial_data=client_info(key)),
+        h.servers[last].accept(dup[1], fast_start=True, initial_data=client_info(key)),
+    ]
+    senders = [
+        h.servers[w].accept(MemoryTransport(), fast_start=True, initial_data=client_info(k))
+        for w, k in ((0, A), (last, B))
+    ]
+    await h.synced()
+
+    def got(t: MemoryTransport) -> list[bytes]:
+        return [p[32:] for ty, p in t.frames() if ty == FrameType.RECV_PACKET]
+
+    async def send_round(tag: bytes) -> int:
+        """Each sender sends one packet to key; the index of the one receiver."""
+        for i, s in enumerate(senders):
+            s.data_received(encode_send_packet(key.public.raw, tag + bytes([i])))
+        want = {tag + b"\x00", tag + b"\x01"}
+        await wait_until(lambda: sum(len(want & set(got(t))) for t in dup) == 2)
+        [winner] = [j for j, t in enumerate(dup) if want & set(got(t))]
+        assert want <= set(got(dup[winner]))
+        return winner
+
+    first = await send_round(b"one")
+    other = 1 - first
+    conns[other].data_received(encode_ping(b"iamhere!"))  # the other one speaks
+    await h.known(key.public.raw, 0 if other == 0 else last)
+    assert await send_round(b"two") == other
+
+
 class ReadingTransport(MemoryTransport):
     """A MemoryTransport that records pause_reading/resume_reading."""
 
