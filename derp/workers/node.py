@@ -40,7 +40,11 @@ Behaviours across workers:
   worker whose connection of key registers or speaks while a sibling was
   active sends ACTIVE(key); the others :meth:`~derp.relay.Relay.step_aside`
   (their ``active[key]`` becomes the stand-in for that sibling) until one of
-  their own connections of key speaks again; Health
+  their own connections of key speaks again. Connections registered on two
+  workers before either heard of the other (no ACTIVE either way): on the
+  sibling's PRESENT the lower worker index wins, until one speaks. Two ACTIVE
+  crossing on a link leave both workers stepped aside (each delivers what the
+  other forwards) until one of the connections speaks again. Health
   frames tell every connection of a key split across workers it has a
   duplicate, and the last one left that it is healthy again;
 * mesh: every worker dials the ``--mesh-with`` peers itself; a WatchConns
