@@ -4,8 +4,8 @@
 over an asyncio stream, so server tests do not depend on the client library.
 Every wait is bounded (``WAIT`` seconds, generous for a loaded machine).
 
-One worker and two: every test that uses the ``server``/``connect`` fixtures (or
-``start_host``) runs twice, ``[w1]`` against one :class:`DerpServer` and ``[w2]``
+One worker and two: every test that uses the ``server``, ``connect``, ``make_host`` or
+``derp_workers`` fixtures runs twice, ``[w1]`` against one :class:`DerpServer` and ``[w2]``
 against two of them in this event loop joined by :class:`WorkerNode` links, as
 ``derper --workers 2`` runs them in two processes (:class:`Host`). With two
 workers, client *k* of a test connects to worker *k* % 2, so a pair of clients
@@ -13,9 +13,16 @@ sits on different workers and every packet between them crosses the link; the
 ``connect`` factory returns only once every worker knows the new client's key
 (:meth:`Host.known`: a worker learns it one link message after the client
 registered, and a packet for it sent from the other worker in that window would
-be dropped as unknown). ``server.stats`` and ``server.client_count`` are totals
-over the workers. A test that checks state which is per process by definition
-says so with ``@pytest.mark.single_worker("reason")`` and runs with one worker.
+be dropped as unknown); ``connect(worker=i)`` picks the worker instead. A test
+that starts its own relay uses ``make_host(**config)`` (limits split as the
+supervisor splits them). ``server.stats`` and ``server.client_count`` are totals
+over the workers; :meth:`Host.synced` waits until every worker has heard of every
+arrival and departure, :meth:`Host.stats_synced` until ``/metrics`` on any worker
+shows current totals. The workers' registries, route tables and their views of
+each other are checked (:meth:`Host.check_invariants`) after every ``connect``,
+at ``synced`` and at teardown. A test that checks state which is per process by
+definition says so with ``@pytest.mark.single_worker("reason")`` and runs with
+one worker.
 """
 
 from __future__ import annotations
