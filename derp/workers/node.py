@@ -50,7 +50,11 @@ Behaviours across workers:
   worker whose connection of key registers or speaks while a sibling was
   active sends ACTIVE(key); the others :meth:`~derp.relay.Relay.step_aside`
   (their ``active[key]`` becomes the stand-in for that sibling) until one of
-  their own connections of key speaks again; Health
+  their own connections of key speaks again. Connections registered on two
+  workers before either heard of the other (no ACTIVE either way): on the
+  sibling's PRESENT the lower worker index wins, until one speaks. Two ACTIVE
+  crossing on a link leave both workers stepped aside (each delivers what the
+  other forwards) until one of the connections speaks again. Health
   frames tell every connection of a key split across workers it has a
   duplicate, and the last one left that it is healthy again;
 * mesh: every worker dials the ``--mesh-with`` peers itself; a WatchConns
@@ -365,6 +369,11 @@ class _StandIn:
         """Stage whole RecvPacket frames from ``_last_src`` on the link (as the
         packet path calls it: ``_last_src`` is the connection whose read the
         frames come from)."""
+        if not data:
+            # Nothing, as for an asyncio transport: the packet path writes an empty
+            # batch when a run's _take already flushed it (COALESCE_LIMIT), and an
+            # empty FRAMES is a link protocol error (the sibling would drop the link).
+            return
         last = self._last_src
         src = cast(DerpConnection, last)._key if last is not None else b""
         held = self._held
@@ -386,9 +395,11 @@ class _StandIn:
     def _stage(self, data: bytes | bytearray | memoryview, src: bytes) -> None:
         """Stage whole RecvPacket frames, all from ``src`` (b"": unknown) on the
         link, or drop them if it is down or backed up."""
+        n = len(data)
+        if not n:
+            return
         link = self.link
         t = link.transport
-        n = len(data)
         if t is None or not link.up or link.backed_up(t):
             self.node.ctx.stats.drop((WRITE_ERROR, KIND_OTHER), n, _count_recv_packets([data]))
             return
@@ -793,6 +804,17 @@ class WorkerNode:
         relay.elsewhere[key] = relay.elsewhere.get(key, 0) + 1
         self.ctx.routes.add(key, link)
         self._sync(key)
+        if key in relay and link.index is not None:
+            # A connection of key registered here and one on the sibling, each
+            # before hearing of the other (or a link came up): no ACTIVE follows
+            # either PRESENT, so without a rule each worker would keep its own
+            # connection as the receiver for good. The lowest index wins until one
+            # speaks; when the sibling knew of ours, its ACTIVE comes next anyway.
+            cur = relay.active.get(key)
+            mine = cur.link.index if isinstance(cur, _StandIn) else self.spec.index
+            if mine is not None and link.index < mine:
+                self.ctx.routes.promote(key, link)
+                relay.step_aside(key, cast(DerpConnection, self._stand_in(key, link)))
         if key in relay and self.ctx.health_on_duplicate:
             for c in relay.connections(key):
                 c.set_health(DUPLICATE_KEY_HEALTH)

@@ -23,7 +23,7 @@ from derp.frames import FrameType, encode_send_packet
 from derp.keys import PrivateKey, PublicKey
 from derp.server import DerpServer, ServerConfig
 
-from .conftest import UPGRADE_REQUEST, WAIT, RawClient, wait_until
+from .conftest import UPGRADE_REQUEST, WAIT, HostFactory, RawClient, wait_until
 
 # --------------------------------------------------------------------------- pure rules
 
@@ -206,27 +206,28 @@ async def test_url_allow_and_request_contents(controller: Controller) -> None:
     ],
     ids=["deny", "non-200", "oversize-body"],
 )
-async def test_url_rejections(controller: Controller, status: int, body: bytes) -> None:
+async def test_url_rejections(
+    controller: Controller, make_host: HostFactory, status: int, body: bytes
+) -> None:
     controller.status, controller.body = status, body
-    srv = await _server(admission=VerifyClientURL(controller.url))
-    try:
-        rkey = PrivateKey.generate()
-        controller.always.add(f"nodekey:{rkey.public.raw.hex()}")
-        receiver = await RawClient.open(srv.port, rkey)
-        await receiver.handshake()
-        # The rejected client sends a packet right behind its ClientInfo: never relayed.
-        c = await _attempt(srv.port, extra=encode_send_packet(receiver.pub, b"sneaky"))
-        await _expect_rejected(c)
-        assert srv.stats.admission_rejected == 1
-        assert srv.stats.packets_received == 0
-        assert srv.client_count == 1
-        # The receiver is unaffected: it still talks to itself.
-        receiver.send_packet(receiver.pub, b"ok")
-        assert await receiver.recv_packet() == (receiver.pub, b"ok")
-        await c.close()
-        await receiver.close()
-    finally:
-        await srv.stop()
+    h = await make_host(admission=VerifyClientURL(controller.url))
+    rkey = PrivateKey.generate()
+    controller.always.add(f"nodekey:{rkey.public.raw.hex()}")
+    receiver = await RawClient.open(h.next_port(), rkey)
+    await receiver.handshake()
+    await h.synced()
+    # The rejected client (two workers: on the other one) sends a packet right
+    # behind its ClientInfo: never relayed.
+    c = await _attempt(h.next_port(), extra=encode_send_packet(receiver.pub, b"sneaky"))
+    await _expect_rejected(c)
+    assert h.stats.admission_rejected == 1
+    assert h.stats.packets_received == 0
+    assert h.client_count == 1
+    # The receiver is unaffected: it still talks to itself.
+    receiver.send_packet(receiver.pub, b"ok")
+    assert await receiver.recv_packet() == (receiver.pub, b"ok")
+    await c.close()
+    await receiver.close()
 
 
 @pytest.mark.parametrize("fail_open", [True, False])
@@ -279,75 +280,71 @@ class Blocking:
         return key.raw in self.allow
 
 
-async def test_pending_admission_does_not_stall_others() -> None:
+async def test_pending_admission_does_not_stall_others(make_host: HostFactory) -> None:
     hook = Blocking()
     slow, fast = PrivateKey.generate(), PrivateKey.generate()
     hook.allow |= {slow.public.raw, fast.public.raw}
     hook.hold.add(slow.public.raw)
-    srv = await _server(admission=hook)
-    try:
-        # The slow client also sends a packet to itself behind ClientInfo.
-        s = await _attempt(srv.port, slow, extra=encode_send_packet(slow.public.raw, b"early"))
-        await asyncio.wait_for(hook.started.wait(), WAIT)
-        f = await _attempt(srv.port, fast)
-        await _expect_admitted(f)
-        f.send_packet(f.pub, b"fast")
-        assert await f.recv_packet() == (f.pub, b"fast")
-        hook.release.set()
-        await _expect_admitted(s)
-        # The packet buffered during admission is relayed after it.
-        assert await s.recv_packet() == (s.pub, b"early")
-        await s.close()
-        await f.close()
-    finally:
-        await srv.stop()
+    h = await make_host(admission=hook)
+    # The slow client also sends a packet to itself behind ClientInfo.
+    s = await _attempt(h.next_port(), slow, extra=encode_send_packet(slow.public.raw, b"early"))
+    await asyncio.wait_for(hook.started.wait(), WAIT)
+    f = await _attempt(h.next_port(), fast)
+    await _expect_admitted(f)
+    f.send_packet(f.pub, b"fast")
+    assert await f.recv_packet() == (f.pub, b"fast")
+    hook.release.set()
+    await _expect_admitted(s)
+    # The packet buffered during admission is relayed after it.
+    assert await s.recv_packet() == (s.pub, b"early")
+    # Both admitted, on different workers (two): they reach each other.
+    await h.synced()
+    s.send_packet(f.pub, b"s to f")
+    assert await f.recv_packet() == (s.pub, b"s to f")
+    await s.close()
+    await f.close()
 
 
-async def test_mesh_peers_skip_admission() -> None:
+async def test_mesh_peers_skip_admission(make_host: HostFactory) -> None:
     hook = Blocking()  # admits nobody
     mesh_key = bytes(range(32))
-    srv = await _server(admission=hook, mesh_key=mesh_key)
-    try:
-        m = await RawClient.open(srv.port)
-        await m.handshake({"meshKey": mesh_key.hex(), "version": 2})
-        m.send(b"\x10\x00\x00\x00\x00")  # WatchConns works: it is a mesh peer
-        f = await m.recv_type(FrameType.PEER_PRESENT)
-        assert f.payload[:32] == m.pub
-        assert hook.calls == 0
-        # A non-mesh client is asked about, and rejected.
-        c = await _attempt(srv.port)
-        await _expect_rejected(c)
-        assert hook.calls == 1
-        await c.close()
-        await m.close()
-    finally:
-        await srv.stop()
+    h = await make_host(admission=hook, mesh_key=mesh_key)
+    m = await RawClient.open(h.next_port())
+    await m.handshake({"meshKey": mesh_key.hex(), "version": 2})
+    m.send(b"\x10\x00\x00\x00\x00")  # WatchConns works: it is a mesh peer
+    f = await m.recv_type(FrameType.PEER_PRESENT)
+    assert f.payload[:32] == m.pub
+    assert hook.calls == 0
+    # A non-mesh client is asked about, and rejected.
+    c = await _attempt(h.next_port())
+    await _expect_rejected(c)
+    assert hook.calls == 1
+    await c.close()
+    await m.close()
 
 
-async def test_failing_hook_rejects_and_server_survives() -> None:
+async def test_failing_hook_rejects_and_server_survives(make_host: HostFactory) -> None:
     class Broken:
         async def admit(self, key: PublicKey, source_ip: str) -> bool:
             raise RuntimeError("boom")
 
-    srv = await _server(admission=Broken())
-    try:
-        for _ in range(2):
-            c = await _attempt(srv.port)
-            await _expect_rejected(c)
-            await c.close()
-        assert srv.stats.admission_rejected == 2
-    finally:
-        await srv.stop()
+    h = await make_host(admission=Broken())
+    for _ in range(2):
+        c = await _attempt(h.next_port())
+        await _expect_rejected(c)
+        await c.close()
+    assert h.stats.admission_rejected == 2
 
 
-async def test_stop_cancels_pending_checks() -> None:
+async def test_stop_cancels_pending_checks(make_host: HostFactory) -> None:
     hook = Blocking()
     key = PrivateKey.generate()
     hook.hold.add(key.public.raw)
-    srv = await _server(admission=hook)
-    c = await _attempt(srv.port, key)
+    h = await make_host(admission=hook)
+    h.next_worker()  # two workers: the client goes to worker 1
+    c = await _attempt(h.next_port(), key)
     await asyncio.wait_for(hook.started.wait(), WAIT)
-    await asyncio.wait_for(srv.stop(), WAIT)
+    await asyncio.wait_for(h.stop(), WAIT)
     await _expect_rejected(c)
     await c.close()
-    await wait_until(lambda: srv.client_count == 0)
+    await wait_until(lambda: h.client_count == 0)

@@ -845,14 +845,17 @@ async def real() -> AsyncIterator[Any]:
     await srv.stop()
 
 
-def real_url(srv: Any) -> str:
-    return f"http://127.0.0.1:{srv.port}/derp"
+def real_url(srv: Any, port: int | None = None) -> str:
+    return f"http://127.0.0.1:{srv.port if port is None else port}/derp"
 
 
-async def test_real_handshake_send_recv_ping(real: Any) -> None:
+async def test_real_handshake_send_recv_ping(make_host: Any) -> None:
+    real = await make_host(private_key=SERVER_KEY)  # two workers: a and b on different ones
     a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
-    url = real_url(real)
-    async with DerpClient(url, a_key) as a, DerpClient(url, b_key) as b:
+    async with DerpClient(real_url(real, real.next_port()), a_key) as a, DerpClient(
+        real_url(real, real.next_port()), b_key
+    ) as b:
+        await within(real.synced())
         assert a.server_key == real.public_key
         assert a.server_info.get("version") == 2
         await a.note_preferred(True)
@@ -865,12 +868,13 @@ async def test_real_handshake_send_recv_ping(real: Any) -> None:
         assert await next_event(a, PacketReceived) == PacketReceived(b_key.public, b"to a")
 
 
-async def test_real_peer_gone_when_sender_leaves(real: Any) -> None:
+async def test_real_peer_gone_when_sender_leaves(make_host: Any) -> None:
+    real = await make_host(private_key=SERVER_KEY)
     a_key, b_key = PrivateKey.generate(), PrivateKey.generate()
-    url = real_url(real)
-    async with DerpClient(url, b_key) as b:
-        a = DerpClient(url, a_key)
+    async with DerpClient(real_url(real, real.next_port()), b_key) as b:
+        a = DerpClient(real_url(real, real.next_port()), a_key)
         await within(a.connect())
+        await within(real.synced())
         await a.send(b_key.public, b"hi")
         assert await next_event(b, PacketReceived) == PacketReceived(a_key.public, b"hi")
         await a.close()
@@ -879,29 +883,23 @@ async def test_real_peer_gone_when_sender_leaves(real: Any) -> None:
         )
 
 
-async def test_real_mesh_watch_conns_sees_peers_come_and_go() -> None:
-    make = _real_server_factory()
-    if make is None:
-        pytest.skip("derp.server is not available yet")
+async def test_real_mesh_watch_conns_sees_peers_come_and_go(make_host: Any) -> None:
     mesh = bytes(range(32))
-    srv = make(mesh_key=mesh)
-    await srv.start(host="127.0.0.1", port=0)
-    try:
-        url = real_url(srv)
-        async with DerpClient(url, CLIENT_KEY, mesh_key=mesh, can_ack_pings=False) as watcher:
-            await watcher.watch_conns()
-            # The watcher is told about itself (already connected) first.
+    srv = await make_host(private_key=SERVER_KEY, mesh_key=mesh)
+    url = real_url(srv, srv.next_port())
+    async with DerpClient(url, CLIENT_KEY, mesh_key=mesh, can_ack_pings=False) as watcher:
+        await watcher.watch_conns()
+        # The watcher is told about itself (already connected) first.
+        ev = await next_event(watcher, PeerPresentReceived)
+        assert ev.peer == CLIENT_KEY.public
+        assert ev.flags & PeerPresentFlags.IS_MESH_PEER
+        # Two workers: the peer connects to the other one.
+        async with DerpClient(real_url(srv, srv.next_port()), PEER_KEY):
             ev = await next_event(watcher, PeerPresentReceived)
-            assert ev.peer == CLIENT_KEY.public
-            assert ev.flags & PeerPresentFlags.IS_MESH_PEER
-            async with DerpClient(url, PEER_KEY):
-                ev = await next_event(watcher, PeerPresentReceived)
-                assert ev.peer == PEER_KEY.public
-                assert ev.ip == ipaddress.IPv4Address("127.0.0.1") and ev.port > 0
-            ev2 = await next_event(watcher, PeerGoneReceived)
-            assert ev2.peer == PEER_KEY.public
-    finally:
-        await srv.stop()
+            assert ev.peer == PEER_KEY.public
+            assert ev.ip == ipaddress.IPv4Address("127.0.0.1") and ev.port > 0
+        ev2 = await next_event(watcher, PeerGoneReceived)
+        assert ev2.peer == PEER_KEY.public
 
 
 async def test_real_reconnect_after_restart_on_same_port(real: Any) -> None:

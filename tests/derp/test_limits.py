@@ -21,7 +21,7 @@ from derp.limits import MIN_CLIENT_BURST, AcceptLimiter, RateConfig, TokenBucket
 from derp.prodflags import parse_duration, server_options
 from derp.server import DerpServer
 
-from .conftest import WAIT, ClientFactory, RawClient, make_config, wait_until
+from .conftest import WAIT, ClientFactory, HostFactory, make_config, wait_until
 
 # --------------------------------------------------------------------------- pure
 
@@ -112,44 +112,31 @@ async def _closed_at_once(port: int) -> bool:
     return data == b""
 
 
-async def test_accept_rate_limit_closes_overflow_immediately() -> None:
-    srv = DerpServer(make_config(accept_limit=0.001, accept_burst=2))
-    await srv.start("127.0.0.1", 0)
-    clients: list[RawClient] = []
-    try:
-        for _ in range(2):
-            c = await RawClient.open(srv.port)
-            clients.append(c)
-            await c.handshake()
-        assert await _closed_at_once(srv.port)
-        assert srv.stats.accepts_rejected == 1
-        # The admitted clients are unaffected.
-        clients[0].send_packet(clients[1].pub, b"after overflow")
-        assert (await clients[1].recv_packet())[1] == b"after overflow"
-    finally:
-        for c in clients:
-            await c.close()
-        await srv.stop()
+async def test_accept_rate_limit_closes_overflow_immediately(
+    make_host: HostFactory, connect: ClientFactory
+) -> None:
+    # Two workers: a burst of 1 each (derper --workers splits the host-wide limits).
+    h = await make_host(accept_limit=0.001, accept_burst=2)
+    cs = [await connect(host=h) for _ in range(2)]
+    assert await _closed_at_once(h.next_port())
+    assert h.stats.accepts_rejected == 1
+    # The admitted clients are unaffected.
+    cs[0].send_packet(cs[1].pub, b"after overflow")
+    assert (await cs[1].recv_packet())[1] == b"after overflow"
 
 
-async def test_max_connections() -> None:
-    srv = DerpServer(make_config(max_connections=2))
-    await srv.start("127.0.0.1", 0)
-    a = await RawClient.open(srv.port)
-    b = await RawClient.open(srv.port)
-    try:
-        await a.handshake()
-        await b.handshake()
-        assert await _closed_at_once(srv.port)
-        assert srv.stats.accepts_rejected == 1
-        await b.close()
-        await wait_until(lambda: srv.open_connections == 1)
-        c = await RawClient.open(srv.port)
-        await c.handshake()  # room again
-        await c.close()
-    finally:
-        await a.close()
-        await srv.stop()
+async def test_max_connections(make_host: HostFactory, connect: ClientFactory) -> None:
+    h = await make_host(max_connections=2)  # two workers: 1 each
+    a = await connect(host=h)
+    b = await connect(host=h)
+    assert await _closed_at_once(h.next_port())  # worker 0 again: full
+    assert h.stats.accepts_rejected == 1
+    await b.close()
+    await wait_until(lambda: h.open_connections == 1)
+    c = await connect(host=h)  # room again (two workers: where b was)
+    assert c.server_info is not None
+    a.send_packet(c.pub, b"to c")
+    assert await c.recv_packet() == (a.pub, b"to c")
 
 
 async def test_max_connections_exact_under_an_accept_burst() -> None:
@@ -175,41 +162,34 @@ async def test_max_connections_exact_under_an_accept_burst() -> None:
         await srv.stop()
 
 
-async def test_receive_limit_advertised_and_pauses_reading_without_loss() -> None:
+async def test_receive_limit_advertised_and_pauses_reading_without_loss(
+    make_host: HostFactory, connect: ClientFactory
+) -> None:
     mesh_key = os.urandom(32)
     rate = RateConfig(bytes_per_sec=400_000, burst_bytes=0)
-    srv = DerpServer(make_config(rate_config=rate, mesh_key=mesh_key))
-    await srv.start("127.0.0.1", 0)
-    sender = await RawClient.open(srv.port)
-    receiver = await RawClient.open(srv.port)
-    mesh = await RawClient.open(srv.port)
-    try:
-        await sender.handshake()
-        assert sender.server_info == {
-            "version": 2,
-            "TokenBucketBytesPerSecond": 400_000,
-            "TokenBucketBytesBurst": MIN_CLIENT_BURST,
-        }
-        await receiver.handshake()
-        await mesh.handshake({"meshKey": mesh_key.hex(), "version": 2})
-        pkt = os.urandom(16_000)
-        n = 40  # 640 kB: more than the burst, so reading must pause at least once
-        sender.send(encode_send_packet(receiver.pub, pkt) * n)
-        for _ in range(n):
-            src, data = await receiver.recv_packet()
-            assert src == sender.pub and data == pkt
-        assert srv.stats.rate_limit_waits >= 1
-        assert srv.stats.total_drops == 0
-        # Mesh peers are exempt.
-        waits = srv.stats.rate_limit_waits
-        mesh.send(encode_send_packet(receiver.pub, pkt) * n)
-        for _ in range(n):
-            assert (await receiver.recv_packet())[0] == mesh.pub
-        assert srv.stats.rate_limit_waits == waits
-    finally:
-        for c in (sender, receiver, mesh):
-            await c.close()
-        await srv.stop()
+    h = await make_host(rate_config=rate, mesh_key=mesh_key)
+    sender = await connect(host=h)
+    assert sender.server_info == {
+        "version": 2,
+        "TokenBucketBytesPerSecond": 400_000,
+        "TokenBucketBytesBurst": MIN_CLIENT_BURST,
+    }
+    receiver = await connect(host=h)
+    mesh = await connect(info={"meshKey": mesh_key.hex(), "version": 2}, host=h)
+    pkt = os.urandom(16_000)
+    n = 40  # 640 kB: more than the burst, so reading must pause at least once
+    sender.send(encode_send_packet(receiver.pub, pkt) * n)
+    for _ in range(n):
+        src, data = await receiver.recv_packet()
+        assert src == sender.pub and data == pkt
+    assert h.stats.rate_limit_waits >= 1
+    assert h.stats.total_drops == 0
+    # Mesh peers are exempt.
+    waits = h.stats.rate_limit_waits
+    mesh.send(encode_send_packet(receiver.pub, pkt) * n)
+    for _ in range(n):
+        assert (await receiver.recv_packet())[0] == mesh.pub
+    assert h.stats.rate_limit_waits == waits
 
 
 async def test_client_library_sees_token_bucket() -> None:
@@ -222,36 +202,30 @@ async def test_client_library_sees_token_bucket() -> None:
         await srv.stop()
 
 
-async def test_write_timeout_drops_blocked_reader_only() -> None:
-    srv = DerpServer(make_config(write_timeout=0.3, write_buffer_high=16 * 1024))
-    await srv.start("127.0.0.1", 0)
-    sender = await RawClient.open(srv.port)
-    stuck = await RawClient.open(srv.port, rcvbuf=4096)
-    other = await RawClient.open(srv.port)
-    try:
-        for c in (sender, stuck, other):
-            await c.handshake()
-        frame = encode_send_packet(stuck.pub, os.urandom(60_000))
+async def test_write_timeout_drops_blocked_reader_only(
+    make_host: HostFactory, connect: ClientFactory
+) -> None:
+    h = await make_host(write_timeout=0.3, write_buffer_high=16 * 1024)
+    sender = await connect(host=h)
+    stuck = await connect(rcvbuf=4096, host=h)  # two workers: on the other one
+    other = await connect(host=h)
+    frame = encode_send_packet(stuck.pub, os.urandom(60_000))
 
-        async def flood() -> None:
-            # `stuck` never reads; keep its socket full until the server gives up on it.
-            while srv.stats.write_timeouts == 0:
-                sender.send(frame * 8)
-                await sender.writer.drain()
-                await asyncio.sleep(0.01)
+    async def flood() -> None:
+        # `stuck` never reads; keep its socket full until the server gives up on it.
+        while h.stats.write_timeouts == 0:
+            sender.send(frame * 8)
+            await sender.writer.drain()
+            await asyncio.sleep(0.01)
 
-        await asyncio.wait_for(flood(), WAIT)
-        assert srv.stats.write_timeouts == 1
-        await wait_until(lambda: srv.client_count == 2)
-        sender.send(encode_send_packet(other.pub, b"sender still fine"))
-        while True:
-            f = await other.recv_type(FrameType.RECV_PACKET)
-            if f.payload[32:] == b"sender still fine":
-                break
-    finally:
-        for c in (sender, stuck, other):
-            await c.close()
-        await srv.stop()
+    await asyncio.wait_for(flood(), WAIT)
+    assert h.stats.write_timeouts == 1
+    await wait_until(lambda: h.client_count == 2)
+    sender.send(encode_send_packet(other.pub, b"sender still fine"))
+    while True:
+        f = await other.recv_type(FrameType.RECV_PACKET)
+        if f.payload[32:] == b"sender still fine":
+            break
 
 
 def test_rate_config_roundtrips_through_json() -> None:

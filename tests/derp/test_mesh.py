@@ -30,7 +30,7 @@ from derp.server import DerpServer, ServerConfig
 from derp.stats import UNKNOWN_DEST, UNKNOWN_DEST_ON_FWD
 from derp.stunserver import stun_request
 
-from .conftest import UPGRADE_REQUEST, WAIT, RawClient, wait_until
+from .conftest import UPGRADE_REQUEST, WAIT, Host, HostFactory, RawClient, start_host, wait_until
 
 MESH_KEY = bytes(range(32))
 RETRY = 0.1
@@ -145,59 +145,73 @@ def test_mesh_with_needs_mesh_key() -> None:
 
 @dataclass
 class Region:
-    servers: list[DerpServer]
-    meshes: list[Mesh] = field(default_factory=list)
+    """Relays of one region; each a :class:`Host` (one or two workers), and every
+    worker dials every relay's URL itself (``derper --workers N`` does that)."""
+
+    servers: list[Host]
+    meshes: list[list[Mesh]] = field(default_factory=list)
     clients: list[RawClient] = field(default_factory=list)
 
     def url(self, i: int) -> str:
         return f"http://127.0.0.1:{self.servers[i].port}/derp"
 
     async def client(self, i: int, key: PrivateKey | None = None) -> RawClient:
-        c = await RawClient.open(self.servers[i].port, key)
+        """A client of relay ``i`` (two workers: on its workers in turn)."""
+        host = self.servers[i]
+        w = host.next_worker()
+        c = await RawClient.open(host.servers[w].port, key)
         self.clients.append(c)
         await c.handshake()
+        await host.known(c.pub, w)
         return c
 
     async def kill(self, i: int) -> None:
-        await self.meshes[i].stop()
+        for m in self.meshes[i]:
+            await m.stop()
         await self.servers[i].stop()
 
     async def close(self) -> None:
         """Close every client, then stop every mesh and server (idempotent)."""
         for c in self.clients:
             await c.close()
-        for m in self.meshes:
-            await m.stop()
+        for ms in self.meshes:
+            for m in ms:
+                await m.stop()
         for s in self.servers:
             await s.stop()
 
 
-async def _start(n: int, *, include_self: bool = True) -> Region:
+async def _start(n: int, workers: int, *, include_self: bool = True) -> Region:
     servers = []
     for _ in range(n):
-        srv = DerpServer(ServerConfig(private_key=PrivateKey.generate(), mesh_key=MESH_KEY))
-        await srv.start("127.0.0.1", 0)
-        servers.append(srv)
+        config = ServerConfig(private_key=PrivateKey.generate(), mesh_key=MESH_KEY)
+        servers.append(await start_host(config, workers))
     region = Region(servers)
-    for i, srv in enumerate(servers):
+    for i, host in enumerate(servers):
         peers = [
             parse_mesh_peer(region.url(j)) for j in range(n) if include_self or j != i
         ]
-        mesh = Mesh(srv, peers, retry_interval=RETRY)
-        mesh.start()
-        region.meshes.append(mesh)
+        region.meshes.append([Mesh(srv, peers, retry_interval=RETRY) for srv in host.servers])
+        for m in region.meshes[-1]:
+            m.start()
     return region
 
 
 @pytest.fixture
-async def region3() -> AsyncIterator[Region]:
-    region = await _start(3)
+async def region3(derp_workers: int) -> AsyncIterator[Region]:
+    region = await _start(3, derp_workers)
     yield region
     await region.close()
 
 
-def _knows(srv: DerpServer, key: bytes) -> bool:
-    return key in srv.relay or key in srv.relay.forwarders
+def _knows(host: Host, key: bytes) -> bool:
+    """Every worker of ``host`` can route ``key`` (local, sibling or mesh)."""
+    return all(key in srv.relay or key in srv.relay.forwarders for srv in host.servers)
+
+
+def _forgot(host: Host, key: bytes) -> bool:
+    """No worker of ``host`` can route ``key``."""
+    return not any(key in srv.relay or key in srv.relay.forwarders for srv in host.servers)
 
 
 async def _wait_routes(region: Region, clients: list[RawClient], alive: list[int]) -> None:
@@ -223,8 +237,11 @@ async def _all_pairs_talk(clients: list[RawClient], tag: bytes) -> None:
 async def test_three_relays_all_pairs_then_one_dies(region3: Region) -> None:
     reg = region3
     # Self-connections are detected (each node lists itself in its peers).
-    await wait_until(lambda: all(any(link.is_self for link in m.links) for m in reg.meshes))
-    cs = [await reg.client(i % 3) for i in range(6)]  # two clients on each relay
+    await wait_until(
+        lambda: all(any(link.is_self for link in m.links) for ms in reg.meshes for m in ms)
+    )
+    # Two clients on each relay (two workers: one on each worker).
+    cs = [await reg.client(i % 3) for i in range(6)]
     await _wait_routes(reg, cs, [0, 1, 2])
     await _all_pairs_talk(cs, b"round1:")
     assert all(s.stats.packets_forwarded_out > 0 for s in reg.servers)
@@ -237,9 +254,7 @@ async def test_three_relays_all_pairs_then_one_dies(region3: Region) -> None:
     for c in dead:
         await c.expect_closed()
     # Routes to the dead relay's clients are forgotten on the survivors...
-    await wait_until(
-        lambda: not any(_knows(reg.servers[i], c.pub) for i in (0, 1) for c in dead)
-    )
+    await wait_until(lambda: all(_forgot(reg.servers[i], c.pub) for i in (0, 1) for c in dead))
     # ...and clients that heard from them are told they left (spec §3.4).
     for c in alive:
         f = await c.recv_type(FrameType.PEER_GONE)
@@ -259,45 +274,49 @@ async def test_three_relays_all_pairs_then_one_dies(region3: Region) -> None:
     assert reg.servers[0].stats.drops_by_reason(UNKNOWN_DEST) == before + 1
 
 
-async def test_link_reconnects_and_relearns_routes() -> None:
-    reg = await _start(2, include_self=False)
+async def test_link_reconnects_and_relearns_routes(derp_workers: int) -> None:
+    reg = await _start(2, derp_workers, include_self=False)
     try:
         b_client = await reg.client(1)
         await _wait_routes(reg, [b_client], [0])
-        link = reg.meshes[0].links[0]
+        link = reg.meshes[0][0].links[0]
         gen = link.generation
         port = reg.servers[1].port
         await reg.kill(1)
-        await wait_until(lambda: not _knows(reg.servers[0], b_client.pub))
+        await wait_until(lambda: _forgot(reg.servers[0], b_client.pub))
         assert not link.connected
         # A new relay on the same address (same key is not needed: links re-login).
-        srv = DerpServer(ServerConfig(private_key=PrivateKey.generate(), mesh_key=MESH_KEY))
-        await srv.start("127.0.0.1", port)
-        reg.servers[1] = srv
+        config = ServerConfig(private_key=PrivateKey.generate(), mesh_key=MESH_KEY)
+        reg.servers[1] = await start_host(config, derp_workers, port=port)
         b2 = await reg.client(1)
+        b3 = await reg.client(1)  # two workers: on the second one
         await wait_until(lambda: link.generation > gen and _knows(reg.servers[0], b2.pub))
+        await _wait_routes(reg, [b2, b3], [0])
         a_client = await reg.client(0)
         a_client.send_packet(b2.pub, b"after reconnect")
         assert await b2.recv_packet() == (a_client.pub, b"after reconnect")
+        a_client.send_packet(b3.pub, b"after reconnect")
+        assert await b3.recv_packet() == (a_client.pub, b"after reconnect")
     finally:
         await reg.close()
 
 
-async def test_local_client_wins_over_mesh_route() -> None:
-    reg = await _start(2, include_self=False)
+async def test_local_client_wins_over_mesh_route(derp_workers: int) -> None:
+    reg = await _start(2, derp_workers, include_self=False)
     try:
         key = PrivateKey.generate()
         on_b = await reg.client(1, key)
         await _wait_routes(reg, [on_b], [0])
         on_a = await reg.client(0, key)  # same key, now also local on A
-        sender = await reg.client(0)
+        sender = await reg.client(0)  # two workers: A's other worker
         fwd_before = reg.servers[0].stats.packets_forwarded_out
         sender.send_packet(key.public.raw, b"local please")
         assert await on_a.recv_packet() == (sender.pub, b"local please")
         assert reg.servers[0].stats.packets_forwarded_out == fwd_before
         # When the local one leaves, the mesh route takes over without PeerGone.
         await on_a.close()
-        await wait_until(lambda: key.public.raw not in reg.servers[0].relay)
+        await wait_until(lambda: not reg.servers[0].holds(key.public.raw))
+        await reg.servers[0].synced()
         sender.send_packet(key.public.raw, b"via mesh now")
         assert await on_b.recv_packet() == (sender.pub, b"via mesh now")
     finally:
@@ -308,11 +327,8 @@ async def test_local_client_wins_over_mesh_route() -> None:
 
 
 @pytest.fixture
-async def mesh_server() -> AsyncIterator[DerpServer]:
-    srv = DerpServer(ServerConfig(private_key=PrivateKey.generate(), mesh_key=MESH_KEY))
-    await srv.start("127.0.0.1", 0)
-    yield srv
-    await srv.stop()
+async def mesh_server(make_host: HostFactory) -> Host:
+    return await make_host(mesh_key=MESH_KEY)
 
 
 @pytest.mark.parametrize(
@@ -326,11 +342,11 @@ async def mesh_server() -> AsyncIterator[DerpServer]:
 )
 @pytest.mark.parametrize("mesh_key", [None, bytes(32), bytes(range(1, 33))])
 async def test_wrong_or_missing_mesh_key_is_not_privileged(
-    mesh_server: DerpServer, frame: bytes, mesh_key: bytes | None
+    mesh_server: Host, frame: bytes, mesh_key: bytes | None
 ) -> None:
-    bystander = await RawClient.open(mesh_server.port)
+    bystander = await RawClient.open(mesh_server.next_port())
     await bystander.handshake()
-    c = await RawClient.open(mesh_server.port)
+    c = await RawClient.open(mesh_server.next_port())
     info: dict[str, object] = {"version": 2}
     if mesh_key is not None:
         info["meshKey"] = mesh_key.hex()
@@ -344,8 +360,8 @@ async def test_wrong_or_missing_mesh_key_is_not_privileged(
     await bystander.close()
 
 
-async def test_forwarded_packets_are_never_reforwarded() -> None:
-    reg = await _start(2, include_self=False)
+async def test_forwarded_packets_are_never_reforwarded(derp_workers: int) -> None:
+    reg = await _start(2, derp_workers, include_self=False)
     try:
         on_b = await reg.client(1)
         await _wait_routes(reg, [on_b], [0])
@@ -365,11 +381,12 @@ async def test_forwarded_packets_are_never_reforwarded() -> None:
         await reg.close()
 
 
-async def test_close_peer_from_mesh_peer(mesh_server: DerpServer) -> None:
-    victim = await RawClient.open(mesh_server.port)
+async def test_close_peer_from_mesh_peer(mesh_server: Host) -> None:
+    victim = await RawClient.open(mesh_server.next_port())
     await victim.handshake()
-    m = await RawClient.open(mesh_server.port)
+    m = await RawClient.open(mesh_server.next_port())  # two workers: the other one
     await m.handshake({"meshKey": MESH_KEY.hex(), "version": 2})
+    await mesh_server.synced()
     m.send(encode_close_peer(victim.pub))
     await victim.expect_closed()
     m.send_packet(m.pub, b"mesh peer unaffected")
@@ -378,9 +395,8 @@ async def test_close_peer_from_mesh_peer(mesh_server: DerpServer) -> None:
     await m.close()
 
 
-async def test_server_starts_mesh_from_config() -> None:
-    a = DerpServer(ServerConfig(private_key=PrivateKey.generate(), mesh_key=MESH_KEY))
-    await a.start("127.0.0.1", 0)
+async def test_server_starts_mesh_from_config(make_host: HostFactory) -> None:
+    a = await make_host(mesh_key=MESH_KEY)
     peer = parse_mesh_peer(f"http://127.0.0.1:{a.port}")
     b = DerpServer(
         ServerConfig(
@@ -391,7 +407,8 @@ async def test_server_starts_mesh_from_config() -> None:
         )
     )
     await b.start("127.0.0.1", 0)
-    c = await RawClient.open(a.port)
+    a.next_worker()  # two workers: c on worker 1, b's link lands on worker 0
+    c = await RawClient.open(a.next_port())
     try:
         await c.handshake()
         assert b.mesh is not None
@@ -401,7 +418,6 @@ async def test_server_starts_mesh_from_config() -> None:
     finally:
         await c.close()
         await b.stop()
-        await a.stop()
     assert b.mesh is None
 
 

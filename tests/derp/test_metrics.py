@@ -47,6 +47,7 @@ async def test_prometheus_exposition(server: DerpServer, connect: ClientFactory,
     await wait_until(lambda: server.stats.total_drops == 1)
     server.metrics.stun.requests["success"] += 3
     server.metrics.gauges["current_mesh_peers"] = lambda: 2
+    await server.stats_synced()  # two workers: worker 0 answers with both workers' totals
     status, headers, body = await _get(server.port, path)
     assert status == 200
     assert headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -68,10 +69,12 @@ async def test_prometheus_exposition(server: DerpServer, connect: ClientFactory,
 
 async def test_debug_vars_and_index(server: DerpServer, connect: ClientFactory) -> None:
     await connect()
+    await connect()
+    await server.stats_synced()
     status, headers, body = await _get(server.port, "/debug/vars")
     assert status == 200 and headers["content-type"] == "application/json"
     doc = json.loads(body)
-    assert doc["current_connections"] == 1 and "stun_requests" in doc
+    assert doc["current_connections"] == 2 and "stun_requests" in doc
     status, _, body = await _get(server.port, "/debug/")
     assert status == 200 and b"/debug/varz" in body
     status, _, _ = await _get(server.port, "/debug/nope")

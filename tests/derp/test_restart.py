@@ -17,33 +17,30 @@ from derp.server import DerpServer
 from derp.server.conn import DUPLICATE_KEY_HEALTH
 from derp.tls import load_manual_cert
 
-from .conftest import WAIT, ClientFactory, RawClient, make_config, wait_until
+from .conftest import WAIT, ClientFactory, HostFactory, make_config, wait_until
 from .test_cli import start_derper
 
 
-async def test_stop_restarting_sends_frame_before_close() -> None:
-    srv = DerpServer(make_config(restart_reconnect_in=1.5, restart_try_for=20.0))
-    await srv.start("127.0.0.1", 0)
-    c = await RawClient.open(srv.port)
-    try:
-        await c.handshake()
-        await wait_until(lambda: srv.client_count == 1)
-        await srv.stop(restarting=True)
+async def test_stop_restarting_sends_frame_before_close(
+    make_host: HostFactory, connect: ClientFactory
+) -> None:
+    h = await make_host(restart_reconnect_in=1.5, restart_try_for=20.0)
+    cs = [await connect(host=h) for _ in range(h.workers)]  # one on each worker
+    await h.stop(restarting=True)
+    for c in cs:
         f = await c.recv_type(FrameType.RESTARTING)
         assert f.payload == (1500).to_bytes(4, "big") + (20000).to_bytes(4, "big")
         await c.expect_closed()
-        assert srv.stats.restarting_frames_sent == 1
-    finally:
-        await c.close()
+    assert h.stats.restarting_frames_sent == h.workers
 
 
-async def test_plain_stop_sends_no_restarting() -> None:
-    srv = DerpServer(make_config())
-    await srv.start("127.0.0.1", 0)
-    c = await RawClient.open(srv.port)
-    try:
-        await c.handshake()
-        await srv.stop()
+async def test_plain_stop_sends_no_restarting(
+    make_host: HostFactory, connect: ClientFactory
+) -> None:
+    h = await make_host()
+    cs = [await connect(host=h) for _ in range(h.workers)]
+    await h.stop()
+    for c in cs:
         with_frames: list[int] = []
         try:
             while True:
@@ -52,8 +49,6 @@ async def test_plain_stop_sends_no_restarting() -> None:
         except (asyncio.IncompleteReadError, ConnectionError):
             pass
         assert FrameType.RESTARTING not in with_frames
-    finally:
-        await c.close()
 
 
 async def _next(client: DerpClient, kind: type) -> object:
@@ -103,12 +98,13 @@ async def test_health_announces_and_clears_duplicate_key(
     server: DerpServer, connect: ClientFactory
 ) -> None:
     key = PrivateKey.generate()
-    url = f"http://127.0.0.1:{server.port}"
+    url = f"http://127.0.0.1:{server.next_port()}"
     lib = DerpClient(url, key)
     await lib.connect()
     try:
         await wait_until(lambda: server.client_count == 1)
-        dup = await connect(key)  # same node key elsewhere
+        await server.synced()
+        dup = await connect(key)  # same node key elsewhere (two workers: on the other one)
         f = await dup.recv_type(FrameType.HEALTH)
         assert f.payload.decode() == DUPLICATE_KEY_HEALTH
         ev = await _next(lib, HealthReceived)
@@ -121,25 +117,19 @@ async def test_health_announces_and_clears_duplicate_key(
         await lib.close()
 
 
-async def test_health_disabled_by_config() -> None:
-    srv = DerpServer(make_config(health_on_duplicate=False))
-    await srv.start("127.0.0.1", 0)
+async def test_health_disabled_by_config(make_host: HostFactory, connect: ClientFactory) -> None:
+    h = await make_host(health_on_duplicate=False)
     key = PrivateKey.generate()
-    a = await RawClient.open(srv.port, key)
-    b = await RawClient.open(srv.port, key)
-    try:
-        await a.handshake()
-        await b.handshake()
-        b.send(b"\x12\x00\x00\x00\x08pingping")  # a Pong proves b's frames were all read
+    a = await connect(key, host=h)
+    b = await connect(key, host=h)  # every worker has seen both: no Health was due
+    b.send(b"\x12\x00\x00\x00\x08pingping")  # a Pong proves b's frames were all read
+    f = await b.recv_frame()
+    while f.type == FrameType.KEEP_ALIVE:
         f = await b.recv_frame()
-        while f.type == FrameType.KEEP_ALIVE:
-            f = await b.recv_frame()
-        assert f.type == FrameType.PONG
-        assert srv.stats.health_frames_sent == 0
-    finally:
-        await a.close()
-        await b.close()
-        await srv.stop()
+    assert f.type == FrameType.PONG
+    a.send(b"\x12\x00\x00\x00\x08pingping")
+    f = await a.recv_type(FrameType.PONG)
+    assert h.stats.health_frames_sent == 0
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -22,7 +22,14 @@ from derp.keys import PrivateKey, PublicKey, seal
 from derp.server import DerpServer
 from derp.server.handshake import open_client_info, parse_client_info_json
 
-from .conftest import UPGRADE_REQUEST, ClientFactory, RawClient, make_config, wait_until
+from .conftest import (
+    UPGRADE_REQUEST,
+    ClientFactory,
+    HostFactory,
+    RawClient,
+    make_config,
+    wait_until,
+)
 
 MESH = bytes(range(32))
 
@@ -106,24 +113,17 @@ async def test_invalid_json_rejected(server: DerpServer, connect: ClientFactory)
 
 
 async def test_mesh_key_match_and_case_insensitive_json(
-    clients: list[RawClient],
+    make_host: HostFactory, connect: ClientFactory
 ) -> None:
-    srv = DerpServer(make_config(mesh_key=MESH))
-    await srv.start()
-    try:
-        good = await RawClient.open(srv.port)
-        clients.append(good)
-        await good.handshake({"MESHKEY": MESH.hex().upper(), "Version": 2, "isprober": True})
-        bad = await RawClient.open(srv.port)
-        clients.append(bad)
-        await bad.handshake({"meshKey": "11" * 32, "version": 2, "Unknown": [1, 2]})
-        await wait_until(lambda: srv.client_count == 2)
-        by_key = {c.key: c for c in srv.connections}
-        assert by_key[good.pub].is_mesh and by_key[good.pub].info is not None
-        assert by_key[good.pub].info.is_prober  # type: ignore[union-attr]
-        assert not by_key[bad.pub].is_mesh
-    finally:
-        await srv.stop()
+    h = await make_host(mesh_key=MESH)
+    good_info = {"MESHKEY": MESH.hex().upper(), "Version": 2, "isprober": True}
+    good = await connect(info=good_info, host=h)
+    bad = await connect(info={"meshKey": "11" * 32, "version": 2, "Unknown": [1, 2]}, host=h)
+    await wait_until(lambda: h.client_count == 2)
+    by_key = {c.key: c for c in h.connections}
+    assert by_key[good.pub].is_mesh and by_key[good.pub].info is not None
+    assert by_key[good.pub].info.is_prober  # type: ignore[union-attr]
+    assert not by_key[bad.pub].is_mesh
 
 
 async def test_handshake_timeout(clients: list[RawClient], caplog: pytest.LogCaptureFixture) -> None:

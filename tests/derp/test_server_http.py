@@ -206,6 +206,7 @@ async def test_server_stop_closes_derp_and_idle_http(
 
 
 
+@pytest.mark.single_worker("one HTTP connection's read/write buffers on one worker (2.5 s)")
 async def test_pipelined_probes_from_a_non_reader_stop_being_read(server: DerpServer) -> None:
     """bench/soak.py: pipelined probes were all answered in one callback, with
     no regard for a client that never reads the answers (the write buffer grew

