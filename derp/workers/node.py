@@ -466,14 +466,22 @@ class _StandIn:
     # what the connection code calls on a receiver
 
     def _push(self, frame: bytes) -> None:
-        self._stage(frame, b"")  # a forwarded packet: its source is in the frame only
+        if self._out:  # behind what is already waiting in _out (order kept)
+            self._out.append(frame)
+        else:
+            self._stage(frame, b"")  # a forwarded packet: its source is in the frame only
 
     def _take(
         self, seg: bytes | bytearray | memoryview, nbytes: int, touched: list[DerpConnection]
     ) -> None:
         """As :meth:`DerpConnection._take` (the caller set ``_last_src``), but
-        staged on the link at once: the link's batch is the coalescing."""
-        self.write(seg)
+        staged on the link at once: the link's batch is the coalescing. If the
+        packet path put frames in ``_out`` during this read (they are written
+        at its end), ``seg`` goes behind them, so order is kept."""
+        if self._out:
+            self._out.append(seg)
+        else:
+            self.write(seg)
 
     def _flush_out(self) -> None:
         """Stage what was appended to ``_out`` directly (see :meth:`write`)."""

@@ -31,6 +31,7 @@ import asyncio
 import dataclasses
 import itertools
 import json
+import math
 import os
 import shutil
 import socket
@@ -54,7 +55,7 @@ from derp.keys import PrivateKey, open_sealed, seal
 from derp.server import DerpServer, ServerConfig
 from derp.stats import ServerStats
 from derp.workers.node import WorkerNode, WorkerSpec
-from derp.workers.supervisor import split_limits
+from derp.workers.shared import SharedLimits
 
 WAIT = 20.0
 _HDR = struct.Struct(">BI")
@@ -219,6 +220,7 @@ class Host:
         self.servers = servers
         self.nodes = nodes
         self._sock_dir = sock_dir
+        self._shared: SharedLimits | None = None
         self._turn = itertools.count()
 
     def __getattr__(self, name: str) -> Any:
@@ -325,8 +327,7 @@ class Host:
                 for node in self.nodes:  # a STATS frame now (as its timer does)
                     payload = node._stats_payload()
                     for link in node.links.values():
-                        link.enc.stats(payload)
-                        link.schedule_flush()
+                        link.control().stats(payload)
                 await asyncio.sleep(0.005)
 
         await asyncio.wait_for(loop(), WAIT)
@@ -365,27 +366,46 @@ class Host:
             for node in self.nodes:
                 await node.stop()
         finally:
+            for srv in self.servers:
+                if isinstance(srv.config.host_limits, SharedLimits):
+                    srv.config.host_limits.close()
+            if self._shared is not None:
+                self._shared.close()
+                self._shared = None
             if self._sock_dir is not None:
                 shutil.rmtree(self._sock_dir, ignore_errors=True)
                 self._sock_dir = None
 
 
 async def start_host(config: ServerConfig, workers: int = 1, *, port: int = 0) -> Host:
-    """Start the relay (``workers`` 1 or more) on 127.0.0.1 with ``config`` split as
-    ``derper --workers N`` splits it (the host-wide limits); worker 0 on ``port``."""
+    """Start the relay (``workers`` 1 or more) on 127.0.0.1 with ``config``, its
+    connection and accept limits host totals as under ``derper --workers N``
+    (one :class:`~derp.workers.shared.SharedLimits` file); worker 0 on ``port``."""
     if workers == 1:
         srv = DerpServer(config)
         await srv.start("127.0.0.1", port)
         return Host([srv], [], None)
     # Not tmp_path: a Unix socket path must stay under ~107 bytes.
     sock_dir = tempfile.mkdtemp(prefix="derp-w-")
-    limits = {f: getattr(config, f) for f in ("max_connections", "accept_limit", "accept_burst")}
+    limits = os.path.join(sock_dir, "limits")
+    shared = None
+    if config.max_connections or math.isfinite(config.accept_limit):
+        shared = SharedLimits.create(
+            limits,
+            workers,
+            max_connections=config.max_connections,
+            accept_limit=config.accept_limit,
+            accept_burst=config.accept_burst,
+        )
     servers: list[DerpServer] = []
     nodes: list[WorkerNode] = []
     host = Host(servers, nodes, sock_dir)
+    host._shared = shared
     try:
         for i in range(workers):
-            cfg = dataclasses.replace(config, **split_limits(limits, i, workers))
+            cfg = config
+            if shared is not None:
+                cfg = dataclasses.replace(config, host_limits=SharedLimits.open(limits, i))
             srv = DerpServer(cfg)
             servers.append(srv)
             await srv.start("127.0.0.1", port if i == 0 else 0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from derp.frames import FrameType, encode_ping, encode_send_packet
@@ -21,7 +21,7 @@ from derp.keys import PrivateKey
 from derp.server import DerpServer
 from derp.server.conn import COALESCE_LIMIT
 
-from .conftest import HostFactory, make_config, wait_until
+from .conftest import HostFactory, make_config, start_host, wait_until
 from .test_server_conn import SERVER_KEY, MemoryTransport, client_info, split
 
 KEYS = [PrivateKey.generate() for _ in range(6)]
@@ -232,3 +232,69 @@ async def test_single_packet_reads_are_written_at_once_only_when_nothing_is_pend
     assert srv.stats.packets_sent - sent0 == 3
     assert srv.stats.packets_received == 4
     await srv.stop()
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    items=st.lists(
+        st.tuples(st.integers(0, 1), st.integers(1, 3), st.binary(max_size=120)),
+        min_size=1,
+        max_size=24,
+    ),
+    cuts=st.lists(st.integers(min_value=0, max_value=10_000), max_size=10),
+    pause=st.booleans(),
+)
+# three runs to one destination in one read: the third must queue behind the second
+@example(items=[(0, 1, b""), (0, 2, b""), (0, 1, b""), (0, 2, b""), (0, 1, b"")], cuts=[], pause=False)
+def test_two_workers_keep_each_senders_order_in_any_chunking(
+    items: list[tuple[int, int, bytes]], cuts: list[int], pause: bool
+) -> None:
+    """Two senders on worker 0, three receivers on worker 1 (every packet crosses
+    the link, staged and held as the link decides), reads split anywhere and
+    interleaved between the senders: every receiver gets exactly its packets,
+    each sender's in order; with a receiver paused (queue_depth 64: no drops)
+    its packets queue on worker 1 and arrive in order when it resumes."""
+
+    async def run() -> None:
+        h = await start_host(make_config(private_key=SERVER_KEY, queue_depth=64), 2)
+        try:
+            dests = {i: _open(h.servers[1], KEYS[i]) for i in (1, 2, 3)}
+            senders = [_open(h.servers[0], KEYS[i])[0] for i in (4, 5)]
+            for i in (1, 2, 3):
+                await h.known(KEYS[i].public.raw, 1)
+            if pause:
+                dests[1][0].pause_writing()
+            streams = [
+                split(
+                    b"".join(
+                        encode_send_packet(KEYS[d].public.raw, bytes([n]) + p)
+                        for n, (s, d, p) in enumerate(items)
+                        if s == who
+                    ),
+                    cuts,
+                )
+                for who in (0, 1)
+            ]
+            for k in range(max(len(x) for x in streams)):  # interleave the senders' reads
+                for who in (0, 1):
+                    if k < len(streams[who]):
+                        senders[who].data_received(streams[who][k])
+                if k % 3 == 2:
+                    await asyncio.sleep(0)  # some reads in later loop iterations
+            if pause:
+                await wait_until(lambda: len(dests[1][0]._q or ()) == sum(1 for _, d, _ in items if d == 1))
+                dests[1][0].resume_writing()
+            for d, (_, t) in dests.items():
+                want = sum(1 for _, dd, _ in items if dd == d)
+                await wait_until(lambda t=t, want=want: len(_recv(t)) == want)
+                got = _recv(t)
+                for who in (0, 1):
+                    src = KEYS[4 + who].public.raw
+                    mine = [p[32:] for p in got if p[:32] == src]
+                    assert mine == [
+                        bytes([n]) + p for n, (s, dd, p) in enumerate(items) if s == who and dd == d
+                    ]
+        finally:
+            await h.stop()
+
+    asyncio.run(run())
