@@ -451,6 +451,8 @@ class DerpConnection(asyncio.Protocol):
     def pause_writing(self) -> None:
         self._paused = True
         ctx = self._ctx
+        if ctx.pause_hook is not None and self._state == _OPEN:
+            ctx.pause_hook(self, True)
         timeout = ctx.mesh_write_timeout if self.is_mesh else ctx.write_timeout
         if timeout > 0 and self._wt_timer is None and self._state != _CLOSED:
             self._wt_timer = ctx.loop.call_later(timeout, self._write_timed_out)
@@ -470,6 +472,8 @@ class DerpConnection(asyncio.Protocol):
             self._wt_timer = None
         if self._state != _OPEN:
             return
+        if self._ctx.pause_hook is not None:
+            self._ctx.pause_hook(self, False)
         parts: list[bytes] = []
         if self._pong is not None:
             parts.append(self._pong)

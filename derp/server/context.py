@@ -68,6 +68,7 @@ class ConnContext(Generic[C]):
         "routes",
         "sibling_presence",
         "close_elsewhere",
+        "pause_hook",
         "admission",
         "rate_config",
         "write_timeout",
@@ -116,6 +117,9 @@ class ConnContext(Generic[C]):
         self.sibling_presence: Callable[[], Iterable[bytes]] | None = None
         #: a mesh peer's ClosePeer(key) for sibling workers' connections (derp.workers)
         self.close_elsewhere: Callable[[bytes], None] | None = None
+        #: told when a connection stops / starts taking writes (``(conn, paused)``),
+        #: so sibling workers hold packets for it instead (derp.workers); None here
+        self.pause_hook: Callable[[C, bool], None] | None = None
         #: runs admission checks (None: admit everyone)
         self.admission: AdmissionGate | None = None
         if config.admission is not None:

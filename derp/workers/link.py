@@ -20,6 +20,10 @@ direction of frames::
                       (1+, ≤ 1 MiB)                                to dst's connection (hot path);
                                                                    src: the key every frame comes
                                                                    from, 32 zero bytes if several
+    0x09  PAUSE       key[32]                                      the sender's connection of key
+                                                                   stopped taking writes (its
+                                                                   socket is full): queue for it
+    0x0a  RESUME      key[32]                                      ... takes writes again
 
 FRAMES is what a packet crossing workers normally travels as: the sending
 worker's packet path builds RecvPacket frames (``0x05 ‖ len ‖ src ‖ packet``)
@@ -81,7 +85,9 @@ __all__ = [
     "MAX_LINK_FRAME",
     "MAX_STATS_LEN",
     "Packet",
+    "Pause",
     "Present",
+    "Resume",
     "Stats",
 ]
 
@@ -109,6 +115,8 @@ class LinkFrame(enum.IntEnum):
     STATS = 0x06
     CLOSE_PEER = 0x07
     FRAMES = 0x08
+    PAUSE = 0x09
+    RESUME = 0x0A
 
 
 _T_HELLO = LinkFrame.HELLO.value
@@ -119,6 +127,8 @@ _T_PACKET = LinkFrame.PACKET.value
 _T_STATS = LinkFrame.STATS.value
 _T_CLOSE = LinkFrame.CLOSE_PEER.value
 _T_FRAMES = LinkFrame.FRAMES.value
+_T_PAUSE = LinkFrame.PAUSE.value
+_T_RESUME = LinkFrame.RESUME.value
 #: Largest FRAMES payload.
 MAX_FRAMES_LEN: Final = 1 << 20
 _RECV_T: Final = 0x05  # DERP RecvPacket
@@ -201,7 +211,22 @@ class ClosePeer:
     key: bytes
 
 
-LinkEvent = Union[Hello, Present, Gone, Active, Packet, Frames, Stats, ClosePeer]
+@dataclass(frozen=True, slots=True)
+class Pause:
+    """The sender's connection of ``key`` takes no writes for now: hold packets for it
+    (bounded, as for a local connection whose socket is full)."""
+
+    key: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    """The sender's connection of ``key`` takes writes again."""
+
+    key: bytes
+
+
+LinkEvent = Union[Hello, Present, Gone, Active, Packet, Frames, Stats, ClosePeer, Pause, Resume]
 
 
 def _key(key: bytes) -> bytes:
@@ -271,6 +296,12 @@ class LinkEncoder:
 
     def close_peer(self, key: bytes) -> None:
         self._frame(_T_CLOSE, _key(key))
+
+    def pause(self, key: bytes) -> None:
+        self._frame(_T_PAUSE, _key(key))
+
+    def resume(self, key: bytes) -> None:
+        self._frame(_T_RESUME, _key(key))
 
     def stats(self, data: bytes) -> None:
         if len(data) > MAX_STATS_LEN:
@@ -446,7 +477,7 @@ class LinkDecoder:
             ok = length == _HELLO.size
         elif ftype == _T_PRESENT:
             ok = length == _PRESENT_LEN
-        elif ftype in (_T_GONE, _T_ACTIVE, _T_CLOSE):
+        elif ftype in (_T_GONE, _T_ACTIVE, _T_CLOSE, _T_PAUSE, _T_RESUME):
             ok = length == KEY_LEN
         elif ftype == _T_STATS:
             ok = length <= MAX_STATS_LEN
@@ -476,6 +507,10 @@ class LinkDecoder:
             self._events.append(Stats(payload))
         elif ftype == _T_CLOSE:
             self._events.append(ClosePeer(payload))
+        elif ftype == _T_PAUSE:
+            self._events.append(Pause(payload))
+        elif ftype == _T_RESUME:
+            self._events.append(Resume(payload))
         elif ftype == _T_HELLO:
             raise LinkError("second HELLO on a link")
         # unknown types: skipped

@@ -87,6 +87,7 @@ import logging
 import os
 import struct
 import time
+from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, cast
@@ -102,7 +103,14 @@ from ..frames import (
 from ..server.app import DerpServer
 from ..server.conn import DUPLICATE_KEY_HEALTH, DerpConnection, _count_recv_packets
 from ..metrics import DerpMetrics
-from ..stats import KIND_DISCO, KIND_OTHER, UNKNOWN_DEST_ON_FWD, WRITE_ERROR, ServerStats
+from ..stats import (
+    GONE_DISCONNECTED,
+    KIND_DISCO,
+    KIND_OTHER,
+    UNKNOWN_DEST_ON_FWD,
+    WRITE_ERROR,
+    ServerStats,
+)
 from .link import (
     MAX_FRAMES_LEN,
     Active,
@@ -114,7 +122,9 @@ from .link import (
     LinkEncoder,
     LinkError,
     Packet,
+    Pause,
     Present,
+    Resume,
     Stats,
 )
 from .stats import STATS_INTERVAL, WorkerCollector, decode_stats, encode_stats, merge_stats
@@ -331,7 +341,7 @@ class _StandIn:
     """
 
     __slots__ = ("key", "link", "node", "_out", "_outn", "_last_src", "_paused", "_state",
-                 "_transport", "_held", "_heldn", "_hsrc")
+                 "_transport", "_held", "_heldn", "_hsrc", "_q", "_dq", "_q_since")
 
     def __init__(self, node: WorkerNode, key: bytes, link: _Link) -> None:
         self.node = node
@@ -348,6 +358,11 @@ class _StandIn:
         self._heldn = 0
         #: the key every held frame comes from; b"" if several or unknown
         self._hsrc = b""
+        #: while the sibling's connection is paused (PAUSE), packets queue here
+        #: under the connection code's own rules (DerpConnection._slow_deliver)
+        self._q: deque[bytes] | None = None
+        self._dq: deque[bytes] | None = None
+        self._q_since = 0.0
 
     def __repr__(self) -> str:
         return f"_StandIn({self.key.hex()[:8]} via w{self.link.index})"
@@ -498,6 +513,45 @@ class _StandIn:
     def send_control(self, frame: bytes) -> None:
         pass
 
+    # the sibling's connection is paused (PAUSE / RESUME)
+
+    def pause(self) -> None:
+        """Queue packets here (bounded, head drop) until :meth:`resume`."""
+        self._paused = True
+
+    def resume(self) -> None:
+        """Stage what queued while paused (disco first, as a connection drains)."""
+        if not self._paused:
+            return
+        self._paused = False
+        parts: list[bytes] = []
+        sent = nbytes = 0
+        for q in (self._dq, self._q):
+            if q:
+                sent += len(q)
+                nbytes += sum(len(f) for f in q) - 37 * len(q)
+                parts.extend(q)
+                q.clear()
+        if parts:
+            st = self.node.ctx.stats
+            st.packets_sent += sent
+            st.bytes_sent += nbytes
+            if self._q_since:
+                waited_ms = (time.monotonic() - self._q_since) * 1000.0
+                st.average_queue_duration_ms += 0.1 * (waited_ms - st.average_queue_duration_ms)
+            self._stage(b"".join(parts), b"")
+        self._q_since = 0.0
+
+    def discard_queues(self) -> None:
+        """The key left the sibling: what queued here is dropped (counted)."""
+        st = self.node.ctx.stats
+        for q, kind in ((self._q, KIND_OTHER), (self._dq, KIND_DISCO)):
+            if q:
+                st.drop((GONE_DISCONNECTED, kind), sum(len(f) for f in q) - 37 * len(q), len(q))
+                q.clear()
+        self._paused = False
+        self._q_since = 0.0
+
     def set_health(self, problem: str) -> None:
         pass
 
@@ -534,6 +588,12 @@ class WorkerNode:
         self._total_metrics.gauges["workers_linked"] = lambda: float(len(self.links) + 1)
         #: key → stand-in in relay.active for a key received on a sibling
         self.stand_ins: dict[bytes, _StandIn] = {}
+        #: local keys the siblings were told (PAUSE) to hold packets for
+        self._paused_sent: set[bytes] = set()
+        #: [packets, bytes] that a sibling counted as sent but that reached a
+        #: paused or departed connection here (queued or dropped and counted
+        #: again here); subtracted from the host totals
+        self.recounted = [0, 0]
         self._total_metrics.registry.register(WorkerCollector(self._worker_docs))
 
     # ------------------------------------------------------------------ lifecycle
@@ -545,6 +605,7 @@ class WorkerNode:
         ctx.relay.observer = self
         ctx.sibling_presence = self._presence_frames
         ctx.close_elsewhere = self._close_elsewhere
+        ctx.pause_hook = self._pause_changed
         self.server.metrics_view = self.total_metrics
         self.server.workers_view = self._worker_docs
         path = socket_path(self.spec.sock_dir, self.spec.index)
@@ -611,17 +672,43 @@ class WorkerNode:
             enc.present_raw(payload)
             if also:
                 enc.active(key)
+        if key in self._paused_sent:  # the new connection takes the key's packets
+            self._pause_changed(c, c._paused)
 
     def departed(self, key: bytes) -> None:
+        self._paused_sent.discard(key)
         for link in self.links.values():
             link.control().gone(key)
         self._sync(key)
 
     def reactivated(self, key: bytes, conn: object) -> None:
+        self._pause_changed(cast(DerpConnection, conn), cast(DerpConnection, conn)._paused)
         if key not in self.ctx.relay.elsewhere:
             return
         for link in self.links.values():
             link.control().active(key)
+
+    def _pause_changed(self, conn: DerpConnection, paused: bool) -> None:
+        """A connection stopped or started taking writes: if it is the one its
+        key's packets go to here, the siblings hold packets for it meanwhile
+        (PAUSE) and send them on RESUME, so a stalled client's traffic does not
+        fill the link that every other client of this worker shares."""
+        key = conn.key
+        if self.ctx.relay.active.get(key) is not conn:
+            return
+        sent = self._paused_sent
+        if paused == (key in sent):
+            return
+        if paused:
+            sent.add(key)
+        else:
+            sent.discard(key)
+        for link in self.links.values():
+            enc = link.control()
+            if paused:
+                enc.pause(key)
+            else:
+                enc.resume(key)
 
     # ------------------------------------------------------------------ link events
 
@@ -707,6 +794,13 @@ class WorkerNode:
             elif kind is ClosePeer:
                 for c in relay.connections(ev.key):
                     c.close("ClosePeer from a mesh peer (via a sibling worker)")
+            elif kind is Pause or kind is Resume:
+                si = self.stand_ins.get(ev.key)
+                if si is not None and si.link is link:
+                    if kind is Pause:
+                        si.pause()
+                    else:
+                        si.resume()
             elif kind is Hello:
                 self._hello(link, ev)
         if npk:
@@ -719,8 +813,9 @@ class WorkerNode:
         if si is None:
             si = self.stand_ins[key] = _StandIn(self, key, link)
             self.ctx.relay.stand_ins.add(cast(DerpConnection, si))
-        else:
+        elif si.link is not link:
             si.link = link
+            si.resume()  # its pause was the old holder's
         return si
 
     def _sync(self, key: bytes) -> None:
@@ -735,16 +830,24 @@ class WorkerNode:
             return
         old = self.stand_ins.pop(key, None)
         if old is not None:
+            old.discard_queues()
             if key not in relay:
                 relay.route_remote(key, None)
             relay.stand_ins.discard(cast(DerpConnection, old))
 
     def _frames_slow(self, d: DerpConnection | None, blob: bytes | memoryview, src: bytes) -> None:
-        """FRAMES for a destination that is gone or paused: per packet, through the
-        connection's queues and drop rules (as a forwarded packet)."""
+        """FRAMES for a destination that is gone or paused (before the sibling
+        heard of the pause): per packet, through the connection's queues and
+        drop rules (as a forwarded packet). The sibling counted these packets as
+        sent and this worker counts them again (sent from the queue, or
+        dropped), so they also go to ``recounted``, which the host totals
+        subtract."""
         st = self.ctx.stats
         data = bytes(blob)
+        rc = self.recounted
         for pos, length in _frame_spans(data):
+            rc[0] += 1
+            rc[1] += length - 32
             s, pkt = data[pos + 5 : pos + 5 + 32], memoryview(data)[pos + 37 : pos + 5 + length]
             disco = looks_like_disco(pkt)
             if d is None:
@@ -795,6 +898,8 @@ class WorkerNode:
             conns = relay.connections(key)
             if conns:
                 enc.present_raw(conns[-1].peer_present_frame()[HEADER_LEN:])
+        for key in self._paused_sent:
+            enc.pause(key)
         enc.stats(self._stats_payload())
         log.info("workers: w%d linked to w%d (pid %d)", self.spec.index, hello.index, hello.pid)
         self._check_linked()
@@ -909,7 +1014,11 @@ class WorkerNode:
 
     def _stats_payload(self) -> bytes:
         srv = self.server
-        extra = {"link_batches_out": float(sum(lk.packets_out for lk in self.links.values()))}
+        extra = {
+            "link_batches_out": float(sum(lk.packets_out for lk in self.links.values())),
+            "recounted_packets": float(self.recounted[0]),
+            "recounted_bytes": float(self.recounted[1]),
+        }
         return encode_stats(self.spec.index, srv.stats, srv.metrics.stun, extra)
 
     def _worker_docs(self) -> list[dict[str, Any]]:
@@ -928,18 +1037,26 @@ class WorkerNode:
     def total_metrics(self) -> DerpMetrics:
         """Prometheus view of the totals over every worker (refreshed per call)."""
         srv = self.server
-        merge_stats(
-            self._total,
-            self._total_metrics.stun,
-            srv.stats,
-            srv.metrics.stun,
-            list(self._sibling_stats.values()),
-        )
+        others = list(self._sibling_stats.values())
+        merge_stats(self._total, self._total_metrics.stun, srv.stats, srv.metrics.stun, others)
+        # packets two workers both counted as sent (see _frames_slow)
+        total = self._total
+        for rp, rb in [self.recounted, *((_extra(d, "recounted_packets"), _extra(d, "recounted_bytes"))
+                                         for d in others)]:
+            total.packets_sent -= int(rp)
+            total.bytes_sent -= int(rb)
         gauges = srv.metrics.gauges
         for name, fn in gauges.items():
             if name not in self._total_metrics.gauges:
                 self._total_metrics.gauges[name] = fn
         return self._total_metrics
+
+
+def _extra(doc: dict[str, Any], name: str) -> float:
+    """A number from a sibling's STATS ``extra`` (0 if missing or malformed)."""
+    extra = doc.get("extra")
+    v = extra.get(name) if isinstance(extra, dict) else None
+    return float(v) if isinstance(v, (int, float)) else 0.0
 
 
 def _frame_spans(data: bytes) -> Iterator[tuple[int, int]]:

@@ -253,7 +253,8 @@ def test_two_workers_keep_each_senders_order_in_any_chunking(
     the link, staged and held as the link decides), reads split anywhere and
     interleaved between the senders: every receiver gets exactly its packets,
     each sender's in order; with a receiver paused (queue_depth 64: no drops)
-    its packets queue on worker 1 and arrive in order when it resumes."""
+    its packets queue on worker 1, then (PAUSE) on worker 0, and arrive in
+    order when it resumes."""
 
     async def run() -> None:
         h = await start_host(make_config(private_key=SERVER_KEY, queue_depth=64), 2)
@@ -282,7 +283,12 @@ def test_two_workers_keep_each_senders_order_in_any_chunking(
                 if k % 3 == 2:
                     await asyncio.sleep(0)  # some reads in later loop iterations
             if pause:
-                await wait_until(lambda: len(dests[1][0]._q or ()) == sum(1 for _, d, _ in items if d == 1))
+                # queued on worker 1, or (once PAUSE crossed the link) on worker 0's stand-in
+                si = h.nodes[0].stand_ins[KEYS[1].public.raw]
+                await wait_until(
+                    lambda: len(dests[1][0]._q or ()) + len(si._q or ())
+                    == sum(1 for _, d, _ in items if d == 1)
+                )
                 dests[1][0].resume_writing()
             for d, (_, t) in dests.items():
                 want = sum(1 for _, dd, _ in items if dd == d)
