@@ -7,7 +7,8 @@ the DERP mesh) and joins the siblings through Unix-domain sockets::
 
     worker i listens on  <dir>/w<i>.sock ;  worker i dials every j < i
     both ends send HELLO, then the full state (PRESENT for every local key),
-    then stream PRESENT / GONE / ACTIVE / PACKET / STATS (derp.workers.link)
+    then stream PRESENT / GONE / ACTIVE / FRAMES / PACKET / PAUSE / RESUME / STATS
+    (derp.workers.link)
 
 Presence and routing (the server's shared :class:`~derp.peers.RouteTable`;
 sibling links are *preferred*, so they win over mesh routes):
@@ -67,10 +68,23 @@ Behaviours across workers:
   families besides (:mod:`derp.workers.stats`); ``/dashboard`` shows the same
   totals and one line per worker (``DerpServer.workers_view``).
 
-Backpressure: a link whose staged and pending bytes plus socket buffer exceed
-:data:`MAX_LINK_BUFFER` refuses packets (counted as ``write_error`` drops);
-presence frames are always queued (small, and losing one would leave a stale
-route). A staged slice of a read over :data:`PIN_LIMIT` is copied, so held
+Backpressure, so one stalled or flooded client costs the others nothing:
+
+* a client whose socket is full (``pause_writing``) makes its worker send
+  PAUSE(key) to every sibling, RESUME(key) when it drains; meanwhile the
+  sibling's stand-in is paused, so packets for it queue there under the
+  connection code's own rules (``queue_depth``, oldest dropped) instead of
+  crossing the link to be dropped on arrival. Packets already on the way are
+  queued on arrival; the sibling had counted them as sent, so they are
+  subtracted from the host totals (``recounted``);
+* a link with more than :data:`LINK_HIGH` unsent (its transport's
+  ``pause_writing``) is congested: the stand-ins that staged more than
+  :data:`LINK_SHARE` of it queue the same way until it is down to a quarter;
+  light traffic behind the same link goes on;
+* a link whose staged and pending bytes plus socket buffer exceed
+  :data:`MAX_LINK_BUFFER` refuses packets (counted as ``write_error`` drops);
+  presence frames are always queued (small, and losing one would leave a stale
+  route). A staged slice of a read over :data:`PIN_LIMIT` is copied, so held
 packets never pin large reads; packets staged on a link that breaks are
 dropped and counted.
 
@@ -143,6 +157,12 @@ MAX_LINK_BUFFER: Final = 8 << 20
 LINK_HOLD: Final = 0.001
 #: A link writes at once when this many packet bytes are waiting, held or not.
 LINK_HOLD_BYTES: Final = 64 << 10
+#: A link whose socket buffer holds this much unsent data is congested: the
+#: stand-ins that sent more than LINK_SHARE of it queue (as a paused client
+#: would) until the buffer is down to a quarter, so one client's flood does not
+#: crowd out the others behind the same link.
+LINK_HIGH: Final = 1 << 20
+LINK_SHARE: Final = 256 << 10
 #: A staged slice of a read larger than this (and under half of it) is copied,
 #: so held slices pin at most this much each.
 PIN_LIMIT: Final = 16 << 10
@@ -186,6 +206,11 @@ class _Link(asyncio.Protocol):
         #: stand-ins holding RecvPacket frames for this link, and their bytes
         self.staged: list[_StandIn] = []
         self.staged_bytes = 0
+        #: the socket buffer is over LINK_HIGH (asyncio's pause_writing)
+        self.congested = False
+        #: counts the times the link's buffer was found empty at a write: a
+        #: stand-in's bytes "in the backlog" are those since that epoch
+        self.epoch = 0
         #: keys the sibling announced → their 51-byte PeerPresent payload
         self.keys: dict[bytes, bytes] = {}
         self.packets_out = 0
@@ -197,6 +222,7 @@ class _Link(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.transport.set_write_buffer_limits(high=LINK_HIGH, low=LINK_HIGH // 4)
         spec = self.node.spec
         self.enc.hello(spec.index, spec.count, os.getpid())
         self._write()
@@ -212,6 +238,20 @@ class _Link(asyncio.Protocol):
 
     def eof_received(self) -> bool | None:
         return False
+
+    def pause_writing(self) -> None:
+        """The link is congested: its heavy senders queue (see LINK_HIGH)."""
+        self.congested = True
+        for si in self.node.stand_ins.values():
+            if si.link is self and si._epoch == self.epoch and si._recent > LINK_SHARE:
+                si.set_local_pause(True)
+
+    def resume_writing(self) -> None:
+        self.congested = False
+        self.epoch += 1
+        for si in list(self.node.stand_ins.values()):
+            if si.link is self and si._lpaused:
+                si.set_local_pause(False)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.transport = None
@@ -300,6 +340,8 @@ class _Link(asyncio.Protocol):
         t = self.transport
         chunks = self.enc.chunks_to_send()
         if chunks and t is not None and not t.is_closing():
+            if not t.get_write_buffer_size():
+                self.epoch += 1  # no backlog: every stand-in's share starts over
             t.writelines(chunks)
             self._last_write = time.monotonic_ns()
 
@@ -341,7 +383,8 @@ class _StandIn:
     """
 
     __slots__ = ("key", "link", "node", "_out", "_outn", "_last_src", "_paused", "_state",
-                 "_transport", "_held", "_heldn", "_hsrc", "_q", "_dq", "_q_since")
+                 "_transport", "_held", "_heldn", "_hsrc", "_q", "_dq", "_q_since",
+                 "_rpaused", "_lpaused", "_recent", "_epoch")
 
     def __init__(self, node: WorkerNode, key: bytes, link: _Link) -> None:
         self.node = node
@@ -363,6 +406,13 @@ class _StandIn:
         self._q: deque[bytes] | None = None
         self._dq: deque[bytes] | None = None
         self._q_since = 0.0
+        #: paused by the sibling (PAUSE), or here (its share of a congested link);
+        #: ``_paused`` is either
+        self._rpaused = False
+        self._lpaused = False
+        #: bytes staged on the link since its epoch ``_epoch`` (see _Link.epoch)
+        self._recent = 0
+        self._epoch = -1
 
     def __repr__(self) -> str:
         return f"_StandIn({self.key.hex()[:8]} via w{self.link.index})"
@@ -402,6 +452,13 @@ class _StandIn:
             held.append(data)
             self._heldn += n
             link.staged_bytes += n
+            if self._epoch == link.epoch:
+                self._recent += n
+                if link.congested and self._recent > LINK_SHARE:
+                    self.set_local_pause(True)
+            else:
+                self._epoch = link.epoch
+                self._recent = n
             if src != self._hsrc:
                 self._hsrc = b""
             return
@@ -420,6 +477,13 @@ class _StandIn:
             return
         if type(data) is memoryview and 2 * n < len(data.obj) > PIN_LIMIT:  # type: ignore[arg-type]
             data = bytes(data)  # a held slice must not pin a large read
+        if self._epoch == link.epoch:
+            self._recent += n
+            if link.congested and self._recent > LINK_SHARE:
+                self.set_local_pause(True)  # what follows queues here
+        else:
+            self._epoch = link.epoch
+            self._recent = n
         held = self._held
         if not held:
             self._hsrc = src
@@ -516,10 +580,25 @@ class _StandIn:
     # the sibling's connection is paused (PAUSE / RESUME)
 
     def pause(self) -> None:
-        """Queue packets here (bounded, head drop) until :meth:`resume`."""
-        self._paused = True
+        """The sibling's connection is paused: queue packets here (bounded, head
+        drop) until :meth:`resume`."""
+        self._rpaused = self._paused = True
+
+    def set_local_pause(self, on: bool) -> None:
+        """This stand-in's share of a congested link: queue (on) or go on (off)."""
+        self._lpaused = on
+        if on:
+            self._paused = True
+        elif not self._rpaused:
+            self._drain()
 
     def resume(self) -> None:
+        """The sibling's connection takes writes again."""
+        self._rpaused = False
+        if not self._lpaused:
+            self._drain()
+
+    def _drain(self) -> None:
         """Stage what queued while paused (disco first, as a connection drains)."""
         if not self._paused:
             return
@@ -549,7 +628,7 @@ class _StandIn:
             if q:
                 st.drop((GONE_DISCONNECTED, kind), sum(len(f) for f in q) - 37 * len(q), len(q))
                 q.clear()
-        self._paused = False
+        self._paused = self._rpaused = self._lpaused = False
         self._q_since = 0.0
 
     def set_health(self, problem: str) -> None:
@@ -815,7 +894,8 @@ class WorkerNode:
             self.ctx.relay.stand_ins.add(cast(DerpConnection, si))
         elif si.link is not link:
             si.link = link
-            si.resume()  # its pause was the old holder's
+            si._lpaused = False  # its pauses were the old link's and the old holder's
+            si.resume()
         return si
 
     def _sync(self, key: bytes) -> None:

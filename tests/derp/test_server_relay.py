@@ -298,13 +298,8 @@ async def test_stalled_receiver_on_another_worker_costs_others_nothing(
     while (p := await live.recv_packet()) != (s.pub, b"end"):
         got.append(p)
     assert got == sorted(got) and server.client_count == 3
-    lost = n - len(got)
-    if lost and server.stats.packets_dropped[WRITE_ERROR, KIND_OTHER]:
-        pytest.xfail(
-            f"known bug: {lost} of live's {n} packets dropped (write_error) because the "
-            "link behind which the stalled receiver sits backed up (MAX_LINK_BUFFER)"
-        )
-    assert lost == 0
+    assert len(got) == n  # nothing of live's lost: the stalled one's packets queue apart
+    assert server.stats.packets_dropped[WRITE_ERROR, KIND_OTHER] == 0
 
 
 async def test_keepalive_sent_periodically(make_host: HostFactory, connect: ClientFactory) -> None:

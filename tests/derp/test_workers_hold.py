@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import struct
+from collections import deque
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,7 +20,7 @@ import pytest
 
 from derp.stats import ServerStats
 from derp.workers.link import Frames, Gone, LinkDecoder
-from derp.workers.node import LINK_HOLD_BYTES, WorkerSpec, _Link, _StandIn
+from derp.workers.node import LINK_HOLD_BYTES, LINK_SHARE, WorkerSpec, _Link, _StandIn
 
 HOLD = 0.3
 K1, K2, SRC = b"\x01" * 32, b"\x02" * 32, b"\x03" * 32
@@ -145,3 +146,24 @@ async def test_lost_link_drops_held_packets_counted() -> None:
     a.write(recv(b"p4"))  # link down: dropped at once
     assert stats.total_drops == 3
     assert link._hold_timer is None and not link.staged and len(t.chunks) == 1
+
+
+async def test_a_congested_link_queues_only_its_heavy_senders() -> None:
+    """Over LINK_HIGH unsent (pause_writing), a stand-in that staged more than
+    LINK_SHARE since the link was last empty queues like a paused client; the
+    others go on; when the buffer drains (resume_writing) the queue follows."""
+    link, t, _ = make(0.0)
+    heavy, light = _StandIn(link.node, K1, link), _StandIn(link.node, K2, link)
+    link.node.stand_ins = {K1: heavy, K2: light}
+    big = recv(bytes(1000))
+    for _ in range(LINK_SHARE // len(big) + 2):
+        heavy.write(big)
+    light.write(recv(b"x"))
+    link.pause_writing()
+    assert heavy._paused and not light._paused
+    heavy._q = deque([recv(b"queued")])  # what the packet path queued meanwhile
+    await next_iteration()
+    link.resume_writing()
+    assert not heavy._paused and not heavy._q
+    await next_iteration()
+    assert t.events()[-1] == Frames(K1, recv(b"queued"), b"")

@@ -19,7 +19,9 @@ from derp.workers.link import (
     LinkEncoder,
     LinkError,
     Packet,
+    Pause,
     Present,
+    Resume,
     Stats,
 )
 from derp.workers.stats import decode_stats, encode_stats, merge_stats
@@ -51,7 +53,7 @@ def test_golden_hello() -> None:
     assert _events(wire, hello=True) == [Hello(2, 4, 12345)]
 
 
-def test_golden_present_gone_active_close() -> None:
+def test_golden_present_gone_active_close_pause_resume() -> None:
     ip = bytes.fromhex("00000000000000000000ffff7f000001")  # ::ffff:127.0.0.1
     present = (
         "02" "00000033" + K1.hex() + "00000000000000000000ffff7f000001" + "1f90" + "01"
@@ -61,14 +63,20 @@ def test_golden_present_gone_active_close() -> None:
         + "03" "00000020" + K2.hex()
         + "04" "00000020" + K1.hex()
         + "07" "00000020" + K2.hex()
+        + "09" "00000020" + K1.hex()
+        + "0a" "00000020" + K2.hex()
     )
     enc = LinkEncoder()
     enc.present(K1, ip, 8080, 1)
     enc.gone(K2)
     enc.active(K1)
     enc.close_peer(K2)
+    enc.pause(K1)
+    enc.resume(K2)
     assert enc.data_to_send() == wire
-    assert _events(wire) == [Present(K1, ip, 8080, 1), Gone(K2), Active(K1), ClosePeer(K2)]
+    assert _events(wire) == [
+        Present(K1, ip, 8080, 1), Gone(K2), Active(K1), ClosePeer(K2), Pause(K1), Resume(K2)
+    ]
     assert Present(K1, ip, 8080, 1).payload == bytes.fromhex(present)[5:]
 
 
@@ -196,6 +204,8 @@ events = st.one_of(
     st.builds(Gone, keys),
     st.builds(Active, keys),
     st.builds(ClosePeer, keys),
+    st.builds(Pause, keys),
+    st.builds(Resume, keys),
     st.builds(Packet, keys, keys, st.binary(max_size=300)),
     st.builds(Stats, st.binary(max_size=100)),
     st.builds(
@@ -221,6 +231,10 @@ def _encode(evs: list[object]) -> bytes:
             enc.active(ev.key)
         elif isinstance(ev, ClosePeer):
             enc.close_peer(ev.key)
+        elif isinstance(ev, Pause):
+            enc.pause(ev.key)
+        elif isinstance(ev, Resume):
+            enc.resume(ev.key)
         elif isinstance(ev, Packet):
             enc.packet(ev.src, ev.dst, ev.payload)
         elif isinstance(ev, Stats):
