@@ -181,6 +181,20 @@ class RawClient:
 ClientFactory = Callable[..., Awaitable[RawClient]]
 
 
+async def closed_at_once(port: int) -> bool:
+    """Connect and send an HTTP request; True if the server closed without
+    answering (refused at accept by a limit)."""
+    r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
+    try:
+        w.write(b"GET /derp/probe HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = await asyncio.wait_for(r.read(), WAIT)
+    except ConnectionResetError:
+        data = b""
+    finally:
+        w.close()
+    return data == b""
+
+
 async def wait_until(cond: Callable[[], bool], timeout: float = WAIT) -> None:
     """Poll a server-side condition on the event loop (bounded; yields each turn)."""
 

@@ -21,7 +21,7 @@ from derp.limits import MIN_CLIENT_BURST, AcceptLimiter, RateConfig, TokenBucket
 from derp.prodflags import parse_duration, server_options
 from derp.server import DerpServer
 
-from .conftest import WAIT, ClientFactory, HostFactory, make_config, wait_until
+from .conftest import WAIT, ClientFactory, HostFactory, closed_at_once, make_config, wait_until
 
 # --------------------------------------------------------------------------- pure
 
@@ -99,26 +99,13 @@ def test_token_bucket_rejects_bad_parameters() -> None:
 # --------------------------------------------------------------------------- server
 
 
-async def _closed_at_once(port: int) -> bool:
-    """Connect and report whether the server closed without answering an HTTP request."""
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        w.write(b"GET /derp/probe HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = await asyncio.wait_for(r.read(), WAIT)
-    except ConnectionResetError:
-        data = b""
-    finally:
-        w.close()
-    return data == b""
-
-
 async def test_accept_rate_limit_closes_overflow_immediately(
     make_host: HostFactory, connect: ClientFactory
 ) -> None:
     # Two workers: a burst of 1 each (derper --workers splits the host-wide limits).
     h = await make_host(accept_limit=0.001, accept_burst=2)
     cs = [await connect(host=h) for _ in range(2)]
-    assert await _closed_at_once(h.next_port())
+    assert await closed_at_once(h.next_port())
     assert h.stats.accepts_rejected == 1
     # The admitted clients are unaffected.
     cs[0].send_packet(cs[1].pub, b"after overflow")
@@ -129,7 +116,7 @@ async def test_max_connections(make_host: HostFactory, connect: ClientFactory) -
     h = await make_host(max_connections=2)  # two workers: 1 each
     a = await connect(host=h)
     b = await connect(host=h)
-    assert await _closed_at_once(h.next_port())  # worker 0 again: full
+    assert await closed_at_once(h.next_port())  # worker 0 again: full
     assert h.stats.accepts_rejected == 1
     await b.close()
     await wait_until(lambda: h.open_connections == 1)

@@ -43,7 +43,7 @@ from derp.server import DerpServer, ServerConfig
 from derp.server.conn import DUPLICATE_KEY_HEALTH
 from derp.stunserver import stun_request
 
-from .conftest import WAIT, RawClient, wait_until
+from .conftest import WAIT, RawClient, closed_at_once, wait_until
 
 pytestmark = pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="needs SO_REUSEPORT")
 
@@ -285,20 +285,6 @@ async def test_worker_killed_mid_traffic_is_restarted(
     a.send_packet(b.pub, b"after")
     assert await b2.recv_packet() == (a.pub, b"after")
     assert await h.stop() == 0
-
-
-async def closed_at_once(port: int) -> bool:
-    """Connect, send an HTTP request; True if the server closed without answering
-    (refused at accept by a limit)."""
-    r, w = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), WAIT)
-    try:
-        w.write(b"GET /derp/probe HTTP/1.1\r\nHost: x\r\n\r\n")
-        data = await asyncio.wait_for(r.read(), WAIT)
-    except ConnectionResetError:
-        data = b""
-    finally:
-        w.close()
-    return data == b""
 
 
 async def admitted_client(port: int) -> RawClient:
