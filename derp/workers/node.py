@@ -85,8 +85,8 @@ Backpressure, so one stalled or flooded client costs the others nothing:
   :data:`MAX_LINK_BUFFER` refuses packets (counted as ``write_error`` drops);
   presence frames are always queued (small, and losing one would leave a stale
   route). A staged slice of a read over :data:`PIN_LIMIT` is copied, so held
-packets never pin large reads; packets staged on a link that breaks are
-dropped and counted.
+  packets never pin large reads; packets staged on a link that breaks are
+  dropped and counted.
 
 Invariants: ``relay.elsewhere[k]`` equals the number of up links whose sibling
 announced ``k``; a key appears in ``routes`` via link j iff j announced it and
