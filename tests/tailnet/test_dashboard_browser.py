@@ -3,7 +3,7 @@
 One stack, one browser: log in (a wrong token first), watch an agent and a client
 appear when they coordinate, the packet counter rise while they relay through
 DERP, the client go when it disconnects; then log out. Also derper's relay-only
-variant. Skipped, with the reason, only where no Chromium can be had.
+variant, one process and two workers. Skipped, with the reason, only where no Chromium can be had.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from tailnet.demo import make_node
 from tailnet.stack import TailnetStack
 
 from ..browser import Browser, find_chromium
+from ..derp.conftest import make_config, start_host
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -197,3 +198,35 @@ async def test_derper_relay_dashboard(browser: Browser) -> None:
         await server.stop()
     assert all(u.startswith(url + "/") for u in browser.requests), browser.requests
 
+
+
+@needs_browser
+async def test_derper_dashboard_with_two_workers(browser: Browser) -> None:
+    """Two linked workers (as ``derper --workers 2`` runs them): the page on
+    worker 0 shows host totals and one line per worker."""
+    h = await start_host(make_config(), 2)
+    url0 = f"http://127.0.0.1:{h.servers[0].port}"
+    a = DerpClient(url0 + "/derp", PrivateKey.generate())
+    b = DerpClient(f"http://127.0.0.1:{h.servers[1].port}/derp", PrivateKey.generate())
+    stop = asyncio.Event()
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        await asyncio.gather(a.connect(), b.connect())
+        await h.known(b.public_key.raw, 1)
+        await browser.goto(url0 + "/dashboard")
+        await browser.wait_for("document.getElementById('status').textContent === 'live'")
+        tasks = [asyncio.ensure_future(_drain(b)), asyncio.ensure_future(_pump(a, b.public_key, stop))]
+        await browser.wait_for("document.querySelectorAll('#workers tbody tr[data-worker]').length === 2")
+        # host totals: a on worker 0, b on worker 1; a's packets cross to b
+        await browser.wait_for("Number(document.body.dataset.derpConnections) === 2", timeout=15)
+        await browser.wait_for("Number(document.body.dataset.packetsOut) > 200", timeout=15)
+        assert "(this page)" in await browser.eval(
+            "document.querySelector('#workers tbody tr[data-worker=\"0\"]').textContent"
+        )
+    finally:
+        stop.set()
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(a.close(), b.close(), return_exceptions=True)
+        await h.stop()
