@@ -404,6 +404,9 @@ class DerpConnection(asyncio.Protocol):
                 stats.drop(_D[GONE_DISCONNECTED, disco], sum(len(f) for f in q) - 37 * len(q), len(q))
                 q.clear()
         dep = ctx.relay.unregister(self._key, self)
+        if not dep.last and ctx.pause_hook is not None and dep.new_active is not None:
+            # the key's packets now go to another connection: its state counts
+            ctx.pause_hook(dep.new_active, dep.new_active._paused)
         if not dep.last and self._health:
             left = ctx.relay.connections(self._key)
             if len(left) == 1 and self._key not in ctx.relay.elsewhere:

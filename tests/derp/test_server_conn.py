@@ -24,7 +24,7 @@ from derp.frames import (
 from derp.keys import PrivateKey, seal
 from derp.server import DerpServer
 
-from .conftest import HostFactory, make_config, wait_until
+from .conftest import HostFactory, make_config, start_host, wait_until
 
 SERVER_KEY = PrivateKey.generate()
 A = PrivateKey.generate()
@@ -126,6 +126,31 @@ async def test_paused_receiver_queue_drop_policy(make_host: HostFactory) -> None
     assert got == [A.public.raw + bytes([i]) for i in range(6, 10)]
     assert h.servers[-1].stats.packets_sent == 4  # by B's worker
     assert h.stats.packets_sent == 4  # host total: each packet counted once
+
+
+async def test_paused_duplicate_leaving_hands_its_held_packets_to_the_other() -> None:
+    """Two workers: B has two connections on worker 1, the newer one paused, so
+    worker 0 holds A's packets for B (PAUSE). When the paused one leaves, the
+    other receives for B, worker 0 is told (RESUME) and sends what it held."""
+    h = await start_host(make_config(private_key=SERVER_KEY, queue_depth=8), 2)
+    try:
+        t1, t2, ta = MemoryTransport(), MemoryTransport(), MemoryTransport()
+        h.servers[1].accept(t1, fast_start=True, initial_data=client_info(B))
+        c2 = h.servers[1].accept(t2, fast_start=True, initial_data=client_info(B))
+        ca = h.servers[0].accept(ta, fast_start=True, initial_data=client_info(A))
+        await h.known(B.public.raw, 1)
+        c2.pause_writing()
+        si = h.nodes[0].stand_ins[B.public.raw]
+        await wait_until(lambda: si._paused)
+        ca.data_received(b"".join(encode_send_packet(B.public.raw, bytes([i])) for i in range(3)))
+        assert len(si._q or ()) == 3  # held on worker 0
+        c2.close("test: the paused duplicate leaves")
+        await wait_until(lambda: len([f for f in t1.frames() if f[0] == FrameType.RECV_PACKET]) == 3)
+        got = [p for t, p in t1.frames() if t == FrameType.RECV_PACKET]
+        assert got == [A.public.raw + bytes([i]) for i in range(3)]
+        assert not si._paused
+    finally:
+        await h.stop()
 
 
 async def test_duplicates_registered_at_once_agree_on_one_receiver(
