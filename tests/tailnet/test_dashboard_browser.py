@@ -50,6 +50,17 @@ async def _pump(a: DerpClient, dst: object, stop: asyncio.Event) -> None:
         await asyncio.sleep(0.02)  # pacing, not synchronisation
 
 
+async def _stop_pair(
+    stop: asyncio.Event, tasks: list[asyncio.Task[None]], a: DerpClient, b: DerpClient
+) -> None:
+    """Stop the pump and the drain, close both clients."""
+    stop.set()
+    for t in tasks:
+        t.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.gather(a.close(), b.close(), return_exceptions=True)
+
+
 async def _drain(c: DerpClient) -> None:
     with contextlib.suppress(Exception):
         while True:
@@ -190,11 +201,7 @@ async def test_derper_relay_dashboard(browser: Browser) -> None:
         await b.close()
         await browser.wait_for("Number(document.body.dataset.derpConnections) === 1")
     finally:
-        stop.set()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(a.close(), b.close(), return_exceptions=True)
+        await _stop_pair(stop, tasks, a, b)
         await server.stop()
     assert all(u.startswith(url + "/") for u in browser.requests), browser.requests
 
@@ -224,9 +231,5 @@ async def test_derper_dashboard_with_two_workers(browser: Browser) -> None:
             "document.querySelector('#workers tbody tr[data-worker=\"0\"]').textContent"
         )
     finally:
-        stop.set()
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await asyncio.gather(a.close(), b.close(), return_exceptions=True)
+        await _stop_pair(stop, tasks, a, b)
         await h.stop()
