@@ -243,7 +243,7 @@ class _Link(asyncio.Protocol):
         """The link is congested: its heavy senders queue (see LINK_HIGH)."""
         self.congested = True
         for si in self.node.stand_ins.values():
-            if si.link is self and si._epoch == self.epoch and si._recent > LINK_SHARE:
+            if si.link is self and si.share() > LINK_SHARE:
                 si.set_local_pause(True)
 
     def resume_writing(self) -> None:
@@ -335,13 +335,13 @@ class _Link(asyncio.Protocol):
             self._hold_timer.cancel()
             self._hold_timer = None
         self._urgent = False
+        t = self.transport
+        if t is not None and not t.get_write_buffer_size():
+            self.epoch += 1  # no backlog: every stand-in's share starts with this write
         if self.staged:
             self._drain_staged()
-        t = self.transport
         chunks = self.enc.chunks_to_send()
         if chunks and t is not None and not t.is_closing():
-            if not t.get_write_buffer_size():
-                self.epoch += 1  # no backlog: every stand-in's share starts over
             t.writelines(chunks)
             self._last_write = time.monotonic_ns()
 
@@ -410,7 +410,8 @@ class _StandIn:
         #: ``_paused`` is either
         self._rpaused = False
         self._lpaused = False
-        #: bytes staged on the link since its epoch ``_epoch`` (see _Link.epoch)
+        #: bytes written to the link in its epoch ``_epoch`` (see _Link.epoch);
+        #: with what is held, this stand-in's share of the link's backlog
         self._recent = 0
         self._epoch = -1
 
@@ -452,13 +453,8 @@ class _StandIn:
             held.append(data)
             self._heldn += n
             link.staged_bytes += n
-            if self._epoch == link.epoch:
-                self._recent += n
-                if link.congested and self._recent > LINK_SHARE:
-                    self.set_local_pause(True)
-            else:
-                self._epoch = link.epoch
-                self._recent = n
+            if link.congested and self.share() > LINK_SHARE:
+                self.set_local_pause(True)  # what follows queues here
             if src != self._hsrc:
                 self._hsrc = b""
             return
@@ -477,13 +473,6 @@ class _StandIn:
             return
         if type(data) is memoryview and 2 * n < len(data.obj) > PIN_LIMIT:  # type: ignore[arg-type]
             data = bytes(data)  # a held slice must not pin a large read
-        if self._epoch == link.epoch:
-            self._recent += n
-            if link.congested and self._recent > LINK_SHARE:
-                self.set_local_pause(True)  # what follows queues here
-        else:
-            self._epoch = link.epoch
-            self._recent = n
         held = self._held
         if not held:
             self._hsrc = src
@@ -493,11 +482,24 @@ class _StandIn:
         held.append(data)
         self._heldn += n
         link.staged_bytes += n
+        if link.congested and self.share() > LINK_SHARE:
+            self.set_local_pause(True)  # what follows queues here
         if link.staged_bytes >= LINK_HOLD_BYTES and link._hold_timer is not None:
             link.schedule_flush()
 
+    def share(self) -> int:
+        """Bytes of this stand-in in the link's backlog: written in the link's
+        current epoch, plus held."""
+        recent = self._recent if self._epoch == self.link.epoch else 0
+        return recent + self._heldn
+
     def emit(self, enc: LinkEncoder) -> int:
         """Queue the held frames as FRAMES link frames; how many."""
+        epoch = self.link.epoch
+        if self._epoch != epoch:
+            self._epoch = epoch
+            self._recent = 0
+        self._recent += self._heldn
         held = self._held
         key = self.key
         src = self._hsrc
