@@ -285,6 +285,11 @@ class _Link(asyncio.Protocol):
         """Whether the link holds more than MAX_LINK_BUFFER unsent bytes."""
         return self.enc.pending_bytes + self.staged_bytes + t.get_write_buffer_size() > MAX_LINK_BUFFER
 
+    def urge(self) -> None:
+        """What is staged goes out at the end of this iteration (no hold)."""
+        self._urgent = True
+        self.schedule_flush()
+
     def control(self) -> LinkEncoder:
         """The encoder, for a presence/control frame: staged packet frames are
         queued first (order kept) and this iteration's flush writes at once."""
@@ -621,6 +626,9 @@ class _StandIn:
                 waited_ms = (time.monotonic() - self._q_since) * 1000.0
                 st.average_queue_duration_ms += 0.1 * (waited_ms - st.average_queue_duration_ms)
             self._stage(b"".join(parts), b"")
+            # The receiver has room again and packets keep queueing behind
+            # these: they go out this iteration, not after the link's hold.
+            self.link.urge()
         self._q_since = 0.0
 
     def discard_queues(self) -> None:

@@ -167,3 +167,23 @@ async def test_a_congested_link_queues_only_its_heavy_senders() -> None:
     assert not heavy._paused and not heavy._q
     await next_iteration()
     assert t.events()[-1] == Frames(K1, recv(b"queued"), b"")
+
+
+async def test_resume_writes_what_queued_without_waiting_for_the_hold() -> None:
+    """RESUME from the sibling: the packets queued while its client was paused
+    have waited already; they go out at the end of this iteration even though
+    the link is busy (holding)."""
+    link, t, _ = make(HOLD)
+    a, b = _StandIn(link.node, K1, link), _StandIn(link.node, K2, link)
+    b.write(recv(b"q1"))
+    await next_iteration()
+    assert len(t.chunks) == 1  # the link is busy from here on
+    a.pause()
+    a._q = deque([recv(b"p1"), recv(b"p2")])  # what the packet path queued meanwhile
+    b.write(recv(b"q2"))  # staged, held
+    await next_iteration()
+    assert len(t.chunks) == 1 and link._hold_timer is not None
+    a.resume()
+    await next_iteration()
+    assert len(t.chunks) == 2  # not after HOLD
+    assert t.events()[1:] == [Frames(K2, recv(b"q2"), b""), Frames(K1, recv(b"p1") + recv(b"p2"), b"")]
