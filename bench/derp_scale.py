@@ -16,11 +16,22 @@ link writes every loop iteration: what the default 1 ms hold buys, and what
 its latency costs). The workers' test ports (``--worker-test-ports``) address
 each one. Every line shows the one-way latency p50/p99 of the deliveries.
 
+Those closed-loop runs each go as fast as they can, so the two cases are compared
+at different packet rates; and CPU per packet falls steeply with the rate (more
+packets per read and per write), so a ratio taken there mixes the cost of
+crossing with the cost of a lighter load. ``--cross`` therefore also compares the
+two at **equal offered load**: open loop, both cases at the same packet rates,
+by default 40 % and 80 % of the crossing case's closed-loop rate in this run
+(``--cross-load``), so both sustain it. Such a line counts only when every
+offered packet was delivered (none lost, none skipped by the generator) and
+delivered packets/s is within 3 % of the offered rate; the summary says which.
+
 Usage::
 
     .venv/bin/python bench/derp_scale.py                       # 1..CPUs workers, 32x64
     .venv/bin/python bench/derp_scale.py --max-workers 4 --pairs 8 --size 1400
     .venv/bin/python bench/derp_scale.py --cross --runs 3      # + crossing vs staying, medians
+    .venv/bin/python bench/derp_scale.py --cross --cross-load 0.5  # equal load at 50 % only
     .venv/bin/python bench/derp_scale.py --no-scale --idle 1000,3000   # marginal idle memory
 
 On a machine with C cores the load generator shares the cores with the relay:
@@ -180,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-procs", type=int, default=2, help="load generator processes (default 2)")
     p.add_argument("--runs", type=int, default=1, help="repeat and print medians")
     p.add_argument("--cross", action="store_true", help="also: 2 workers, crossing vs staying")
+    p.add_argument("--cross-load", default="0.4,0.8", metavar="F,F",
+                   help="with --cross: open-loop rates, as fractions of the crossing case's "
+                   "closed-loop pkt/s, at which staying and crossing are compared (default 0.4,0.8)")
     p.add_argument("--no-scale", action="store_true", help="skip the 1..W curve")
     p.add_argument("--idle", default="", metavar="LOW,HIGH",
                    help="also: marginal idle memory per client between LOW and HIGH clients, "
@@ -189,7 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     results.mkdir(exist_ok=True)
     spec = LoadSpec(pairs=args.pairs, size=args.size, mode="closed", warmup=args.warmup,
                     duration=args.duration, per_packet=True)
-    print(f"# derp_scale: {args.pairs} pairs x {args.size} B, closed loop, per-packet writes, "
+    modes = "closed loop" + (" (and open loop at equal load for --cross)" if args.cross else "")
+    print(f"# derp_scale: {args.pairs} pairs x {args.size} B, {modes}, per-packet writes, "
           f"{args.gen_procs} generator processes, {args.runs} run(s); "
           f"cores available {len(os.sched_getaffinity(0))}; load {os.getloadavg()[0]:.2f}")
     rows: list[tuple[str, list[dict[str, Any]]]] = []
@@ -231,9 +246,53 @@ def main(argv: list[str] | None = None) -> int:
         stay = statistics.median(r["us_per_pkt"] for r in by["2 workers, stay in w0"])
         cross = statistics.median(r["us_per_pkt"] for r in by["2 workers, cross w0->w1"])
         cross0 = statistics.median(r["us_per_pkt"] for r in by["2 workers, cross, no hold"])
-        print(f"\ncrossing / staying CPU per packet: {cross / stay:.2f}x (target <= 1.3x); "
-              f"without the link hold {cross0 / stay:.2f}x")
+        capacity = statistics.median(r["pps"] for r in by["2 workers, cross w0->w1"])
+        loads = [float(f) for f in args.cross_load.split(",") if f.strip()]
+        equal = equal_load(args, capacity, loads, results)
+        print(f"\ncrossing / staying CPU per packet, closed loop (each case at its own "
+              f"saturated rate): {cross / stay:.2f}x; without the link hold {cross0 / stay:.2f}x")
+        for rate, ratio, fair in equal:
+            print(f"crossing / staying CPU per packet at an equal {rate:,.0f} pkt/s offered: "
+                  f"{ratio:.2f}x (target <= 1.3x)" + ("" if fair else
+                                                     " -- NOT COMPARABLE: a case did not sustain the rate"))
     return 0
+
+
+def equal_load(args: argparse.Namespace, capacity: float, loads: list[float],
+               results: Path) -> list[tuple[float, float, bool]]:
+    """Staying against crossing, open loop at each ``load * capacity`` pkt/s.
+
+    Returns ``(rate, crossing/staying median CPU per packet, comparable)`` per
+    rate; comparable means every run of both cases delivered every packet at
+    the offered rate (within 3 %)."""
+    out: list[tuple[float, float, bool]] = []
+    for load in loads:
+        rate = round(load * capacity, -3)
+        spec = LoadSpec(pairs=args.pairs, size=args.size, mode="open", rate=rate,
+                        warmup=args.warmup, duration=args.duration, per_packet=True)
+        runs: dict[str, list[dict[str, Any]]] = {"stay": [], "cross": []}
+        for _ in range(args.runs):
+            for how in ("stay", "cross"):
+                relay = Relay(2, results / f"scale-w2-{how}-open.log")
+                try:
+                    t = relay.test_ports
+                    target = Target("derp", "127.0.0.1", t[0], t[0] if how == "stay" else t[1])
+                    runs[how].append(measure(relay, target, spec, args.gen_procs))
+                finally:
+                    relay.stop()
+        for how, name in (("stay", "stay in w0"), ("cross", "cross w0->w1")):
+            print(_line(f"{rate / 1e3:,.0f}k/s offered, {name}", runs[how]), flush=True)
+        fair = all(sustained(r, rate) for rs in runs.values() for r in rs)
+        ratio = (statistics.median(r["us_per_pkt"] for r in runs["cross"])
+                 / statistics.median(r["us_per_pkt"] for r in runs["stay"]))
+        out.append((rate, ratio, fair))
+    return out
+
+
+def sustained(r: dict[str, Any], rate: float) -> bool:
+    """An open-loop run that delivered everything it offered, at the offered rate."""
+    return (verify(r) == "ok" and not r.get("gen_skipped") and not r.get("lost")
+            and abs(r["pps"] - rate) <= 0.03 * rate)
 
 
 def _line(name: str, runs: list[dict[str, Any]]) -> str:
@@ -243,7 +302,7 @@ def _line(name: str, runs: list[dict[str, Any]]) -> str:
     p50 = statistics.median(r["p50_us"] for r in runs) / 1e3
     p99 = statistics.median(r["p99_us"] for r in runs) / 1e3
     checks = "; ".join(sorted({verify(r) for r in runs}))
-    return (f"| {name:<26} | {pps:>10,.0f} pkt/s | {us:6.2f} us server CPU/pkt | "
+    return (f"| {name:<30} | {pps:>10,.0f} pkt/s | {us:6.2f} us server CPU/pkt | "
             f"{cores:4.2f} server cores | latency p50 {p50:5.2f} / p99 {p99:5.2f} ms | {checks} |")
 
 
