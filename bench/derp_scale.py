@@ -35,9 +35,13 @@ Usage::
     .venv/bin/python bench/derp_scale.py --no-scale --idle 1000,3000   # marginal idle memory
 
 On a machine with C cores the load generator shares the cores with the relay:
-packets/s stops scaling at about C/2 workers here; give it its own host
-(``--host``/``--port`` of a relay started elsewhere is not supported: run on one
-box and read CPU per packet, which does not depend on who else runs).
+packets/s stops scaling at about C/2 workers here (``--host``/``--port`` of a
+relay started elsewhere is not supported). Sharing also moves CPU per packet: a
+relay that takes more CPU leaves the generators less, the packet rate falls, and
+at a lower rate each read and write carries fewer packets, so every packet costs
+more. That is why ``--cross`` compares at equal offered load as well. (Pinning
+the generators to one core and the relay to the other is no way out on 2 cores:
+both workers then share one core.)
 """
 
 from __future__ import annotations
