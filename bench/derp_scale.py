@@ -33,6 +33,7 @@ Usage::
     .venv/bin/python bench/derp_scale.py --cross --runs 3      # + crossing vs staying, medians
     .venv/bin/python bench/derp_scale.py --cross --cross-load 0.5  # equal load at 50 % only
     .venv/bin/python bench/derp_scale.py --no-scale --idle 1000,3000   # marginal idle memory
+    .venv/bin/python bench/derp_scale.py --cross --no-scale --per-worker  # where each worker's CPU goes
 
 On a machine with C cores the load generator shares the cores with the relay:
 packets/s stops scaling at about C/2 workers here (``--host``/``--port`` of a
@@ -64,6 +65,19 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from derp_loadgen import IdleClients, LoadSpec, Target, raise_nofile_limit, run_load  # noqa: E402
+
+
+def _cpu_s(pids: list[int]) -> float:
+    """CPU seconds of every thread of ``pids`` (``/proc/<pid>/task/*/schedstat``)."""
+    total = 0
+    for pid in pids:
+        for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
+            try:
+                with open(path) as f:
+                    total += int(f.read().split()[0])
+            except (OSError, ValueError, IndexError):
+                pass
+    return total / 1e9
 
 
 class Relay:
@@ -116,15 +130,25 @@ class Relay:
         raise RuntimeError("derper did not start")
 
     def cpu_s(self) -> float:
-        total = 0
-        for pid in self.pids:
-            for path in glob.glob(f"/proc/{pid}/task/*/schedstat"):
-                try:
-                    with open(path) as f:
-                        total += int(f.read().split()[0])
-                except (OSError, ValueError, IndexError):
-                    pass
-        return total / 1e9
+        return _cpu_s(self.pids)
+
+    def sample(self) -> tuple[float, list[tuple[float, int, int]]]:
+        """Total CPU seconds, and per worker process (the supervisor left out)
+        its CPU seconds and read/write syscalls so far (``/proc/<pid>/io``)."""
+        per: list[tuple[float, int, int]] = []
+        for pid in self.pids[1:]:
+            cpu = _cpu_s([pid])
+            io = {"syscr": 0, "syscw": 0}
+            try:
+                with open(f"/proc/{pid}/io") as f:
+                    for line in f:
+                        k, _, v = line.partition(":")
+                        if k in io:
+                            io[k] = int(v)
+            except OSError:
+                pass
+            per.append((cpu, io["syscr"], io["syscw"]))
+        return self.cpu_s(), per
 
     def rss_bytes(self) -> int:
         """Resident memory summed over the supervisor and every worker."""
@@ -152,8 +176,12 @@ class Relay:
 
 def measure(relay: Relay, target: Target, spec: LoadSpec, gen_procs: int) -> dict[str, Any]:
     res = run_load(target, spec, workers=gen_procs,
-                   on_window_start=relay.cpu_s, on_window_end=relay.cpu_s)
-    c0, c1 = res.pop("start_sample"), res.pop("end_sample")
+                   on_window_start=relay.sample, on_window_end=relay.sample)
+    (c0, w0), (c1, w1) = res.pop("start_sample"), res.pop("end_sample")
+    n = res["win_recv"] or 1
+    # per worker: CPU us, read and write syscalls, each per delivered packet
+    res["per_worker"] = [((b[0] - a[0]) / n * 1e6, (b[1] - a[1]) / n, (b[2] - a[2]) / n)
+                         for a, b in zip(w0, w1)]
     res["srv_cpu_s"] = c1 - c0
     res["us_per_pkt"] = (c1 - c0) / res["win_recv"] * 1e6 if res["win_recv"] else float("nan")
     res["srv_cores"] = (c1 - c0) / res["window_s"]
@@ -199,6 +227,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --cross: open-loop rates, as fractions of the crossing case's "
                    "closed-loop pkt/s, at which staying and crossing are compared (default 0.4,0.8)")
     p.add_argument("--no-scale", action="store_true", help="skip the 1..W curve")
+    p.add_argument("--per-worker", action="store_true",
+                   help="also print each worker's CPU and read/write syscalls per packet")
     p.add_argument("--idle", default="", metavar="LOW,HIGH",
                    help="also: marginal idle memory per client between LOW and HIGH clients, "
                    "for 1 and for W workers (e.g. 1000,3000)")
@@ -237,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             if i == args.runs - 1:
                 rows.append((name, by_case[name]))
                 print(_line(name, by_case[name]), flush=True)
+                if args.per_worker:
+                    print(_workers_line(by_case[name]), flush=True)
     if args.idle:
         raise_nofile_limit()
         low, high = (int(x) for x in args.idle.split(","))
@@ -286,6 +318,8 @@ def equal_load(args: argparse.Namespace, capacity: float, loads: list[float],
                     relay.stop()
         for how, name in (("stay", "stay in w0"), ("cross", "cross w0->w1")):
             print(_line(f"{rate / 1e3:,.0f}k/s offered, {name}", runs[how]), flush=True)
+            if args.per_worker:
+                print(_workers_line(runs[how]), flush=True)
         fair = all(sustained(r, rate) for rs in runs.values() for r in rs)
         ratio = (statistics.median(r["us_per_pkt"] for r in runs["cross"])
                  / statistics.median(r["us_per_pkt"] for r in runs["stay"]))
@@ -308,6 +342,15 @@ def _line(name: str, runs: list[dict[str, Any]]) -> str:
     checks = "; ".join(sorted({verify(r) for r in runs}))
     return (f"| {name:<30} | {pps:>10,.0f} pkt/s | {us:6.2f} us server CPU/pkt | "
             f"{cores:4.2f} server cores | latency p50 {p50:5.2f} / p99 {p99:5.2f} ms | {checks} |")
+
+
+def _workers_line(runs: list[dict[str, Any]]) -> str:
+    """Medians per worker process: CPU, reads and writes (syscalls) per packet."""
+    cells = []
+    for i in range(len(runs[0]["per_worker"])):
+        cpu, rd, wr = (statistics.median(r["per_worker"][i][k] for r in runs) for k in range(3))
+        cells.append(f"worker {i}: {cpu:5.2f} us/pkt, {rd:5.3f} reads/pkt, {wr:5.3f} writes/pkt")
+    return "|   " + " | ".join(cells) + " |"
 
 
 if __name__ == "__main__":
