@@ -10,8 +10,10 @@ direction of frames::
     0x01  HELLO       "DWL1" ‖ index u16 ‖ count u16 ‖ pid u32     first frame, each way
     0x02  PRESENT     key[32] ‖ ip[16] ‖ port u16 ‖ flags u8       sender holds a connection of key
     0x03  GONE        key[32]                                      sender's last connection of key left
-    0x04  ACTIVE      key[32]                                      sender's connection of key is now
+    0x04  ACTIVE      key[32] ‖ stamp u64                          sender's connection of key is now
                                                                    the most recently active one
+                                                                   (stamp: the sender's Lamport
+                                                                   clock; see below)
     0x05  PACKET      src[32] ‖ dst[32] ‖ packet (0..64 KiB)       deliver packet from src to dst
     0x06  STATS       JSON object (≤ 1 MiB)                        sender's counters (derp.workers.stats)
     0x07  CLOSE_PEER  key[32]                                      close the receiver's connections
@@ -44,6 +46,13 @@ link comes up: the full state), GONE once per key when its last connection on
 the sender leaves, like DERP's PeerPresent/PeerGone (spec §4). The PRESENT
 payload is the 51-byte PeerPresent layout, so a worker can answer a mesh
 peer's WatchConns with its siblings' keys unchanged.
+
+ACTIVE carries a Lamport stamp so that two claims crossing on a link are
+ordered the same way on both ends: every worker keeps a counter, raises it past
+every stamp it receives, and stamps each claim with counter + 1; of two claims
+for one key the one with the higher ``(stamp, worker index)`` wins everywhere.
+A claim made after hearing another therefore always beats it, and two made at
+the same moment pick one winner instead of each side deferring to the other.
 
 Batching: :class:`LinkEncoder` only appends to a list; the adapter calls
 :meth:`LinkEncoder.data_to_send` once per event-loop iteration and writes the
@@ -102,6 +111,8 @@ _MAX_PACKET_FRAME: Final = 2 * KEY_LEN + MAX_PACKET_SIZE
 #: Largest frame payload of any type.
 MAX_LINK_FRAME: Final = max(MAX_STATS_LEN, _MAX_PACKET_FRAME, 2 * KEY_LEN + (1 << 20))
 _PRESENT_LEN: Final = KEY_LEN + _PRESENT_TAIL.size
+_STAMP: Final = struct.Struct(">Q")
+_ACTIVE_LEN: Final = KEY_LEN + _STAMP.size
 
 
 class LinkFrame(enum.IntEnum):
@@ -173,9 +184,11 @@ class Gone:
 
 @dataclass(frozen=True, slots=True)
 class Active:
-    """The sibling's connection of ``key`` is now the most recently active one."""
+    """The sibling's connection of ``key`` is now the most recently active one;
+    ``stamp`` orders this claim against others for ``key`` (module docstring)."""
 
     key: bytes
+    stamp: int
 
 
 class Packet(NamedTuple):
@@ -291,8 +304,8 @@ class LinkEncoder:
     def gone(self, key: bytes) -> None:
         self._frame(_T_GONE, _key(key))
 
-    def active(self, key: bytes) -> None:
-        self._frame(_T_ACTIVE, _key(key))
+    def active(self, key: bytes, stamp: int) -> None:
+        self._frame(_T_ACTIVE, _key(key) + _STAMP.pack(stamp))
 
     def close_peer(self, key: bytes) -> None:
         self._frame(_T_CLOSE, _key(key))
@@ -477,8 +490,10 @@ class LinkDecoder:
             ok = length == _HELLO.size
         elif ftype == _T_PRESENT:
             ok = length == _PRESENT_LEN
-        elif ftype in (_T_GONE, _T_ACTIVE, _T_CLOSE, _T_PAUSE, _T_RESUME):
+        elif ftype in (_T_GONE, _T_CLOSE, _T_PAUSE, _T_RESUME):
             ok = length == KEY_LEN
+        elif ftype == _T_ACTIVE:
+            ok = length == _ACTIVE_LEN
         elif ftype == _T_STATS:
             ok = length <= MAX_STATS_LEN
         else:
@@ -502,7 +517,7 @@ class LinkDecoder:
         elif ftype == _T_GONE:
             self._events.append(Gone(payload))
         elif ftype == _T_ACTIVE:
-            self._events.append(Active(payload))
+            self._events.append(Active(payload[:KEY_LEN], _STAMP.unpack_from(payload, KEY_LEN)[0]))
         elif ftype == _T_STATS:
             self._events.append(Stats(payload))
         elif ftype == _T_CLOSE:

@@ -54,8 +54,8 @@ Behaviours across workers:
   their own connections of key speaks again. Connections registered on two
   workers before either heard of the other (no ACTIVE either way): on the
   sibling's PRESENT the lower worker index wins, until one speaks. Two ACTIVE
-  crossing on a link leave both workers stepped aside (each delivers what the
-  other forwards) until one of the connections speaks again. Health
+  crossing on a link are ordered by their Lamport stamps (``derp.workers.link``):
+  both ends keep the later claim, so exactly one worker receives. Health
   frames tell every connection of a key split across workers it has a
   duplicate, and the last one left that it is healthy again;
 * mesh: every worker dials the ``--mesh-with`` peers itself; a WatchConns
@@ -167,6 +167,8 @@ LINK_SHARE: Final = 256 << 10
 #: so held slices pin at most this much each.
 PIN_LIMIT: Final = 16 << 10
 _DIAL_RETRY: Final = 0.05
+#: ACTIVE stamps are u64 on the wire; the clock stops there.
+_MAX_STAMP: Final = (1 << 64) - 1
 
 
 def socket_path(sock_dir: str, index: int) -> str:
@@ -677,6 +679,10 @@ class WorkerNode:
         self._total_metrics.gauges["workers_linked"] = lambda: float(len(self.links) + 1)
         #: key → stand-in in relay.active for a key received on a sibling
         self.stand_ins: dict[bytes, _StandIn] = {}
+        #: Lamport clock of ACTIVE claims (derp.workers.link), and per local key
+        #: the winning claim so far as (stamp, worker index)
+        self._clock = 0
+        self._claims: dict[bytes, tuple[int, int]] = {}
         #: local keys the siblings were told (PAUSE) to hold packets for
         self._paused_sent: set[bytes] = set()
         #: [packets, bytes] that a sibling counted as sent but that reached a
@@ -755,17 +761,18 @@ class WorkerNode:
     def registered(self, key: bytes, conn: object) -> None:
         c = cast(DerpConnection, conn)
         payload = c.peer_present_frame()[HEADER_LEN:]
-        also = key in self.ctx.relay.elsewhere
+        stamp = self._claim(key) if key in self.ctx.relay.elsewhere else 0
         for link in self.links.values():
             enc = link.control()
             enc.present_raw(payload)
-            if also:
-                enc.active(key)
+            if stamp:
+                enc.active(key, stamp)
         if key in self._paused_sent:  # the new connection takes the key's packets
             self._pause_changed(c, c._paused)
 
     def departed(self, key: bytes) -> None:
         self._paused_sent.discard(key)
+        self._claims.pop(key, None)
         for link in self.links.values():
             link.control().gone(key)
         self._sync(key)
@@ -774,8 +781,15 @@ class WorkerNode:
         self._pause_changed(cast(DerpConnection, conn), cast(DerpConnection, conn)._paused)
         if key not in self.ctx.relay.elsewhere:
             return
+        stamp = self._claim(key)
         for link in self.links.values():
-            link.control().active(key)
+            link.control().active(key, stamp)
+
+    def _claim(self, key: bytes) -> int:
+        """Stamp a new ACTIVE claim for ``key``: later than every claim heard."""
+        self._clock = stamp = min(self._clock + 1, _MAX_STAMP)
+        self._claims[key] = (stamp, self.spec.index)
+        return stamp
 
     def _pause_changed(self, conn: DerpConnection, paused: bool) -> None:
         """A connection stopped or started taking writes: if it is the one its
@@ -871,9 +885,16 @@ class WorkerNode:
                     self._note_sources(d, blob)
             elif kind is Active:
                 key = ev.key
+                if ev.stamp > self._clock:
+                    self._clock = min(ev.stamp, _MAX_STAMP)
                 if key in relay and key in link.keys:
-                    ctx.routes.promote(key, link)
-                    relay.step_aside(key, cast(DerpConnection, self._stand_in(key, link)))
+                    # Two claims that crossed: both ends keep the higher one.
+                    claim = (ev.stamp, link.index if link.index is not None else -1)
+                    held = self._claims.get(key)
+                    if held is None or claim > held:
+                        self._claims[key] = claim
+                        ctx.routes.promote(key, link)
+                        relay.step_aside(key, cast(DerpConnection, self._stand_in(key, link)))
             elif kind is Stats:
                 if link.index is not None:
                     try:
@@ -1072,6 +1093,9 @@ class WorkerNode:
             self._sibling_stats.pop(link.index, None)
         keys = list(link.keys)
         link.keys.clear()
+        # A sibling that comes back starts its clock at 0: no claim of ours
+        # from before may outrank its new ones.
+        self._claims.clear()
         self._forget(link, keys)
         self.ctx.routes.drop_link(link)
         self.ctx.routes.forget_preference(link)

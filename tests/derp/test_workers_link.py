@@ -61,7 +61,7 @@ def test_golden_present_gone_active_close_pause_resume() -> None:
     wire = bytes.fromhex(
         present
         + "03" "00000020" + K2.hex()
-        + "04" "00000020" + K1.hex()
+        + "04" "00000028" + K1.hex() + "0000000000000102"  # ACTIVE: key, stamp 258
         + "07" "00000020" + K2.hex()
         + "09" "00000020" + K1.hex()
         + "0a" "00000020" + K2.hex()
@@ -69,13 +69,13 @@ def test_golden_present_gone_active_close_pause_resume() -> None:
     enc = LinkEncoder()
     enc.present(K1, ip, 8080, 1)
     enc.gone(K2)
-    enc.active(K1)
+    enc.active(K1, 258)
     enc.close_peer(K2)
     enc.pause(K1)
     enc.resume(K2)
     assert enc.data_to_send() == wire
     assert _events(wire) == [
-        Present(K1, ip, 8080, 1), Gone(K2), Active(K1), ClosePeer(K2), Pause(K1), Resume(K2)
+        Present(K1, ip, 8080, 1), Gone(K2), Active(K1, 258), ClosePeer(K2), Pause(K1), Resume(K2)
     ]
     assert Present(K1, ip, 8080, 1).payload == bytes.fromhex(present)[5:]
 
@@ -172,6 +172,7 @@ def test_unknown_type_is_skipped() -> None:
         (bytes.fromhex("05" "0000003f") + bytes(63), "PACKET shorter than two keys"),
         (bytes.fromhex("05" "00010041"), "PACKET over 64 KiB"),
         (bytes.fromhex("02" "00000032") + bytes(50), "PRESENT of 50 bytes"),
+        (bytes.fromhex("04" "00000020") + bytes(32), "ACTIVE without its stamp"),
         (bytes.fromhex("7f" "7fffffff"), "frame over the bound"),
     ],
 )
@@ -202,7 +203,7 @@ keys = st.binary(min_size=32, max_size=32)
 events = st.one_of(
     st.builds(Present, keys, st.binary(min_size=16, max_size=16), st.integers(0, 65535), st.integers(0, 255)),
     st.builds(Gone, keys),
-    st.builds(Active, keys),
+    st.builds(Active, keys, st.integers(0, 2**64 - 1)),
     st.builds(ClosePeer, keys),
     st.builds(Pause, keys),
     st.builds(Resume, keys),
@@ -228,7 +229,7 @@ def _encode(evs: list[object]) -> bytes:
         elif isinstance(ev, Gone):
             enc.gone(ev.key)
         elif isinstance(ev, Active):
-            enc.active(ev.key)
+            enc.active(ev.key, ev.stamp)
         elif isinstance(ev, ClosePeer):
             enc.close_peer(ev.key)
         elif isinstance(ev, Pause):
