@@ -170,22 +170,24 @@ class _Call:
             self._ended_waiter = asyncio.get_running_loop().create_future()
         await asyncio.shield(self._ended_waiter)
 
-    async def send(self, msg: Message) -> None:
+    def _encode(self, msg: Message) -> bytes:
+        """``msg`` serialized for sending; the call must be open and the
+        message within DRPC's bound."""
         if self.ended:
             raise ConnectionError("call is over")
         data = msg.SerializeToString()
         if len(data) > drpc.MAX_MESSAGE_SIZE:
             raise RpcError(0, f"response of {len(data)} bytes exceeds {drpc.MAX_MESSAGE_SIZE}")
+        return data
+
+    async def send(self, msg: Message) -> None:
+        data = self._encode(msg)
         rpc = self._rpc
         rpc.drpc.send_message(data)
         await rpc.write_out()
 
     def send_nowait(self, msg: Message) -> bool:
-        if self.ended:
-            raise ConnectionError("call is over")
-        data = msg.SerializeToString()
-        if len(data) > drpc.MAX_MESSAGE_SIZE:
-            raise RpcError(0, f"response of {len(data)} bytes exceeds {drpc.MAX_MESSAGE_SIZE}")
+        data = self._encode(msg)
         rpc = self._rpc
         ys = rpc.ys
         if ys.gone or ys.local_closed or ys.reset:

@@ -148,14 +148,6 @@ async def hosts() -> AsyncIterator[list[Host]]:
             h._err_task.cancel()
 
 
-@pytest.fixture
-async def clients() -> AsyncIterator[list[RawClient]]:
-    made: list[RawClient] = []
-    yield made
-    for c in made:
-        await c.close()
-
-
 async def present(watcher: RawClient, key: bytes) -> bytes:
     """Read the watcher's frames until PeerPresent(key); return its payload."""
     while True:
