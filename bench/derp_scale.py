@@ -148,7 +148,7 @@ class Relay:
             except OSError:
                 pass
             per.append((cpu, io["syscr"], io["syscw"]))
-        return self.cpu_s(), per
+        return _cpu_s(self.pids[:1]) + sum(p[0] for p in per), per
 
     def rss_bytes(self) -> int:
         """Resident memory summed over the supervisor and every worker."""

@@ -297,8 +297,7 @@ class _Link(asyncio.Protocol):
         queued first (order kept) and this iteration's flush writes at once."""
         if self.staged:
             self._drain_staged()
-        self._urgent = True
-        self.schedule_flush()
+        self.urge()
         return self.enc
 
     def stage(self, si: _StandIn) -> None:
